@@ -1,0 +1,3 @@
+from mjctl.cli import main
+
+main()

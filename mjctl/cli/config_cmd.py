@@ -1,0 +1,29 @@
+"""`mjctl config show`."""
+
+from __future__ import annotations
+
+import typer
+
+from mjctl.cli.state import state
+
+app = typer.Typer(no_args_is_help=True)
+
+
+@app.command("show")
+def show(ctx: typer.Context, json_out: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
+    """Print the effective settings and where each came from (secrets redacted)."""
+    from mjctl.cli.output import print_json, table
+    from mjctl.config import describe_settings
+
+    settings = state(ctx).settings()
+    rows = describe_settings(settings)
+    if json_out:
+        print_json({
+            "config_file": str(settings.config_path) if settings.config_path else None,
+            "settings": settings.redacted(),
+            "sources": {f"{r['section']}.{r['key']}": r["source"] for r in rows},
+        })
+        return
+    title = f"config file: {settings.config_path or '(none)'}"
+    table(["SECTION", "KEY", "VALUE", "SOURCE"], [(r["section"], r["key"], r["value"], r["source"]) for r in rows],
+          title=title)

@@ -1,0 +1,130 @@
+"""Rendering for the terminal (Rich tables), for pipes (tab-separated lines) and for programs (--json)."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from typing import Any, Iterable, Sequence
+
+import typer
+
+STATUS_STYLES = {
+    "SUCCESS": "green",
+    "FAILURE": "red",
+    "CANCEL": "magenta",
+    "IN_PROGRESS": "cyan",
+    "SUBMITTED": "blue",
+    "NOT_START": "yellow",
+    "MODAL": "yellow",
+}
+
+
+def print_json(data: Any) -> None:
+    sys.stdout.write(json.dumps(data, ensure_ascii=False, indent=2) + "\n")
+
+
+def error(message: str) -> None:
+    sys.stderr.write(f"Error: {message}\n")
+
+
+def info(message: str) -> None:
+    """A note for the person at the terminal; goes to stderr so stdout stays data."""
+    sys.stderr.write(message + "\n")
+
+
+def console():
+    from rich.console import Console
+
+    from mjctl.cli.state import env
+
+    e = env()
+    return Console(no_color=not e.color, highlight=False, soft_wrap=False)
+
+
+def human_time(epoch: int | None) -> str:
+    if not epoch:
+        return "-"
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(int(epoch)))
+
+
+def progress_bar(progress: str, width: int = 10) -> str:
+    try:
+        pct = max(0, min(100, int(float((progress or "0").rstrip("%")))))
+    except ValueError:
+        return progress or ""
+    filled = round(width * pct / 100)
+    return "█" * filled + "░" * (width - filled) + f" {pct:>3}%"
+
+
+def table(columns: Sequence[str], rows: Iterable[Sequence[Any]], *, title: str | None = None,
+          styles: dict[int, Any] | None = None) -> None:
+    """A Rich table on a terminal, tab-separated lines (with a header) in a pipe."""
+    from mjctl.cli.state import env
+
+    rows = list(rows)
+    if not env().stdout_isatty:
+        sys.stdout.write("\t".join(columns) + "\n")
+        for row in rows:
+            sys.stdout.write("\t".join(_plain(v) for v in row) + "\n")
+        return
+    from rich.markup import escape
+    from rich.table import Table
+    from rich.text import Text
+
+    t = Table(title=title, header_style="bold")
+    for col in columns:
+        t.add_column(col)
+    for row in rows:
+        cells = []
+        for i, value in enumerate(row):
+            style = styles.get(i) if styles else None
+            if callable(style):
+                style = style(value)
+            cells.append(Text(_plain(value), style=style or "") if style else escape(_plain(value)))
+        t.add_row(*cells)
+    console().print(t)
+
+
+def _plain(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    return str(value).replace("\t", " ").replace("\n", " ")
+
+
+def render_tasks(envelope: dict, *, admin: bool) -> None:
+    """The task list: status coloured with its word, progress as a bar, times human-readable."""
+    items = envelope["items"]
+    from mjctl.cli.state import env
+
+    tty = env().stdout_isatty
+    columns = ["ID", "MJ_ID", "ACTION", "STATUS", "PROGRESS", "SUBMITTED", "QUOTA", "PROMPT"]
+    if admin:
+        columns[2:2] = ["USER", "CHANNEL"]
+    rows = []
+    for item in items:
+        row = [item["id"], item["mj_id"], item["action"], item["status"],
+               progress_bar(item["progress"]) if tty else item["progress"],
+               human_time(item["submit_time"]) if tty else item["submit_time"],
+               item["quota"], _shorten(item["prompt"], 48) if tty else item["prompt"]]
+        if admin:
+            row[2:2] = [item.get("user_id", ""), item.get("channel_id", "")]
+        rows.append(row)
+    status_col = columns.index("STATUS")
+    table(columns, rows, styles={status_col: lambda v: STATUS_STYLES.get(str(v), "")})
+    if tty:
+        start = (envelope["page"] - 1) * envelope["page_size"] + (1 if items else 0)
+        end = start + len(items) - (1 if items else 0)
+        info(f"{start}-{end} of {envelope['total']} (page {envelope['page']}, {envelope['page_size']} per page)")
+
+
+def _shorten(text: str, width: int) -> str:
+    text = (text or "").replace("\n", " ")
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def abort(message: str, code: int = 1) -> None:
+    error(message)
+    raise typer.Exit(code)

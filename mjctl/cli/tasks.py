@@ -1,0 +1,119 @@
+"""`mjctl tasks …`: list and show tasks (submit and watch join with the relay)."""
+
+from __future__ import annotations
+
+import sys
+from typing import Optional
+
+import typer
+
+from mjctl.cli.state import state
+
+app = typer.Typer(no_args_is_help=True)
+
+JSON = typer.Option(False, "--json", help="Print JSON.")
+
+
+def build_filter(*, mine: bool, user: str | None, channel: str | None, mj_id: str | None, status: str | None,
+                 action: str | None, since: str | None, until: str | None, token: str | None):
+    """The TaskFilter for these options, resolved against the local store. Returns (filter, admin_view)."""
+    from mjctl import accounts, channels
+    from mjctl.errors import UsageError
+    from mjctl.tasks import TaskFilter
+    from mjctl.timeparse import parse_time
+
+    f = TaskFilter(mj_id=mj_id or None, status=status.upper() if status else None,
+                   action=action.upper() if action else None)
+    if since:
+        f.start = parse_time(since, option="--since")
+    if until:
+        f.end = parse_time(until, option="--until")
+    if mine:
+        if not token:
+            raise UsageError("--mine needs your token in $MJCTL_TOKEN or [client] token.")
+        me = accounts.authenticate(token)
+        if me is None:
+            raise UsageError("The token in $MJCTL_TOKEN or [client] token is not valid here.")
+        if not me.enabled:
+            raise UsageError(f"User {me.name!r} is disabled.")
+        f.user_id = me.id
+    if user:
+        f.user_id = accounts.get_user(user).id if not mine else f.user_id
+    if channel:
+        f.channel_id = channels.get_channel(channel).id if not channel.isdigit() else int(channel)
+    return f, not mine
+
+
+@app.command("list")
+def list_(
+    ctx: typer.Context,
+    mine: bool = typer.Option(False, "--mine", help="Only the tasks of the user whose token is in $MJCTL_TOKEN."),
+    user: Optional[str] = typer.Option(None, "--user", help="Only this user's tasks."),
+    channel: Optional[str] = typer.Option(None, "--channel", help="Only this channel's tasks (id or name)."),
+    mj_id: Optional[str] = typer.Option(None, "--mj-id", help="Exact task id."),
+    status: Optional[str] = typer.Option(None, "--status", help="Exact status, e.g. SUCCESS."),
+    action: Optional[str] = typer.Option(None, "--action", help="Exact action, e.g. IMAGINE."),
+    since: Optional[str] = typer.Option(None, "--since", help="Submitted at or after: epoch, ISO-8601, or an age like 2h."),
+    until: Optional[str] = typer.Option(None, "--until", help="Submitted at or before: epoch, ISO-8601, or an age."),
+    page: int = typer.Option(1, "--page", "-p", help="Page number, from 1."),
+    page_size: int = typer.Option(20, "--page-size", "-n", help="Tasks per page (at most 100)."),
+    server: Optional[str] = typer.Option(None, "--server", help="Read a remote mjctl over HTTP ($MJCTL_SERVER)."),
+    json_out: bool = JSON,
+) -> None:
+    """List tasks, newest first, as a table (or tab-separated lines in a pipe, or --json)."""
+    from mjctl.cli.output import print_json, render_tasks
+    from mjctl.tasks import clamp_page
+
+    st = state(ctx)
+    st.override("client", "server", server)
+    page, page_size = clamp_page(page, page_size)
+    settings = st.settings()
+    if settings.client.server:
+        from mjctl.cli.remote import remote_list
+
+        envelope, admin = remote_list(settings, mine=mine, user=user, channel=channel, mj_id=mj_id, status=status,
+                                      action=action, since=since, until=until, page=page, page_size=page_size)
+    else:
+        from mjctl.tasks import list_tasks, page_envelope
+
+        settings = st.open_store()
+        f, admin = build_filter(mine=mine, user=user, channel=channel, mj_id=mj_id, status=status, action=action,
+                                since=since, until=until, token=settings.client.token)
+        envelope = page_envelope(list_tasks(f, page, page_size), admin=admin, image_url=_image_url(settings))
+    if json_out:
+        print_json(envelope)
+        return
+    render_tasks(envelope, admin=admin)
+
+
+def _image_url(settings):
+    """The forwarded image URL for a task, when image forwarding is available."""
+    try:
+        from mjctl.images import image_url_for
+    except ImportError:
+        return None
+    return image_url_for(settings)
+
+
+@app.command("show")
+def show(ctx: typer.Context, mj_id: str = typer.Argument(..., help="The task id."), json_out: bool = JSON) -> None:
+    """One task in full: every field, buttons and properties."""
+    from mjctl.cli.output import human_time, print_json, table
+    from mjctl.tasks import get_task, task_detail
+
+    settings = state(ctx).open_store()
+    detail = task_detail(get_task(mj_id), image_url=_image_url(settings))
+    if json_out:
+        print_json(detail)
+        return
+    rows = []
+    for key, value in detail.items():
+        if key.endswith("_time"):
+            value = human_time(value)
+        elif key == "buttons":
+            value = " ".join(b.get("label") or b.get("emoji") or b.get("customId", "") for b in value) or "-"
+        elif key == "properties":
+            value = ", ".join(f"{k}={v}" for k, v in value.items()) or "-"
+        rows.append((key, value))
+    table(["FIELD", "VALUE"], rows)
+    sys.stdout.flush()

@@ -1,0 +1,216 @@
+"""Connecting the model proxy to a database by URL, and the versioned schema.
+
+SQLite (the default) runs in WAL mode with a busy timeout, and every write transaction is opened
+IMMEDIATE so that a server and a poller wait for each other instead of failing. PostgreSQL and
+MySQL/MariaDB go through peewee's connection pools. Migrations are numbered functions, each applied in
+its own transaction together with the row recording it, under a lock so two processes may start at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from pathlib import Path
+from typing import Callable, Iterator
+from urllib.parse import urlparse
+
+import peewee
+
+from mjctl.config import Settings, redact_url
+from mjctl.errors import ConfigError, DatabaseUnavailable
+from mjctl.models import ALL_MODELS, SchemaVersion, database
+
+SUPPORTED_SCHEMES = ("sqlite", "postgresql", "postgres", "mysql", "mariadb")
+
+_open_lock = threading.Lock()
+_opened_url: str | None = None
+
+
+def make_database(url: str, settings: Settings | None = None) -> peewee.Database:
+    """A peewee Database for url (not yet connected). Raises ConfigError for a URL it cannot use."""
+    db_settings = settings.database if settings is not None else {}
+    parsed = urlparse(url)
+    scheme = parsed.scheme.lower()
+    if scheme not in SUPPORTED_SCHEMES:
+        raise ConfigError(
+            f"Database URL {redact_url(url)!r} has an unknown scheme {scheme or '(none)'!r}; "
+            "use sqlite:///PATH, postgresql://… or mysql://…."
+        )
+    if scheme == "sqlite":
+        path = url[len("sqlite:///"):] if url.startswith("sqlite:///") else ""
+        if not path:
+            raise ConfigError(f"Database URL {url!r} names no file; use sqlite:///PATH.")
+        if path != ":memory:":
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        busy = float(db_settings.get("busy_timeout", 10.0))
+        return peewee.SqliteDatabase(
+            path,
+            timeout=busy,
+            pragmas={
+                "journal_mode": "wal",
+                "synchronous": "normal",
+                "busy_timeout": int(busy * 1000),
+                "foreign_keys": 0,
+                "cache_size": -16000,
+            },
+        )
+    from playhouse.db_url import parse
+    from playhouse.pool import PooledMySQLDatabase, PooledPostgresqlDatabase
+
+    kwargs = parse(url.replace("mariadb://", "mysql://", 1) if scheme == "mariadb" else url)
+    if not kwargs.get("database"):
+        raise ConfigError(f"Database URL {redact_url(url)!r} names no database.")
+    pool = {
+        "max_connections": int(db_settings.get("pool_size", 10)),
+        "stale_timeout": int(db_settings.get("stale_timeout", 300)),
+        "timeout": float(db_settings.get("pool_timeout", 10.0)),
+    }
+    connect_timeout = int(db_settings.get("connect_timeout", 10))
+    if scheme in ("postgresql", "postgres"):
+        return PooledPostgresqlDatabase(connect_timeout=connect_timeout, **pool, **kwargs)
+    return PooledMySQLDatabase(charset="utf8mb4", connect_timeout=connect_timeout, **pool, **kwargs)
+
+
+def is_sqlite(db: peewee.Database | None = None) -> bool:
+    target = db if db is not None else database.obj
+    return isinstance(target, peewee.SqliteDatabase)
+
+
+def write_tx():
+    """A write transaction: IMMEDIATE on SQLite (takes the write lock up front), plain elsewhere."""
+    if is_sqlite():
+        return database.atomic("IMMEDIATE")
+    return database.atomic()
+
+
+def bind(url: str, settings: Settings | None = None) -> peewee.Database:
+    """Point the model proxy at url (once per process for the same URL) and check it is reachable."""
+    global _opened_url
+    with _open_lock:
+        if _opened_url == url and database.obj is not None:
+            return database.obj
+        if database.obj is not None:
+            with contextlib.suppress(Exception):
+                database.obj.close_all() if hasattr(database.obj, "close_all") else database.obj.close()
+        db = make_database(url, settings)
+        database.initialize(db)
+        _opened_url = url
+    try:
+        database.connect(reuse_if_open=True)
+    except peewee.OperationalError as exc:
+        raise DatabaseUnavailable(f"Cannot connect to the database at {redact_url(url)}: {_first_line(exc)}.") from None
+    except peewee.DatabaseError as exc:
+        raise DatabaseUnavailable(f"Cannot open the database at {redact_url(url)}: {_first_line(exc)}.") from None
+    return database.obj
+
+
+def unbind() -> None:
+    """Close every connection and forget the binding (tests, and processes that fork)."""
+    global _opened_url
+    with _open_lock:
+        if database.obj is not None:
+            with contextlib.suppress(Exception):
+                if hasattr(database.obj, "close_all"):
+                    database.obj.close_all()
+                else:
+                    database.obj.close()
+        _opened_url = None
+
+
+def open_store(settings: Settings, *, migrate_now: bool = True) -> peewee.Database:
+    """Bind the database of these settings and bring its schema up to date."""
+    url = settings.database_url()
+    db = bind(url, settings)
+    if migrate_now:
+        migrate()
+    return db
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0].rstrip(".") if text else exc.__class__.__name__
+
+
+@contextlib.contextmanager
+def connection() -> Iterator[None]:
+    """One connection for the current thread for the duration of a unit of work (a request)."""
+    database.connect(reuse_if_open=True)
+    try:
+        yield
+    finally:
+        if not database.is_closed() and not database.in_transaction():
+            database.close()
+
+
+# --- migrations --------------------------------------------------------------------------------
+
+MIGRATIONS: list[tuple[int, str, Callable[[peewee.Database], None]]] = []
+
+
+def migration(version: int, name: str):
+    def register(fn):
+        MIGRATIONS.append((version, name, fn))
+        MIGRATIONS.sort(key=lambda m: m[0])
+        return fn
+
+    return register
+
+
+@migration(1, "initial schema")
+def _m1_initial(db: peewee.Database) -> None:
+    db.create_tables([m for m in ALL_MODELS if m is not SchemaVersion], safe=True)
+
+
+def current_version() -> int:
+    try:
+        value = SchemaVersion.select(peewee.fn.MAX(SchemaVersion.version)).scalar()
+    except (peewee.OperationalError, peewee.ProgrammingError):
+        if not is_sqlite() and database.in_transaction() is False:
+            with contextlib.suppress(Exception):
+                database.rollback()
+        return 0
+    return int(value or 0)
+
+
+def latest_version() -> int:
+    return MIGRATIONS[-1][0]
+
+
+def migrate() -> list[int]:
+    """Apply every migration not yet applied; returns the versions applied now. Safe to race."""
+    if current_version() >= latest_version():
+        return []
+    db = database.obj
+    applied: list[int] = []
+    with _migration_lock(db):
+        db.create_tables([SchemaVersion], safe=True)
+        done = {row.version for row in SchemaVersion.select(SchemaVersion.version)}
+        for version, _name, fn in MIGRATIONS:
+            if version in done:
+                continue
+            with write_tx():
+                fn(db)
+                SchemaVersion.create(version=version)
+            applied.append(version)
+    return applied
+
+
+@contextlib.contextmanager
+def _migration_lock(db: peewee.Database) -> Iterator[None]:
+    if isinstance(db, peewee.SqliteDatabase):
+        # Serialise with a write lock on the file; the other process waits on the busy timeout.
+        with db.atomic("IMMEDIATE"):
+            yield
+        return
+    if isinstance(db, peewee.PostgresqlDatabase):
+        db.execute_sql("SELECT pg_advisory_lock(7302190017)")
+        try:
+            yield
+        finally:
+            db.execute_sql("SELECT pg_advisory_unlock(7302190017)")
+        return
+    db.execute_sql("SELECT GET_LOCK('mjctl_migrate', 60)")
+    try:
+        yield
+    finally:
+        db.execute_sql("SELECT RELEASE_LOCK('mjctl_migrate')")

@@ -1,0 +1,173 @@
+"""The Peewee models. Every table lives on the one `database` proxy, bound at run time by `mjctl.db`."""
+
+from __future__ import annotations
+
+import json
+import time
+
+from peewee import (
+    AutoField,
+    BigIntegerField,
+    BooleanField,
+    CharField,
+    DatabaseProxy,
+    DoubleField,
+    IntegerField,
+    Model,
+    TextField,
+)
+
+database = DatabaseProxy()
+
+ROLE_USER, ROLE_ADMIN, ROLE_ROOT = 1, 10, 100
+ROLES = {"user": ROLE_USER, "admin": ROLE_ADMIN, "root": ROLE_ROOT}
+ROLE_NAMES = {v: k for k, v in ROLES.items()}
+
+FINISHED_STATUSES = ("SUCCESS", "FAILURE", "CANCEL")
+
+
+def now() -> int:
+    return int(time.time())
+
+
+class BaseModel(Model):
+    class Meta:
+        database = database
+        legacy_table_names = False
+
+
+class Meta_(BaseModel):
+    """Key/value facts about this database (schema version lives in its own table)."""
+
+    key = CharField(max_length=64, primary_key=True)
+    value = TextField()
+
+    class Meta:
+        table_name = "mjctl_meta"
+
+
+class SchemaVersion(BaseModel):
+    version = IntegerField(primary_key=True)
+    applied_at = BigIntegerField(default=now)
+
+    class Meta:
+        table_name = "mjctl_schema"
+
+
+class User(BaseModel):
+    id = AutoField()
+    name = CharField(max_length=64, unique=True)
+    role = IntegerField(default=ROLE_USER)
+    enabled = BooleanField(default=True)
+    quota = BigIntegerField(default=0)  # the balance
+    used_quota = BigIntegerField(default=0)  # charged minus refunded
+    created_at = BigIntegerField(default=now)
+
+    @property
+    def role_name(self) -> str:
+        return ROLE_NAMES.get(self.role, str(self.role))
+
+    @property
+    def is_admin(self) -> bool:
+        return self.role >= ROLE_ADMIN
+
+
+class Token(BaseModel):
+    id = AutoField()
+    user_id = IntegerField(index=True)
+    token_hash = CharField(max_length=64, unique=True)
+    hint = CharField(max_length=16)  # the first characters, to tell tokens apart
+    created_at = BigIntegerField(default=now)
+
+
+class Channel(BaseModel):
+    id = AutoField()
+    name = CharField(max_length=64, unique=True)
+    base_url = CharField(max_length=512)
+    secret_sealed = TextField(default="")
+    enabled = BooleanField(default=True)
+    priority = IntegerField(default=0)  # higher first
+    created_at = BigIntegerField(default=now)
+
+
+class Task(BaseModel):
+    id = AutoField()
+    user_id = IntegerField()
+    channel_id = IntegerField()
+    mj_id = CharField(max_length=64)
+    action = CharField(max_length=32, default="IMAGINE")
+    prompt = TextField(default="")
+    prompt_en = TextField(default="")
+    description = TextField(default="")
+    state = TextField(default="")
+    code = IntegerField(default=0)
+    status = CharField(max_length=20, default="NOT_START")
+    progress = CharField(max_length=32, default="")
+    image_url = TextField(default="")
+    video_url = TextField(default="")
+    video_urls = TextField(default="")  # a JSON array encoded as a string, "" when none
+    submit_time = BigIntegerField(default=0)  # epoch seconds
+    start_time = BigIntegerField(default=0)
+    finish_time = BigIntegerField(default=0)
+    fail_reason = TextField(default="")
+    quota = BigIntegerField(default=0)  # consumed; 0 once refunded
+    buttons = TextField(default="")  # JSON
+    properties = TextField(default="")  # JSON
+    # 1 while the task is not in a finished status; the poller's "what is unfinished?" is an index seek.
+    unfinished = IntegerField(default=1)
+    updated_at = DoubleField(default=time.time)
+
+    class Meta:
+        indexes = (
+            (("user_id", "id"), False),
+            (("user_id", "submit_time"), False),
+            (("channel_id", "id"), False),
+            (("mj_id",), False),
+            (("submit_time",), False),
+            (("unfinished", "channel_id"), False),
+            (("status", "id"), False),
+            (("action", "id"), False),
+        )
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status in FINISHED_STATUSES
+
+    def buttons_list(self) -> list:
+        return _json_or(self.buttons, [])
+
+    def properties_dict(self) -> dict:
+        return _json_or(self.properties, {})
+
+
+class Ledger(BaseModel):
+    """Every change to a balance. amount is signed: a charge is negative, a refund or top-up positive."""
+
+    id = AutoField()
+    user_id = IntegerField(index=True)
+    task_id = IntegerField(null=True, index=True)
+    kind = CharField(max_length=16)  # charge, refund, topup, adjust
+    amount = BigIntegerField()
+    balance_after = BigIntegerField()
+    reason = TextField(default="")
+    created_at = DoubleField(default=time.time)
+
+
+class Lease(BaseModel):
+    """A named lease held by one process until expires_at (the poller's "one cycle at a time")."""
+
+    name = CharField(max_length=64, primary_key=True)
+    holder = CharField(max_length=128, default="")
+    expires_at = DoubleField(default=0.0)
+
+
+def _json_or(text: str, fallback):
+    if not text:
+        return fallback
+    try:
+        return json.loads(text)
+    except ValueError:
+        return fallback
+
+
+ALL_MODELS = [Meta_, SchemaVersion, User, Token, Channel, Task, Ledger, Lease]

@@ -1,0 +1,142 @@
+"""Reading tasks: the one listing function used by the CLI, the HTTP API and the web page, and the one
+place that turns a task row into the documented item shape."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import peewee
+
+from mjctl.errors import NotFound, UsageError
+from mjctl.models import Task
+
+DEFAULT_PAGE_SIZE = 20
+MAX_PAGE_SIZE = 100
+MILLISECONDS_FROM = 100_000_000_000  # a timestamp this large is in milliseconds
+MAX_FILTER_LEN = 256
+
+#: Item fields of GET /api/mj/self, in the document's order.
+USER_FIELDS = ("id", "mj_id", "action", "prompt", "prompt_en", "status", "progress", "image_url", "video_url",
+               "video_urls", "submit_time", "start_time", "finish_time", "fail_reason", "quota")
+#: GET /api/mj/ adds these.
+ADMIN_FIELDS = ("user_id", "channel_id")
+
+
+@dataclass
+class TaskFilter:
+    user_id: int | None = None
+    channel_id: int | None = None
+    mj_id: str | None = None
+    status: str | None = None
+    action: str | None = None
+    start: int | None = None  # submit_time >= start (epoch seconds)
+    end: int | None = None  # submit_time <= end
+
+    def where(self, query):
+        if self.user_id is not None:
+            query = query.where(Task.user_id == self.user_id)
+        if self.channel_id is not None:
+            query = query.where(Task.channel_id == self.channel_id)
+        if self.mj_id:
+            query = query.where(Task.mj_id == self.mj_id)
+        if self.status:
+            query = query.where(Task.status == self.status)
+        if self.action:
+            query = query.where(Task.action == self.action)
+        if self.start is not None:
+            query = query.where(Task.submit_time >= self.start)
+        if self.end is not None:
+            query = query.where(Task.submit_time <= self.end)
+        return query
+
+
+@dataclass
+class TaskPage:
+    items: list[Task]
+    total: int
+    page: int
+    page_size: int
+    extra: dict = field(default_factory=dict)
+
+
+def normalize_seconds(value: int) -> int:
+    """Epoch seconds; a value >= 100000000000 is taken as milliseconds (what browsers send)."""
+    return value // 1000 if value >= MILLISECONDS_FROM else value
+
+
+def clamp_page(page: int, page_size: int) -> tuple[int, int]:
+    """Validate paging: page >= 1, page_size >= 1; a page_size above the maximum is served as the maximum."""
+    if page < 1:
+        raise UsageError(f"The page must be 1 or more, not {page}.")
+    if page_size < 1:
+        raise UsageError(f"The page size must be 1 or more, not {page_size}.")
+    return page, min(page_size, MAX_PAGE_SIZE)
+
+
+def list_tasks(filters: TaskFilter, page: int = 1, page_size: int = DEFAULT_PAGE_SIZE) -> TaskPage:
+    """One page of tasks matching filters, newest first (id descending), with the total of all matches."""
+    page, page_size = clamp_page(page, page_size)
+    base = filters.where(Task.select())
+    total = filters.where(Task.select(peewee.fn.COUNT(Task.id))).scalar() or 0
+    items: list[Task] = []
+    if (page - 1) * page_size < total:
+        items = list(base.order_by(Task.id.desc()).limit(page_size).offset((page - 1) * page_size))
+    return TaskPage(items=items, total=int(total), page=page, page_size=page_size)
+
+
+def get_task(mj_id: str, user_id: int | None = None) -> Task:
+    query = Task.select().where(Task.mj_id == mj_id)
+    if user_id is not None:
+        query = query.where(Task.user_id == user_id)
+    task = query.order_by(Task.id.desc()).first()
+    if task is None:
+        raise NotFound(f"No task with id {mj_id!r}.")
+    return task
+
+
+def task_item(task: Task, *, admin: bool, image_url: Callable[[Task], str] | None = None) -> dict:
+    """The documented item shape: USER_FIELDS, plus ADMIN_FIELDS when admin. Times in epoch seconds."""
+    item = {
+        "id": task.id,
+        "mj_id": task.mj_id,
+        "action": task.action,
+        "prompt": task.prompt,
+        "prompt_en": task.prompt_en,
+        "status": task.status,
+        "progress": task.progress,
+        "image_url": (image_url(task) if image_url and task.image_url else task.image_url) or "",
+        "video_url": task.video_url,
+        "video_urls": task.video_urls,
+        "submit_time": int(task.submit_time or 0),
+        "start_time": int(task.start_time or 0),
+        "finish_time": int(task.finish_time or 0),
+        "fail_reason": task.fail_reason,
+        "quota": int(task.quota),
+    }
+    if admin:
+        item["user_id"] = task.user_id
+        item["channel_id"] = task.channel_id
+    return item
+
+
+def task_detail(task: Task, *, image_url: Callable[[Task], str] | None = None) -> dict:
+    """Everything about one task (for `tasks show`)."""
+    item = task_item(task, admin=True, image_url=image_url)
+    item.update(
+        description=task.description,
+        state=task.state,
+        code=task.code,
+        buttons=task.buttons_list(),
+        properties=task.properties_dict(),
+    )
+    return item
+
+
+def page_envelope(page: TaskPage, *, admin: bool, image_url: Callable[[Task], str] | None = None) -> dict:
+    return {
+        "items": [task_item(t, admin=admin, image_url=image_url) for t in page.items],
+        "total": page.total,
+        "page": page.page,
+        "page_size": page.page_size,
+    }
