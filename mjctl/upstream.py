@@ -1,0 +1,336 @@
+"""Client for a midjourney-proxy upstream (Java, C# or a re-exposing gateway), on httpx.
+
+Every answer shape of UPSTREAM.md §2 becomes a typed outcome: envelopes (accepted or rejected) are a
+:class:`SubmitResult`; everything else raises a subclass of :class:`UpstreamError`:
+
+- :class:`UpstreamUnavailable`  connection error, timeout, 5xx — worth failing over to another channel
+- :class:`UpstreamUnauthorized` 401 (empty body, plain text or JSON)
+- :class:`UpstreamRateLimited`  429, with ``retry_after`` seconds when the upstream said so
+- :class:`UpstreamProtocolError` malformed JSON, a wrong shape, the C# ``{"success": false, "code": -1}``
+
+Task dicts are returned exactly as the upstream's camelCase JSON. Error messages never contain the secret.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+
+__all__ = [
+    "ACCEPTED_CODES",
+    "FINISHED_STATUSES",
+    "PREFIXES",
+    "SUBMIT_KINDS",
+    "ProbeResult",
+    "SubmitResult",
+    "UpstreamClient",
+    "UpstreamError",
+    "UpstreamProtocolError",
+    "UpstreamRateLimited",
+    "UpstreamUnauthorized",
+    "UpstreamUnavailable",
+    "task_is_finished",
+]
+
+SUBMIT_KINDS = ("imagine", "action", "modal", "change", "simple-change", "describe", "blend", "shorten")
+PREFIXES = ("", "/mj-fast", "/mj-relax", "/mj-turbo")
+ACCEPTED_CODES = frozenset({1, 21, 22})
+FINISHED_STATUSES = frozenset({"SUCCESS", "FAILURE", "CANCEL"})
+
+
+class UpstreamError(Exception):
+    """Any failure to get a usable answer from an upstream."""
+
+    def __init__(self, message: str, *, status: int | None = None):
+        super().__init__(message)
+        self.message = message
+        self.status = status
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class UpstreamUnavailable(UpstreamError):
+    """Connection refused or reset, timeout, or a 5xx: the relay fails over to another channel."""
+
+
+class UpstreamUnauthorized(UpstreamError):
+    """The upstream refused the secret (401)."""
+
+
+class UpstreamRateLimited(UpstreamError):
+    """429 Too Many Requests; ``retry_after`` is in seconds when the upstream gave one."""
+
+    def __init__(self, message: str, *, status: int | None = 429, retry_after: float | None = None):
+        super().__init__(message, status=status)
+        self.retry_after = retry_after
+
+
+class UpstreamProtocolError(UpstreamError):
+    """An answer that is not the midjourney-proxy API: bad JSON, a wrong shape, a C# error object."""
+
+
+@dataclass(frozen=True)
+class SubmitResult:
+    """The ``{code, description, result, properties}`` envelope, accepted or not."""
+
+    code: int
+    description: str
+    result: str | None
+    properties: dict[str, Any] = field(default_factory=dict)
+    http_status: int = 200
+
+    @property
+    def task_id(self) -> str | None:
+        return self.result
+
+    @property
+    def accepted(self) -> bool:
+        """True for 1 (submitted), 21 (waiting for a modal) and 22 (queued)."""
+        return self.code in ACCEPTED_CODES
+
+
+@dataclass(frozen=True)
+class ProbeResult:
+    reachable: bool
+    authorized: bool | None
+    rtt_ms: float
+    message: str
+
+
+def task_is_finished(task: dict[str, Any]) -> bool:
+    """Whether an upstream task is terminal — by ``status`` only, never by ``progress``."""
+    return str(task.get("status") or "").upper() in FINISHED_STATUSES
+
+
+class UpstreamClient:
+    """One thread-safe ``httpx.Client`` towards one upstream; use as a context manager or ``close()``."""
+
+    def __init__(
+        self,
+        base_url: str,
+        secret: str,
+        *,
+        timeout: float = 15.0,
+        connect_timeout: float = 5.0,
+        transport: httpx.BaseTransport | None = None,
+    ):
+        self.base_url = base_url.rstrip("/")
+        self._secret = secret or ""
+        headers = {"Accept": "application/json"}
+        if self._secret:
+            headers["mj-api-secret"] = self._secret
+        self._client = httpx.Client(
+            base_url=self.base_url,
+            headers=headers,
+            timeout=httpx.Timeout(timeout, connect=connect_timeout),
+            transport=transport,
+            follow_redirects=False,
+        )
+        self._where = _redact_url(self.base_url)
+
+    def __repr__(self) -> str:
+        return f"UpstreamClient({self._where!r})"
+
+    def close(self) -> None:
+        self._client.close()
+
+    def __enter__(self) -> UpstreamClient:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    # -- API -------------------------------------------------------------------------------------------
+
+    def submit(self, kind: str, body: dict[str, Any], prefix: str = "") -> SubmitResult:
+        """POST ``{prefix}/mj/submit/{kind}``; rejections (codes 3, 4, 9, 23, 24 …) are results, not errors."""
+        if kind not in SUBMIT_KINDS:
+            raise ValueError(f"unknown submit kind {kind!r}; expected one of {', '.join(SUBMIT_KINDS)}")
+        if prefix not in PREFIXES:
+            raise ValueError(f"unknown speed prefix {prefix!r}; expected one of {PREFIXES}")
+        response = self._send("POST", f"{prefix}/mj/submit/{kind}", json_body=body)
+        return self._submit_result(response)
+
+    def fetch(self, task_id: str) -> dict[str, Any] | None:
+        """The task, or None when the upstream does not know it (200 empty body, 204, 404)."""
+        response = self._send("GET", f"/mj/task/{_path_id(task_id)}/fetch")
+        if response.status_code in (204, 404) or not response.content.strip():
+            if response.status_code == 404 and response.content.strip():
+                data = self._json(response)
+                if not (isinstance(data, dict) and "code" in data and "id" not in data):
+                    raise self._protocol(response, "answered 404 with something that is not an envelope")
+            return None
+        data = self._json(response)
+        if isinstance(data, dict) and isinstance(data.get("id"), (str, int)):
+            return data
+        if isinstance(data, dict) and "code" in data and "success" not in data:
+            return None  # a gateway's "task not found" envelope
+        raise self._protocol(response, "answered fetch with something that is not a task")
+
+    def list_by_condition(self, ids: list[str]) -> list[dict[str, Any]]:
+        """The known tasks among ``ids`` (unknown ones are left out; the order is the upstream's)."""
+        response = self._send("POST", "/mj/task/list-by-condition", json_body={"ids": list(ids)})
+        return self._task_list(response)
+
+    def list_tasks(self) -> list[dict[str, Any]]:
+        return self._task_list(self._send("GET", "/mj/task/list"))
+
+    def image_seed(self, task_id: str, *, timeout: float = 60.0) -> SubmitResult:
+        """GET ``/mj/task/<id>/image-seed`` (slow on real upstreams: its own, longer timeout)."""
+        response = self._send("GET", f"/mj/task/{_path_id(task_id)}/image-seed", timeout=timeout)
+        return self._submit_result(response)
+
+    def probe(self) -> ProbeResult:
+        """Reachability and secret check: a list-by-condition for an id that cannot exist."""
+        started = time.perf_counter()
+        try:
+            self.list_by_condition(["0"])
+        except UpstreamUnauthorized as exc:
+            return ProbeResult(True, False, _ms(started), exc.message)
+        except UpstreamUnavailable as exc:
+            return ProbeResult(exc.status is not None, None, _ms(started), exc.message)
+        except UpstreamError as exc:
+            return ProbeResult(True, None, _ms(started), exc.message)
+        return ProbeResult(True, True, _ms(started), "ok")
+
+    # -- plumbing --------------------------------------------------------------------------------------
+
+    def _send(
+        self,
+        method: str,
+        path: str,
+        *,
+        json_body: Any = None,
+        timeout: float | None = None,
+    ) -> httpx.Response:
+        kwargs: dict[str, Any] = {}
+        if json_body is not None:
+            kwargs["json"] = json_body
+        if timeout is not None:
+            kwargs["timeout"] = httpx.Timeout(timeout, connect=self._client.timeout.connect)
+        where = f"{self._where}{path}"
+        try:
+            response = self._client.request(method, path, **kwargs)
+        except httpx.TimeoutException as exc:
+            raise UpstreamUnavailable(self._clean(f"{type(exc).__name__}: {method} {where} timed out")) from None
+        except httpx.TransportError as exc:
+            raise UpstreamUnavailable(self._clean(f"cannot reach {where}: {exc or type(exc).__name__}")) from None
+        status = response.status_code
+        if status == 401:
+            detail = response.text.strip()[:200]
+            text = f"{where} refused the secret (HTTP 401{': ' + detail if detail else ''})"
+            raise UpstreamUnauthorized(self._clean(text), status=401)
+        if status == 429:
+            raise UpstreamRateLimited(
+                self._clean(f"{where} is rate limiting (HTTP 429)"),
+                retry_after=_retry_after(response.headers.get("Retry-After")),
+            )
+        if status >= 500:
+            raise UpstreamUnavailable(self._clean(f"{where} failed with HTTP {status}"), status=status)
+        if status == 403 and not _looks_like_envelope(response):
+            raise UpstreamUnauthorized(self._clean(f"{where} refused access (HTTP 403)"), status=403)
+        return response
+
+    def _clean(self, message: str) -> str:
+        if self._secret and self._secret in message:
+            message = message.replace(self._secret, "***")
+        return message
+
+    def _protocol(self, response: httpx.Response, what: str) -> UpstreamProtocolError:
+        where = f"{self._where}{response.request.url.path}"
+        return UpstreamProtocolError(self._clean(f"{where} {what} (HTTP {response.status_code})"),
+                                     status=response.status_code)
+
+    def _json(self, response: httpx.Response) -> Any:
+        try:
+            data = json.loads(response.content)
+        except (ValueError, UnicodeDecodeError):
+            raise self._protocol(response, "answered with malformed JSON") from None
+        if isinstance(data, dict) and data.get("success") is False:
+            detail = str(data.get("message") or data.get("description") or "no message")[:300]
+            raise UpstreamProtocolError(
+                self._clean(f"{self._where}{response.request.url.path} reported an error: {detail}"),
+                status=response.status_code,
+            )
+        return data
+
+    def _submit_result(self, response: httpx.Response) -> SubmitResult:
+        if not response.content.strip():
+            raise self._protocol(response, "answered with an empty body")
+        data = self._json(response)
+        if not isinstance(data, dict) or "code" not in data:
+            raise self._protocol(response, "answered with something that is not a SubmitResult")
+        try:
+            code = int(data["code"])
+        except (TypeError, ValueError):
+            raise self._protocol(response, f"answered with a non-numeric code {data['code']!r}") from None
+        if response.status_code >= 400 and code in ACCEPTED_CODES:
+            raise self._protocol(response, "answered an error status with an accepted code")
+        result = data.get("result")
+        properties = data.get("properties")
+        return SubmitResult(
+            code=code,
+            description=str(data.get("description") or ""),
+            result=None if result in (None, "") else str(result),
+            properties=properties if isinstance(properties, dict) else {},
+            http_status=response.status_code,
+        )
+
+    def _task_list(self, response: httpx.Response) -> list[dict[str, Any]]:
+        if response.status_code >= 400:
+            raise self._protocol(response, "answered with an error status")
+        if response.status_code == 204 or not response.content.strip():
+            return []
+        data = self._json(response)
+        if data is None:
+            return []
+        if not isinstance(data, list) or not all(isinstance(t, dict) and "id" in t for t in data):
+            raise self._protocol(response, "answered with something that is not a list of tasks")
+        return data
+
+
+def _looks_like_envelope(response: httpx.Response) -> bool:
+    try:
+        data = json.loads(response.content)
+    except (ValueError, UnicodeDecodeError):
+        return False
+    return isinstance(data, dict) and "code" in data and "success" not in data
+
+
+def _retry_after(value: str | None) -> float | None:
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+def _redact_url(url: str) -> str:
+    """The URL without any user:password part."""
+    parsed = httpx.URL(url)
+    if parsed.userinfo:
+        parsed = parsed.copy_with(username=None, password=None)
+    return str(parsed).rstrip("/")
+
+
+def _path_id(task_id: str) -> str:
+    task_id = str(task_id)
+    if not task_id or "/" in task_id or task_id in (".", ".."):
+        raise ValueError(f"invalid task id {task_id!r}")
+    return task_id
+
+
+def _ms(started: float) -> float:
+    return round((time.perf_counter() - started) * 1000, 2)
