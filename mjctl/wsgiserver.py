@@ -59,6 +59,9 @@ class ServerThread:
             timeout=30,
             request_queue_size=128,
         )
+        # The serve loop only notices a stop request between select() calls: poll briskly so stop()
+        # takes milliseconds, not cheroot's default half second.
+        server.expiration_interval = 0.05
         self._server = server
         ready = threading.Event()
         failure: list[BaseException] = []
