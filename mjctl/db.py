@@ -161,6 +161,49 @@ def _m1_initial(db: peewee.Database) -> None:
     db.create_tables([m for m in ALL_MODELS if m is not SchemaVersion], safe=True)
 
 
+@migration(2, "exact task counts per channel, kept by triggers")
+def _m2_task_counts(db: peewee.Database) -> None:
+    from mjctl.models import TaskCount
+
+    db.create_tables([TaskCount], safe=True)
+    db.execute_sql("DELETE FROM task_count")
+    db.execute_sql("INSERT INTO task_count (channel_id, n) SELECT 0, COUNT(*) FROM task")
+    db.execute_sql("INSERT INTO task_count (channel_id, n) SELECT channel_id, COUNT(*) FROM task "
+                   "WHERE channel_id <> 0 GROUP BY channel_id")
+    if isinstance(db, peewee.SqliteDatabase):
+        db.execute_sql(
+            "CREATE TRIGGER IF NOT EXISTS task_count_insert AFTER INSERT ON task BEGIN "
+            "INSERT OR IGNORE INTO task_count (channel_id, n) VALUES (0, 0), (NEW.channel_id, 0); "
+            "UPDATE task_count SET n = n + 1 WHERE channel_id IN (0, NEW.channel_id); END")
+        db.execute_sql(
+            "CREATE TRIGGER IF NOT EXISTS task_count_delete AFTER DELETE ON task BEGIN "
+            "UPDATE task_count SET n = n - 1 WHERE channel_id IN (0, OLD.channel_id); END")
+    elif isinstance(db, peewee.PostgresqlDatabase):
+        db.execute_sql(
+            "CREATE OR REPLACE FUNCTION mjctl_task_count() RETURNS trigger AS $$ BEGIN "
+            "IF TG_OP = 'INSERT' THEN "
+            "INSERT INTO task_count (channel_id, n) VALUES (0, 1) "
+            "ON CONFLICT (channel_id) DO UPDATE SET n = task_count.n + 1; "
+            "IF NEW.channel_id <> 0 THEN INSERT INTO task_count (channel_id, n) VALUES (NEW.channel_id, 1) "
+            "ON CONFLICT (channel_id) DO UPDATE SET n = task_count.n + 1; END IF; RETURN NEW; "
+            "ELSE UPDATE task_count SET n = n - 1 WHERE channel_id IN (0, OLD.channel_id); RETURN OLD; END IF; "
+            "END $$ LANGUAGE plpgsql")
+        db.execute_sql("DROP TRIGGER IF EXISTS task_count_trigger ON task")
+        db.execute_sql("CREATE TRIGGER task_count_trigger AFTER INSERT OR DELETE ON task "
+                       "FOR EACH ROW EXECUTE FUNCTION mjctl_task_count()")
+    else:
+        db.execute_sql("DROP TRIGGER IF EXISTS task_count_insert")
+        db.execute_sql(
+            "CREATE TRIGGER task_count_insert AFTER INSERT ON task FOR EACH ROW BEGIN "
+            "INSERT INTO task_count (channel_id, n) VALUES (0, 1) ON DUPLICATE KEY UPDATE n = n + 1; "
+            "IF NEW.channel_id <> 0 THEN INSERT INTO task_count (channel_id, n) VALUES (NEW.channel_id, 1) "
+            "ON DUPLICATE KEY UPDATE n = n + 1; END IF; END")
+        db.execute_sql("DROP TRIGGER IF EXISTS task_count_delete")
+        db.execute_sql(
+            "CREATE TRIGGER task_count_delete AFTER DELETE ON task FOR EACH ROW "
+            "UPDATE task_count SET n = n - 1 WHERE channel_id IN (0, OLD.channel_id)")
+
+
 def current_version() -> int:
     try:
         value = SchemaVersion.select(peewee.fn.MAX(SchemaVersion.version)).scalar()

@@ -153,6 +153,17 @@ class Ledger(BaseModel):
     created_at = DoubleField(default=time.time)
 
 
+class TaskCount(BaseModel):
+    """Rows per channel (channel_id 0 = all tasks), kept exact by database triggers so that the unfiltered
+    and per-channel totals of the task list need no COUNT over a million rows."""
+
+    channel_id = IntegerField(primary_key=True)
+    n = BigIntegerField(default=0)
+
+    class Meta:
+        table_name = "task_count"
+
+
 class Lease(BaseModel):
     """A named lease held by one process until expires_at (the poller's "one cycle at a time")."""
 
@@ -170,4 +181,4 @@ def _json_or(text: str, fallback):
         return fallback
 
 
-ALL_MODELS = [Meta_, SchemaVersion, User, Token, Channel, Task, Ledger, Lease]
+ALL_MODELS = [Meta_, SchemaVersion, User, Token, Channel, Task, Ledger, Lease, TaskCount]

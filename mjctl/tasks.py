@@ -78,11 +78,24 @@ def list_tasks(filters: TaskFilter, page: int = 1, page_size: int = DEFAULT_PAGE
     """One page of tasks matching filters, newest first (id descending), with the total of all matches."""
     page, page_size = clamp_page(page, page_size)
     base = filters.where(Task.select())
-    total = filters.where(Task.select(peewee.fn.COUNT(Task.id))).scalar() or 0
+    total = count_tasks(filters)
     items: list[Task] = []
     if (page - 1) * page_size < total:
         items = list(base.order_by(Task.id.desc()).limit(page_size).offset((page - 1) * page_size))
     return TaskPage(items=items, total=int(total), page=page, page_size=page_size)
+
+
+def count_tasks(filters: TaskFilter) -> int:
+    """Exact number of matches. Unfiltered and per-channel totals come from the trigger-kept counters."""
+    only_channel = filters.channel_id is not None and filters.channel_id > 0 and not any(
+        (filters.user_id is not None, filters.mj_id, filters.status, filters.action, filters.start is not None,
+         filters.end is not None))
+    if only_channel or filters == TaskFilter():
+        from mjctl.models import TaskCount
+
+        value = TaskCount.select(TaskCount.n).where(TaskCount.channel_id == (filters.channel_id or 0)).scalar()
+        return int(value or 0)
+    return int(filters.where(Task.select(peewee.fn.COUNT(Task.id))).scalar() or 0)
 
 
 def get_task(mj_id: str, user_id: int | None = None) -> Task:

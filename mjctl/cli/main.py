@@ -65,6 +65,7 @@ app = typer.Typer(
     help="Manage Midjourney image tasks behind midjourney-proxy upstreams.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,
     add_completion=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
@@ -119,19 +120,37 @@ def init_cmd(
         info("A root user already exists; no token was created.")
 
 
-def _register() -> None:
-    from mjctl.cli import channels, config_cmd, tasks, users
+#: Commands and groups that live in their own modules; a module not present yet is skipped.
+COMMANDS = [("mjctl.cli.serve", "serve"), ("mjctl.cli.poll", "poll"), ("mjctl.cli.simulate", "simulate"),
+            ("mjctl.cli.demo", "demo")]
+GROUPS = [
+    ("mjctl.cli.users", "users", "Manage users, their quota and their tokens."),
+    ("mjctl.cli.channels", "channels", "Manage upstream midjourney-proxy channels."),
+    ("mjctl.cli.tasks", "tasks", "List, show, submit and watch tasks."),
+    ("mjctl.cli.images", "images", "Manage the image cache."),
+    ("mjctl.cli.config_cmd", "config", "Show the effective configuration."),
+]
 
-    app.add_typer(users.app, name="users", help="Manage users, their quota and their tokens.")
-    app.add_typer(channels.app, name="channels", help="Manage upstream midjourney-proxy channels.")
-    app.add_typer(tasks.app, name="tasks", help="List, show, submit and watch tasks.")
-    app.add_typer(config_cmd.app, name="config", help="Show the effective configuration.")
-    for module_name, command_name in (("mjctl.cli.simulate", "simulate"),):
+
+def _register() -> None:
+    import importlib
+
+    for module_name, name, help_text in GROUPS:
         try:
-            module = __import__(module_name, fromlist=[command_name])
-        except ImportError:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            if exc.name != module_name:
+                raise
             continue
-        app.command(command_name)(getattr(module, command_name))
+        app.add_typer(module.app, name=name, help=help_text)
+    for module_name, name in COMMANDS:
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            if exc.name != module_name:
+                raise
+            continue
+        app.command(name)(getattr(module, name))
 
 
 _register()

@@ -1,0 +1,77 @@
+"""Test helpers shared by every test module: waiting on conditions and throw-away databases."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+import uuid
+from typing import Callable, Iterator
+from urllib.parse import urlparse, urlunparse
+
+import pytest
+
+POSTGRES_ENV = "MJCTL_TEST_POSTGRES_URL"
+MYSQL_ENV = "MJCTL_TEST_MYSQL_URL"
+
+
+def wait_until(predicate: Callable[[], object], timeout: float = 10.0, interval: float = 0.02, message: str = ""):
+    """Poll predicate until it returns something truthy; fail the test after timeout seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"condition not met within {timeout}s: {message or predicate}")
+        time.sleep(interval)
+
+
+def _with_database(url: str, name: str) -> str:
+    parts = urlparse(url)
+    return urlunparse(parts._replace(path="/" + name))
+
+
+@contextlib.contextmanager
+def temp_database(kind: str) -> Iterator[str]:
+    """A fresh database on the server named by $MJCTL_TEST_POSTGRES_URL / $MJCTL_TEST_MYSQL_URL, dropped
+    afterwards. Skips the test, saying why, when the variable is not set."""
+    env = POSTGRES_ENV if kind == "postgres" else MYSQL_ENV
+    example = "postgresql://postgres@127.0.0.1:5432/postgres" if kind == "postgres" else "mysql://root@127.0.0.1:3306/mysql"
+    server_url = os.environ.get(env)
+    if not server_url:
+        pytest.skip(f"{kind} tests need ${env} (a server URL such as {example}); it is not set")
+    name = f"mjctl_test_{uuid.uuid4().hex[:10]}"
+    if kind == "postgres":
+        import psycopg2
+
+        parts = urlparse(server_url)
+        admin = psycopg2.connect(host=parts.hostname, port=parts.port or 5432, user=parts.username or "postgres",
+                                 password=parts.password, dbname=(parts.path.lstrip("/") or "postgres"))
+        admin.autocommit = True
+        admin.cursor().execute(f'CREATE DATABASE "{name}"')
+        try:
+            yield _with_database(server_url, name)
+        finally:
+            from mjctl.db import unbind
+
+            unbind()
+            cur = admin.cursor()
+            cur.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (name,))
+            cur.execute(f'DROP DATABASE IF EXISTS "{name}"')
+            admin.close()
+    else:
+        import pymysql
+
+        parts = urlparse(server_url)
+        admin = pymysql.connect(host=parts.hostname, port=parts.port or 3306, user=parts.username or "root",
+                                password=parts.password or "", autocommit=True)
+        admin.cursor().execute(f"CREATE DATABASE `{name}` CHARACTER SET utf8mb4")
+        try:
+            yield _with_database(server_url, name)
+        finally:
+            from mjctl.db import unbind
+
+            unbind()
+            admin.cursor().execute(f"DROP DATABASE IF EXISTS `{name}`")
+            admin.close()

@@ -1,0 +1,220 @@
+"""The store on every backend: schema, money moves with a ledger, tokens, task listing and its indexes."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import peewee
+import pytest
+
+from mjctl import accounts, channels, db
+from mjctl.errors import Conflict, InsufficientQuota, NotFound, UsageError
+from mjctl.models import Ledger, Task, Token, User
+from mjctl.tasks import TaskFilter, list_tasks, task_item
+
+
+def make_task(user, channel_id=1, **fields):
+    defaults = dict(user_id=user.id, channel_id=channel_id, mj_id=f"{time.time_ns()}", action="IMAGINE",
+                    prompt="a cat", status="SUCCESS", progress="100%", submit_time=1_700_000_000, quota=100,
+                    unfinished=0)
+    defaults.update(fields)
+    return Task.create(**defaults)
+
+
+def ledger_sum(user_id):
+    return Ledger.select(peewee.fn.COALESCE(peewee.fn.SUM(Ledger.amount), 0)).where(Ledger.user_id == user_id).scalar()
+
+
+def test_migrations_are_idempotent(any_store):
+    assert db.current_version() == db.latest_version()
+    assert db.migrate() == []
+    assert db.current_version() == db.latest_version()
+
+
+def test_create_user_records_opening_balance_and_hashes_token(any_store):
+    user, token = accounts.create_user("alice", quota=500)
+    assert user.quota == 500 and user.used_quota == 0
+    assert ledger_sum(user.id) == 500
+    stored = Token.get(Token.user_id == user.id)
+    assert token not in (stored.token_hash, stored.hint) and len(stored.token_hash) == 64
+    assert accounts.authenticate(token).id == user.id
+    assert accounts.authenticate(token + "x") is None
+    assert accounts.authenticate("") is None
+
+
+def test_duplicate_and_invalid_users_change_nothing(any_store):
+    accounts.create_user("alice", quota=10)
+    with pytest.raises(Conflict):
+        accounts.create_user("alice", quota=99)
+    for bad in [dict(name="", quota=1), dict(name="bad name", quota=1), dict(name="bob", quota=-1),
+                dict(name="bob", quota="1.5"), dict(name="bob", role="god")]:
+        with pytest.raises(UsageError):
+            accounts.create_user(**bad)
+    assert [u.name for u in User.select()] == ["alice"]
+    assert Ledger.select().count() == 1
+
+
+def test_charge_refund_and_topup_keep_the_books(any_store):
+    user, _ = accounts.create_user("alice", quota=1000)
+    with db.write_tx():
+        accounts.charge(user.id, 300, task_id=None, reason="imagine")
+    with db.write_tx():
+        accounts.refund(user.id, 300, task_id=None, reason="failed")
+    with db.write_tx():
+        accounts.charge(user.id, 200, task_id=None, reason="imagine")
+    accounts.topup("alice", 50)
+    user = User.get_by_id(user.id)
+    assert user.quota == 850 and user.used_quota == 200
+    assert ledger_sum(user.id) == user.quota
+    charges = -Ledger.select(peewee.fn.SUM(Ledger.amount)).where(Ledger.kind == "charge").scalar()
+    refunds = Ledger.select(peewee.fn.SUM(Ledger.amount)).where(Ledger.kind == "refund").scalar()
+    assert charges - refunds == user.used_quota
+
+
+def test_charge_beyond_balance_is_refused_and_changes_nothing(any_store):
+    user, _ = accounts.create_user("alice", quota=100)
+    with pytest.raises(InsufficientQuota):
+        with db.write_tx():
+            accounts.charge(user.id, 101, task_id=None, reason="imagine")
+    user = User.get_by_id(user.id)
+    assert user.quota == 100 and user.used_quota == 0 and Ledger.select().count() == 1
+
+
+def test_set_quota_is_an_adjustment_in_the_ledger(any_store):
+    accounts.create_user("alice", quota=100)
+    user = accounts.set_user("alice", quota=40, role="admin", enabled=False)
+    assert (user.quota, user.role, user.enabled) == (40, 10, False)
+    assert ledger_sum(user.id) == 40
+    with pytest.raises(NotFound):
+        accounts.set_user("nobody", quota=1)
+
+
+def test_revoked_tokens_stop_working(any_store):
+    user, token = accounts.create_user("alice")
+    second = accounts.issue_token("alice")
+    assert accounts.authenticate(second).id == user.id
+    assert accounts.revoke_tokens("alice") == 2
+    assert accounts.authenticate(token) is None and accounts.authenticate(second) is None
+
+
+def test_channel_secret_is_sealed_at_rest(any_store):
+    channel = channels.add_channel(any_store, "up1", "http://127.0.0.1:9/", "s3cret-value", priority=5)
+    row = channels.get_channel("up1")
+    assert "s3cret-value" not in row.secret_sealed
+    assert channels.channel_secret(any_store, row) == "s3cret-value"
+    assert channel.base_url == "http://127.0.0.1:9"
+    with pytest.raises(Conflict):
+        channels.add_channel(any_store, "up1", "http://x", "s")
+    with pytest.raises(UsageError):
+        channels.add_channel(any_store, "up2", "not a url", "s")
+    channels.set_enabled("up1", False)
+    assert channels.list_channels(enabled_only=True) == []
+    channels.remove_channel("up1")
+    with pytest.raises(NotFound):
+        channels.get_channel("up1")
+
+
+def test_list_tasks_filters_pages_and_orders_newest_first(any_store):
+    alice, _ = accounts.create_user("alice")
+    bob, _ = accounts.create_user("bob")
+    for i in range(25):
+        make_task(alice, channel_id=1 + i % 2, mj_id=f"a{i}", submit_time=1_700_000_000 + i)
+    make_task(bob, mj_id="b0", status="FAILURE", action="UPSCALE")
+    page = list_tasks(TaskFilter(user_id=alice.id), 1, 10)
+    assert page.total == 25 and [t.mj_id for t in page.items][:2] == ["a24", "a23"]
+    last = list_tasks(TaskFilter(user_id=alice.id), 3, 10)
+    assert len(last.items) == 5 and last.total == 25
+    past = list_tasks(TaskFilter(user_id=alice.id), 4, 10)
+    assert past.items == [] and past.total == 25
+    assert list_tasks(TaskFilter(user_id=alice.id, mj_id="b0")).total == 0
+    assert list_tasks(TaskFilter(channel_id=2)).total == 12
+    ranged = list_tasks(TaskFilter(start=1_700_000_010, end=1_700_000_014))
+    assert sorted(t.mj_id for t in ranged.items) == [f"a{i}" for i in range(10, 15)]
+    assert list_tasks(TaskFilter(status="FAILURE", action="UPSCALE")).total == 1
+    assert list_tasks(TaskFilter(), 1, 1000).page_size == 100
+    with pytest.raises(UsageError):
+        list_tasks(TaskFilter(), 0, 10)
+
+
+def test_task_item_shapes(any_store):
+    alice, _ = accounts.create_user("alice")
+    task = make_task(alice, video_urls='["https://v/1.mp4"]')
+    user_item = task_item(task, admin=False)
+    assert "user_id" not in user_item and "channel_id" not in user_item
+    assert set(user_item) == {"id", "mj_id", "action", "prompt", "prompt_en", "status", "progress", "image_url",
+                              "video_url", "video_urls", "submit_time", "start_time", "finish_time", "fail_reason",
+                              "quota"}
+    admin_item = task_item(task, admin=True)
+    assert admin_item["user_id"] == alice.id and admin_item["channel_id"] == 1
+    assert isinstance(admin_item["video_urls"], str) and admin_item["start_time"] == 0
+
+
+def test_unfinished_lookup_uses_an_index(store):
+    """The poller's question "which tasks are unfinished?" must be an index seek, never a scan."""
+    plan = " ".join(str(r) for r in db.database.execute_sql(
+        "EXPLAIN QUERY PLAN SELECT id FROM task WHERE unfinished = 1 AND channel_id = 3").fetchall())
+    assert "USING" in plan and "INDEX" in plan and "SCAN task" not in plan.replace("USING INDEX", "")
+    for sql in ("SELECT id FROM task WHERE user_id = 5 ORDER BY id DESC LIMIT 20",
+                "SELECT id FROM task WHERE mj_id = 'x'",
+                "SELECT id FROM task WHERE channel_id = 2 ORDER BY id DESC LIMIT 20",
+                "SELECT id FROM task WHERE submit_time BETWEEN 1 AND 2"):
+        plan = " ".join(str(r) for r in db.database.execute_sql("EXPLAIN QUERY PLAN " + sql).fetchall())
+        assert "INDEX" in plan, (sql, plan)
+
+
+def test_concurrent_charges_never_overdraw(store, tmp_path):
+    """Two writers (threads, each with its own connection) race on one balance; it never goes negative."""
+    user, _ = accounts.create_user("alice", quota=1000)
+    results = []
+
+    def worker():
+        for _ in range(10):
+            try:
+                with db.write_tx():
+                    accounts.charge(user.id, 70, task_id=None, reason="race")
+                results.append(True)
+            except InsufficientQuota:
+                results.append(False)
+        db.database.close()
+
+    threads = [threading.Thread(target=worker) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    user = User.get_by_id(user.id)
+    assert results.count(True) == 1000 // 70
+    assert user.quota == 1000 - 70 * (1000 // 70) and user.quota >= 0
+    assert ledger_sum(user.id) == user.quota
+
+
+def test_two_processes_can_migrate_at_once(tmp_path):
+    import subprocess
+    import sys
+
+    url = f"sqlite:///{tmp_path}/race.db"
+    code = "from mjctl.db import bind, migrate; bind(%r); migrate()" % url
+    procs = [subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE) for _ in range(3)]
+    for proc in procs:
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0, err.decode()
+    db.bind(url)
+    assert db.current_version() == db.latest_version()
+    assert db.migrate() == []
+
+
+def test_trigger_kept_counts_match_real_counts(any_store):
+    from mjctl.models import TaskCount
+    from mjctl.tasks import count_tasks
+
+    alice, _ = accounts.create_user("alice")
+    for i in range(7):
+        make_task(alice, channel_id=1 + i % 3, mj_id=f"t{i}")
+    make_task(alice, channel_id=0, mj_id="no-channel")
+    Task.delete().where(Task.mj_id == "t0").execute()
+    assert count_tasks(TaskFilter()) == Task.select().count() == 7
+    for channel in (1, 2, 3):
+        assert count_tasks(TaskFilter(channel_id=channel)) == Task.select().where(Task.channel_id == channel).count()
+    assert count_tasks(TaskFilter(channel_id=0)) == 1
+    assert TaskCount.get_by_id(0).n == 7
