@@ -1,0 +1,208 @@
+"""The application factory: one Bottle app per call, its context, JSON errors, the access log and the
+per-request database connection.
+
+Route modules live beside this one and each exposes ``install(app, ctx)``; ROUTE_MODULES lists them, so a
+new area of the API is one module plus one line here. Every route gets, unless it opts out:
+
+- a database connection for the request (``mjctl.db.connection()``); a route declares ``db=False`` to skip
+  it, and ``db_error="..."`` for the message of the 500 answered when the store fails;
+- JSON errors: an ``MjctlError`` becomes ``{"success": false, "message": ...}`` with its ``http_status``,
+  anything else a logged 500. A route that needs another error envelope (the midjourney-proxy relay) can
+  pass ``skip=["mjctl_errors"]`` or catch the errors itself.
+
+Unknown paths (404), wrong methods (405) and crashes (500) are JSON too, and every request is logged once
+on the ``mjctl.access`` logger with its method, path (without ``sig`` or ``token`` parameters), status and time.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Any, Callable, Iterable
+from urllib.parse import parse_qsl, urlencode
+
+import bottle
+import peewee
+
+from mjctl.config import Settings
+from mjctl.errors import MjctlError
+from mjctl.server.openapi import OpenAPI
+
+log = logging.getLogger("mjctl.server")
+access_log = logging.getLogger("mjctl.access")
+
+#: Modules with an ``install(app, ctx)`` function, installed in this order.
+ROUTE_MODULES = [
+    "mjctl.server.api",
+    "mjctl.server.openapi",
+]
+
+#: Query parameters left out of the log (their values are secrets).
+SECRET_PARAMS = frozenset({"sig", "token"})
+MAX_LOGGED_PATH = 300
+
+Installer = Callable[[bottle.Bottle, "AppContext"], None]
+
+
+@dataclass
+class AppContext:
+    """What route modules share instead of globals: settings, the server secret, the OpenAPI document
+    and caches that live as long as the app."""
+
+    settings: Settings
+    openapi: OpenAPI = field(default_factory=OpenAPI)
+    cache: dict[str, Any] = field(default_factory=dict)
+
+    @cached_property
+    def secret(self) -> bytes:
+        """The server secret (configured or generated on first use)."""
+        from mjctl import crypto
+
+        return crypto.server_secret(self.settings)
+
+    @cached_property
+    def image_url(self) -> Callable | None:
+        """The forwarded image URL of a task, once image forwarding (mjctl.images) exists; else None."""
+        try:
+            from mjctl.images import image_url_for
+        except ImportError:
+            return None
+        return image_url_for(self.settings)
+
+
+class ApiError(MjctlError):
+    """An expected failure with an HTTP status, answered as a JSON envelope."""
+
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.http_status = status
+        self.headers = headers or {}
+
+
+def ok(data: Any) -> dict:
+    """The success envelope."""
+    return {"success": True, "message": "", "data": data}
+
+
+def json_error(status: int, message: str, headers: dict[str, str] | None = None) -> bottle.HTTPResponse:
+    """The failure envelope as a response to return or raise."""
+    body = json.dumps({"success": False, "message": message})
+    return bottle.HTTPResponse(body=body, status=status,
+                               headers={"Content-Type": "application/json", **(headers or {})})
+
+
+class ErrorPlugin:
+    """MjctlError -> its status and message as JSON; any other exception -> a logged JSON 500."""
+
+    name = "mjctl_errors"
+    api = 2
+
+    def apply(self, callback, route):
+        def wrapper(*args, **kwargs):
+            try:
+                return callback(*args, **kwargs)
+            except bottle.HTTPResponse:
+                raise
+            except MjctlError as exc:
+                return json_error(exc.http_status, exc.message, getattr(exc, "headers", None))
+            except Exception:  # noqa: BLE001 - the one place a route's crash becomes a 500
+                log.exception("unhandled error in %s %s", route.method, route.rule)
+                return json_error(500, "Internal server error.")
+
+        return wrapper
+
+
+class StorePlugin:
+    """One database connection per request; a store failure is a JSON 500 with the route's db_error."""
+
+    name = "mjctl_store"
+    api = 2
+
+    def apply(self, callback, route):
+        if not route.config.get("db", True):
+            return callback
+        message = route.config.get("db_error", "The database failed; try again later.")
+
+        def wrapper(*args, **kwargs):
+            from mjctl.db import connection
+
+            try:
+                with connection():
+                    return callback(*args, **kwargs)
+            except peewee.PeeweeException as exc:
+                detail = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+                log.error("%s %s: database error: %s", route.method, route.rule, detail)
+                return json_error(500, message)
+
+        return wrapper
+
+
+ERROR_MESSAGES = {
+    404: "Not found: there is no endpoint at this path.",
+    500: "Internal server error.",
+}
+
+
+class MjctlApp(bottle.Bottle):
+    """A Bottle app whose own error pages are JSON and which logs every request once."""
+
+    def __init__(self, ctx: AppContext):
+        super().__init__()
+        self.ctx = ctx
+
+    def default_error_handler(self, res: bottle.HTTPError) -> str:
+        bottle.response.content_type = "application/json"
+        if res.status_code == 405:
+            allowed = res.headers.get("Allow", "")
+            message = f"Method not allowed; this endpoint accepts {allowed}." if allowed else "Method not allowed."
+        else:
+            message = ERROR_MESSAGES.get(res.status_code) or str(res.body or res.status_line)
+        if res.status_code >= 500 and res.exception is not None:
+            log.error("error %s on %s: %r", res.status_code, bottle.request.path, res.exception)
+        return json.dumps({"success": False, "message": message})
+
+    def wsgi(self, environ, start_response):
+        began = time.perf_counter()
+        seen: list[str] = []
+
+        def recording_start_response(status, headers, exc_info=None):
+            seen.append(status)
+            return start_response(status, headers, exc_info)
+
+        out = super().wsgi(environ, recording_start_response)
+        if access_log.isEnabledFor(logging.INFO):
+            access_log.info("%s %s %s %s %.1fms", environ.get("REMOTE_ADDR", "-"), environ.get("REQUEST_METHOD"),
+                            loggable_path(environ), (seen[0].split(" ", 1)[0] if seen else "-"),
+                            (time.perf_counter() - began) * 1000)
+        return out
+
+
+def loggable_path(environ: dict) -> str:
+    """The request path and query with secret parameter values removed, shortened for the log."""
+    path = environ.get("PATH_INFO", "") or "/"
+    query = environ.get("QUERY_STRING", "")
+    if query:
+        pairs = [(k, v) for k, v in parse_qsl(query, keep_blank_values=True) if k.lower() not in SECRET_PARAMS]
+        if pairs:
+            path = f"{path}?{urlencode(pairs)}"
+    if len(path) > MAX_LOGGED_PATH:
+        path = path[:MAX_LOGGED_PATH] + "…"
+    return path
+
+
+def create_app(settings: Settings, *, extra: Iterable[Installer] = ()) -> bottle.Bottle:
+    """A new WSGI app for these settings: the routes of ROUTE_MODULES, then any extra installers (tests
+    and benchmarks add routes this way). The store must already be bound (``mjctl.db.open_store``)."""
+    ctx = AppContext(settings=settings)
+    app = MjctlApp(ctx)
+    app.install(ErrorPlugin())
+    app.install(StorePlugin())
+    for module_name in ROUTE_MODULES:
+        importlib.import_module(module_name).install(app, ctx)
+    for installer in extra:
+        installer(app, ctx)
+    return app
