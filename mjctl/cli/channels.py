@@ -107,3 +107,17 @@ def remove(ctx: typer.Context, name: str = typer.Argument(..., help="Channel nam
         print_json({"removed": channels.channel_dict(channel)})
         return
     sys.stdout.write(f"Removed channel {channel.name!r}.\n")
+
+
+def _register_test_command() -> None:
+    """`channels test` lives with the upstream client's CLI code."""
+    try:
+        from mjctl.cli.channels_test import test
+    except ModuleNotFoundError as exc:
+        if exc.name != "mjctl.cli.channels_test":
+            raise
+        return
+    app.command("test")(test)
+
+
+_register_test_command()

@@ -117,3 +117,26 @@ def show(ctx: typer.Context, mj_id: str = typer.Argument(..., help="The task id.
         rows.append((key, value))
     table(["FIELD", "VALUE"], rows)
     sys.stdout.flush()
+
+
+def _register_extra_commands() -> None:
+    """Commands that live beside the modules they need: submit and watch (the relay), image (images)."""
+    import importlib
+
+    for module_name, function_name, command_name in (
+        ("mjctl.cli.tasks_relay", "submit", "submit"),
+        ("mjctl.cli.tasks_relay", "watch", "watch"),
+        ("mjctl.cli.images", "task_image", "image"),
+    ):
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            if exc.name != module_name:
+                raise
+            continue
+        function = getattr(module, function_name, None)
+        if function is not None:
+            app.command(command_name)(function)
+
+
+_register_extra_commands()
