@@ -1,0 +1,82 @@
+"""`mjctl serve`: the HTTP server (and, once the poller exists, the poller in the same process).
+
+The server is cheroot (mjctl.wsgiserver): pure Python, a pool of worker threads so one slow client does
+not block the others, and it streams generator responses (image forwarding) without buffering them.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import threading
+from typing import Optional
+
+import typer
+
+from mjctl.cli.state import state
+
+
+def serve(
+    ctx: typer.Context,
+    host: Optional[str] = typer.Option(None, "--host", help="Address to listen on ([server] host, default 127.0.0.1)."),
+    port: Optional[int] = typer.Option(None, "--port", "-p", help="Port to listen on ([server] port, default 8080; 0 picks a free one)."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="Worker threads ([server] threads, default 16)."),
+    no_poll: bool = typer.Option(False, "--no-poll", help="Do not run the poller in this process."),
+) -> None:
+    """Serve the HTTP API (and the poller, unless --no-poll) until Ctrl-C or SIGTERM."""
+    st = state(ctx)
+    st.override("server", "host", host)
+    st.override("server", "port", port)
+    st.override("server", "threads", threads)
+    settings = st.open_store()
+    _configure_logging(settings.log.level)
+
+    from mjctl.server import create_app
+    from mjctl.wsgiserver import serve_forever
+
+    app = create_app(settings)
+    stop_event = threading.Event()
+    poller = None if no_poll or not settings.poller.in_server else _start_poller(settings, stop_event)
+
+    def announce(url: str) -> None:
+        sys.stderr.write(f"mjctl serving on {url} ({settings.server.threads} threads"
+                         f"{', poller running' if poller is not None else ', no poller'}). Press Ctrl-C to stop.\n")
+        sys.stderr.flush()
+
+    try:
+        serve_forever(app, settings.server.host, settings.server.port, settings.server.threads, on_ready=announce)
+    except OSError as exc:
+        from mjctl.errors import MjctlError
+
+        raise MjctlError(f"Cannot listen on {settings.server.host}:{settings.server.port}: "
+                         f"{exc.strerror or exc}") from None
+    finally:
+        stop_event.set()
+        if poller is not None:
+            poller.join(timeout=30)
+    sys.stderr.write("mjctl server stopped.\n")
+
+
+def _start_poller(settings, stop_event: threading.Event):
+    """POLLER HOOK (the poller issue fills this in by adding mjctl/poller.py):
+    ``mjctl.poller.start_background(settings, stop_event)`` starts the polling loop in a background thread
+    that ends when stop_event is set, and returns that thread (anything with ``join(timeout)``).
+    Until the module exists the server runs without a poller."""
+    try:
+        from mjctl.poller import start_background
+    except ModuleNotFoundError as exc:
+        if exc.name != "mjctl.poller":
+            raise
+        return None
+    return start_background(settings, stop_event)
+
+
+def _configure_logging(level: str) -> None:
+    """Log lines (the access log among them) to stderr at [log] level."""
+    root = logging.getLogger()
+    if not any(getattr(h, "_mjctl", False) for h in root.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handler._mjctl = True  # type: ignore[attr-defined]
+        root.addHandler(handler)
+    root.setLevel(level.upper())
