@@ -1,0 +1,91 @@
+"""The one update path: monotonic progress, finished tasks frozen, refunds exactly once."""
+
+from __future__ import annotations
+
+import threading
+
+import peewee
+
+from mjctl import accounts, db, reports
+from mjctl.models import Ledger, Task, User
+
+
+def charged_task(user, mj_id="1730000000000001", quota=300, channel_id=1):
+    with db.write_tx():
+        task = Task.create(user_id=user.id, channel_id=channel_id, mj_id=mj_id, status="SUBMITTED", progress="0%",
+                           submit_time=1_730_000_000, quota=quota, unfinished=1)
+        accounts.charge(user.id, quota, task_id=task.id, reason="imagine")
+    return task
+
+
+def books_balance(user_id):
+    user = User.get_by_id(user_id)
+    total = Ledger.select(peewee.fn.SUM(Ledger.amount)).where(Ledger.user_id == user_id).scalar() or 0
+    charges = -(Ledger.select(peewee.fn.SUM(Ledger.amount)).where(
+        (Ledger.user_id == user_id) & (Ledger.kind == "charge")).scalar() or 0)
+    refunds = Ledger.select(peewee.fn.SUM(Ledger.amount)).where(
+        (Ledger.user_id == user_id) & (Ledger.kind == "refund")).scalar() or 0
+    return total == user.quota and charges - refunds == user.used_quota
+
+
+def test_progress_and_status_never_go_backwards(any_store):
+    user, _ = accounts.create_user("alice", quota=1000)
+    task = charged_task(user)
+    reports.apply_report(1, {"id": task.mj_id, "status": "IN_PROGRESS", "progress": "46%"})
+    stats = reports.apply_report(1, {"id": task.mj_id, "status": "SUBMITTED", "progress": "15%"})
+    task = Task.get_by_id(task.id)
+    assert (task.status, task.progress) == ("IN_PROGRESS", "46%") and stats.regressions == 1
+    reports.apply_report(1, {"id": task.mj_id, "status": "SUCCESS", "progress": "99%", "imageUrl": "http://i/x.png",
+                             "finishTime": 1_730_000_060_123, "buttons": [{"customId": "MJ::JOB::upsample::1::u"}]})
+    task = Task.get_by_id(task.id)
+    assert (task.status, task.progress, task.unfinished, task.finish_time) == ("SUCCESS", "100%", 0, 1_730_000_060)
+    assert task.buttons_list()[0]["customId"].startswith("MJ::JOB::upsample")
+    late = reports.apply_report(1, {"id": task.mj_id, "status": "FAILURE", "failReason": "late"})
+    assert late.ignored == 1 and Task.get_by_id(task.id).status == "SUCCESS"
+    assert User.get_by_id(user.id).quota == 700
+
+
+def test_failure_refunds_exactly_once_however_often_reported(any_store):
+    user, _ = accounts.create_user("alice", quota=1000)
+    task = charged_task(user)
+    first = reports.apply_report(1, {"id": task.mj_id, "status": "FAILURE", "progress": "", "failReason": "任务超时"})
+    again = reports.apply_report(1, {"id": task.mj_id, "status": "FAILURE", "failReason": "任务超时"})
+    timeout = reports.fail_tasks([task.id], "timed out")
+    assert (first.refunded, first.quota_refunded, again.refunded, timeout.refunded) == (1, 300, 0, 0)
+    task = Task.get_by_id(task.id)
+    assert (task.quota, task.fail_reason) == (0, "任务超时")
+    assert Ledger.select().where((Ledger.task_id == task.id) & (Ledger.kind == "refund")).count() == 1
+    assert User.get_by_id(user.id).quota == 1000 and books_balance(user.id)
+
+
+def test_reports_for_other_channels_and_malformed_reports_are_counted(any_store):
+    user, _ = accounts.create_user("alice", quota=1000)
+    task = charged_task(user, channel_id=1)
+    stats = reports.apply_reports(2, [{"id": task.mj_id, "status": "FAILURE"}, {"status": "SUCCESS"}, "junk"])
+    assert (stats.unknown, stats.malformed) == (1, 2)
+    assert Task.get_by_id(task.id).status == "SUBMITTED"
+
+
+def test_racing_failures_refund_once(store):
+    """Eight threads fail the same tasks at once; each task is refunded exactly once."""
+    user, _ = accounts.create_user("alice", quota=100_000)
+    tasks = [charged_task(user, mj_id=f"17300000000{i:05d}", quota=100) for i in range(40)]
+    ids = [t.id for t in tasks]
+    barrier = threading.Barrier(8)
+
+    def worker(n):
+        barrier.wait()
+        if n % 2:
+            reports.fail_tasks(ids, "timed out")
+        else:
+            reports.apply_reports(1, [{"id": t.mj_id, "status": "FAILURE", "failReason": "boom"} for t in tasks])
+        db.database.close()
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    refunds = Ledger.select().where(Ledger.kind == "refund")
+    assert refunds.count() == 40 and len({r.task_id for r in refunds}) == 40
+    assert User.get_by_id(user.id).quota == 100_000 and books_balance(user.id)
