@@ -1,0 +1,118 @@
+"""`mjctl poll`: one polling cycle for cron, or a loop with --every until SIGTERM or Ctrl-C."""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import sys
+import threading
+import time
+from typing import Optional
+
+import typer
+
+from mjctl.cli.state import state
+
+ROWS = (
+    ("checked", "tasks checked"),
+    ("updated", "updated"),
+    ("finished", "finished"),
+    ("succeeded", "succeeded"),
+    ("failed", "failed"),
+    ("timed_out", "timed out"),
+    ("refunded", "refunded"),
+    ("quota_refunded", "quota refunded"),
+    ("channels", "channels polled"),
+    ("requests", "upstream requests"),
+)
+
+
+def poll(
+    ctx: typer.Context,
+    every: Optional[float] = typer.Option(  # noqa: UP007 - Typer needs Optional here
+        None, "--every", min=0.1, help="Poll every SECONDS until SIGTERM or Ctrl-C (the current cycle finishes first)."),
+    json_out: bool = typer.Option(False, "--json", help="Print the summary as JSON (one line per cycle with --every)."),
+) -> None:
+    """Run one polling cycle and print its summary, or loop with --every."""
+    settings = state(ctx).open_store()
+    _configure_logging(settings.log.level)
+    from mjctl.poller import poll_once, run_loop
+
+    if every is None:
+        summary = poll_once(settings)
+        if json_out:
+            from mjctl.cli.output import print_json
+
+            print_json(summary.to_dict())
+        else:
+            _render(summary.to_dict())
+        return
+
+    stop_event = threading.Event()
+
+    def stop(signum, _frame) -> None:
+        if not stop_event.is_set():
+            sys.stderr.write("Stopping after the current cycle…\n")
+        stop_event.set()
+
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        run_loop(settings, stop_event, every, on_cycle=lambda s: _cycle_line(s.to_dict(), json_out))
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _render(data: dict) -> None:
+    from mjctl.cli.output import info, table
+
+    if not data["ran"]:
+        info(f"Another poller is running (lease held by {data['lease_holder']}); nothing to do.")
+        return
+    rows = [(label, data[key]) for key, label in ROWS]
+    rows.append(("channels with errors", ", ".join(data["channels_with_errors"]) or "-"))
+    rows.extend((f"fault: {name}", count) for name, count in data["faults"].items())
+    rows.append(("duration", f"{data['duration_ms']:.1f} ms"))
+    table(["WHAT", "VALUE"], rows, title="Poll cycle")
+
+
+def _cycle_line(data: dict, json_out: bool) -> None:
+    if json_out:
+        sys.stdout.write(json.dumps(data, ensure_ascii=False) + "\n")
+    elif not data["ran"]:
+        sys.stdout.write(f"{_clock()} skipped: lease held by {data['lease_holder']}\n")
+    else:
+        parts = [f"{label} {data[key]}" for key, label in ROWS]
+        if data["channels_with_errors"]:
+            parts.append("channels with errors " + ",".join(data["channels_with_errors"]))
+        if data["faults"]:
+            parts.append("faults " + ",".join(f"{k}={v}" for k, v in data["faults"].items()))
+        sys.stdout.write(f"{_clock()} " + "; ".join(parts) + f"; {data['duration_ms']:.0f} ms\n")
+    sys.stdout.flush()
+
+
+def _clock() -> str:
+    return time.strftime("%H:%M:%S")
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is now (test runners swap it)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value) -> None:
+        pass
+
+
+def _configure_logging(level: str) -> None:
+    """Fault warnings go to stderr at [log] level, so stdout stays the summary."""
+    logger = logging.getLogger("mjctl")
+    if not any(isinstance(h, _StderrHandler) for h in logger.handlers):
+        handler = _StderrHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        logger.addHandler(handler)
+    logger.setLevel(getattr(logging, level.upper(), logging.INFO))

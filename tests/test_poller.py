@@ -1,0 +1,380 @@
+"""The poller: lifecycles against the simulator, exact fault shapes, the lease, the loop and the CLI."""
+
+from __future__ import annotations
+
+import json
+import socket
+import sys
+import threading
+import time
+import types
+
+import httpx
+import pytest
+
+from tests.helpers import wait_until
+from tests.poller_helpers import PRICE, add_channel, book_problems, sim_submit, submit_charged
+
+
+@pytest.fixture
+def sim():
+    from mjctl.simulator import run_simulator_in_thread
+
+    handle = run_simulator_in_thread(secret="sim-secret", step_seconds=0.01, seed=5)
+    handle.sim.update({"accounts": 4, "concurrency": 10, "queue_size": 1000})
+    yield handle
+    handle.stop()
+
+
+@pytest.fixture
+def world(store, sim):
+    """A user with quota, one channel on the simulator."""
+    from mjctl import accounts
+
+    user, _ = accounts.create_user("alice", quota=100 * PRICE)
+    channel = add_channel(store, "sim", sim.url)
+    return types.SimpleNamespace(settings=store, sim=sim, user=user, channel=channel)
+
+
+def _tasks(ids):
+    from mjctl.models import Task
+
+    return {t.id: t for t in Task.select().where(Task.id.in_(ids))}
+
+
+def _poll_until_finished(settings, ids, **kwargs):
+    from mjctl.poller import poll_once
+
+    def done():
+        poll_once(settings, **kwargs)
+        return all(t.is_finished for t in _tasks(ids).values())
+
+    wait_until(done, timeout=10, interval=0.02, message="every task finished")
+    return _tasks(ids)
+
+
+def _refunds(task_id):
+    from mjctl.models import Ledger
+
+    return Ledger.select().where((Ledger.task_id == task_id) & (Ledger.kind == "refund")).count()
+
+
+# --- lifecycles against the simulator ---------------------------------------------------------------
+
+
+def test_task_reaches_success_with_image_buttons_and_finish_time(world):
+    ids = submit_charged(world.user.id, world.channel.id, sim_submit(world.sim.url, 3))
+    tasks = _poll_until_finished(world.settings, ids)
+    for task in tasks.values():
+        assert task.status == "SUCCESS" and task.progress == "100%"
+        assert task.image_url.startswith(world.sim.url)
+        assert [b["label"] for b in task.buttons_list()][:4] == ["U1", "U2", "U3", "U4"]
+        assert task.finish_time >= task.start_time > 0
+        assert task.quota == PRICE and _refunds(task.id) == 0
+    assert book_problems() == []
+
+
+def test_upstream_failure_is_refunded_once(world):
+    from mjctl import reports
+    from mjctl.models import User
+    from mjctl.poller import poll_once
+
+    world.sim.sim.update({"fail_rate": 1.0})
+    ids = submit_charged(world.user.id, world.channel.id, sim_submit(world.sim.url, 2))
+    tasks = _poll_until_finished(world.settings, ids)
+    for task in tasks.values():
+        assert task.status == "FAILURE" and task.quota == 0 and task.fail_reason
+        assert _refunds(task.id) == 1
+    # Late and duplicate reports, and more cycles, refund nothing more.
+    for task in tasks.values():
+        reports.apply_report(world.channel.id, {"id": task.mj_id, "status": "FAILURE", "failReason": "again"})
+        reports.apply_report(world.channel.id, {"id": task.mj_id, "status": "SUCCESS", "progress": "100%"})
+    assert poll_once(world.settings).checked == 0
+    assert all(_refunds(i) == 1 for i in ids)
+    assert User.get_by_id(world.user.id).quota == 100 * PRICE
+    assert book_problems() == []
+
+
+def test_stuck_task_times_out_and_is_refunded_once(world):
+    from mjctl.poller import poll_once
+
+    world.sim.sim.update({"stuck": 1.0})
+    [task_id] = submit_charged(world.user.id, world.channel.id, sim_submit(world.sim.url, 1))
+    first = poll_once(world.settings)
+    assert first.checked == 1 and first.timed_out == 0
+    late = time.time() + world.settings.poller.task_timeout + 1
+    summary = poll_once(world.settings, now=late)
+    assert (summary.timed_out, summary.refunded, summary.quota_refunded) == (1, 1, PRICE)
+    task = _tasks([task_id])[task_id]
+    assert task.status == "FAILURE" and task.quota == 0
+    assert task.fail_reason.startswith("Timed out: still ") and "after submission" in task.fail_reason
+    assert poll_once(world.settings, now=late + 100).checked == 0
+    assert _refunds(task_id) == 1 and book_problems() == []
+
+
+def test_task_the_upstream_no_longer_reports_times_out(world):
+    from mjctl.poller import poll_once
+
+    [task_id] = submit_charged(world.user.id, world.channel.id, ["1700000000000123"])
+    summary = poll_once(world.settings)
+    assert summary.faults["missing_ids"] == 1 and summary.failed == 0
+    summary = poll_once(world.settings, now=time.time() + world.settings.poller.task_timeout + 1)
+    assert summary.timed_out == 1
+    task = _tasks([task_id])[task_id]
+    assert "no longer reported by the upstream" in task.fail_reason and _refunds(task_id) == 1
+
+
+def test_task_on_removed_channel_fails_at_once_and_is_refunded(world):
+    from mjctl import channels
+    from mjctl.poller import poll_once
+
+    [task_id] = submit_charged(world.user.id, world.channel.id, sim_submit(world.sim.url, 1))
+    channels.remove_channel("sim")
+    summary = poll_once(world.settings)
+    assert (summary.failed, summary.refunded, summary.requests) == (1, 1, 0)
+    task = _tasks([task_id])[task_id]
+    assert task.status == "FAILURE" and "was removed" in task.fail_reason and task.quota == 0
+    assert _refunds(task_id) == 1 and book_problems() == []
+
+
+def test_disabled_channel_keeps_being_polled_until_its_tasks_finish(world):
+    from mjctl import channels
+
+    ids = submit_charged(world.user.id, world.channel.id, sim_submit(world.sim.url, 2))
+    channels.set_enabled("sim", False)
+    tasks = _poll_until_finished(world.settings, ids)
+    assert {t.status for t in tasks.values()} == {"SUCCESS"}
+
+
+def test_succeeded_tasks_go_to_the_image_prefetch_hook(world, monkeypatch):
+    seen = []
+    fake = types.ModuleType("mjctl.images")
+    fake.prefetch_hook = lambda settings: (lambda task: seen.append(task.mj_id))
+    monkeypatch.setitem(sys.modules, "mjctl.images", fake)
+    mj_ids = sim_submit(world.sim.url, 2)
+    _poll_until_finished(world.settings, submit_charged(world.user.id, world.channel.id, mj_ids))
+    assert sorted(seen) == sorted(mj_ids)
+
+
+# --- exact fault shapes -------------------------------------------------------------------------------
+
+
+def _fault_transport(progress_by_id: dict[str, str]):
+    """One host per fault; host ok answers with an unknown id, leaves one id out and goes backwards."""
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        host = request.url.host
+        if host == "timeout":
+            raise httpx.ReadTimeout("timed out", request=request)
+        if host == "refused":
+            raise httpx.ConnectError("connection refused", request=request)
+        if host == "five":
+            return httpx.Response(502, text="<html>Bad Gateway</html>")
+        if host == "unauth":
+            return httpx.Response(401)
+        if host == "limited":
+            return httpx.Response(429, headers={"Retry-After": "3"})
+        if host == "garbled":
+            return httpx.Response(200, content=b'[{"id": "1", "status": ')
+        ids = json.loads(request.content)["ids"]
+        answer = [{"id": "9999999999999999", "status": "SUCCESS"}]
+        for mj_id in ids[1:]:
+            answer.append({"id": mj_id, "status": "IN_PROGRESS", "progress": progress_by_id.get(mj_id, "50%")})
+        return httpx.Response(200, json=answer)
+
+    return httpx.MockTransport(handler)
+
+
+def test_each_fault_is_counted_and_never_stops_the_other_channels(store):
+    from mjctl import accounts, reports
+    from mjctl.poller import poll_once
+
+    user, _ = accounts.create_user("bob", quota=100 * PRICE)
+    hosts = ["timeout", "refused", "five", "unauth", "limited", "garbled", "ok"]
+    channel_ids = {h: add_channel(store, h, f"http://{h}:80").id for h in hosts}
+    tasks = {h: submit_charged(user.id, channel_ids[h], [f"17000000000001{i}{n:02d}" for n in range(3)])
+             for i, h in enumerate(hosts)}
+    ok_ids = [f"170000000000016{n:02d}" for n in range(3)]
+    reports.apply_report(channel_ids["ok"], {"id": ok_ids[2], "status": "IN_PROGRESS", "progress": "62%"})
+    store.values["poller"]["concurrency"] = 3
+    summary = poll_once(store, transport=_fault_transport({ok_ids[1]: "31%", ok_ids[2]: "15%"}))
+    faults = summary.faults
+    assert (faults["timeout"], faults["unreachable"], faults["http_5xx"], faults["unauthorized"],
+            faults["rate_limited"], faults["malformed_answer"]) == (1, 1, 1, 1, 1, 1)
+    assert (faults["unknown_ids"], faults["missing_ids"], faults["progress_backwards"]) == (1, 1, 1)
+    assert sorted(summary.channels_with_errors) == sorted(hosts[:-1])
+    assert summary.checked == 21 and summary.requests == 7 and summary.failed == 0
+    ok = _tasks(tasks["ok"])
+    assert [ok[i].progress for i in tasks["ok"]] == ["0%", "31%", "62%"]
+    # Past the timeout, every channel's tasks fail with a reason naming what went wrong, refunded once.
+    later = poll_once(store, now=time.time() + store.poller.task_timeout + 1,
+                      transport=_fault_transport({}))
+    assert later.timed_out == 21 and later.refunded == 21
+    reasons = {h: _tasks(tasks[h])[tasks[h][0]].fail_reason for h in hosts}
+    assert "channel unauth keeps failing (unauthorized" in reasons["unauth"]
+    assert "keeps answering malformed lists" in reasons["garbled"]
+    assert "no longer reported" in reasons["ok"]
+    assert book_problems() == []
+
+
+def test_a_crash_on_one_channel_is_counted_and_the_rest_goes_on(store):
+    from mjctl import accounts
+    from mjctl.poller import poll_once
+
+    class Exploding:
+        def list_by_condition(self, ids):
+            raise RuntimeError("boom")
+
+    user, _ = accounts.create_user("carol", quota=10 * PRICE)
+    bad, good = add_channel(store, "bad", "http://bad:1"), add_channel(store, "good", "http://good:1")
+    submit_charged(user.id, bad.id, ["1"])
+    [good_task] = submit_charged(user.id, good.id, ["2"])
+    transport = httpx.MockTransport(lambda r: httpx.Response(200, json=[{"id": "2", "status": "SUCCESS"}]))
+    summary = poll_once(store, clients={bad.id: Exploding()}, transport=transport)
+    assert summary.faults["error_RuntimeError"] == 1 and summary.succeeded == 1
+    assert _tasks([good_task])[good_task].status == "SUCCESS"
+
+
+# --- the lease and idle cost --------------------------------------------------------------------------
+
+
+def test_second_cycle_while_one_runs_says_the_lease_is_held(store):
+    from mjctl import accounts
+    from mjctl.models import Lease
+    from mjctl.poller import poll_once
+
+    user, _ = accounts.create_user("dave", quota=10 * PRICE)
+    channel = add_channel(store, "slow", "http://slow:1")
+    submit_charged(user.id, channel.id, ["1"])
+    entered, release = threading.Event(), threading.Event()
+
+    def handler(request):
+        entered.set()
+        release.wait(10)
+        return httpx.Response(200, json=[])
+
+    results = []
+    first = threading.Thread(target=lambda: results.append(poll_once(store, transport=httpx.MockTransport(handler))))
+    first.start()
+    assert entered.wait(10)
+    second = poll_once(store, transport=httpx.MockTransport(handler))
+    release.set()
+    first.join(10)
+    assert not second.ran and second.message.startswith("lease held by ")
+    assert socket.gethostname() in second.lease_holder
+    assert results[0].ran and results[0].requests == 1
+    assert Lease.get_by_id("poller").holder == ""  # released
+
+
+@pytest.mark.parametrize("holder, expires_in, runs", [
+    ("otherhost:123:abcd", 60, False),   # a live lease elsewhere is respected
+    ("otherhost:123:abcd", -1, True),    # an expired one is taken over
+    (f"{socket.gethostname()}:999999:dead", 60, True),  # a dead process on this host: at once
+])
+def test_lease_expiry_and_dead_holders(store, holder, expires_in, runs):
+    from mjctl import accounts
+    from mjctl.models import Lease
+    from mjctl.poller import poll_once
+
+    user, _ = accounts.create_user("erin", quota=10 * PRICE)
+    channel = add_channel(store, "c", "http://c:1")
+    submit_charged(user.id, channel.id, ["1"])
+    Lease.create(name="poller", holder=holder, expires_at=time.time() + expires_in)
+    summary = poll_once(store, transport=httpx.MockTransport(lambda r: httpx.Response(200, json=[])))
+    assert summary.ran is runs
+    assert (summary.lease_holder.startswith(holder)) is (not runs)
+
+
+def test_idle_cycle_is_one_indexed_lookup(store):
+    from mjctl.db import database
+    from mjctl.models import Lease, Task
+    from mjctl.poller import _has_unfinished, poll_once
+
+    Task.insert_many([{"user_id": 1, "channel_id": 1, "mj_id": str(i), "status": "SUCCESS", "unfinished": 0}
+                      for i in range(200)]).execute()
+    statements = []
+    real_execute = database.obj.execute_sql
+
+    def spy(sql, params=None, *args, **kwargs):
+        statements.append(sql)
+        return real_execute(sql, params, *args, **kwargs)
+
+    database.obj.execute_sql = spy
+    try:
+        summary = poll_once(store)
+    finally:
+        database.obj.execute_sql = real_execute
+    assert summary.message == "nothing unfinished" and summary.requests == 0
+    assert len(statements) == 1 and "unfinished" in statements[0]
+    assert Lease.select().count() == 0
+    sql, params = Task.select(Task.id).where(Task.unfinished == 1).limit(1).sql()
+    plan = " ".join(str(r) for r in database.execute_sql("EXPLAIN QUERY PLAN " + sql, params).fetchall())
+    assert "INDEX task_unfinished_channel_id" in plan
+    assert _has_unfinished() is False
+
+
+# --- the loop and the CLI -----------------------------------------------------------------------------
+
+
+def test_loop_runs_at_once_survives_a_failing_cycle_and_stops_on_the_event(store, monkeypatch):
+    from mjctl import poller
+
+    calls = []
+
+    def fake_poll_once(settings):
+        calls.append(time.monotonic())
+        if len(calls) == 1:
+            raise RuntimeError("first cycle explodes")
+        return poller.CycleSummary()
+
+    monkeypatch.setattr(poller, "poll_once", fake_poll_once)
+    stop = threading.Event()
+    started = time.monotonic()
+    thread = threading.Thread(target=poller.run_loop, args=(store, stop, 0.05), daemon=True)
+    thread.start()
+    wait_until(lambda: len(calls) >= 3, timeout=5)
+    assert calls[0] - started < 0.5
+    stop.set()
+    thread.join(2)
+    assert not thread.is_alive()
+
+
+def test_start_background_polls_until_stopped(world):
+    from mjctl import poller
+
+    world.settings.values["poller"]["interval"] = 0.05
+    ids = submit_charged(world.user.id, world.channel.id, sim_submit(world.sim.url, 2))
+    stop = threading.Event()
+    thread = poller.start_background(world.settings, stop)
+    assert thread.daemon and thread.is_alive()
+    wait_until(lambda: all(t.is_finished for t in _tasks(ids).values()), timeout=10)
+    stop.set()
+    thread.join(5)
+    assert not thread.is_alive()
+
+
+def test_cli_poll_prints_a_summary_plain_and_json(cli, tmp_path):
+    assert cli("init").exit_code == 0
+    result = cli("poll", "--json")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["ran"] is True and data["checked"] == 0 and data["message"] == "nothing unfinished"
+    plain = cli("poll")
+    assert plain.exit_code == 0
+    assert "tasks checked\t0" in plain.stdout and "upstream requests\t0" in plain.stdout
+
+
+def test_cli_poll_exits_zero_when_the_lease_is_held(cli, tmp_path):
+    assert cli("init").exit_code == 0
+    from mjctl.config import load_settings
+    from mjctl.db import open_store
+    from mjctl.models import Lease, Task
+
+    open_store(load_settings(None, {("database", "url"): f"sqlite:///{tmp_path}/mjctl.db"}))
+    Task.create(user_id=1, channel_id=1, mj_id="1", status="SUBMITTED", unfinished=1)
+    Lease.create(name="poller", holder="elsewhere:1:abc", expires_at=time.time() + 60)
+    result = cli("poll")
+    assert result.exit_code == 0
+    assert "lease held by elsewhere:1:abc" in result.stderr
+    result = cli("poll", "--json")
+    assert result.exit_code == 0 and json.loads(result.stdout)["ran"] is False
