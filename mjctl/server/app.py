@@ -38,6 +38,7 @@ access_log = logging.getLogger("mjctl.access")
 #: Modules with an ``install(app, ctx)`` function, installed in this order.
 ROUTE_MODULES = [
     "mjctl.server.api",
+    "mjctl.server.relay",
     "mjctl.server.openapi",
 ]
 
