@@ -204,6 +204,13 @@ def _m2_task_counts(db: peewee.Database) -> None:
             "UPDATE task_count SET n = n - 1 WHERE channel_id IN (0, OLD.channel_id)")
 
 
+@migration(3, "quota reservations held while a submission is relayed")
+def _m3_reservations(db: peewee.Database) -> None:
+    from mjctl.models import Reservation
+
+    db.create_tables([Reservation], safe=True)
+
+
 def current_version() -> int:
     try:
         value = SchemaVersion.select(peewee.fn.MAX(SchemaVersion.version)).scalar()

@@ -172,6 +172,18 @@ class Lease(BaseModel):
     expires_at = DoubleField(default=0.0)
 
 
+class Reservation(BaseModel):
+    """Quota held for a submission while the upstream is being asked (mjctl.relay). A balance available
+    for a new submission is quota minus the user's live reservations; an expired one (the process died
+    mid-call) counts for nothing and is deleted by the next reservation of that user."""
+
+    id = AutoField()
+    user_id = IntegerField(index=True)
+    amount = BigIntegerField()
+    expires_at = DoubleField()
+    created_at = DoubleField(default=time.time)
+
+
 def _json_or(text: str, fallback):
     if not text:
         return fallback
@@ -181,4 +193,4 @@ def _json_or(text: str, fallback):
         return fallback
 
 
-ALL_MODELS = [Meta_, SchemaVersion, User, Token, Channel, Task, Ledger, Lease, TaskCount]
+ALL_MODELS = [Meta_, SchemaVersion, User, Token, Channel, Task, Ledger, Lease, TaskCount, Reservation]

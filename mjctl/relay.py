@@ -1,0 +1,435 @@
+"""The midjourney-proxy relay: submitting on a user's behalf, charging exactly, and the upstream task shape.
+
+A submission goes through four steps, only the first and the last inside a transaction:
+
+1. **reserve** — in a write transaction (the user's row locked on PostgreSQL/MySQL; SQLite's IMMEDIATE
+   transaction serialises writers anyway) the quota available is the balance minus the user's live
+   reservations; when it covers the price a ``Reservation`` row holds it, else the submission is refused
+   (code 4, HTTP 403) and the upstream is never called. Parallel submissions therefore cannot all pass a
+   balance check that only one of them can afford.
+2. **forward** to the upstream, outside any transaction, failing over to the next channel on
+   ``UpstreamUnavailable`` only;
+3. **record** — on acceptance (codes 1, 21, 22) one transaction deletes the reservation, creates the
+   task row and charges it with a ledger entry (``accounts.charge``); on rejection it deletes the
+   reservation and records a FAILURE task with quota 0, leaving the ledger alone;
+4. a reservation left by a process that died between 1 and 3 expires and then counts for nothing.
+
+Fetch and the listings answer from the local store, scoped to the caller, in the upstream's camelCase
+shape (``upstream_shape``) so that another gateway could use mjctl as its upstream.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import peewee
+
+from mjctl import accounts, crypto
+from mjctl.channels import channel_secret
+from mjctl.db import is_sqlite, write_tx
+from mjctl.errors import InsufficientQuota, MjctlError
+from mjctl.models import Channel, Reservation, Task, User
+from mjctl.upstream import (
+    PREFIXES,
+    SUBMIT_KINDS,
+    SubmitResult,
+    UpstreamClient,
+    UpstreamProtocolError,
+    UpstreamRateLimited,
+    UpstreamUnauthorized,
+    UpstreamUnavailable,
+)
+
+log = logging.getLogger("mjctl.relay")
+
+__all__ = [
+    "SUBMIT_KINDS", "PREFIXES", "Envelope", "action_for", "submit", "image_seed", "fetch", "list_latest",
+    "list_by_condition", "upstream_shape", "notify_hook_url", "available_quota",
+]
+
+Envelope = tuple[int, dict[str, Any]]
+ImageUrl = Callable[[Task], str] | None
+
+KIND_ACTIONS = {"imagine": "IMAGINE", "describe": "DESCRIBE", "blend": "BLEND", "shorten": "SHORTEN"}
+#: Kinds that continue an earlier task: they go to its channel and need the caller to own it.
+FOLLOW_UP_KINDS = ("action", "modal", "change", "simple-change")
+CHANGE_ACTIONS = {"U": "UPSCALE", "V": "VARIATION", "R": "REROLL"}
+LATEST_LIMIT = 100
+MAX_IDS = 1000
+RESERVATION_SLACK = 60.0  # seconds a reservation outlives the longest upstream call it covers
+NOTIFY_PATH = "/mj/notify/"
+
+
+def envelope(code: int, description: str, result: str | None = None, properties: dict | None = None) -> dict:
+    return {"code": code, "description": description, "result": result, "properties": properties or {}}
+
+
+@dataclass
+class _Refusal(Exception):
+    """A submission refused before or instead of being forwarded; becomes (status, envelope)."""
+
+    status: int
+    code: int
+    description: str
+
+    def answer(self) -> Envelope:
+        return self.status, envelope(self.code, self.description)
+
+
+# --- actions and prices ----------------------------------------------------------------------------
+
+def action_for_custom_id(custom_id: str) -> str:
+    """The task action a button's customId starts (UPSCALE for ``MJ::JOB::upsample::1::…``); ACTION when
+    the button is not one we know."""
+    cid = (custom_id or "").lower()
+    if "inpaint" in cid:
+        return "INPAINT"
+    if "customzoom" in cid or "outpaint" in cid:
+        return "ZOOM"
+    if "::upsample" in cid:
+        return "UPSCALE"
+    if "variation" in cid:
+        return "VARIATION"
+    if "::reroll" in cid:
+        return "REROLL"
+    if "::pan_" in cid:
+        return "PAN"
+    return "ACTION"
+
+
+def action_for(kind: str, body: dict) -> str:
+    """The action (and so the price) of a submission of ``kind`` with ``body``."""
+    if kind in KIND_ACTIONS:
+        return KIND_ACTIONS[kind]
+    if kind == "action":
+        return action_for_custom_id(str(body.get("customId") or ""))
+    if kind == "change":
+        action = str(body.get("action") or "").upper()
+        return action if action in CHANGE_ACTIONS.values() else "ACTION"
+    if kind == "simple-change":
+        parts = str(body.get("content") or "").split()
+        letter = parts[1][:1].upper() if len(parts) > 1 else ""
+        return CHANGE_ACTIONS.get(letter, "ACTION")
+    return "MODAL"
+
+
+def _parent_id(kind: str, body: dict) -> str | None:
+    if kind == "simple-change":
+        parts = str(body.get("content") or "").split()
+        return parts[0] if parts else None
+    value = body.get("taskId")
+    return str(value) if isinstance(value, (str, int)) and str(value) else None
+
+
+# --- reservations -----------------------------------------------------------------------------------
+
+def available_quota(user_id: int, now: float | None = None) -> int:
+    """The balance minus the user's live reservations."""
+    now = time.time() if now is None else now
+    balance = User.select(User.quota).where(User.id == user_id).scalar() or 0
+    return int(balance) - _held(user_id, now)
+
+
+def _held(user_id: int, now: float) -> int:
+    held = (Reservation.select(peewee.fn.COALESCE(peewee.fn.SUM(Reservation.amount), 0))
+            .where((Reservation.user_id == user_id) & (Reservation.expires_at > now)).scalar())
+    return int(held or 0)
+
+
+def _reserve(user_id: int, amount: int, ttl: float) -> int:
+    """Hold amount of the user's quota for ttl seconds; returns the reservation id. Raises _Refusal."""
+    now = time.time()
+    with write_tx():
+        query = User.select(User.id, User.quota).where(User.id == user_id)
+        if not is_sqlite():
+            query = query.for_update()  # concurrent reservations of one user queue up here
+        user = query.first()
+        if user is None:
+            raise _Refusal(403, 4, "unknown user")
+        Reservation.delete().where((Reservation.user_id == user_id) & (Reservation.expires_at <= now)).execute()
+        available = int(user.quota) - _held(user_id, now)
+        if available < amount:
+            raise _Refusal(403, 4, f"insufficient quota: this costs {amount}, {max(available, 0)} available")
+        return Reservation.create(user_id=user_id, amount=amount, expires_at=now + ttl).id
+
+
+def _release(reservation_id: int | None) -> None:
+    if reservation_id is not None:
+        Reservation.delete().where(Reservation.id == reservation_id).execute()
+
+
+# --- submitting -------------------------------------------------------------------------------------
+
+def notify_hook_url(settings, channel_id: int) -> str | None:
+    """The signed push URL the upstream of channel_id should call, when [server] public_url is set."""
+    base = (settings.server.public_url or "").strip().rstrip("/")
+    if not base:
+        return None
+    sig = crypto.sign(crypto.server_secret(settings), "notify", str(channel_id))
+    return f"{base}{NOTIFY_PATH}{channel_id}?sig={sig}"
+
+
+def _client(settings, channel: Channel) -> UpstreamClient:
+    timeout = float(settings.poller.request_timeout)
+    return UpstreamClient(channel.base_url, channel_secret(settings, channel), timeout=timeout,
+                          connect_timeout=min(5.0, timeout))
+
+
+def _owned_parent(user: User, kind: str, body: dict) -> Task:
+    parent_id = _parent_id(kind, body)
+    if not parent_id:
+        field = "content" if kind == "simple-change" else "taskId"
+        raise _Refusal(400, 4, f"{field} is required")
+    parent = Task.select().where((Task.mj_id == parent_id) & (Task.user_id == user.id)).order_by(
+        Task.id.desc()).first()
+    if parent is None:
+        # Someone else's task reads exactly like a missing one: ids of others are not disclosed.
+        raise _Refusal(404, 3, f"task {parent_id} not found")
+    return parent
+
+
+def _channels_for(parent: Task | None) -> list[Channel]:
+    if parent is None:
+        from mjctl.channels import list_channels
+
+        channels = list_channels(enabled_only=True)
+        if not channels:
+            raise _Refusal(503, 9, "no upstream channel is enabled")
+        return channels
+    channel = Channel.get_or_none(Channel.id == parent.channel_id)
+    if channel is None or not channel.enabled:
+        raise _Refusal(503, 9, f"the channel of task {parent.mj_id} is no longer available")
+    return [channel]
+
+
+def _forward(settings, channels: list[Channel], kind: str, body: dict, prefix: str) -> tuple[Channel, SubmitResult]:
+    """Send to the first channel that answers; raises _Refusal when none gives a usable answer."""
+    failures: list[str] = []
+    for channel in channels:
+        outgoing = dict(body)
+        hook = notify_hook_url(settings, channel.id)
+        if hook:
+            outgoing["notifyHook"] = hook
+        try:
+            client = _client(settings, channel)
+        except MjctlError as exc:  # a secret sealed under another server secret
+            log.error("channel %s: %s", channel.name, exc.message)
+            failures.append(f"{channel.name}: unusable secret")
+            continue
+        try:
+            with client:
+                return channel, client.submit(kind, outgoing, prefix)
+        except UpstreamUnavailable as exc:
+            log.warning("channel %s unavailable, failing over: %s", channel.name, exc)
+            failures.append(f"{channel.name}: {exc}")
+        except UpstreamUnauthorized as exc:
+            log.error("channel %s refused its secret: %s", channel.name, exc)
+            raise _Refusal(502, 9, f"the upstream refused mjctl's credentials (channel {channel.name})") from None
+        except UpstreamRateLimited:
+            raise _Refusal(429, 9, f"the upstream is rate limiting (channel {channel.name}); try again later") from None
+        except UpstreamProtocolError as exc:
+            log.error("channel %s answered off-protocol: %s", channel.name, exc)
+            raise _Refusal(502, 9, f"the upstream gave an invalid answer (channel {channel.name})") from None
+    log.error("no channel answered: %s", "; ".join(failures))
+    raise _Refusal(503, 9, "no upstream channel is reachable; try again later")
+
+
+def _local_id() -> str:
+    return f"{int(time.time() * 1000)}{random.randrange(1000):03d}"
+
+
+def _text(value: Any) -> str:
+    if value is None:
+        return ""
+    return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+
+
+def submit(settings, user: User, kind: str, body: dict, prefix: str = "") -> Envelope:
+    """Relay one submission for user; returns (HTTP status, upstream-style envelope).
+
+    Refusals (unknown kind, a task the caller does not own, insufficient quota, no channel) never reach
+    the upstream and change nothing. See the module docstring for how charging stays exact.
+    """
+    if kind not in SUBMIT_KINDS:
+        return 404, envelope(3, f"unknown submit kind {kind!r}")
+    if prefix not in PREFIXES:
+        return 404, envelope(3, f"unknown speed prefix {prefix!r}")
+    if not isinstance(body, dict):
+        return 400, envelope(4, "the body must be a JSON object")
+    try:
+        parent = _owned_parent(user, kind, body) if kind in FOLLOW_UP_KINDS else None
+        continues_modal = kind == "modal" and parent is not None and parent.status == "MODAL"
+        action = action_for(kind, body)
+        price = settings.price("MODAL" if kind == "modal" else action)
+        channels = _channels_for(parent)
+        ttl = float(settings.poller.request_timeout) * len(channels) + RESERVATION_SLACK
+        reservation = _reserve(user.id, price, ttl) if price > 0 else None
+    except _Refusal as refusal:
+        return refusal.answer()
+
+    caller_hook = body.get("notifyHook")
+    forwarded = {k: v for k, v in body.items() if k != "notifyHook"}
+    try:
+        channel, result = _forward(settings, channels, kind, forwarded, prefix)
+    except _Refusal as refusal:
+        with write_tx():
+            _release(reservation)
+        return refusal.answer()
+    except BaseException:
+        with write_tx():
+            _release(reservation)
+        raise
+
+    answer = envelope(result.code, result.description, result.result, result.properties)
+    properties = dict(result.properties)
+    if caller_hook:
+        properties["notifyHook"] = _text(caller_hook)
+    if prefix:
+        properties["speedPrefix"] = prefix
+    common = dict(user_id=user.id, channel_id=channel.id, action=action, code=result.code,
+                  description=result.description[:1000], state=_text(body.get("state")),
+                  prompt=_text(body.get("prompt") if kind != "modal" else ""),
+                  properties=json.dumps(properties, ensure_ascii=False), submit_time=int(time.time()))
+    with write_tx():
+        _release(reservation)
+        if not result.accepted:
+            Task.create(mj_id=result.result or _local_id(), status="FAILURE", progress="", quota=0, unfinished=0,
+                        fail_reason=result.description or f"rejected by the upstream (code {result.code})",
+                        prompt_en=_text(result.properties.get("promptEn")), finish_time=int(time.time()),
+                        **common)
+            return result.http_status, answer  # as the upstream said it: 200 (Java) or 404 (C# code 3)
+        mj_id = result.result or _local_id()
+        status = "MODAL" if result.code == 21 else ("NOT_START" if result.code == 22 else "SUBMITTED")
+        if continues_modal and parent.mj_id == mj_id:
+            _continue_modal(parent, body, result, status, price)
+        else:
+            if kind == "modal":
+                common["prompt"] = _text(body.get("prompt"))
+            task = Task.create(mj_id=mj_id, status=status, progress="0%" if status == "SUBMITTED" else "",
+                               quota=price, unfinished=1, **common)
+            _charge(task, price)
+    return 200, answer
+
+
+def _charge(task: Task, price: int) -> None:
+    if price <= 0:
+        return
+    try:
+        accounts.charge(task.user_id, price, task_id=task.id, reason=f"{task.action} {task.mj_id}")
+    except InsufficientQuota:
+        # The balance was lowered by hand while the upstream was being asked (reservations cannot stop
+        # that): the task runs, uncharged, rather than the balance going negative.
+        log.warning("task %s accepted but the balance no longer covers %s; not charged", task.mj_id, price)
+        Task.update(quota=Task.quota - price).where(Task.id == task.id).execute()
+
+
+def _continue_modal(parent: Task, body: dict, result: SubmitResult, status: str, price: int) -> None:
+    """The modal step of a code-21 task: the same row moves on; it costs price("MODAL") on top."""
+    changes: dict[str, Any] = dict(status=status, code=result.code, description=result.description[:1000],
+                                   progress="0%" if status == "SUBMITTED" else "", updated_at=time.time(),
+                                   quota=Task.quota + price)
+    if isinstance(body.get("prompt"), str) and body["prompt"].strip():
+        changes["prompt"] = body["prompt"]
+    moved = Task.update(**changes).where((Task.id == parent.id) & (Task.status == "MODAL")).execute()
+    if moved == 1:
+        _charge(Task.get_by_id(parent.id), price)
+
+
+def image_seed(settings, user: User, mj_id: str, prefix: str = "") -> Envelope:
+    """The seed of one of the caller's tasks, asked of that task's channel (free of charge)."""
+    task = Task.select().where((Task.mj_id == mj_id) & (Task.user_id == user.id)).order_by(Task.id.desc()).first()
+    if task is None:
+        return 404, envelope(3, "task not found")
+    try:
+        (channel,) = _channels_for(task)
+    except _Refusal as refusal:
+        return refusal.answer()
+    try:
+        with _client(settings, channel) as client:
+            result = client.image_seed(mj_id, timeout=max(60.0, float(settings.poller.request_timeout)))
+    except UpstreamUnavailable:
+        return 503, envelope(9, "the upstream of this task is not reachable; try again later")
+    except UpstreamUnauthorized:
+        return 502, envelope(9, "the upstream refused mjctl's credentials")
+    except UpstreamRateLimited:
+        return 429, envelope(9, "the upstream is rate limiting; try again later")
+    except (UpstreamProtocolError, MjctlError):
+        return 502, envelope(9, "the upstream gave an invalid answer")
+    return (result.http_status if result.http_status < 500 else 502), envelope(
+        result.code, result.description, result.result, result.properties)
+
+
+# --- reading ----------------------------------------------------------------------------------------
+
+def _ms(seconds: int | None) -> int | None:
+    return int(seconds) * 1000 if seconds else None
+
+
+def upstream_shape(task: Task, image_url: ImageUrl = None) -> dict[str, Any]:
+    """A task as midjourney-proxy answers it (UPSTREAM.md §3): camelCase, times in milliseconds."""
+    properties = task.properties_dict()
+    hook = properties.get("notifyHook")
+    if isinstance(hook, str) and NOTIFY_PATH in hook and "sig=" in hook:
+        properties.pop("notifyHook")  # mjctl's own signed hook is not the caller's business
+    try:
+        urls = json.loads(task.video_urls) if task.video_urls else []
+    except ValueError:
+        urls = []
+    image = task.image_url or None
+    if image and image_url is not None:
+        image = image_url(task) or image
+    if task.progress:
+        progress = task.progress
+    else:
+        progress = "" if task.status in ("FAILURE", "CANCEL") else None
+    return {
+        "id": task.mj_id,
+        "action": task.action,
+        "status": task.status,
+        "progress": progress,
+        "prompt": task.prompt,
+        "promptEn": task.prompt_en or None,
+        "description": task.description or None,
+        "state": task.state or None,
+        "submitTime": _ms(task.submit_time),
+        "startTime": _ms(task.start_time),
+        "finishTime": _ms(task.finish_time),
+        "imageUrl": image,
+        "videoUrl": task.video_url or None,
+        "videoUrls": [{"url": u} for u in urls if isinstance(u, str)] or None,
+        "failReason": task.fail_reason or None,
+        "buttons": task.buttons_list(),
+        "properties": properties,
+    }
+
+
+def fetch(user: User, mj_id: str, image_url: ImageUrl = None) -> dict[str, Any] | None:
+    """One of the caller's tasks in the upstream shape, or None."""
+    task = Task.select().where((Task.mj_id == mj_id) & (Task.user_id == user.id)).order_by(Task.id.desc()).first()
+    return upstream_shape(task, image_url) if task is not None else None
+
+
+def list_latest(user: User, image_url: ImageUrl = None, limit: int = LATEST_LIMIT) -> list[dict[str, Any]]:
+    """The caller's latest tasks (100), newest first."""
+    query = Task.select().where(Task.user_id == user.id).order_by(Task.id.desc()).limit(limit)
+    return [upstream_shape(t, image_url) for t in query]
+
+
+def list_by_condition(user: User, ids: list, image_url: ImageUrl = None) -> list[dict[str, Any]]:
+    """The caller's tasks among ids (unknown and other users' ids are left out, as upstreams do)."""
+    wanted = list(dict.fromkeys(str(i) for i in ids if isinstance(i, (str, int)) and str(i)))[:MAX_IDS]
+    if not wanted:
+        return []
+    seen: set[str] = set()
+    out = []
+    query = Task.select().where((Task.user_id == user.id) & (Task.mj_id.in_(wanted))).order_by(Task.id.desc())
+    for task in query:
+        if task.mj_id not in seen:  # a rejected resubmission may share an id: the newest row speaks
+            seen.add(task.mj_id)
+            out.append(upstream_shape(task, image_url))
+    return out

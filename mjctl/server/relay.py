@@ -1,0 +1,229 @@
+"""The midjourney-proxy compatible relay (CONTRACT §4.3) and the push endpoint (§4.4).
+
+Every answer here, errors included, is the upstream's ``{"code", "description", "result", "properties"}``
+envelope (or a task / list of tasks), because the callers are midjourney-proxy clients. These routes skip
+the app's JSON-error and store plugins and do both themselves with that envelope.
+
+Choices where upstreams differ: an unknown id on fetch is HTTP 404 ``{"code": 3, "description": "task not
+found"}`` (the Java upstream's empty 200 and the C# 204 are hard for clients to tell from a crash); an
+upstream's own rejection (codes 3, 4, 23, 24 …) is passed on with the upstream's HTTP status.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+
+import bottle
+import peewee
+
+from mjctl import crypto, relay
+from mjctl.errors import MjctlError
+from mjctl.server.app import AppContext
+from mjctl.server.auth import authenticate_request
+from mjctl.server.openapi import header_param, json_response, query_param
+
+log = logging.getLogger("mjctl.server.relay")
+
+MAX_BODY = 32 * 1024 * 1024  # blend and describe carry base64 images
+PLUGINS_SKIPPED = ["mjctl_errors", "mjctl_store"]
+
+
+def answer(status: int, body) -> bottle.HTTPResponse:
+    return bottle.HTTPResponse(json.dumps(body, ensure_ascii=False), status=status,
+                               headers={"Content-Type": "application/json"})
+
+
+def failure(status: int, code: int, description: str) -> bottle.HTTPResponse:
+    return answer(status, relay.envelope(code, description))
+
+
+def enveloped(callback):
+    """Run a relay route with a database connection; any failure is an upstream-style envelope."""
+
+    @functools.wraps(callback)
+    def wrapper(*args, **kwargs):
+        from mjctl.db import connection
+
+        try:
+            with connection():
+                return callback(*args, **kwargs)
+        except bottle.HTTPResponse:
+            raise
+        except MjctlError as exc:  # 401/403 from authentication, mostly
+            code = 3 if exc.http_status == 404 else 4
+            return failure(exc.http_status, code, exc.message)
+        except peewee.PeeweeException as exc:
+            log.error("%s %s: database error: %s", bottle.request.method, bottle.request.path,
+                      (str(exc).strip().splitlines() or [type(exc).__name__])[0])
+            return failure(500, 9, "the database failed; try again later")
+        except Exception:  # noqa: BLE001 - the relay's one place where a crash becomes a 500
+            log.exception("unhandled error in %s %s", bottle.request.method, bottle.request.path)
+            return failure(500, 9, "internal server error")
+
+    return wrapper
+
+
+def json_body() -> dict:
+    """The request's JSON object; a 400 code-4 envelope when it is missing, malformed or not an object."""
+    length = bottle.request.content_length
+    if length > MAX_BODY:
+        raise failure(413, 4, f"the body is larger than {MAX_BODY} bytes")
+    raw = bottle.request.body.read(MAX_BODY + 1)
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        raise failure(400, 4, "the body is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise failure(400, 4, "the body must be a JSON object")
+    return body
+
+
+def install(app: bottle.Bottle, ctx: AppContext) -> None:
+    settings = ctx.settings
+
+    def route(rule: str, method: str, callback) -> None:
+        app.route(rule, method, enveloped(callback), skip=PLUGINS_SKIPPED)
+
+    for prefix in relay.PREFIXES:
+        def submit(kind: str, prefix: str = prefix):
+            user = authenticate_request(bottle.request)
+            if kind not in relay.SUBMIT_KINDS:
+                return failure(404, 3, f"unknown submit kind {kind!r}")
+            status, body = relay.submit(settings, user, kind, json_body(), prefix)
+            return answer(status, body)
+
+        def fetch(mj_id: str):
+            user = authenticate_request(bottle.request)
+            task = relay.fetch(user, mj_id, ctx.image_url)
+            if task is None:
+                return failure(404, 3, "task not found")
+            return answer(200, task)
+
+        def list_by_condition():
+            user = authenticate_request(bottle.request)
+            ids = json_body().get("ids")
+            if not isinstance(ids, list):
+                return failure(400, 4, "ids must be a list of task ids")
+            return answer(200, relay.list_by_condition(user, ids, ctx.image_url))
+
+        def list_latest():
+            user = authenticate_request(bottle.request)
+            return answer(200, relay.list_latest(user, ctx.image_url))
+
+        def image_seed(mj_id: str, prefix: str = prefix):
+            user = authenticate_request(bottle.request)
+            status, body = relay.image_seed(settings, user, mj_id, prefix)
+            return answer(status, body)
+
+        route(f"{prefix}/mj/submit/<kind>", "POST", submit)
+        route(f"{prefix}/mj/task/<mj_id>/fetch", "GET", fetch)
+        route(f"{prefix}/mj/task/list-by-condition", "POST", list_by_condition)
+        route(f"{prefix}/mj/task/list", "GET", list_latest)
+        route(f"{prefix}/mj/task/<mj_id>/image-seed", "GET", image_seed)
+
+    def notify(channel_id: int):
+        from mjctl import reports
+
+        if not crypto.verify(ctx.secret, "notify", str(channel_id), bottle.request.query.get("sig")):
+            return failure(403, 4, "missing or wrong signature")
+        report = json_body()
+        if not report.get("id"):
+            return failure(400, 4, "the body is not a task: it has no id")
+        stats = reports.apply_report(channel_id, report)
+        if stats.unknown:
+            note = "unknown task: ignored"
+        elif stats.updated:
+            note = "applied"
+        else:
+            note = "nothing to change: ignored"
+        return answer(200, relay.envelope(1, note, str(report["id"])))
+
+    route("/mj/notify/<channel_id:int>", "POST", notify)
+    _document(ctx)
+
+
+def _document(ctx: AppContext) -> None:
+    api = ctx.openapi
+    nullable_string = {"type": ["string", "null"]}
+    nullable_ms = {"type": ["integer", "null"], "description": "Epoch milliseconds; null until known."}
+    envelope = api.schema("RelayEnvelope", {
+        "type": "object",
+        "required": ["code", "description"],
+        "description": "midjourney-proxy's SubmitResult; also every relay error. Codes: 1 accepted, 21 waiting "
+                       "for a modal, 22 queued, 23 queue full, 24 banned prompt, 3 not found, 4 invalid "
+                       "(also: no or bad token, insufficient quota), 9 system error (upstream unreachable, 401, "
+                       "429 or invalid answer).",
+        "properties": {"code": {"type": "integer"}, "description": {"type": "string"},
+                       "result": nullable_string, "properties": {"type": "object"}},
+    })
+    task = api.schema("RelayTask", {
+        "type": "object",
+        "required": ["id", "action", "status", "progress", "submitTime", "buttons", "properties"],
+        "properties": {
+            "id": {"type": "string"}, "action": {"type": "string"},
+            "status": {"enum": ["NOT_START", "SUBMITTED", "MODAL", "IN_PROGRESS", "SUCCESS", "FAILURE", "CANCEL"]},
+            "progress": nullable_string, "prompt": {"type": "string"}, "promptEn": nullable_string,
+            "description": nullable_string, "state": nullable_string,
+            "submitTime": nullable_ms, "startTime": nullable_ms, "finishTime": nullable_ms,
+            "imageUrl": nullable_string, "videoUrl": nullable_string,
+            "videoUrls": {"type": ["array", "null"], "items": {"type": "object"}},
+            "failReason": nullable_string, "buttons": {"type": "array", "items": {"type": "object"}},
+            "properties": {"type": "object"},
+        },
+    })
+    task_list = {"type": "array", "items": task}
+
+    def errors(*statuses: int, **notes: str) -> dict:
+        text = {400: "Malformed JSON body or parameter (code 4).", 401: "No token or an unknown token (code 4).",
+                403: "A disabled user, or insufficient quota (code 4; the upstream was not called).",
+                404: "Unknown task, or a task of another user (code 3).", 429: "The upstream is rate limiting (code 9).",
+                500: "mjctl or its store failed (code 9).",
+                502: "The upstream refused mjctl's secret or answered off-protocol (code 9).",
+                503: "No upstream channel is reachable (code 9)."}
+        text.update({int(k[1:]): v for k, v in notes.items()})
+        return {s: json_response(envelope, text[s]) for s in statuses}
+
+    auth = [header_param("mj-api-secret", "An mjctl access token (alternative to Authorization).")]
+    body = {"required": True, "content": {"application/json": {"schema": {"type": "object"}}}}
+    for prefix in relay.PREFIXES:
+        speed = f" (speed prefix {prefix}, forwarded to the upstream)" if prefix else ""
+        api.operation(
+            f"{prefix}/mj/submit/<kind>", "post", tags=["relay"], parameters=auth, request_body=body,
+            summary=f"Submit a Midjourney task through an upstream channel{speed}.",
+            description="kind is imagine, action, modal, change, simple-change, describe, blend or shorten. "
+                        "The price of the action ([prices]) is held before the upstream is called and charged "
+                        "when it accepts (codes 1, 21, 22); a rejection is recorded as a FAILURE task and charges "
+                        "nothing. action/modal/change/simple-change go to the channel of the earlier task, which "
+                        "must be the caller's. An upstream rejection is answered with the upstream's status.",
+            responses={200: json_response(envelope, "The upstream's SubmitResult."),
+                       **errors(400, 401, 403, 404, 429, 500, 502, 503)})
+        api.operation(
+            f"{prefix}/mj/task/<mj_id>/fetch", "get", tags=["relay"], parameters=auth,
+            summary="One of the caller's tasks, in the upstream's shape (times in milliseconds).",
+            description="Answered from mjctl's store. An unknown id (or another user's) is HTTP 404 "
+                        "{\"code\": 3, \"description\": \"task not found\"}, not the Java upstream's empty 200.",
+            responses={200: json_response(task, "The task."), **errors(401, 403, 404, 500)})
+        api.operation(
+            f"{prefix}/mj/task/list-by-condition", "post", tags=["relay"], parameters=auth, request_body=body,
+            summary="The caller's tasks among {\"ids\": [...]}; unknown ids are left out.",
+            responses={200: json_response(task_list, "The tasks found."), **errors(400, 401, 403, 500)})
+        api.operation(
+            f"{prefix}/mj/task/list", "get", tags=["relay"], parameters=auth,
+            summary="The caller's latest 100 tasks, newest first.",
+            responses={200: json_response(task_list, "The tasks."), **errors(401, 403, 500)})
+        api.operation(
+            f"{prefix}/mj/task/<mj_id>/image-seed", "get", tags=["relay"], parameters=auth,
+            summary="The seed of one of the caller's tasks, asked of its upstream (free).",
+            responses={200: json_response(envelope, "The seed in result."),
+                       **errors(401, 403, 404, 429, 500, 502, 503)})
+    api.operation(
+        "/mj/notify/<channel_id:int>", "post", tags=["relay"], secured=False, request_body=body,
+        parameters=[query_param("sig", {"type": "string"}, "The signature mjctl put into the hook it forwarded.",
+                                required=True)],
+        summary="notifyHook callbacks from an upstream (a task JSON), applied like a poll report.",
+        description="Progress never goes backwards and finished tasks never change, so duplicate or out-of-order "
+                    "pushes are harmless. A task mjctl does not know is answered 200 with a note.",
+        responses={200: json_response(envelope, "Applied, or ignored with a note in description."),
+                   **errors(400, 403, 500, e403="Missing or wrong signature.")})
