@@ -1,0 +1,127 @@
+"""Push notifications: signed notifyHook callbacks applied through the one report path."""
+
+from __future__ import annotations
+
+import httpx
+
+from tests.helpers import wait_until
+from tests.relay_fixtures import assert_books_balance, balance, relay_env  # noqa: F401 - relay_env is a fixture
+
+
+def hook(env, channel_id=None) -> str:
+    from mjctl.relay import notify_hook_url
+
+    env.push_here()
+    return notify_hook_url(env.settings, channel_id or env.channel.id)
+
+
+def local_task(env, mj_id="1730000000000001", quota=1000):
+    from mjctl import accounts
+    from mjctl.db import write_tx
+    from mjctl.models import Task, User
+
+    user = User.get(User.name == "alice")
+    with write_tx():
+        task = Task.create(user_id=user.id, channel_id=env.channel.id, mj_id=mj_id, status="SUBMITTED",
+                           progress="0%", quota=quota, submit_time=1730000000)
+        accounts.charge(user.id, quota, task_id=task.id, reason="test")
+    return task
+
+
+def report(mj_id="1730000000000001", **fields):
+    return {"id": mj_id, "action": "IMAGINE", **fields}
+
+
+def current(task):
+    from mjctl.models import Task
+
+    return Task.get_by_id(task.id)
+
+
+def test_signed_pushes_apply_monotonically_and_finished_tasks_stay_finished(relay_env):
+    env = relay_env
+    task = local_task(env)
+    url = hook(env)
+    with httpx.Client() as c:
+        def push(**fields):
+            response = c.post(url, json=report(**fields))
+            assert response.status_code == 200, response.text
+            return response.json()
+
+        assert push(status="IN_PROGRESS", progress="31%")["description"] == "applied"
+        assert (current(task).status, current(task).progress) == ("IN_PROGRESS", "31%")
+        push(status="IN_PROGRESS", progress="15%")  # out of order
+        push(status="SUBMITTED", progress="0%")  # older still
+        assert (current(task).status, current(task).progress) == ("IN_PROGRESS", "31%")
+        assert push(status="IN_PROGRESS", progress="31%")["description"].startswith("nothing")  # duplicate
+        push(status="SUCCESS", progress="100%", imageUrl="https://cdn.example/x.png", finishTime=1730000050000,
+             buttons=[{"customId": "MJ::JOB::upsample::1::abc", "label": "U1"}])
+        done = current(task)
+        assert (done.status, done.progress, done.unfinished, done.finish_time) == ("SUCCESS", "100%", 0, 1730000050)
+        push(status="FAILURE", progress="", failReason="late")  # after the end: ignored, no refund
+        push(status="SUCCESS", progress="100%")  # duplicate final push
+    after = current(task)
+    assert (after.status, after.quota, after.fail_reason) == ("SUCCESS", 1000, "")
+    assert balance("alice") == 9000
+    assert_books_balance("alice")
+
+
+def test_a_failure_push_refunds_exactly_once(relay_env):
+    env = relay_env
+    task = local_task(env)
+    url = hook(env)
+    with httpx.Client() as c:
+        for _ in range(3):
+            assert c.post(url, json=report(status="FAILURE", progress="", failReason="banned")).status_code == 200
+    failed = current(task)
+    assert (failed.status, failed.quota, failed.fail_reason) == ("FAILURE", 0, "banned")
+    assert balance("alice") == 10_000
+    assert_books_balance("alice")
+
+
+def test_unsigned_or_wrongly_signed_pushes_are_refused(relay_env):
+    env = relay_env
+    task = local_task(env)
+    good = hook(env)
+    other_channel = hook(env, env.channel.id + 1).split("?")[1]
+    with httpx.Client(base_url=env.url) as c:
+        for path in (f"/mj/notify/{env.channel.id}", f"/mj/notify/{env.channel.id}?sig=",
+                     f"/mj/notify/{env.channel.id}?sig=AAAAAAAAAAAAAAAAAAAAAAAA",
+                     f"/mj/notify/{env.channel.id}?{other_channel}"):
+            response = c.post(path, json=report(status="SUCCESS", progress="100%"))
+            assert response.status_code == 403 and response.json()["code"] == 4, path
+        assert c.post(good.replace("?", "x?"), json={}).status_code == 404
+    assert current(task).status == "SUBMITTED"
+
+
+def test_unknown_tasks_and_bad_bodies(relay_env):
+    env = relay_env
+    url = hook(env)
+    with httpx.Client() as c:
+        unknown = c.post(url, json=report("999", status="SUCCESS"))
+        assert unknown.status_code == 200 and "unknown task" in unknown.json()["description"]
+        assert c.post(url, content=b"{oops", headers={"Content-Type": "application/json"}).status_code == 400
+        assert c.post(url, json={"status": "SUCCESS"}).status_code == 400
+        assert c.post(url, json=[1]).status_code == 400
+
+
+def test_simulator_pushes_with_duplicates_and_reordering_drive_tasks_to_the_end(relay_env):
+    env = relay_env
+    env.push_here()
+    env.sim.sim.update({"push_duplicate": 1.0, "push_out_of_order": 1.0})
+    ok = env.submit("imagine", {"prompt": "pushed"}).json()["result"]
+    env.sim.sim.update({"fail_rate": 1.0})
+    bad = env.submit("imagine", {"prompt": "doomed"}).json()["result"]
+    from mjctl.models import Task
+
+    def finished():
+        rows = {t.mj_id: t for t in Task.select().where(Task.mj_id.in_([ok, bad]))}
+        return all(r.unfinished == 0 for r in rows.values()) and rows
+
+    rows = wait_until(finished, timeout=15, message="both tasks finish by push")
+    assert rows[ok].status == "SUCCESS" and rows[ok].image_url and rows[ok].quota == 1000
+    assert rows[bad].status == "FAILURE" and rows[bad].quota == 0 and rows[bad].fail_reason
+    pushes = env.sim.sim.stats()["pushes"]
+    assert pushes["push_duplicated"] > 0 and pushes["push_out_of_order"] > 0 and pushes["push_failed"] == 0
+    assert balance("alice") == 9000
+    assert_books_balance("alice")
