@@ -40,6 +40,7 @@ ROUTE_MODULES = [
     "mjctl.server.api",
     "mjctl.server.relay",
     "mjctl.server.openapi",
+    "mjctl.server.web",
 ]
 
 #: Query parameters left out of the log (their values are secrets).
