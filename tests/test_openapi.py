@@ -45,9 +45,12 @@ def test_the_document_is_valid_openapi(served):
 
 
 def test_every_json_route_is_documented(served):
+    """A route that does not answer JSON (the web page) says so with openapi=False in its route config."""
     app, _, doc, _ = served
 
     for route in app.routes:
+        if route.config.get("openapi") is False:
+            continue
         path = openapi_path(route.rule)
         assert path in doc["paths"], route.rule
         assert route.method.lower() in doc["paths"][path], route.rule

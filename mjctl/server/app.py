@@ -4,7 +4,8 @@ per-request database connection.
 Route modules live beside this one and each exposes ``install(app, ctx)``; ROUTE_MODULES lists them, so a
 new area of the API is one module plus one line here. Every route gets, unless it opts out:
 
-- a database connection for the request (``mjctl.db.connection()``); a route declares ``db=False`` to skip
+- a database connection for the request (``mjctl.db.connection()``; on SQLite the worker thread's own,
+  kept open); a route declares ``db=False`` to skip
   it, and ``db_error="..."`` for the message of the 500 answered when the store fails;
 - JSON errors: an ``MjctlError`` becomes ``{"success": false, "message": ...}`` with its ``http_status``,
   anything else a logged 500. A route that needs another error envelope (the midjourney-proxy relay) can
@@ -130,10 +131,15 @@ class StorePlugin:
         message = route.config.get("db_error", "The database failed; try again later.")
 
         def wrapper(*args, **kwargs):
-            from mjctl.db import connection
+            from mjctl.db import connection, database, is_sqlite
 
             try:
-                with connection():
+                if is_sqlite():
+                    # SQLite keeps one connection per worker thread (cheroot's pool is fixed): opening one
+                    # per request re-runs five PRAGMAs and cost more than the query itself.
+                    database.connect(reuse_if_open=True)
+                    return callback(*args, **kwargs)
+                with connection():  # a pooled server connection, returned to the pool after the request
                     return callback(*args, **kwargs)
             except peewee.PeeweeException as exc:
                 detail = (str(exc).strip().splitlines() or [type(exc).__name__])[0]

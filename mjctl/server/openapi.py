@@ -8,6 +8,8 @@ Each route module documents its own operations when it installs them::
 
 Bottle rules (``/mj/task/<id>/fetch``) may be given as they are; they are written as OpenAPI paths
 (``/mj/task/{id}/fetch``) with their path parameters declared. ``GET /api/openapi.json`` serves the result.
+A route that does not answer JSON (the web page) declares ``openapi=False`` in its route config, e.g.
+``app.route("/", "GET", page, openapi=False)``; tests/test_openapi.py checks every other route is documented.
 """
 
 from __future__ import annotations
