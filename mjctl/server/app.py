@@ -40,6 +40,7 @@ access_log = logging.getLogger("mjctl.access")
 ROUTE_MODULES = [
     "mjctl.server.api",
     "mjctl.server.relay",
+    "mjctl.server.images",
     "mjctl.server.openapi",
     "mjctl.server.web",
 ]
