@@ -23,8 +23,8 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable
 
 from mjctl import accounts
-from mjctl.db import write_tx
-from mjctl.models import FINISHED_STATUSES, Task
+from mjctl.db import is_sqlite, write_tx
+from mjctl.models import FINISHED_STATUSES, Task, User
 
 log = logging.getLogger("mjctl.reports")
 
@@ -212,6 +212,20 @@ def _apply_one(task: Task, report: dict, stats: ApplyStats) -> None:
     stats.ignored += 1
 
 
+def _locked(query) -> list[Task]:
+    """The tasks of query, row-locked on PostgreSQL/MariaDB in one global order: tasks by id, then the users
+    a refund may touch, by id. Without it two batches (or a batch and a push) that refund different users
+    lock task and user rows in opposite orders and deadlock (PostgreSQL then stalls a second and aborts
+    one). SQLite's IMMEDIATE transaction already serialises writers."""
+    if is_sqlite():
+        return list(query)
+    tasks = list(query.order_by(Task.id).for_update())
+    user_ids = sorted({t.user_id for t in tasks if t.unfinished and t.quota > 0})
+    if user_ids:
+        list(User.select(User.id).where(User.id.in_(user_ids)).order_by(User.id).for_update())
+    return tasks
+
+
 def apply_reports(channel_id: int, reports: Iterable[dict]) -> ApplyStats:
     """Apply upstream task reports from one channel in one transaction. Reports for ids this channel has no
     task for, and reports without an id, are counted and skipped."""
@@ -225,8 +239,8 @@ def apply_reports(channel_id: int, reports: Iterable[dict]) -> ApplyStats:
     if not by_id:
         return stats
     with write_tx():
-        tasks = {t.mj_id: t for t in Task.select().where((Task.channel_id == channel_id)
-                                                         & (Task.mj_id.in_(list(by_id))))}
+        tasks = {t.mj_id: t for t in _locked(Task.select().where((Task.channel_id == channel_id)
+                                                                 & (Task.mj_id.in_(list(by_id)))))}
         for mj_id, report in by_id.items():
             task = tasks.get(mj_id)
             if task is None:
@@ -249,6 +263,6 @@ def fail_tasks(task_ids: Iterable[int], reason: str) -> ApplyStats:
         return stats
     report = {"status": "FAILURE", "failReason": reason, "progress": ""}
     with write_tx():
-        for task in Task.select().where(Task.id.in_(ids)):
+        for task in _locked(Task.select().where(Task.id.in_(ids))):
             _apply_one(task, report, stats)
     return stats
