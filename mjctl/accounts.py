@@ -131,11 +131,20 @@ def authenticate(token: str | None) -> User | None:
     compared in constant time."""
     if not token:
         return None
+    from mjctl.db import compiled, database
+
     digest = crypto.hash_token(token.strip())
-    row = Token.select(Token.user_id, Token.token_hash).where(Token.token_hash == digest).first()
-    if row is None or not crypto.same(row.token_hash, digest):
+    columns = [getattr(User, name) for name in User._meta.sorted_field_names]
+    sql, params = compiled(
+        ("authenticate",),
+        lambda: User.select(Token.token_hash, *columns).join(Token, on=(Token.user_id == User.id))
+        .where(Token.token_hash == digest).limit(1),
+        [digest, 1],
+    )
+    row = database.execute_sql(sql, params).fetchone()
+    if row is None or not crypto.same(row[0], digest):
         return None
-    return User.get_or_none(User.id == row.user_id)
+    return User(**dict(zip(User._meta.sorted_field_names, row[1:])))
 
 
 def topup(name: str, amount, reason: str = "top-up") -> User:

@@ -16,6 +16,8 @@ MAX_PAGE_SIZE = 100
 MILLISECONDS_FROM = 100_000_000_000  # a timestamp this large is in milliseconds
 MAX_FILTER_LEN = 256
 
+TASK_COLUMNS = tuple(Task._meta.sorted_field_names)
+
 #: Item fields of GET /api/mj/self, in the document's order.
 USER_FIELDS = ("id", "mj_id", "action", "prompt", "prompt_en", "status", "progress", "image_url", "video_url",
                "video_urls", "submit_time", "start_time", "finish_time", "fail_reason", "quota")
@@ -32,6 +34,17 @@ class TaskFilter:
     action: str | None = None
     start: int | None = None  # submit_time >= start (epoch seconds)
     end: int | None = None  # submit_time <= end
+
+    def shape(self) -> tuple:
+        """Which filters are set (the compiled-query cache key)."""
+        return (self.user_id is not None, self.channel_id is not None, bool(self.mj_id), bool(self.status),
+                bool(self.action), self.start is not None, self.end is not None)
+
+    def params(self) -> list:
+        """The filter values in the order where() uses them."""
+        values = [self.user_id, self.channel_id, self.mj_id or None, self.status or None, self.action or None,
+                  self.start, self.end]
+        return [v for v, used in zip(values, self.shape()) if used]
 
     def where(self, query):
         if self.user_id is not None:
@@ -74,14 +87,34 @@ def clamp_page(page: int, page_size: int) -> tuple[int, int]:
     return page, min(page_size, MAX_PAGE_SIZE)
 
 
+class TaskRow:
+    """A task as read for a listing: the row's columns as attributes, without a Peewee model's cost."""
+
+    __slots__ = TASK_COLUMNS
+
+    def __init__(self, values):
+        for name, value in zip(TASK_COLUMNS, values):
+            setattr(self, name, value)
+
+    buttons_list = Task.buttons_list
+    properties_dict = Task.properties_dict
+
+
 def list_tasks(filters: TaskFilter, page: int = 1, page_size: int = DEFAULT_PAGE_SIZE) -> TaskPage:
     """One page of tasks matching filters, newest first (id descending), with the total of all matches."""
+    from mjctl.db import compiled, database
+
     page, page_size = clamp_page(page, page_size)
-    base = filters.where(Task.select())
     total = count_tasks(filters)
-    items: list[Task] = []
-    if (page - 1) * page_size < total:
-        items = list(base.order_by(Task.id.desc()).limit(page_size).offset((page - 1) * page_size))
+    items: list = []
+    offset = (page - 1) * page_size
+    if offset < total:
+        def build():
+            return (filters.where(Task.select(*[getattr(Task, c) for c in TASK_COLUMNS]))
+                    .order_by(Task.id.desc()).limit(page_size).offset(offset))
+
+        sql, params = compiled(("page",) + filters.shape(), build, filters.params() + [page_size, offset])
+        items = [TaskRow(row) for row in database.execute_sql(sql, params).fetchall()]
     return TaskPage(items=items, total=int(total), page=page, page_size=page_size)
 
 
@@ -95,7 +128,11 @@ def count_tasks(filters: TaskFilter) -> int:
 
         value = TaskCount.select(TaskCount.n).where(TaskCount.channel_id == (filters.channel_id or 0)).scalar()
         return int(value or 0)
-    return int(filters.where(Task.select(peewee.fn.COUNT(Task.id))).scalar() or 0)
+    from mjctl.db import compiled, database
+
+    sql, params = compiled(("count",) + filters.shape(),
+                           lambda: filters.where(Task.select(peewee.fn.COUNT(Task.id))), filters.params())
+    return int(database.execute_sql(sql, params).fetchone()[0] or 0)
 
 
 def get_task(mj_id: str, user_id: int | None = None) -> Task:
