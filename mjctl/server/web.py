@@ -71,10 +71,11 @@ def _etags(header: str) -> set[str]:
 
 
 def install(app: bottle.Bottle, ctx: AppContext) -> None:
-    @app.route("/", ["GET", "HEAD"], db=False)
+    # Not JSON endpoints, so not in the OpenAPI document.
+    @app.route("/", ["GET", "HEAD"], db=False, openapi=False)
     def index():
         return static_response("index.html")
 
-    @app.route("/static/<name>", ["GET", "HEAD"], db=False)
+    @app.route("/static/<name>", ["GET", "HEAD"], db=False, openapi=False)
     def static(name: str):
         return static_response(name)
