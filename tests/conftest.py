@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 
 import pytest
@@ -16,7 +17,12 @@ def isolated(tmp_path, monkeypatch):
             monkeypatch.delenv(name)
     monkeypatch.setenv("NO_COLOR", "1")
     monkeypatch.chdir(tmp_path)
+    loggers = [logging.getLogger(), logging.getLogger("mjctl")]
+    saved = [(lg, lg.handlers[:], lg.level) for lg in loggers]
     yield
+    for lg, handlers, level in saved:  # commands run in process configure logging; undo it
+        lg.handlers[:] = handlers
+        lg.setLevel(level)
     from mjctl.db import unbind
 
     unbind()

@@ -9,7 +9,6 @@ fault, switched on for that one submission only) and is refunded. Ctrl-C or SIGT
 
 from __future__ import annotations
 
-import logging
 import secrets
 import socket
 import sys
@@ -20,6 +19,7 @@ from typing import Optional
 
 import typer
 
+from mjctl.cli.output import configure_logging
 from mjctl.cli.state import state
 from mjctl.errors import MjctlError
 
@@ -59,7 +59,7 @@ def demo(
     st.override("server", "public_url", public_url)
     st.override("poller", "interval", POLL_SECONDS)
     settings = st.open_store()
-    _quiet_logging()
+    configure_logging("warning")  # the page's refreshes would otherwise fill the terminal
 
     from mjctl import accounts, channels
     from mjctl.server import create_app
@@ -168,11 +168,3 @@ def _announce(folder: Path, url: str, sim_url: str, user_token: str, admin_token
     sys.stdout.flush()
 
 
-def _quiet_logging() -> None:
-    """Warnings and errors only: the page's refreshes would otherwise fill the terminal."""
-    root = logging.getLogger()
-    if not root.handlers:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-        root.addHandler(handler)
-    root.setLevel(logging.WARNING)

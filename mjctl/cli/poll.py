@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import signal
 import sys
 import threading
@@ -12,6 +11,7 @@ from typing import Optional
 
 import typer
 
+from mjctl.cli.output import configure_logging
 from mjctl.cli.state import state
 
 ROWS = (
@@ -36,7 +36,7 @@ def poll(
 ) -> None:
     """Run one polling cycle and print its summary, or loop with --every."""
     settings = state(ctx).open_store()
-    _configure_logging(settings.log.level)
+    configure_logging(settings.log.level)
     from mjctl.poller import poll_once, run_loop
 
     if every is None:
@@ -96,23 +96,5 @@ def _clock() -> str:
     return time.strftime("%H:%M:%S")
 
 
-class _StderrHandler(logging.StreamHandler):
-    """Writes to whatever sys.stderr is now (test runners swap it)."""
-
-    @property
-    def stream(self):
-        return sys.stderr
-
-    @stream.setter
-    def stream(self, _value) -> None:
-        pass
 
 
-def _configure_logging(level: str) -> None:
-    """Fault warnings go to stderr at [log] level, so stdout stays the summary."""
-    logger = logging.getLogger("mjctl")
-    if not any(isinstance(h, _StderrHandler) for h in logger.handlers):
-        handler = _StderrHandler()
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-        logger.addHandler(handler)
-    logger.setLevel(getattr(logging, level.upper(), logging.INFO))

@@ -6,13 +6,13 @@ not block the others, and it streams generator responses (image forwarding) with
 
 from __future__ import annotations
 
-import logging
 import sys
 import threading
 from typing import Optional
 
 import typer
 
+from mjctl.cli.output import configure_logging
 from mjctl.cli.state import state
 
 
@@ -29,7 +29,7 @@ def serve(
     st.override("server", "port", port)
     st.override("server", "threads", threads)
     settings = st.open_store()
-    _configure_logging(settings.log.level)
+    configure_logging(settings.log.level)
 
     from mjctl.server import create_app
     from mjctl.wsgiserver import serve_forever
@@ -71,12 +71,3 @@ def _start_poller(settings, stop_event: threading.Event):
     return start_background(settings, stop_event)
 
 
-def _configure_logging(level: str) -> None:
-    """Log lines (the access log among them) to stderr at [log] level."""
-    root = logging.getLogger()
-    if not any(getattr(h, "_mjctl", False) for h in root.handlers):
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-        handler._mjctl = True  # type: ignore[attr-defined]
-        root.addHandler(handler)
-    root.setLevel(level.upper())
