@@ -14,20 +14,12 @@ import pytest
 from mjctl.sim.tasks import PERCENTAGES, phase_at
 from mjctl.simulator import Simulator, run_simulator_in_thread
 from mjctl.wsgiserver import ServerThread
+from tests.helpers import wait_until
 
 SECRET = "sim-secret"
 STEP = 0.02
 
 
-def wait_until(predicate, timeout: float = 5.0, interval: float = 0.01):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met within %.1f s" % timeout)
-        time.sleep(interval)
 
 
 class Api:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 
 import httpx
 import pytest
@@ -19,19 +18,11 @@ from mjctl.upstream import (
     UpstreamUnavailable,
     task_is_finished,
 )
+from tests.helpers import wait_until
 
 SECRET = "s3cr3t-value"
 
 
-def wait_until(predicate, timeout: float = 5.0, interval: float = 0.01):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met within %.1f s" % timeout)
-        time.sleep(interval)
 
 
 def mock_client(handler) -> UpstreamClient:

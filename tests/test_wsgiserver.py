@@ -8,7 +8,6 @@ import subprocess
 import sys
 import textwrap
 import threading
-import time
 from pathlib import Path
 
 import httpx
@@ -19,15 +18,6 @@ from mjctl.wsgiserver import ServerThread
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def wait_until(predicate, timeout: float = 5.0, interval: float = 0.01):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met within %.1f s" % timeout)
-        time.sleep(interval)
 
 
 def hello_app(environ, start_response):
