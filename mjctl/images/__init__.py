@@ -1,0 +1,32 @@
+"""Image forwarding: signed image URLs, the on-disk cache, and streaming a task's image from its upstream.
+
+Upstream image links (Discord's CDN) expire after about a day. mjctl hands out its own URLs instead
+(``<public_url>/mj/image/<mj_id>?sig=…``), streams the upstream body through in chunks (memory stays flat
+whatever the size) and keeps a finished task's image on disk the first time it passes, so the URL keeps
+working after the upstream link has died.
+
+- The cache file of a task is named from a hash of its id (never from the id itself), one file per image,
+  written to a temp file and renamed into place only when complete: a reader sees a whole image or none,
+  and two concurrent first downloads leave one complete file.
+- Only finished (SUCCESS) images are cached and served as immutable; a preview of a running task is
+  forwarded live.
+- Every upstream failure before the first byte is an ``ImageUnavailable`` (502). A failure after the
+  first byte (the upstream breaks off, or sends more or less than it declared) raises ``ImageTruncated``
+  from the iterator, and the caller must abort the connection rather than end the response normally.
+- A body without a declared length is spooled to a temp file first (bounded by ``max_bytes``) so that
+  it can be checked and served with a length — never presented truncated.
+
+This module knows nothing of the web framework or the CLI.
+"""
+
+from mjctl.images.common import (EXTENSIONS, IMMUTABLE, MJ_ID_RE, PURPOSE, REVALIDATE, ROUTE, ImageTooLarge,
+                                 ImageTruncated, ImageUnavailable)
+from mjctl.images.urls import ImageSource, etag_matches, image_url_for, public_base, sign_image, verify_image
+from mjctl.images.cache import CachedImage, ImageCache
+from mjctl.images.forward import ImageForwarder, ImageStream
+from mjctl.images.prefetch import ImagePrefetcher, prefetch_hook, shared_prefetcher, stop_shared_prefetchers
+
+__all__ = ["EXTENSIONS", "IMMUTABLE", "MJ_ID_RE", "PURPOSE", "REVALIDATE", "ROUTE", "ImageTooLarge", "ImageTruncated",
+           "ImageUnavailable", "ImageSource", "etag_matches", "image_url_for", "public_base", "sign_image",
+           "verify_image", "CachedImage", "ImageCache", "ImageForwarder", "ImageStream", "ImagePrefetcher",
+           "prefetch_hook", "shared_prefetcher", "stop_shared_prefetchers"]

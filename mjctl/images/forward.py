@@ -1,0 +1,316 @@
+"""Streaming a task's image from its upstream (or the cache), with size, type and truncation checks."""
+
+from __future__ import annotations
+
+import logging
+import mmap
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, TYPE_CHECKING, Callable, Iterator
+
+import httpx
+
+from mjctl import __version__
+from mjctl.images.cache import CachedImage, ImageCache, _unlink
+from mjctl.images.common import IMMUTABLE, READ_CHUNK, REVALIDATE, ImageTooLarge, ImageTruncated, ImageUnavailable
+from mjctl.images.urls import ImageSource
+
+if TYPE_CHECKING:
+    from mjctl.config import Settings
+
+log = logging.getLogger("mjctl.images")
+
+
+# -- streaming -------------------------------------------------------------------------------------
+
+
+@dataclass
+class ImageStream:
+    """An open image: iterate for its bytes, then close (closing also releases the upstream connection
+    and any temp file, even when iteration never started)."""
+
+    content_type: str
+    length: int | None
+    etag: str
+    cached: bool  # served from the cache
+    final: bool
+    chunks: Iterator[bytes]
+    _cleanup: list[Callable[[], None]] = field(default_factory=list)
+
+    def __iter__(self) -> Iterator[bytes]:
+        return iter(self.chunks)
+
+    def close(self) -> None:
+        close = getattr(self.chunks, "close", None)
+        if close is not None:
+            close()
+        while self._cleanup:
+            try:
+                self._cleanup.pop()()
+            except Exception:  # noqa: BLE001 - cleanup must not mask the response's own outcome
+                log.debug("image stream cleanup failed", exc_info=True)
+
+    @property
+    def cache_control(self) -> str:
+        return IMMUTABLE if self.final else REVALIDATE
+
+
+class ImageForwarder:
+    """Opens task images from the cache or the upstream; one shared httpx client, safe across threads."""
+
+    def __init__(self, settings: Settings, *, transport: httpx.BaseTransport | None = None):
+        images = settings.images
+        self.max_bytes = int(images.max_bytes)
+        self.timeout = float(images.timeout)
+        self.cache = ImageCache(images.cache_dir)
+        self._client = httpx.Client(
+            timeout=httpx.Timeout(self.timeout, connect=min(self.timeout, 10.0)),
+            follow_redirects=True,
+            max_redirects=5,
+            headers={"User-Agent": f"mjctl/{__version__}", "Accept": "image/*", "Accept-Encoding": "identity"},
+            transport=transport,
+        )
+
+    def close(self) -> None:
+        self._client.close()
+
+    def __enter__(self) -> ImageForwarder:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def open(self, source: ImageSource) -> ImageStream:
+        """The image's bytes from the cache, or from the upstream (filling the cache when final).
+
+        Raises ImageUnavailable before anything is read when the upstream cannot give a usable image.
+        """
+        if source.final:
+            cached = self.cache.find(source.mj_id)
+            if cached is not None:
+                stream = self._file_stream(cached.path, cached.content_type, source, cached=True)
+                if stream is not None:
+                    return stream
+        if not source.url:
+            raise ImageUnavailable(f"Task {source.mj_id} has no image.")
+        response = self._request(source)
+        try:
+            content_type = self._check(response, source)
+            length = _declared_length(response)
+        except BaseException:
+            response.close()
+            raise
+        if length is None:
+            return self._spool(response, source, content_type)
+        chunks = self._tee(response, source, content_type, length)
+        return ImageStream(content_type=response.headers.get("content-type", content_type), length=length,
+                           etag=source.etag, cached=False, final=source.final, chunks=chunks,
+                           _cleanup=[response.close])
+
+    def fetch_to_cache(self, source: ImageSource) -> CachedImage | None:
+        """Make sure a finished task's image is in the cache; returns it (None when it cannot be kept:
+        the task is not finished or the type is not one the cache keeps). Raises ImageUnavailable."""
+        if not source.final:
+            return None
+        cached = self.cache.find(source.mj_id)
+        if cached is not None:
+            return cached
+        stream = self.open(source)
+        try:
+            for _chunk in stream:
+                pass
+        finally:
+            stream.close()
+        return self.cache.find(source.mj_id)
+
+    def save(self, source: ImageSource, out: IO[bytes]) -> ImageStream:
+        """Write the image to out; returns the (closed) stream describing it."""
+        stream = self.open(source)
+        try:
+            for chunk in stream:
+                out.write(chunk)
+        finally:
+            stream.close()
+        return stream
+
+    # -- internals ---------------------------------------------------------------------------------
+
+    def _request(self, source: ImageSource) -> httpx.Response:
+        try:
+            request = self._client.build_request("GET", source.url)
+            return self._client.send(request, stream=True)
+        except httpx.TimeoutException:
+            raise ImageUnavailable(
+                f"The upstream did not deliver the image of task {source.mj_id} within {self.timeout:g} s.") from None
+        except (httpx.HTTPError, httpx.InvalidURL, ValueError) as exc:
+            raise ImageUnavailable(
+                f"Cannot reach the upstream for the image of task {source.mj_id}: {_reason(exc)}.") from None
+
+    def _check(self, response: httpx.Response, source: ImageSource) -> str:
+        if not 200 <= response.status_code < 300:
+            hint = " (its link has probably expired)" if response.status_code in (403, 404, 410) else ""
+            raise ImageUnavailable(
+                f"The upstream answered HTTP {response.status_code} for the image of task {source.mj_id}{hint}.")
+        content_type = response.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+        if not content_type.startswith("image/"):
+            raise ImageUnavailable(
+                f"The upstream sent {content_type or 'no content type'} instead of an image for task {source.mj_id}.")
+        length = _declared_length(response)
+        if length is not None and length > self.max_bytes:
+            raise ImageTooLarge(self._too_large(source))
+        return content_type
+
+    def _too_large(self, source: ImageSource) -> str:
+        return f"The image of task {source.mj_id} is larger than the limit of {self.max_bytes} bytes."
+
+    def _tee(self, response: httpx.Response, source: ImageSource, content_type: str,
+             length: int) -> Iterator[bytes]:
+        """Pass the body on chunk by chunk, copying it into a temp file that becomes the cache entry
+        only when exactly `length` bytes arrived. A failed cache write never disturbs the client."""
+        target = self.cache.path_for(source.mj_id, content_type) if source.final else None
+        temp: IO[bytes] | None = None
+        temp_path: Path | None = None
+        received = 0
+        try:
+            if target is not None:
+                try:
+                    temp, temp_path = self.cache.temp_file()
+                except OSError as exc:
+                    log.warning("image cache unavailable (%s); forwarding %s without caching", exc, source.mj_id)
+            try:
+                for chunk in response.iter_raw():
+                    received += len(chunk)
+                    if received > length:
+                        raise ImageTruncated(f"The upstream sent more than the {length} bytes it declared "
+                                             f"for the image of task {source.mj_id}.")
+                    if temp is not None:
+                        try:
+                            temp.write(chunk)
+                        except OSError as exc:
+                            log.warning("cannot write the image cache (%s); %s stays uncached", exc, source.mj_id)
+                            temp = _discard(temp, temp_path)
+                    yield chunk
+            except httpx.HTTPError as exc:
+                raise ImageTruncated(f"The upstream broke off the image of task {source.mj_id} after "
+                                     f"{received} of {length} bytes: {_reason(exc)}.") from None
+            if received != length:
+                raise ImageTruncated(f"The upstream broke off the image of task {source.mj_id} after "
+                                     f"{received} of {length} bytes.")
+            if temp is not None and target is not None and temp_path is not None:
+                temp.close()
+                temp = None
+                try:
+                    self.cache.commit(temp_path, target)
+                    temp_path = None
+                except OSError as exc:
+                    log.warning("cannot store the image of %s in the cache: %s", source.mj_id, exc)
+        finally:
+            response.close()
+            _discard(temp, temp_path)
+
+    def _spool(self, response: httpx.Response, source: ImageSource, content_type: str) -> ImageStream:
+        """A body of unknown length: download it to a temp file (at most max_bytes), then serve that."""
+        temp, temp_path = self.cache.temp_file()
+        size = 0
+        try:
+            for chunk in response.iter_bytes():
+                size += len(chunk)
+                if size > self.max_bytes:
+                    raise ImageTooLarge(self._too_large(source))
+                temp.write(chunk)
+            temp.close()
+        except httpx.TimeoutException:
+            _discard(temp, temp_path)
+            raise ImageUnavailable(
+                f"The upstream did not deliver the image of task {source.mj_id} within {self.timeout:g} s.") from None
+        except httpx.HTTPError as exc:
+            _discard(temp, temp_path)
+            raise ImageUnavailable(
+                f"The upstream broke off the image of task {source.mj_id}: {_reason(exc)}.") from None
+        except BaseException:
+            _discard(temp, temp_path)
+            raise
+        finally:
+            response.close()
+        target = self.cache.path_for(source.mj_id, content_type) if source.final else None
+        if target is not None:
+            try:
+                path = self.cache.commit(temp_path, target)
+            except OSError as exc:
+                log.warning("cannot store the image of %s in the cache: %s", source.mj_id, exc)
+            else:
+                stream = self._file_stream(path, content_type, source, cached=False)
+                if stream is not None:
+                    return stream
+        stream = self._file_stream(temp_path, content_type, source, cached=False, delete=True)
+        if stream is None:
+            raise ImageUnavailable(f"The image of task {source.mj_id} vanished while it was being served.")
+        return stream
+
+    def _file_stream(self, path: Path, content_type: str, source: ImageSource, *, cached: bool,
+                     delete: bool = False) -> ImageStream | None:
+        """Stream a file opened now (a concurrent prune cannot pull it away); None if it is gone."""
+        try:
+            fh = open(path, "rb")  # noqa: SIM115 - closed by the stream
+        except FileNotFoundError:
+            return None
+        if delete:
+            _unlink(path)  # the open handle keeps the bytes until it is closed
+        size = os.fstat(fh.fileno()).st_size
+        # Slicing a memory map copies from the page cache without a read() call per chunk: each call
+        # gives the GIL away and, with many concurrent downloads, waits to get it back.
+        try:
+            mapped = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) if size else None
+        except (OSError, ValueError):  # a file system without mmap: plain reads
+            mapped = None
+
+        def chunks() -> Iterator[bytes]:
+            try:
+                if mapped is None:
+                    while block := fh.read(READ_CHUNK):
+                        yield block
+                    return
+                for start in range(0, size, READ_CHUNK):
+                    yield mapped[start:start + READ_CHUNK]
+            finally:
+                release()
+
+        def release() -> None:
+            if mapped is not None and not mapped.closed:
+                mapped.close()
+            fh.close()
+
+        return ImageStream(content_type=content_type, length=size, etag=source.etag, cached=cached,
+                           final=source.final, chunks=chunks(), _cleanup=[release])
+
+
+def _declared_length(response: httpx.Response) -> int | None:
+    """The body length the upstream declared, when it can be trusted to count the bytes we forward."""
+    if response.headers.get("content-encoding", "identity").strip().lower() not in ("", "identity"):
+        return None
+    try:
+        value = int(response.headers.get("content-length", ""))
+    except ValueError:
+        return None
+    return value if value >= 0 else None
+
+
+def _discard(fh: IO[bytes] | None, path: Path | None) -> None:
+    if fh is not None:
+        try:
+            fh.close()
+        except OSError:
+            pass
+    if path is not None:
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            log.warning("cannot remove the temp file %s: %s", path, exc)
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return (text[0] if text else type(exc).__name__).rstrip(".")

@@ -1,0 +1,90 @@
+"""Signed image URLs, and what a request needs from a task row (ImageSource, ETags)."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable
+from urllib.parse import quote
+
+from mjctl import crypto
+from mjctl.images.common import PURPOSE, ROUTE
+
+if TYPE_CHECKING:
+    from mjctl.config import Settings
+    from mjctl.models import Task
+
+
+# -- signed URLs ---------------------------------------------------------------------------------------
+
+
+def sign_image(secret: bytes, mj_id: str) -> str:
+    """The ``sig`` parameter that opens the image of task mj_id."""
+    return crypto.sign(secret, PURPOSE, mj_id)
+
+
+def verify_image(secret: bytes, mj_id: str, sig: str | None) -> bool:
+    """Whether sig was made for exactly this id (constant-time)."""
+    return crypto.verify(secret, PURPOSE, mj_id, sig)
+
+
+def public_base(settings: Settings) -> str:
+    """``[server] public_url`` without a trailing slash; ``http://<host>:<port>`` when it is empty."""
+    configured = (settings.server.public_url or "").strip()
+    if configured:
+        return configured.rstrip("/")
+    host = settings.server.host or "127.0.0.1"
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
+    if ":" in host:
+        host = f"[{host}]"
+    return f"http://{host}:{settings.server.port}"
+
+
+def image_url_for(settings: Settings) -> Callable[[Task], str] | None:
+    """The function giving a task's forwarded image URL, or None when ``[images] forward`` is off.
+
+    The URL is ``<public_url>/mj/image/<mj_id>?sig=<sig>``; callers apply it only to tasks that have an
+    image (a task without one keeps "").
+    """
+    if not settings.images.forward:
+        return None
+    base = public_base(settings) + ROUTE
+    secret = crypto.server_secret(settings)
+
+    def image_url(task: Task) -> str:
+        return f"{base}{quote(task.mj_id, safe='')}?sig={sign_image(secret, task.mj_id)}"
+
+    return image_url
+
+
+# -- what a request needs from the task row ---------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ImageSource:
+    """A task's image as read from its row, so nothing after the lookup needs the database."""
+
+    mj_id: str
+    url: str
+    final: bool  # the task succeeded: its image will not change, so it is cached and served as immutable
+
+    @classmethod
+    def from_task(cls, task: Task) -> ImageSource:
+        return cls(mj_id=task.mj_id, url=task.image_url or "", final=task.status == "SUCCESS")
+
+    @property
+    def etag(self) -> str:
+        """A strong validator known before any byte is fetched: the image behind one URL never changes."""
+        digest = hashlib.sha256(f"{self.mj_id}\0{self.url}".encode()).hexdigest()[:32]
+        return f'"{digest}"'
+
+
+def etag_matches(if_none_match: str | None, etag: str) -> bool:
+    """Whether an If-None-Match header names etag (weak comparison, as RFC 9110 asks for GET)."""
+    if not if_none_match:
+        return False
+    value = if_none_match.strip()
+    if value == "*":
+        return True
+    bare = etag.removeprefix("W/")
+    return any(tag.strip().removeprefix("W/") == bare for tag in value.split(","))
