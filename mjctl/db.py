@@ -9,6 +9,7 @@ its own transaction together with the row recording it, under a lock so two proc
 from __future__ import annotations
 
 import contextlib
+import logging
 import threading
 from pathlib import Path
 from typing import Callable, Iterator
@@ -19,6 +20,8 @@ import peewee
 from mjctl.config import Settings, redact_url
 from mjctl.errors import ConfigError, DatabaseUnavailable
 from mjctl.models import ALL_MODELS, SchemaVersion, database
+
+log = logging.getLogger("mjctl.db")
 
 SUPPORTED_SCHEMES = ("sqlite", "postgresql", "postgres", "mysql", "mariadb")
 
@@ -131,15 +134,76 @@ def _first_line(exc: BaseException) -> str:
     return text[0].rstrip(".") if text else exc.__class__.__name__
 
 
+#: Errors after which a connection cannot be trusted: the server went away, killed it or restarted.
+CONNECTION_ERRORS = (peewee.OperationalError, peewee.InterfaceError)
+
+
 @contextlib.contextmanager
 def connection() -> Iterator[None]:
-    """One connection for the current thread for the duration of a unit of work (a request)."""
+    """One connection for the current thread for the duration of a unit of work (a request).
+
+    On PostgreSQL and MySQL it comes from the pool, which pings an idle connection before handing it out,
+    and goes back at the end. Inside an enclosing transaction the connection is left alone. Otherwise a
+    transaction still open at the end is rolled back (and logged) rather than leaked with the connection,
+    and after an OperationalError or InterfaceError the connection is discarded, never pooled again.
+    """
+    outer = database.in_transaction()
     database.connect(reuse_if_open=True)
     try:
         yield
+    except CONNECTION_ERRORS:
+        if not outer:
+            discard_connection()
+        raise
     finally:
-        if not database.is_closed() and not database.in_transaction():
-            database.close()
+        if not outer and not database.is_closed():
+            end_unit_of_work(close=True)
+
+
+def end_unit_of_work(*, close: bool) -> None:
+    """Roll back whatever transaction this thread left open, then return its connection (close=True)."""
+    if database.in_transaction():
+        log.error("a unit of work ended inside a transaction; rolling it back")
+        while database.in_transaction():
+            database.pop_transaction()
+        try:
+            database.rollback()
+        except peewee.PeeweeException:
+            discard_connection()
+            return
+    if close:
+        database.close()
+
+
+def discard_connection() -> None:
+    """Close this thread's connection without returning it to the pool (it may be dead or half-used)."""
+    while database.in_transaction():
+        database.pop_transaction()
+    if database.is_closed():
+        return
+    db = database.obj
+    with contextlib.suppress(Exception):
+        if hasattr(db, "manual_close"):
+            db.manual_close()
+        else:
+            db.close()
+    if not database.is_closed():  # manual_close failed half-way: forget the connection anyway
+        db._state.reset()
+
+
+def call_with_connection(fn: Callable, *args, retry: bool = False, **kwargs):
+    """fn(*args, **kwargs) inside connection(). With retry (idempotent reads only) a connection error is
+    retried once on a fresh connection: after a database restart the first use of a connection that was
+    checked out before it fails, and the request need not."""
+    try:
+        with connection():
+            return fn(*args, **kwargs)
+    except CONNECTION_ERRORS as exc:
+        if not retry or database.in_transaction():
+            raise
+        log.warning("database connection lost (%s); retrying on a new connection", _first_line(exc))
+    with connection():
+        return fn(*args, **kwargs)
 
 
 # --- migrations --------------------------------------------------------------------------------

@@ -131,17 +131,24 @@ class StorePlugin:
             return callback
         message = route.config.get("db_error", "The database failed; try again later.")
 
+        # A read is retried once on a fresh connection after a connection error (a database restart).
+        idempotent = route.method in ("GET", "HEAD")
+
         def wrapper(*args, **kwargs):
-            from mjctl.db import connection, database, is_sqlite
+            from mjctl.db import call_with_connection, database, end_unit_of_work, is_sqlite
 
             try:
                 if is_sqlite():
                     # SQLite keeps one connection per worker thread (cheroot's pool is fixed): opening one
                     # per request re-runs five PRAGMAs and cost more than the query itself.
                     database.connect(reuse_if_open=True)
-                    return callback(*args, **kwargs)
-                with connection():  # a pooled server connection, returned to the pool after the request
-                    return callback(*args, **kwargs)
+                    try:
+                        return callback(*args, **kwargs)
+                    finally:
+                        if database.in_transaction():
+                            end_unit_of_work(close=False)
+                # a pooled server connection, returned to the pool after the request
+                return call_with_connection(callback, *args, retry=idempotent, **kwargs)
             except peewee.PeeweeException as exc:
                 detail = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
                 log.error("%s %s: database error: %s", route.method, route.rule, detail)
