@@ -30,6 +30,7 @@ SCHEMA: dict[str, dict[str, tuple[Any, type, str]]] = {
         "port": (8080, int, "port to listen on"),
         "public_url": ("", str, "base of every URL mjctl hands out; default http://HOST:PORT"),
         "threads": (16, int, "worker threads of the HTTP server"),
+        "workers": (1, int, "server processes sharing the port (mjctl serve --workers); PostgreSQL or MariaDB recommended above 1"),
         "secret": ("", str, "HMAC key for signed URLs and secret storage; generated into secret_file when empty"),
         "secret_file": ("mjctl.secret", str, "where a generated secret is kept (mode 0600)"),
     },
@@ -188,7 +189,7 @@ def _validate(section: str, key: str, value: Any, where: str) -> None:
         raise ConfigError(f"{problem} must not be negative.")
     if (section, key) in {("server", "port")} and not 0 <= value <= 65535:
         raise ConfigError(f"{problem} must be a port between 0 and 65535.")
-    positive = {("server", "threads"), ("poller", "batch_size"), ("poller", "interval"),
+    positive = {("server", "threads"), ("server", "workers"), ("poller", "batch_size"), ("poller", "interval"),
                 ("poller", "request_timeout"), ("poller", "task_timeout"), ("poller", "concurrency"),
                 ("images", "max_bytes"), ("images", "timeout"), ("database", "pool_size")}
     if (section, key) in positive and value <= 0:

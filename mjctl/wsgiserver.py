@@ -18,13 +18,31 @@ from cheroot import wsgi
 __all__ = ["ServerThread", "serve_forever"]
 
 
-class ServerThread:
-    """Serve ``app`` from a background daemon thread; ``start()`` returns once connections are accepted."""
+class _InheritedSocketServer(wsgi.Server):
+    """A cheroot server that accepts on a socket bound and listening already (shared by forked workers)."""
 
-    def __init__(self, app: Callable[..., Any], host: str = "127.0.0.1", port: int = 0, threads: int = 16):
+    def __init__(self, sock: socket.socket, *args: Any, **kwargs: Any):
+        super().__init__(sock.getsockname()[:2], *args, **kwargs)
+        self._inherited = sock
+
+    def bind(self, family, type, proto=0):  # cheroot's signature
+        self.socket = self._inherited
+        self.bind_addr = self._inherited.getsockname()[:2]
+        return self.socket
+
+
+class ServerThread:
+    """Serve ``app`` from a background daemon thread; ``start()`` returns once connections are accepted.
+
+    With ``sock`` (a listening socket, see ``mjctl.prefork.listen``) it accepts there instead of binding.
+    """
+
+    def __init__(self, app: Callable[..., Any], host: str = "127.0.0.1", port: int = 0, threads: int = 16,
+                 sock: socket.socket | None = None):
         self.app = app
         self.host = host
-        self._requested_port = port
+        self._requested_port = port if sock is None else sock.getsockname()[1]
+        self._sock = sock
         self.threads = threads
         self._server: wsgi.Server | None = None
         self._thread: threading.Thread | None = None
@@ -50,8 +68,10 @@ class ServerThread:
     def start(self) -> ServerThread:
         if self._server is not None:
             raise RuntimeError("server already started")
-        server = wsgi.Server(
-            (self.host, self._requested_port),
+        server_class, first = ((wsgi.Server, (self.host, self._requested_port)) if self._sock is None
+                               else (_InheritedSocketServer, self._sock))
+        server = server_class(
+            first,
             self.app,
             numthreads=self.threads,
             # Short waits keep stop() quick; the defaults (5 s, 10 s) make shutdown crawl.
@@ -86,6 +106,8 @@ class ServerThread:
         assert server is not None
         try:
             server.prepare()  # binds and listens: a connect() from now on is queued, not refused
+            if self._sock is not None:
+                server.socket.setblocking(False)  # prepare() made it blocking; see prefork.listen
         except BaseException as exc:  # noqa: BLE001 - handed to start()
             failure.append(exc)
             ready.set()
@@ -123,6 +145,7 @@ def serve_forever(
     port: int,
     threads: int,
     on_ready: Callable[[str], None] | None = None,
+    sock: socket.socket | None = None,
 ) -> None:
     """Serve ``app`` until SIGTERM or SIGINT, then stop cleanly (no traceback).
 
@@ -134,7 +157,7 @@ def serve_forever(
         stop_event.set()
 
     previous = {sig: signal.signal(sig, _handle) for sig in (signal.SIGTERM, signal.SIGINT)}
-    server = ServerThread(app, host=host, port=port, threads=threads)
+    server = ServerThread(app, host=host, port=port, threads=threads, sock=sock)
     try:
         server.start()
         if on_ready is not None:
