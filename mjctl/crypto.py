@@ -79,7 +79,12 @@ def derive_key(secret: bytes, purpose: str) -> bytes:
 
 def sign(secret: bytes, purpose: str, message: str) -> str:
     """A URL-safe signature of message for one purpose (image URLs, notify hooks)."""
-    mac = hmac.new(derive_key(secret, purpose), message.encode("utf-8"), hashlib.sha256).digest()
+    return sign_with_key(derive_key(secret, purpose), message)
+
+
+def sign_with_key(key: bytes, message: str) -> str:
+    """sign() with the purpose key already derived (derive_key), for callers that sign many messages."""
+    mac = hmac.digest(key, message.encode("utf-8"), "sha256")
     return base64.urlsafe_b64encode(mac[:18]).decode("ascii")
 
 
