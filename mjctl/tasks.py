@@ -4,6 +4,7 @@ place that turns a task row into the documented item shape."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from operator import itemgetter
 from typing import Callable
 
 import peewee
@@ -87,17 +88,19 @@ def clamp_page(page: int, page_size: int) -> tuple[int, int]:
     return page, min(page_size, MAX_PAGE_SIZE)
 
 
-class TaskRow:
-    """A task as read for a listing: the row's columns as attributes, without a Peewee model's cost."""
+class TaskRow(tuple):
+    """A task as read for a listing: the row tuple itself, its columns readable as attributes, without a
+    Peewee model's cost (building one by setattr per column cost 7 us a row, a third of a page's time)."""
 
-    __slots__ = TASK_COLUMNS
-
-    def __init__(self, values):
-        for name, value in zip(TASK_COLUMNS, values):
-            setattr(self, name, value)
+    __slots__ = ()
 
     buttons_list = Task.buttons_list
     properties_dict = Task.properties_dict
+
+
+for _index, _name in enumerate(TASK_COLUMNS):
+    setattr(TaskRow, _name, property(itemgetter(_index), doc=f"The task's {_name} column."))
+del _index, _name
 
 
 def list_tasks(filters: TaskFilter, page: int = 1, page_size: int = DEFAULT_PAGE_SIZE) -> TaskPage:
@@ -109,30 +112,43 @@ def list_tasks(filters: TaskFilter, page: int = 1, page_size: int = DEFAULT_PAGE
     items: list = []
     offset = (page - 1) * page_size
     if offset < total:
-        def build():
-            return (filters.where(Task.select(*[getattr(Task, c) for c in TASK_COLUMNS]))
-                    .order_by(Task.id.desc()).limit(page_size).offset(offset))
-
-        sql, params = compiled(("page",) + filters.shape(), build, filters.params() + [page_size, offset])
-        items = [TaskRow(row) for row in database.execute_sql(sql, params).fetchall()]
+        deferred = offset > 0
+        sql, params = compiled(("page", deferred) + filters.shape(),
+                               lambda: _page_query(filters, page_size, offset, deferred),
+                               filters.params() + [page_size, offset])
+        items = list(map(TaskRow, database.execute_sql(sql, params).fetchall()))
     return TaskPage(items=items, total=int(total), page=page, page_size=page_size)
+
+
+def _page_query(filters: TaskFilter, limit: int, offset: int, deferred: bool):
+    """The rows of one page. Past the first page the ids are chosen first, from an index alone, and only
+    those rows are read (a "deferred join"): skipping 40,000 matches then steps over index entries instead
+    of whole rows, on every backend, with the same rows in the same order."""
+    columns = [getattr(Task, c) for c in TASK_COLUMNS]
+    if not deferred:
+        return filters.where(Task.select(*columns)).order_by(Task.id.desc()).limit(limit).offset(offset)
+    ids = filters.where(Task.select(Task.id)).order_by(Task.id.desc()).limit(limit).offset(offset).alias("page")
+    return Task.select(*columns).join(ids, on=(Task.id == ids.c.id)).order_by(Task.id.desc())
 
 
 def count_tasks(filters: TaskFilter) -> int:
     """Exact number of matches. Unfiltered and per-channel totals come from the trigger-kept counters."""
+    from mjctl.db import compiled, database
+
     only_channel = filters.channel_id is not None and filters.channel_id > 0 and not any(
         (filters.user_id is not None, filters.mj_id, filters.status, filters.action, filters.start is not None,
          filters.end is not None))
     if only_channel or filters == TaskFilter():
         from mjctl.models import TaskCount
 
-        value = TaskCount.select(TaskCount.n).where(TaskCount.channel_id == (filters.channel_id or 0)).scalar()
-        return int(value or 0)
-    from mjctl.db import compiled, database
-
-    sql, params = compiled(("count",) + filters.shape(),
-                           lambda: filters.where(Task.select(peewee.fn.COUNT(Task.id))), filters.params())
-    return int(database.execute_sql(sql, params).fetchone()[0] or 0)
+        channel = filters.channel_id or 0
+        sql, params = compiled(("task_count",),
+                               lambda: TaskCount.select(TaskCount.n).where(TaskCount.channel_id == channel), [channel])
+    else:
+        sql, params = compiled(("count",) + filters.shape(),
+                               lambda: filters.where(Task.select(peewee.fn.COUNT(Task.id))), filters.params())
+    row = database.execute_sql(sql, params).fetchone()
+    return int(row[0] or 0) if row else 0
 
 
 def get_task(mj_id: str, user_id: int | None = None) -> Task:

@@ -137,6 +137,24 @@ def test_list_tasks_filters_pages_and_orders_newest_first(any_store):
         list_tasks(TaskFilter(), 0, 10)
 
 
+def test_later_pages_are_exactly_the_matches_in_order_on_every_filter(any_store):
+    """Pages after the first choose their ids first (a deferred join); they must be the plain query's rows."""
+    alice, _ = accounts.create_user("alice")
+    bob, _ = accounts.create_user("bob")
+    for i in range(23):
+        make_task(alice if i % 3 else bob, channel_id=1 + i % 2, mj_id=f"t{i}", submit_time=1_700_000_000 + i,
+                  status="SUCCESS" if i % 4 else "FAILURE", quota=i)
+    Task.delete().where(Task.mj_id == "t7").execute()  # a gap in the ids
+    for filters in (TaskFilter(), TaskFilter(user_id=alice.id), TaskFilter(channel_id=2), TaskFilter(status="SUCCESS"),
+                    TaskFilter(user_id=alice.id, start=1_700_000_003, end=1_700_000_020)):
+        expected = [t.id for t in filters.where(Task.select()).order_by(Task.id.desc())]
+        for size in (1, 3, 5):
+            pages = [list_tasks(filters, n, size) for n in range(1, len(expected) // size + 3)]
+            assert [t.id for page in pages for t in page.items] == expected, (filters, size)
+            assert all(page.total == len(expected) for page in pages)
+            assert all(t.quota == Task.get_by_id(t.id).quota for t in pages[1].items)
+
+
 def test_task_item_shapes(any_store):
     alice, _ = accounts.create_user("alice")
     task = make_task(alice, video_urls='["https://v/1.mp4"]')
