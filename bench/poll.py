@@ -138,13 +138,15 @@ def main() -> None:
 
         # Round 0 writes every task (the first report brings start times, descriptions, properties);
         # later rounds find nothing changed. Floors are measured between cycles, the best one kept.
-        cycle_times, floor_times, requests_seen = [], [], []
+        cycle_times, floor_times, requests_seen, cpu_times = [], [], [], []
         summary = None
         for _ in range(args.rounds):
             floor_s, floor_requests = floor(urls, ids_by_channel, args.batch_size)
             floor_times.append(floor_s)
             before = httpx.get(f"{urls[0]}/_sim/stats").json()["list-by-condition"]
+            cpu_before = time.process_time()
             summary = poll_once(settings)
+            cpu_times.append(time.process_time() - cpu_before)
             requests_seen.append(httpx.get(f"{urls[0]}/_sim/stats").json()["list-by-condition"] - before)
             cycle_times.append((summary.duration, summary.updated))
             assert summary.ran and summary.checked == args.tasks, summary.to_dict()
@@ -159,6 +161,7 @@ def main() -> None:
             "steady_cycle_ms": round(steady * 1000, 1), "steady_ratio": round(steady / best_floor, 2),
             "target_ratio": 1.5, "cycle_requests": summary.requests, "requests_seen_by_upstream": requests_seen,
             "target_requests": math.ceil(args.tasks / args.batch_size),
+            "cycle_cpu_ms": [round(c * 1000, 1) for c in cpu_times],
         })
         unbind()
 

@@ -28,15 +28,16 @@ import threading
 import time
 import uuid
 from collections import Counter, defaultdict
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import peewee
 
 from mjctl import reports
 from mjctl.config import Settings
-from mjctl.db import connection, write_tx
+from mjctl.db import compiled, connection, database, write_tx
 from mjctl.models import FINISHED_STATUSES, Channel, Lease, Task
 
 log = logging.getLogger("mjctl.poller")
@@ -79,7 +80,7 @@ class CycleSummary:
             if value:
                 self.faults[name] += value
 
-    def merge(self, other: "CycleSummary") -> None:
+    def merge(self, other: CycleSummary) -> None:
         for name in ("checked", "updated", "finished", "succeeded", "failed", "timed_out", "refunded",
                      "quota_refunded", "requests"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
@@ -208,15 +209,20 @@ def _has_unfinished() -> bool:
 
 def _unfinished_by_channel() -> dict[int, list[_Pending]]:
     groups: dict[int, list[_Pending]] = defaultdict(list)
-    query = (Task.select(Task.id, Task.channel_id, Task.mj_id, Task.submit_time, Task.updated_at)
-             .where(Task.unfinished == 1).order_by(Task.channel_id, Task.id).tuples())
-    for task_id, channel_id, mj_id, submit_time, updated_at in query:
+    sql, params = compiled(("poller_unfinished",), lambda: (
+        Task.select(Task.id, Task.channel_id, Task.mj_id, Task.submit_time, Task.updated_at)
+        .where(Task.unfinished == 1).order_by(Task.channel_id, Task.id)), [1])
+    for task_id, channel_id, mj_id, submit_time, updated_at in database.execute_sql(sql, params).fetchall():
         groups[channel_id].append(_Pending(task_id, mj_id or "", int(submit_time or updated_at or 0)))
     return groups
 
 
 def _fault_kind(exc: Exception) -> str:
-    from mjctl.upstream import UpstreamProtocolError, UpstreamRateLimited, UpstreamUnauthorized
+    from mjctl.upstream import (
+        UpstreamProtocolError,
+        UpstreamRateLimited,
+        UpstreamUnauthorized,
+    )
 
     if isinstance(exc, UpstreamUnauthorized):
         return "unauthorized"
@@ -366,7 +372,7 @@ class _Cycle:
         try:
             for task in Task.select().where(Task.id.in_(task_ids)):
                 self.prefetch(task)
-        except Exception:  # noqa: BLE001 - image forwarding must never stop a poll cycle
+        except Exception:
             log.exception("image prefetch hook failed")
 
 
@@ -404,9 +410,21 @@ def _prefetch_hook(settings: Settings) -> Callable[[Task], None] | None:
         return None
     try:
         return factory(settings)
-    except Exception:  # noqa: BLE001
+    except Exception:
         log.exception("cannot set up image prefetching; polling without it")
         return None
+
+
+def drain_prefetch(settings: Settings, timeout: float | None = None) -> bool:
+    """Wait (at most ``timeout``, default ``[images] timeout`` seconds) until the image prefetcher has
+    handled every image queued so far. A one-shot ``mjctl poll`` calls it before exiting, so the images of
+    tasks that just succeeded are cached even when cron runs the poller; the loop never waits.
+    Returns False when the queue was still busy at the deadline."""
+    hook = _prefetch_hook(settings)
+    prefetcher = getattr(hook, "prefetcher", None)
+    if prefetcher is None:
+        return True
+    return bool(prefetcher.wait_idle(float(timeout if timeout is not None else settings.images.timeout)))
 
 
 def poll_once(settings: Settings, *, clients: Mapping[int, Any] | None = None, now: float | None = None,
@@ -477,7 +495,7 @@ def _guarded(cycle: _Cycle, channel: Channel, tasks: list[_Pending]) -> CycleSum
     """A channel's work; an unexpected error is counted for that channel and never ends the cycle."""
     try:
         return cycle.poll_channel(channel, tasks)
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         log.exception("channel %s: polling failed", channel.name)
         failed = CycleSummary(checked=len(tasks), channels_with_errors=[channel.name])
         failed.faults[f"error_{type(exc).__name__}"] += 1
@@ -506,7 +524,7 @@ def run_loop(settings: Settings, stop_event: threading.Event, every: float | Non
                 summary = poll_once(settings)
             if on_cycle is not None:
                 on_cycle(summary)
-        except Exception:  # noqa: BLE001 - the loop must survive any one cycle
+        except Exception:
             log.exception("poll cycle failed")
 
     scheduler.every(interval).seconds.do(job)

@@ -19,11 +19,12 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any, NamedTuple
 
 from mjctl import accounts
-from mjctl.db import is_sqlite, write_tx
+from mjctl.db import compiled, database, is_sqlite, write_tx
 from mjctl.models import FINISHED_STATUSES, Task, User
 
 log = logging.getLogger("mjctl.reports")
@@ -49,7 +50,7 @@ class ApplyStats:
     regressions: int = 0  # progress or status that would have gone backwards
     succeeded_ids: list[int] = field(default_factory=list)
 
-    def add(self, other: "ApplyStats") -> None:
+    def add(self, other: ApplyStats) -> None:
         for name in ("updated", "finished", "succeeded", "failed", "refunded", "quota_refunded", "ignored",
                      "unknown", "malformed", "regressions"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
@@ -93,57 +94,54 @@ def _rank(status: str) -> int:
     return TERMINAL_RANK if status in FINISHED_STATUSES else STATUS_RANK.get(status, 1)
 
 
-def compute_changes(task: Task, report: dict) -> tuple[dict, list[str]]:
-    """The field changes a report asks for, after the monotonicity rules; and notes on what was refused."""
+def compute_changes(task: Task | TaskState, report: dict) -> tuple[dict, list[str]]:
+    """The field changes a report asks for, after the monotonicity rules; and notes on what was refused.
+
+    ``task`` is a Task or a :class:`TaskState` row. Written in the order of the common case (a report that
+    repeats what is stored) because the poller calls it for every unfinished task in every cycle.
+    """
     notes: list[str] = []
-    reported = str(report.get("status") or "").upper() or task.status
-    status = task.status
-    if _rank(reported) >= _rank(task.status):
-        status = reported
-    else:
-        notes.append(f"status {task.status}->{reported} refused")
+    old_status = task.status
+    reported = str(report.get("status") or "").upper() or old_status
+    status = old_status
+    if reported != old_status:
+        if _rank(reported) >= _rank(old_status):
+            status = reported
+        else:
+            notes.append(f"status {old_status}->{reported} refused")
     changes: dict[str, Any] = {}
-    if status != task.status:
+    if status != old_status:
         changes["status"] = status
 
-    old_pct = _percent(task.progress)
+    old_progress = task.progress
     new_progress = report.get("progress")
     if status == "SUCCESS":
         progress = "100%"
     elif status in FINISHED_STATUSES:
         progress = "" if new_progress is None else str(new_progress)
+    elif new_progress is None or new_progress == "":
+        progress = old_progress
     else:
-        new_pct = _percent(new_progress)
-        if new_progress is None or new_progress == "":
-            progress = task.progress
-        elif new_pct is not None and old_pct is not None and new_pct < old_pct:
-            progress = task.progress
-            notes.append(f"progress {task.progress}->{new_progress} refused")
-        else:
-            progress = str(new_progress)[:32]
-    if progress != task.progress:
+        progress = str(new_progress)[:32]
+        if progress != old_progress:
+            new_pct, old_pct = _percent(new_progress), _percent(old_progress)
+            if new_pct is not None and old_pct is not None and new_pct < old_pct:
+                progress = old_progress
+                notes.append(f"progress {old_progress}->{new_progress} refused")
+    if progress != old_progress:
         changes["progress"] = progress
 
-    simple = {
-        "prompt_en": report.get("promptEn"),
-        "description": report.get("description"),
-        "state": report.get("state"),
-        "image_url": report.get("imageUrl"),
-        "video_url": report.get("videoUrl"),
-        "fail_reason": report.get("failReason"),
-    }
-    for name, value in simple.items():
+    for name, key in _SIMPLE_FIELDS:
+        value = report.get(key)
         if value is not None and str(value) != getattr(task, name):
             changes[name] = str(value)
     video_urls = _video_urls(report.get("videoUrls"))
     if video_urls and video_urls != task.video_urls:
         changes["video_urls"] = video_urls
-    for name, key in (("buttons", "buttons"), ("properties", "properties")):
-        value = report.get(key)
-        if value:
-            encoded = json.dumps(value, ensure_ascii=False)
-            if encoded != getattr(task, name):
-                changes[name] = encoded
+    for name in ("buttons", "properties"):
+        value = report.get(name)
+        if value and not _same_json(getattr(task, name), value):
+            changes[name] = _ENCODER.encode(value)
     for name, key in (("start_time", "startTime"), ("finish_time", "finishTime")):
         seconds = _seconds(report.get(key))
         if seconds and seconds != getattr(task, name):
@@ -155,6 +153,23 @@ def compute_changes(task: Task, report: dict) -> tuple[dict, list[str]]:
         if status == "FAILURE" and not (changes.get("fail_reason") or task.fail_reason):
             changes["fail_reason"] = "The upstream reported a failure without a reason."
     return changes, notes
+
+
+_SIMPLE_FIELDS = (("prompt_en", "promptEn"), ("description", "description"), ("state", "state"),
+                  ("image_url", "imageUrl"), ("video_url", "videoUrl"), ("fail_reason", "failReason"))
+_DECODER = json.JSONDecoder()
+_ENCODER = json.JSONEncoder(ensure_ascii=False)  # json.dumps(..., ensure_ascii=False) builds one per call
+
+
+def _same_json(stored: str, value: Any) -> bool:
+    """Whether the stored JSON text holds value: decoding and comparing is cheaper than encoding value, and
+    an equal value stored with its keys in another order is not a change."""
+    if not stored:
+        return False
+    try:
+        return _DECODER.decode(stored) == value
+    except ValueError:
+        return False
 
 
 def _compare_and_set(task: Task, changes: dict) -> bool:
@@ -228,7 +243,14 @@ def _locked(query) -> list[Task]:
 
 def apply_reports(channel_id: int, reports: Iterable[dict]) -> ApplyStats:
     """Apply upstream task reports from one channel in one transaction. Reports for ids this channel has no
-    task for, and reports without an id, are counted and skipped."""
+    task for, and reports without an id, are counted and skipped.
+
+    The changes are computed from a plain read outside any transaction; a batch with nothing to change
+    opens no write transaction at all. Otherwise the changed rows are read again inside the transaction
+    (row-locked by id, then the refunded users, on PostgreSQL/MariaDB), changes are recomputed for any row
+    that moved in between, plain updates go out grouped by shape with ``executemany`` and every refunding
+    FAILURE transition is applied on its own by :func:`_compare_and_set` with its ledger entry.
+    """
     stats = ApplyStats()
     by_id: dict[str, dict] = {}
     for report in reports:
@@ -238,16 +260,187 @@ def apply_reports(channel_id: int, reports: Iterable[dict]) -> ApplyStats:
         by_id[str(report["id"])] = report
     if not by_id:
         return stats
+    for _ in range(MAX_RETRIES):
+        planning, planned = _plan(channel_id, by_id)
+        if not planned:
+            stats.add(planning)
+            return stats
+        try:
+            with write_tx():
+                applied = _apply_planned(planned)
+        except _LostRace:
+            continue  # rolled back: read again and plan again
+        stats.add(planning)
+        stats.add(applied)
+        return stats
+    # Writers kept racing us between the read and the write: fall back to one row at a time.
     with write_tx():
-        tasks = {t.mj_id: t for t in _locked(Task.select().where((Task.channel_id == channel_id)
-                                                                 & (Task.mj_id.in_(list(by_id)))))}
-        for mj_id, report in by_id.items():
-            task = tasks.get(mj_id)
-            if task is None:
-                stats.unknown += 1
-                continue
-            _apply_one(task, report, stats)
+        rows = _locked(Task.select().where(Task.id.in_([row.id for row, _, _ in planned])))
+        reports_by_id = {row.id: report for row, report, _ in planned}
+        stats.add(planning)
+        for task in rows:
+            _apply_one(task, reports_by_id[task.id], stats)
     return stats
+
+
+def _plan(channel_id: int, by_id: dict[str, dict]) -> tuple[ApplyStats, list[tuple[TaskState, dict, dict]]]:
+    """Outside any transaction: read the tasks of by_id and work out each one's changes. Returns what was
+    skipped (unknown, finished, unchanged, refused regressions) and the (row, report, changes) to write."""
+    stats = ApplyStats()
+    snapshot = {row.mj_id: row for row in _read_states_by_mj_id(channel_id, list(by_id))}
+    planned: list[tuple[TaskState, dict, dict]] = []
+    for mj_id, report in by_id.items():
+        row = snapshot.get(mj_id)
+        if row is None:
+            stats.unknown += 1
+            continue
+        if row.unfinished == 0 or row.status in FINISHED_STATUSES:
+            stats.ignored += 1
+            continue
+        changes, notes = compute_changes(row, report)
+        if notes:
+            stats.regressions += 1
+            log.info("task %s: %s", mj_id, "; ".join(notes))
+        if not changes:
+            stats.ignored += 1
+            continue
+        planned.append((row, report, changes))
+    return stats, planned
+
+
+class TaskState(NamedTuple):
+    """The columns of a task that applying a report reads, as a plain row (no model instance)."""
+
+    id: int
+    user_id: int
+    mj_id: str
+    status: str
+    progress: str
+    prompt_en: str
+    description: str
+    state: str
+    image_url: str
+    video_url: str
+    video_urls: str
+    fail_reason: str
+    buttons: str
+    properties: str
+    start_time: int
+    finish_time: int
+    quota: int
+    unfinished: int
+
+
+_STATE_COLUMNS = [getattr(Task, name) for name in TaskState._fields] + [Task.channel_id]
+_CHANNEL = len(TaskState._fields)  # the extra column, read to filter by channel
+
+
+class _LostRace(Exception):
+    """A grouped compare-and-set matched fewer rows than it should have; the transaction is rolled back."""
+
+
+def _read_states_by_mj_id(channel_id: int, mj_ids: list[str]) -> list[TaskState]:
+    """The channel's tasks among mj_ids. The query names only mj_id, so every database seeks the mj_id
+    index (with the channel in the WHERE clause SQLite prefers (channel_id, id) and scans the channel's
+    every task, finished ones included); the rare same id on another channel is dropped here."""
+    sql, params = compiled(("report_states", len(mj_ids)),
+                           lambda: Task.select(*_STATE_COLUMNS).where(Task.mj_id.in_(mj_ids)), list(mj_ids))
+    rows = database.execute_sql(sql, params).fetchall()
+    return [TaskState._make(r[:_CHANNEL]) for r in rows if r[_CHANNEL] == channel_id]
+
+
+def _lock_states(ids: list[int]) -> dict[int, TaskState]:
+    """PostgreSQL/MariaDB: the rows by id, read again and locked in id order inside the write transaction,
+    then the users a refund may touch, by id — the one global lock order (see :func:`_locked`)."""
+    sql, params = compiled(("report_states_locked", len(ids)),
+                           lambda: Task.select(*_STATE_COLUMNS).where(Task.id.in_(ids)).order_by(Task.id).for_update(),
+                           list(ids))
+    rows = {r[0]: TaskState._make(r[:_CHANNEL]) for r in database.execute_sql(sql, params).fetchall()}
+    user_ids = sorted({r.user_id for r in rows.values() if r.unfinished and r.quota > 0})
+    if user_ids:
+        list(User.select(User.id).where(User.id.in_(user_ids)).order_by(User.id).for_update().tuples())
+    return rows
+
+
+def _apply_planned(planned: list[tuple[TaskState, dict, dict]]) -> ApplyStats:
+    """Inside the write transaction: planned (row read before, report, changes).
+
+    On PostgreSQL/MariaDB the rows are read again under row locks and the changes recomputed for any row
+    that moved since it was read. SQLite's IMMEDIATE transaction already excludes every other writer, so
+    the rows read before stand in for fresh ones: if one moved in between, the compare-and-set matches
+    fewer rows than planned and :class:`_LostRace` rolls the whole batch back for a fresh read.
+    """
+    stats = ApplyStats()
+    if is_sqlite():
+        fresh = {row.id: row for row, _, _ in planned}
+    else:
+        fresh = _lock_states(sorted(row.id for row, _, _ in planned))
+    now = time.time()
+    groups: dict[tuple[str, ...], list[tuple]] = {}
+    refunds: list[tuple[TaskState, dict]] = []
+    for seen, report, changes in sorted(planned, key=lambda p: p[0].id):
+        row = fresh.get(seen.id)
+        if row is None:
+            stats.unknown += 1
+            continue
+        if row.unfinished == 0 or row.status in FINISHED_STATUSES:
+            stats.ignored += 1
+            continue
+        if row != seen:
+            changes = compute_changes(row, report)[0]
+        if not changes:
+            stats.ignored += 1
+            continue
+        finishing = changes.get("unfinished") == 0
+        status = changes.get("status", row.status)
+        if finishing and status == "FAILURE" and row.quota > 0:
+            refunds.append((row, changes))
+            continue
+        columns = tuple(sorted(changes))
+        groups.setdefault(columns, []).append(
+            tuple(changes[c] for c in columns) + (now, row.id, row.status, row.progress, row.quota))
+        stats.updated += 1
+        if finishing:
+            stats.finished += 1
+            if status == "SUCCESS":
+                stats.succeeded += 1
+                stats.succeeded_ids.append(row.id)
+            elif status == "FAILURE":
+                stats.failed += 1
+    for columns, params in groups.items():
+        cursor = database.cursor()
+        cursor.executemany(_grouped_update_sql(columns), params)
+        if cursor.rowcount != len(params):
+            raise _LostRace(f"{cursor.rowcount} of {len(params)} rows updated")
+    for row, changes in refunds:
+        if not _compare_and_set(row, changes):
+            raise _LostRace(f"task {row.id} changed since it was read")
+        stats.updated += 1
+        stats.finished += 1
+        stats.failed += 1
+        stats.refunded += 1
+        stats.quota_refunded += row.quota
+    return stats
+
+
+_update_sql_cache: dict[tuple, str] = {}
+
+
+def _grouped_update_sql(columns: tuple[str, ...]) -> str:
+    """UPDATE task SET <columns>, updated_at WHERE id and the compare-and-set state, for executemany."""
+    db = database.obj
+    key = (type(db).__name__, columns)
+    sql = _update_sql_cache.get(key)
+    if sql is None:
+        def q(name: str) -> str:
+            return f"{db.quote[0]}{name}{db.quote[1]}"
+
+        p = db.param
+        sets = ", ".join(f"{q(c)} = {p}" for c in (*columns, "updated_at"))
+        sql = (f"UPDATE {q(Task._meta.table_name)} SET {sets} WHERE {q('id')} = {p} AND {q('unfinished')} = 1 "
+               f"AND {q('status')} = {p} AND {q('progress')} = {p} AND {q('quota')} = {p}")
+        _update_sql_cache[key] = sql
+    return sql
 
 
 def apply_report(channel_id: int, report: dict) -> ApplyStats:

@@ -89,3 +89,41 @@ def test_racing_failures_refund_once(store):
     refunds = Ledger.select().where(Ledger.kind == "refund")
     assert refunds.count() == 40 and len({r.task_id for r in refunds}) == 40
     assert User.get_by_id(user.id).quota == 100_000 and books_balance(user.id)
+
+
+def test_a_batch_that_changes_nothing_opens_no_write_transaction(any_store, monkeypatch):
+    user, _ = accounts.create_user("alice", quota=1000)
+    task = charged_task(user)
+    report = {"id": task.mj_id, "status": "IN_PROGRESS", "progress": "10%", "properties": {"b": 2, "a": 1}}
+    assert reports.apply_report(1, report).updated == 1
+    opened = []
+    real = reports.write_tx
+    monkeypatch.setattr(reports, "write_tx", lambda: opened.append(1) or real())
+    again = reports.apply_report(1, {**report, "properties": {"a": 1, "b": 2}})  # same JSON, other key order
+    assert (again.updated, again.ignored, opened) == (0, 1, [])
+
+
+def test_a_row_that_moved_between_the_read_and_the_write_is_recomputed(any_store, monkeypatch):
+    """The changes are computed outside the transaction; a task that progressed in between is not moved
+    back, and a failure planned against a stale row still refunds exactly once."""
+    user, _ = accounts.create_user("alice", quota=1000)
+    task, other = charged_task(user), charged_task(user, mj_id="1730000000000002")
+    reports.apply_report(1, {"id": task.mj_id, "status": "IN_PROGRESS", "progress": "60%"})
+    real = reports._read_states_by_mj_id
+    calls = []
+
+    def stale_once(channel_id, mj_ids):
+        rows = real(channel_id, mj_ids)
+        calls.append(1)
+        if len(calls) == 1:  # the first read sees the task before it reached 60%
+            rows = [r._replace(status="SUBMITTED", progress="40%") if r.id == task.id else r for r in rows]
+        return rows
+
+    monkeypatch.setattr(reports, "_read_states_by_mj_id", stale_once)
+    stats = reports.apply_reports(1, [{"id": task.mj_id, "status": "IN_PROGRESS", "progress": "50%"},
+                                      {"id": other.mj_id, "status": "FAILURE", "failReason": "boom"}])
+    assert Task.get_by_id(task.id).progress == "60%"
+    assert len(calls) == (2 if db.is_sqlite() else 1)  # SQLite rolls back and reads again; others re-lock
+    assert (stats.failed, stats.refunded) == (1, 1)
+    assert Ledger.select().where((Ledger.task_id == other.id) & (Ledger.kind == "refund")).count() == 1
+    assert User.get_by_id(user.id).quota == 1000 - 300 and books_balance(user.id)
