@@ -378,3 +378,32 @@ def test_cli_poll_exits_zero_when_the_lease_is_held(cli, tmp_path):
     assert "lease held by elsewhere:1:abc" in result.stderr
     result = cli("poll", "--json")
     assert result.exit_code == 0 and json.loads(result.stdout)["ran"] is False
+
+
+def test_one_shot_cli_poll_waits_for_the_image_prefetcher_to_drain(cli, monkeypatch):
+    """Cron-run polls must not exit before the images of tasks that just succeeded are cached."""
+    from mjctl import poller
+
+    waits = []
+
+    class Prefetcher:
+        def wait_idle(self, timeout):
+            waits.append(timeout)
+            return True
+
+    fake = types.ModuleType("mjctl.images")
+
+    def prefetch_hook(settings):
+        hook = lambda task: None  # noqa: E731
+        hook.prefetcher = Prefetcher()
+        return hook
+
+    fake.prefetch_hook = prefetch_hook
+    monkeypatch.setitem(sys.modules, "mjctl.images", fake)
+    assert cli("init").exit_code == 0
+    monkeypatch.setattr(poller, "poll_once", lambda settings: poller.CycleSummary(checked=1, succeeded=1))
+    result = cli("poll", env={"MJCTL_IMAGES_TIMEOUT": "7"})
+    assert result.exit_code == 0, result.output
+    assert waits == [7.0]
+    monkeypatch.setattr(poller, "poll_once", lambda settings: poller.CycleSummary(checked=1))
+    assert cli("poll").exit_code == 0 and waits == [7.0]  # nothing succeeded: no wait

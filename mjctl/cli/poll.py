@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import signal
 import sys
 import threading
@@ -37,10 +38,13 @@ def poll(
     """Run one polling cycle and print its summary, or loop with --every."""
     settings = state(ctx).open_store()
     configure_logging(settings.log.level)
-    from mjctl.poller import poll_once, run_loop
+    from mjctl.poller import drain_prefetch, poll_once, run_loop
 
     if every is None:
         summary = poll_once(settings)
+        if summary.succeeded and not drain_prefetch(settings):
+            logging.getLogger("mjctl.poller").warning(
+                "some images of the tasks that just succeeded were not cached within %s s", settings.images.timeout)
         if json_out:
             from mjctl.cli.output import print_json
 
