@@ -275,6 +275,13 @@ def _m3_reservations(db: peewee.Database) -> None:
     db.create_tables([Reservation], safe=True)
 
 
+@migration(4, "per-channel poll claims, so several pollers share a cycle's work")
+def _m4_poll_claims(db: peewee.Database) -> None:
+    from mjctl.models import PollClaim
+
+    db.create_tables([PollClaim], safe=True)
+
+
 def current_version() -> int:
     try:
         value = SchemaVersion.select(peewee.fn.MAX(SchemaVersion.version)).scalar()

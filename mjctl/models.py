@@ -172,6 +172,23 @@ class Lease(BaseModel):
     expires_at = DoubleField(default=0.0)
 
 
+class PollClaim(BaseModel):
+    """One channel's share of the polling work (mjctl.poller): a poller holds it while it polls that channel,
+    until expires_at (renewed as batches complete), so several pollers split a cycle's channels between
+    them instead of each asking every channel. polled_at is when the last poll of the channel was claimed
+    and round_started_at when that poller's cycle began: a poller skips a channel someone polled in its
+    own round."""
+
+    channel_id = IntegerField(primary_key=True)
+    holder = CharField(max_length=128, default="")
+    expires_at = DoubleField(default=0.0)
+    polled_at = DoubleField(default=0.0)
+    round_started_at = DoubleField(default=0.0)
+
+    class Meta:
+        table_name = "poll_claim"
+
+
 class Reservation(BaseModel):
     """Quota held for a submission while the upstream is being asked (mjctl.relay). A balance available
     for a new submission is quota minus the user's live reservations; an expired one (the process died
@@ -193,4 +210,5 @@ def _json_or(text: str, fallback):
         return fallback
 
 
-ALL_MODELS = [Meta_, SchemaVersion, User, Token, Channel, Task, Ledger, Lease, TaskCount, Reservation]
+ALL_MODELS = [Meta_, SchemaVersion, User, Token, Channel, Task, Ledger, Lease, TaskCount, Reservation,
+              PollClaim]
