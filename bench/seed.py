@@ -90,6 +90,8 @@ def seed(url: str, tasks: int = 1_000_000, users: int = 10_000, channels: int = 
         conn.executemany(sql, rows)
         conn.execute("COMMIT")
         conn.execute("ANALYZE")
+    elif "Postgres" in type(database.obj).__name__:
+        _copy_postgres(database, rows)
     else:
         batch: list = []
         fields = [getattr(Task, c) for c in COLUMNS]
@@ -104,6 +106,37 @@ def seed(url: str, tasks: int = 1_000_000, users: int = 10_000, channels: int = 
         database.execute_sql("ANALYZE task" if "Postgres" in type(database.obj).__name__ else "ANALYZE TABLE task")
     return {"tokens": tokens, "tasks": tasks, "users": users, "channels": channels,
             "seconds": round(time.perf_counter() - began, 2)}
+
+
+def _copy_postgres(database, rows, chunk: int = 100_000) -> None:
+    """COPY in chunks (about 10x faster than insert_many), the per-row count trigger off meanwhile and the
+    counts rebuilt once at the end. Seeded text holds no tab, newline or backslash, so no escaping."""
+    import io
+
+    conn = database.connection()
+    sql = f"COPY task ({', '.join(COLUMNS)}) FROM STDIN"
+    with database.atomic():
+        database.execute_sql("ALTER TABLE task DISABLE TRIGGER task_count_trigger")
+        with conn.cursor() as cur:
+            while True:
+                buf = io.StringIO()
+                n = 0
+                for row in rows:
+                    buf.write("\t".join(str(v) for v in row))
+                    buf.write("\n")
+                    n += 1
+                    if n == chunk:
+                        break
+                if not n:
+                    break
+                buf.seek(0)
+                cur.copy_expert(sql, buf)
+        database.execute_sql("ALTER TABLE task ENABLE TRIGGER task_count_trigger")
+        database.execute_sql("DELETE FROM task_count")
+        database.execute_sql("INSERT INTO task_count (channel_id, n) SELECT 0, COUNT(*) FROM task")
+        database.execute_sql("INSERT INTO task_count (channel_id, n) SELECT channel_id, COUNT(*) FROM task "
+                             "WHERE channel_id <> 0 GROUP BY channel_id")
+    database.execute_sql("ANALYZE task")
 
 
 def main() -> None:
