@@ -11,6 +11,8 @@
 4. One poll cycle (`poll_once`): wall time as a ratio to the floor, and its upstream request count
    against ceil(tasks / batch_size).
 5. The idle cycle on a seeded store of --idle-tasks finished tasks (bench/seed.py): median of 200.
+6. Work sharing (issue 8): one round of 1 and of 3 pollers started at once over the same unfinished tasks
+   (`run_pollers`, also used by bench/scale.py): upstream requests, which must not grow with the pollers.
 """
 
 from __future__ import annotations
@@ -94,6 +96,93 @@ def floor(urls: list[str], ids_by_channel: list[list[str]], batch: int) -> tuple
     return time.perf_counter() - began, requests
 
 
+def store_tasks(settings, urls: list[str], ids_by_channel: list[list[str]]) -> None:
+    """A user and one channel row per url, with the simulator's ids as unfinished charged tasks."""
+    from mjctl import accounts, channels
+    from mjctl.db import write_tx
+    from mjctl.models import Task
+
+    user, _ = accounts.create_user("bench", quota=10**12)
+    chans = [channels.add_channel(settings, f"sim{c}", url, SECRET) for c, url in enumerate(urls)]
+    now = int(time.time())
+    with write_tx():
+        rows = [{"user_id": user.id, "channel_id": chans[c].id, "mj_id": mj_id, "status": "SUBMITTED",
+                 "progress": "0%", "quota": 1000, "unfinished": 1, "submit_time": now}
+                for c, ids in enumerate(ids_by_channel) for mj_id in ids]
+        for i in range(0, len(rows), 2000):
+            Task.insert_many(rows[i:i + 2000]).execute()
+
+
+def run_pollers(n_pollers: int, *, tasks: int = 10_000, channels: int = 4, batch_size: int = 100,
+                database_url: str | None = None) -> dict:
+    """One round of n_pollers pollers started together over `tasks` unfinished tasks on `channels`
+    channels (a simulator in its own process; pollers are threads with their own connections, sharing
+    work through the database's claims exactly as processes would).
+
+    Uses a fresh SQLite file unless database_url names an empty database. Returns the upstream
+    list-by-condition requests the round made (the simulator's count), what one poller needs
+    (ceil(tasks per channel / batch_size) summed), the round's wall time, tasks checked and how many
+    pollers found work.
+    """
+    import threading
+
+    import httpx
+
+    from mjctl.config import load_settings
+    from mjctl.db import connection, open_store, unbind
+    from mjctl.poller import poll_once
+
+    workdir = Path(tempfile.mkdtemp(prefix="mjctl-bench-pollers-"))
+    port = free_port()
+    sim = start_simulator(port)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        mj_ids = seed_simulator(url, tasks)
+        ids_by_channel = [mj_ids[c::channels] for c in range(channels)]
+        settings = load_settings(None, {("database", "url"): database_url or f"sqlite:///{workdir}/pollers.db",
+                                        ("server", "secret"): "bench-secret",
+                                        ("poller", "batch_size"): batch_size,
+                                        ("poller", "concurrency"): channels,
+                                        ("poller", "task_timeout"): 86400,
+                                        ("database", "pool_size"): 4 * channels * max(n_pollers, 1)})
+        open_store(settings)
+        store_tasks(settings, [url] * channels, ids_by_channel)
+        barrier = threading.Barrier(n_pollers + 1)
+        summaries, errors = [], []
+
+        def poller() -> None:
+            try:
+                with connection():
+                    barrier.wait()
+                    summaries.append(poll_once(settings))
+            except BaseException as exc:  # noqa: BLE001
+                errors.append(exc)
+
+        threads = [threading.Thread(target=poller) for _ in range(n_pollers)]
+        for t in threads:
+            t.start()
+        before = httpx.get(f"{url}/_sim/stats").json()["list-by-condition"]
+        barrier.wait()
+        began = time.perf_counter()
+        for t in threads:
+            t.join()
+        wall = time.perf_counter() - began
+        if errors:
+            raise errors[0]
+        requests = httpx.get(f"{url}/_sim/stats").json()["list-by-condition"] - before
+        unbind()
+    finally:
+        sim.terminate()
+        sim.wait(10)
+        for f in workdir.iterdir():
+            f.unlink()
+        workdir.rmdir()
+    return {"pollers": n_pollers, "requests": requests,
+            "one_poller_requests": sum(math.ceil(len(ids) / batch_size) for ids in ids_by_channel),
+            "wall": round(wall, 3), "checked": sum(s.checked for s in summaries),
+            "pollers_with_work": sum(1 for s in summaries if s.ran)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tasks", type=int, default=10_000)
@@ -101,14 +190,13 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=100)
     parser.add_argument("--idle-tasks", type=int, default=1_000_000)
     parser.add_argument("--rounds", type=int, default=3, help="cycle/floor pairs; the best of each is kept")
+    parser.add_argument("--skip-pollers", action="store_true", help="skip the 1 vs 3 pollers round")
     args = parser.parse_args()
 
     import httpx
 
-    from mjctl import accounts, channels
     from mjctl.config import load_settings
-    from mjctl.db import database, open_store, unbind, write_tx
-    from mjctl.models import Task
+    from mjctl.db import database, open_store, unbind
     from mjctl.poller import poll_once
 
     workdir = Path(tempfile.mkdtemp(prefix="mjctl-bench-poll-"))
@@ -126,15 +214,7 @@ def main() -> None:
                                         ("poller", "concurrency"): args.channels,
                                         ("poller", "task_timeout"): 86400})
         open_store(settings)
-        user, _ = accounts.create_user("bench", quota=10**12)
-        chans = [channels.add_channel(settings, f"sim{c}", urls[c], SECRET) for c in range(args.channels)]
-        now = int(time.time())
-        with write_tx():
-            rows = [{"user_id": user.id, "channel_id": chans[c].id, "mj_id": mj_id, "status": "SUBMITTED",
-                     "progress": "0%", "quota": 1000, "unfinished": 1, "submit_time": now}
-                    for c, ids in enumerate(ids_by_channel) for mj_id in ids]
-            for i in range(0, len(rows), 2000):
-                Task.insert_many(rows[i:i + 2000]).execute()
+        store_tasks(settings, urls, ids_by_channel)
 
         # Round 0 writes every task (the first report brings start times, descriptions, properties);
         # later rounds find nothing changed. Floors are measured between cycles, the best one kept.
@@ -198,6 +278,13 @@ def main() -> None:
           f"target ceil({results['tasks']}/{results['batch_size']}) = {results['target_requests']})")
     print(f"idle cycle on {results['idle_tasks']} finished tasks: median {results['idle_median_ms']} ms, "
           f"max {results['idle_max_ms']} ms (target < 5 ms)")
+    if not args.skip_pollers:
+        sharing = {n: run_pollers(n, tasks=args.tasks, channels=args.channels, batch_size=args.batch_size)
+                   for n in (1, 3)}
+        for n, r in sharing.items():
+            print(f"{n} poller(s) started together: {r['requests']} upstream requests (one poller needs "
+                  f"{r['one_poller_requests']}), {r['pollers_with_work']} found work, round {r['wall'] * 1000:.0f} ms")
+        results["pollers"] = sharing
     print(json.dumps(results))
 
 

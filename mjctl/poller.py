@@ -4,14 +4,15 @@ A cycle (CONTRACT §5, UPSTREAM.md §6):
 
 1. "Is anything unfinished?" is one seek on the ``(unfinished, channel_id)`` index; an idle store of a
    million finished tasks costs that lookup and nothing else (no lease, no write).
-2. Only one cycle runs at a time across every process sharing the database: a compare-and-set on the
-   ``Lease`` row ``poller`` (``expires_at`` = now + ``lease_seconds``), renewed as batches complete and
-   released at the end. A holder that died stops renewing and its lease expires; one that died on this
-   very host is recognised at once by its pid.
-3. Unfinished tasks are grouped by channel; channels are polled in parallel (``concurrency`` threads, each
-   with its own database connection) with ``POST /mj/task/list-by-condition`` in batches of
-   ``batch_size`` ids, and each batch's answer is written by :func:`mjctl.reports.apply_reports` in one
-   transaction — the same path push notifications use, which makes every refund exactly-once.
+2. Several pollers share the work instead of repeating it: each channel with unfinished tasks is polled
+   by the one poller holding its claim (:mod:`mjctl.claims`: a compare-and-set on the channel's
+   ``poll_claim`` row, picked with ``FOR UPDATE SKIP LOCKED`` where the database has it, renewed as
+   batches complete, released when the channel is done, expiring if its holder dies). A poller takes
+   unclaimed channels until none is left; one that finds nothing to claim says so and does nothing.
+3. Claimed channels are polled in parallel (``concurrency`` threads, each with its own database
+   connection) with ``POST /mj/task/list-by-condition`` in batches of ``batch_size`` ids, and each batch's
+   answer is written by :func:`mjctl.reports.apply_reports` in one transaction — the same path push
+   notifications use, which makes every refund exactly-once.
 4. Tasks still unfinished ``task_timeout`` seconds after submission fail (and are refunded) with a reason
    that says why: still running, no longer reported, channel failing. A removed channel's tasks fail at
    once; a disabled channel's tasks keep being polled until they finish or time out.
@@ -22,11 +23,8 @@ A cycle (CONTRACT §5, UPSTREAM.md §6):
 from __future__ import annotations
 
 import logging
-import os
-import socket
 import threading
 import time
-import uuid
 from collections import Counter, defaultdict
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -36,13 +34,13 @@ from typing import Any
 import peewee
 
 from mjctl import reports
+from mjctl.claims import Claims
 from mjctl.config import Settings
-from mjctl.db import compiled, connection, database, write_tx
-from mjctl.models import FINISHED_STATUSES, Channel, Lease, Task
+from mjctl.db import compiled, connection, database
+from mjctl.models import FINISHED_STATUSES, Channel, Task
 
 log = logging.getLogger("mjctl.poller")
 
-LEASE_NAME = "poller"
 DB_ATTEMPTS = 4  # a batch's transaction is retried on a deadlock or a lock timeout
 
 
@@ -82,7 +80,7 @@ class CycleSummary:
 
     def merge(self, other: CycleSummary) -> None:
         for name in ("checked", "updated", "finished", "succeeded", "failed", "timed_out", "refunded",
-                     "quota_refunded", "requests"):
+                     "quota_refunded", "requests", "channels"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         self.channels_with_errors.extend(other.channels_with_errors)
         self.faults.update(other.faults)
@@ -109,89 +107,6 @@ class CycleSummary:
         }
 
 
-# --- the lease -----------------------------------------------------------------------------------------
-
-
-def _new_holder() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-
-
-def _holder_is_dead(holder: str) -> bool:
-    """True only when the holder is a process on this host that no longer exists."""
-    parts = holder.split(":")
-    if len(parts) < 3:
-        return False
-    host, pid_text = ":".join(parts[:-2]), parts[-2]
-    if host != socket.gethostname() or not pid_text.isdigit():
-        return False
-    pid = int(pid_text)
-    if pid == os.getpid():
-        return False  # another thread of this process: alive by definition
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    except OSError:
-        return False
-    return False
-
-
-class _Lease:
-    """This cycle's hold on the ``Lease`` row; renewed from any worker thread, at most every third."""
-
-    def __init__(self, name: str, seconds: float):
-        self.name = name
-        self.seconds = max(float(seconds), 1.0)
-        self.holder = _new_holder()
-        self.lost = False
-        self._renewed = 0.0
-        self._lock = threading.Lock()
-
-    def acquire(self) -> str | None:
-        """Take the lease; returns None on success, or the current holder's description."""
-        for _ in range(2):
-            now = time.time()
-            with write_tx():
-                taken = Lease.update(holder=self.holder, expires_at=now + self.seconds).where(
-                    (Lease.name == self.name) & ((Lease.expires_at < now) | (Lease.holder == ""))
-                ).execute()
-                row = None if taken else Lease.get_or_none(Lease.name == self.name)
-                if row is not None and _holder_is_dead(row.holder):
-                    log.warning("taking over the poller lease of %s, a process that no longer exists", row.holder)
-                    taken = Lease.update(holder=self.holder, expires_at=now + self.seconds).where(
-                        (Lease.name == self.name) & (Lease.holder == row.holder)).execute()
-            if taken:
-                self._renewed = now
-                return None
-            if row is not None:
-                return f"{row.holder} until {time.strftime('%H:%M:%S', time.localtime(row.expires_at))}"
-            Lease.insert(name=self.name, holder="", expires_at=0.0).on_conflict_ignore().execute()
-        return "another poller"
-
-    def renew_if_due(self) -> bool:
-        """Extend the lease when a third of it has passed; False once it was lost to someone else."""
-        with self._lock:
-            if self.lost:
-                return False
-            now = time.time()
-            if now - self._renewed < self.seconds / 3:
-                return True
-            with write_tx():
-                kept = Lease.update(expires_at=now + self.seconds).where(
-                    (Lease.name == self.name) & (Lease.holder == self.holder)).execute()
-            if kept:
-                self._renewed = now
-            else:
-                self.lost = True
-                log.warning("the poller lease was taken over; this cycle stops early")
-            return bool(kept)
-
-    def release(self) -> None:
-        with write_tx():
-            Lease.update(holder="", expires_at=0.0).where(
-                (Lease.name == self.name) & (Lease.holder == self.holder)).execute()
-
-
 # --- one cycle -----------------------------------------------------------------------------------------
 
 
@@ -207,14 +122,20 @@ def _has_unfinished() -> bool:
     return Task.select(Task.id).where(Task.unfinished == 1).limit(1).exists()
 
 
-def _unfinished_by_channel() -> dict[int, list[_Pending]]:
-    groups: dict[int, list[_Pending]] = defaultdict(list)
-    sql, params = compiled(("poller_unfinished",), lambda: (
-        Task.select(Task.id, Task.channel_id, Task.mj_id, Task.submit_time, Task.updated_at)
-        .where(Task.unfinished == 1).order_by(Task.channel_id, Task.id)), [1])
-    for task_id, channel_id, mj_id, submit_time, updated_at in database.execute_sql(sql, params).fetchall():
-        groups[channel_id].append(_Pending(task_id, mj_id or "", int(submit_time or updated_at or 0)))
-    return groups
+def _channels_with_unfinished() -> list[int]:
+    """The channels that have unfinished tasks (a walk of the (unfinished, channel_id) index)."""
+    sql, params = compiled(("poller_channels",), lambda: (
+        Task.select(Task.channel_id).where(Task.unfinished == 1).distinct()), [1])
+    return sorted(cid for (cid,) in database.execute_sql(sql, params).fetchall())
+
+
+def _unfinished_of(channel_id: int) -> list[_Pending]:
+    """One channel's unfinished tasks, read when its claim is taken."""
+    sql, params = compiled(("poller_unfinished_of",), lambda: (
+        Task.select(Task.id, Task.mj_id, Task.submit_time, Task.updated_at)
+        .where((Task.unfinished == 1) & (Task.channel_id == channel_id)).order_by(Task.id)), [1, channel_id])
+    return [_Pending(task_id, mj_id or "", int(submit_time or updated_at or 0))
+            for task_id, mj_id, submit_time, updated_at in database.execute_sql(sql, params).fetchall()]
 
 
 def _fault_kind(exc: Exception) -> str:
@@ -253,11 +174,11 @@ def _with_db_retries(what: str, fn: Callable[[], reports.ApplyStats], summary: C
 
 
 class _Cycle:
-    def __init__(self, settings: Settings, lease: _Lease | None, now: float | None,
+    def __init__(self, settings: Settings, claims: Claims | None, now: float | None,
                  clients: Mapping[int, Any] | None, transport: Any):
         poller = settings.poller
         self.settings = settings
-        self.lease = lease
+        self.claims = claims
         self.fixed_now = now
         self.clients = clients or {}
         self.transport = transport
@@ -294,15 +215,14 @@ class _Cycle:
         return client, True
 
     def poll_channel(self, channel: Channel, tasks: list[_Pending]) -> CycleSummary:
-        """Every batch of one channel; runs in a worker thread with its own database connection."""
-        summary = CycleSummary(checked=len(tasks))
-        with connection():
-            client, owned = self._client(channel)
-            try:
-                self._poll_batches(channel, client, tasks, summary)
-            finally:
-                if owned:
-                    client.close()
+        """Every batch of one channel, in the calling worker thread (which holds the channel's claim)."""
+        summary = CycleSummary(checked=len(tasks), channels=1)
+        client, owned = self._client(channel)
+        try:
+            self._poll_batches(channel, client, tasks, summary)
+        finally:
+            if owned:
+                client.close()
         return summary
 
     def _poll_batches(self, channel: Channel, client: Any, tasks: list[_Pending], summary: CycleSummary) -> None:
@@ -315,8 +235,8 @@ class _Cycle:
             self._time_out(untracked, {}, summary, f"it has no upstream id on {label}")
         batches = [tracked[i:i + self.batch_size] for i in range(0, len(tracked), self.batch_size)]
         for index, batch in enumerate(batches):
-            if self.lease is not None and not self.lease.renew_if_due():
-                summary.faults["lease_lost"] += 1
+            if self.claims is not None and not self.claims.renew_if_due(channel.id):
+                summary.faults["claim_lost"] += 1
                 return
             summary.requests += 1
             try:
@@ -428,13 +348,15 @@ def drain_prefetch(settings: Settings, timeout: float | None = None) -> bool:
 
 
 def poll_once(settings: Settings, *, clients: Mapping[int, Any] | None = None, now: float | None = None,
-              transport: Any = None, use_lease: bool = True) -> CycleSummary:
-    """Run one polling cycle and return what it did.
+              transport: Any = None, use_lease: bool = True, fresh_for: float = 0.0) -> CycleSummary:
+    """Run one polling cycle over the channels this poller can claim, and return what it did.
 
     ``clients`` maps channel ids to ready clients (anything with ``list_by_condition``); other channels
     get an :class:`~mjctl.upstream.UpstreamClient`, over ``transport`` when given (tests pass an
-    ``httpx.MockTransport``). ``now`` fixes the clock used for timeouts. ``use_lease=False`` skips the
-    one-cycle-at-a-time lease (tests that race pollers on purpose).
+    ``httpx.MockTransport``). ``now`` fixes the clock used for timeouts. ``fresh_for`` skips channels
+    another poller polled in a round that began less than that many seconds before this one (the loop
+    passes most of its interval). ``use_lease=False`` takes no claims and polls every channel (tests that
+    race pollers over the same tasks on purpose).
     """
     started = time.perf_counter()
     summary = CycleSummary(started_at=time.time())
@@ -442,62 +364,75 @@ def poll_once(settings: Settings, *, clients: Mapping[int, Any] | None = None, n
         summary.message = "nothing unfinished"
         summary.duration = time.perf_counter() - started
         return summary
-    lease = _Lease(LEASE_NAME, settings.poller.lease_seconds) if use_lease else None
-    if lease is not None:
-        holder = lease.acquire()
-        if holder is not None:
-            summary.ran = False
-            summary.lease_holder = holder
-            summary.message = f"lease held by {holder}"
-            summary.duration = time.perf_counter() - started
-            return summary
-    try:
-        _run_cycle(settings, summary, lease, now, clients, transport)
-    finally:
-        if lease is not None:
-            try:
-                lease.release()
-            except peewee.PeeweeException:
-                log.exception("could not release the poller lease; it will expire")
-    if lease is not None and lease.lost:
-        summary.message = "lease lost during the cycle; stopped early"
+    claims = (Claims(settings.poller.lease_seconds, summary.started_at, fresh_for) if use_lease else None)
+    _run_cycle(settings, summary, claims, now, clients, transport)
+    if claims is not None and claims.lost:
+        summary.message = "a claim was lost during the cycle; that channel stopped early"
     summary.duration = time.perf_counter() - started
     return summary
 
 
-def _run_cycle(settings: Settings, summary: CycleSummary, lease: _Lease | None, now: float | None,
+def _run_cycle(settings: Settings, summary: CycleSummary, claims: Claims | None, now: float | None,
                clients: Mapping[int, Any] | None, transport: Any) -> None:
-    cycle = _Cycle(settings, lease, now, clients, transport)
-    groups = _unfinished_by_channel()
-    channels = {c.id: c for c in Channel.select().where(Channel.id.in_(list(groups)))}
-    removed = {cid: tasks for cid, tasks in groups.items() if cid not in channels}
-    for channel_id, tasks in removed.items():
+    cycle = _Cycle(settings, claims, now, clients, transport)
+    channel_ids = _channels_with_unfinished()
+    channels = {c.id: c for c in Channel.select().where(Channel.id.in_(channel_ids))}
+    removed = [cid for cid in channel_ids if cid not in channels]
+    for channel_id in removed:  # no upstream to ask: any poller fails them, exactly once (reports)
+        tasks = _unfinished_of(channel_id)
         summary.checked += len(tasks)
         summary.faults["removed_channel_tasks"] += len(tasks)
         reason = f"Channel {channel_id} was removed, so this task can no longer be tracked."
         cycle.fail({reason: [t.id for t in tasks]}, summary, timed_out=False)
-    work = [(channels[cid], tasks) for cid, tasks in groups.items() if cid in channels]
-    summary.channels = len(work)
+    work = [cid for cid in channel_ids if cid in channels]
     if not work:
         return
+    if claims is not None:
+        claims.ensure_rows(work)
+        next_channel = lambda: claims.claim_next(work)
+    else:
+        queue, queue_lock = list(reversed(work)), threading.Lock()
+
+        def next_channel() -> int | None:
+            with queue_lock:
+                return queue.pop() if queue else None
+
+    def worker() -> list[CycleSummary]:
+        """Claim a channel, poll it, release it; until no channel is left to claim."""
+        results = []
+        with connection():
+            while (channel_id := next_channel()) is not None:
+                try:
+                    results.append(_guarded(cycle, channels[channel_id]))
+                finally:
+                    if claims is not None:
+                        claims.release(channel_id)
+        return results
+
     workers = max(1, min(int(settings.poller.concurrency), len(work)))
     if workers == 1:
-        results = [cycle.poll_channel(channel, tasks) for channel, tasks in work]
+        results = worker()
     else:
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="mjctl-poll") as pool:
-            futures = [pool.submit(_guarded, cycle, channel, tasks) for channel, tasks in work]
-            results = [f.result() for f in futures]
+            futures = [pool.submit(worker) for _ in range(workers)]
+            results = [r for f in futures for r in f.result()]
     for result in results:
         summary.merge(result)
+    if claims is not None and not claims.taken and not removed:
+        summary.ran = False
+        summary.message, holders = claims.why_none(work)
+        summary.lease_holder = ", ".join(holders)
 
 
-def _guarded(cycle: _Cycle, channel: Channel, tasks: list[_Pending]) -> CycleSummary:
-    """A channel's work; an unexpected error is counted for that channel and never ends the cycle."""
+def _guarded(cycle: _Cycle, channel: Channel) -> CycleSummary:
+    """A claimed channel's work; an unexpected error is counted for that channel and never ends the cycle."""
+    tasks: list[_Pending] = []
     try:
+        tasks = _unfinished_of(channel.id)
         return cycle.poll_channel(channel, tasks)
     except Exception as exc:
         log.exception("channel %s: polling failed", channel.name)
-        failed = CycleSummary(checked=len(tasks), channels_with_errors=[channel.name])
+        failed = CycleSummary(checked=len(tasks), channels=1, channels_with_errors=[channel.name])
         failed.faults[f"error_{type(exc).__name__}"] += 1
         return failed
 
@@ -521,7 +456,8 @@ def run_loop(settings: Settings, stop_event: threading.Event, every: float | Non
             return
         try:
             with connection():
-                summary = poll_once(settings)
+                # A channel another poller polled less than ~an interval ago counts as polled this round.
+                summary = poll_once(settings, fresh_for=interval * 0.9)
             if on_cycle is not None:
                 on_cycle(summary)
         except Exception:

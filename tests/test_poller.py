@@ -238,9 +238,9 @@ def test_a_crash_on_one_channel_is_counted_and_the_rest_goes_on(store):
 # --- the lease and idle cost --------------------------------------------------------------------------
 
 
-def test_second_cycle_while_one_runs_says_the_lease_is_held(store):
+def test_second_cycle_while_one_runs_says_nothing_is_left_to_claim(store):
     from mjctl import accounts
-    from mjctl.models import Lease
+    from mjctl.models import PollClaim
     from mjctl.poller import poll_once
 
     user, _ = accounts.create_user("dave", quota=10 * PRICE)
@@ -260,34 +260,55 @@ def test_second_cycle_while_one_runs_says_the_lease_is_held(store):
     second = poll_once(store, transport=httpx.MockTransport(handler))
     release.set()
     first.join(10)
-    assert not second.ran and second.message.startswith("lease held by ")
-    assert socket.gethostname() in second.lease_holder
+    assert not second.ran and second.message.startswith("nothing to claim: 1 channel(s) being polled by ")
+    assert socket.gethostname() in second.lease_holder and second.requests == 0
     assert results[0].ran and results[0].requests == 1
-    assert Lease.get_by_id("poller").holder == ""  # released
+    assert PollClaim.get_by_id(channel.id).holder == ""  # released
 
 
 @pytest.mark.parametrize("holder, expires_in, runs", [
-    ("otherhost:123:abcd", 60, False),   # a live lease elsewhere is respected
+    ("otherhost:123:abcd", 60, False),   # a live claim elsewhere is respected
     ("otherhost:123:abcd", -1, True),    # an expired one is taken over
     (f"{socket.gethostname()}:999999:dead", 60, True),  # a dead process on this host: at once
 ])
-def test_lease_expiry_and_dead_holders(store, holder, expires_in, runs):
+def test_claim_expiry_and_dead_holders(store, holder, expires_in, runs):
     from mjctl import accounts
-    from mjctl.models import Lease
+    from mjctl.models import PollClaim
     from mjctl.poller import poll_once
 
     user, _ = accounts.create_user("erin", quota=10 * PRICE)
     channel = add_channel(store, "c", "http://c:1")
     submit_charged(user.id, channel.id, ["1"])
-    Lease.create(name="poller", holder=holder, expires_at=time.time() + expires_in)
+    PollClaim.create(channel_id=channel.id, holder=holder, expires_at=time.time() + expires_in, polled_at=1.0)
     summary = poll_once(store, transport=httpx.MockTransport(lambda r: httpx.Response(200, json=[])))
-    assert summary.ran is runs
-    assert (summary.lease_holder.startswith(holder)) is (not runs)
+    assert summary.ran is runs and summary.requests == (1 if runs else 0)
+    assert (holder in summary.lease_holder) is (not runs)
+
+
+def test_a_channel_polled_in_this_round_or_recently_is_not_polled_again(store):
+    """A poller skips a channel claimed after its own cycle began (another poller of the same round did
+    it), and a looping poller one polled in a round that began less than fresh_for seconds ago."""
+    from mjctl import accounts
+    from mjctl.models import PollClaim
+    from mjctl.poller import poll_once
+
+    user, _ = accounts.create_user("fay", quota=10 * PRICE)
+    channel = add_channel(store, "c", "http://c:1")
+    submit_charged(user.id, channel.id, ["1"])
+    transport = httpx.MockTransport(lambda r: httpx.Response(200, json=[]))
+    assert poll_once(store, transport=transport).requests == 1
+    claim = PollClaim.get_by_id(channel.id)
+    assert claim.holder == "" and claim.polled_at >= claim.round_started_at > 0
+    PollClaim.update(polled_at=time.time() + 5).execute()  # as if claimed after the next cycle began
+    assert poll_once(store, transport=transport).ran is False
+    PollClaim.update(polled_at=time.time() - 5, round_started_at=time.time() - 5).execute()
+    assert poll_once(store, transport=transport, fresh_for=10).ran is False
+    assert poll_once(store, transport=transport, fresh_for=3).requests == 1
 
 
 def test_idle_cycle_is_one_indexed_lookup(store):
     from mjctl.db import database
-    from mjctl.models import Lease, Task
+    from mjctl.models import Lease, PollClaim, Task
     from mjctl.poller import _has_unfinished, poll_once
 
     Task.insert_many([{"user_id": 1, "channel_id": 1, "mj_id": str(i), "status": "SUCCESS", "unfinished": 0}
@@ -306,7 +327,7 @@ def test_idle_cycle_is_one_indexed_lookup(store):
         database.obj.execute_sql = real_execute
     assert summary.message == "nothing unfinished" and summary.requests == 0
     assert len(statements) == 1 and "unfinished" in statements[0]
-    assert Lease.select().count() == 0
+    assert Lease.select().count() == 0 and PollClaim.select().count() == 0
     sql, params = Task.select(Task.id).where(Task.unfinished == 1).limit(1).sql()
     plan = " ".join(str(r) for r in database.execute_sql("EXPLAIN QUERY PLAN " + sql, params).fetchall())
     assert "INDEX task_unfinished_channel_id" in plan
@@ -321,7 +342,7 @@ def test_loop_runs_at_once_survives_a_failing_cycle_and_stops_on_the_event(store
 
     calls = []
 
-    def fake_poll_once(settings):
+    def fake_poll_once(settings, **kwargs):
         calls.append(time.monotonic())
         if len(calls) == 1:
             raise RuntimeError("first cycle explodes")
@@ -364,20 +385,23 @@ def test_cli_poll_prints_a_summary_plain_and_json(cli, tmp_path):
     assert "tasks checked\t0" in plain.stdout and "upstream requests\t0" in plain.stdout
 
 
-def test_cli_poll_exits_zero_when_the_lease_is_held(cli, tmp_path):
+def test_cli_poll_exits_zero_when_nothing_is_left_to_claim(cli, tmp_path):
     assert cli("init").exit_code == 0
     from mjctl.config import load_settings
     from mjctl.db import open_store
-    from mjctl.models import Lease, Task
+    from mjctl.models import Channel, PollClaim, Task
 
     open_store(load_settings(None, {("database", "url"): f"sqlite:///{tmp_path}/mjctl.db"}))
-    Task.create(user_id=1, channel_id=1, mj_id="1", status="SUBMITTED", unfinished=1)
-    Lease.create(name="poller", holder="elsewhere:1:abc", expires_at=time.time() + 60)
+    channel = Channel.create(name="c", base_url="http://c:1")
+    Task.create(user_id=1, channel_id=channel.id, mj_id="1", status="SUBMITTED", unfinished=1)
+    PollClaim.create(channel_id=channel.id, holder="elsewhere:1:abc", expires_at=time.time() + 60)
     result = cli("poll")
     assert result.exit_code == 0
-    assert "lease held by elsewhere:1:abc" in result.stderr
+    assert "nothing to claim: 1 channel(s) being polled by elsewhere:1:abc" in result.stderr
     result = cli("poll", "--json")
-    assert result.exit_code == 0 and json.loads(result.stdout)["ran"] is False
+    assert result.exit_code == 0
+    data = json.loads(result.stdout)
+    assert data["ran"] is False and data["lease_holder"].startswith("elsewhere:1:abc")
 
 
 def test_one_shot_cli_poll_waits_for_the_image_prefetcher_to_drain(cli, monkeypatch):

@@ -157,7 +157,7 @@ class _nothing:
 def test_kill_9_of_the_poll_loop_twenty_times_loses_and_duplicates_nothing(tmp_path):
     from mjctl import accounts
     from mjctl.db import open_store
-    from mjctl.models import Lease
+    from mjctl.models import PollClaim
 
     sim = _simulator(step_seconds=0.3, fail_rate=0.3, seed=3, slow_seconds=0.01,
                      faults={"stuck": 0.1, "slow": 1.0})
@@ -195,11 +195,11 @@ def test_kill_9_of_the_poll_loop_twenty_times_loses_and_duplicates_nothing(tmp_p
             assert out.returncode == 0, out.stderr
             return json.loads(out.stdout)
 
-        # The last holder was killed: a clean poll takes its lease over at once. Stuck tasks finish by
+        # The last holder was killed: a clean poll takes its claims over at once. Stuck tasks finish by
         # timing out 3 s after submission, so poll until nothing is left.
         assert clean_poll()["ran"] is True
         wait_until(lambda: _unfinished() == 0 or (clean_poll() and False), timeout=20, interval=0.05)
         assert book_problems() == []
-        assert Lease.get_by_id("poller").holder == ""
+        assert [c.holder for c in PollClaim.select()] == ["", ""]  # the dead pollers' claims were taken over
     finally:
         sim.stop()

@@ -72,7 +72,7 @@ def _render(data: dict) -> None:
     from mjctl.cli.output import info, table
 
     if not data["ran"]:
-        info(f"Another poller is running (lease held by {data['lease_holder']}); nothing to do.")
+        info(f"Other pollers have this round's work ({data['message']}); nothing to do.")
         return
     rows = [(label, data[key]) for key, label in ROWS]
     rows.append(("channels with errors", ", ".join(data["channels_with_errors"]) or "-"))
@@ -85,7 +85,7 @@ def _cycle_line(data: dict, json_out: bool) -> None:
     if json_out:
         sys.stdout.write(json.dumps(data, ensure_ascii=False) + "\n")
     elif not data["ran"]:
-        sys.stdout.write(f"{_clock()} skipped: lease held by {data['lease_holder']}\n")
+        sys.stdout.write(f"{_clock()} skipped: {data['message']}\n")
     else:
         parts = [f"{label} {data[key]}" for key, label in ROWS]
         if data["channels_with_errors"]:
