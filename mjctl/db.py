@@ -12,7 +12,7 @@ import contextlib
 import logging
 import threading
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, TypeVar
 from urllib.parse import urlparse
 
 import peewee
@@ -22,6 +22,7 @@ from mjctl.errors import ConfigError, DatabaseUnavailable
 from mjctl.models import ALL_MODELS, SchemaVersion, database
 
 log = logging.getLogger("mjctl.db")
+T = TypeVar("T")
 
 SUPPORTED_SCHEMES = ("sqlite", "postgresql", "postgres", "mysql", "mariadb")
 
@@ -357,3 +358,23 @@ def compiled(key: tuple, build: Callable[[], "peewee.Query"], params: list) -> t
     if list(built) == list(params):
         _sql_cache[full_key] = (sql, tuple(built))
     return sql, list(built)
+
+
+def retry_transaction(fn: Callable[[], T], *, attempts: int = 4, what: str = "transaction") -> T:
+    """Run fn (which opens its own write transaction) again after a deadlock or lock timeout.
+
+    The database rolled the failed attempt back whole, so running it again is safe. MariaDB answers
+    concurrent inserts that fire the task-count trigger with occasional deadlocks (error 1213);
+    PostgreSQL and SQLite can fail the same way under contention.
+    """
+    import time as _time
+
+    for attempt in range(1, attempts + 1):
+        try:
+            return fn()
+        except (peewee.OperationalError, peewee.InternalError) as exc:
+            if attempt == attempts or database.in_transaction():
+                raise
+            log.info("%s: database conflict (%s); retrying", what, _first_line(exc))
+            _time.sleep(0.01 * attempt)
+    raise AssertionError("unreachable")

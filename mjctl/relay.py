@@ -31,7 +31,7 @@ import peewee
 
 from mjctl import accounts, crypto
 from mjctl.channels import channel_secret
-from mjctl.db import is_sqlite, write_tx
+from mjctl.db import is_sqlite, retry_transaction, write_tx
 from mjctl.errors import InsufficientQuota, MjctlError
 from mjctl.models import Channel, Reservation, Task, User
 from mjctl.upstream import (
@@ -163,6 +163,11 @@ def _release(reservation_id: int | None) -> None:
         Reservation.delete().where(Reservation.id == reservation_id).execute()
 
 
+def _release_tx(reservation_id: int | None) -> None:
+    with write_tx():
+        _release(reservation_id)
+
+
 # --- submitting -------------------------------------------------------------------------------------
 
 def notify_hook_url(settings, channel_id: int) -> str | None:
@@ -268,7 +273,8 @@ def submit(settings, user: User, kind: str, body: dict, prefix: str = "") -> Env
         price = settings.price("MODAL" if kind == "modal" else action)
         channels = _channels_for(parent)
         ttl = float(settings.poller.request_timeout) * len(channels) + RESERVATION_SLACK
-        reservation = _reserve(user.id, price, ttl) if price > 0 else None
+        reservation = (retry_transaction(lambda: _reserve(user.id, price, ttl), what="reserving quota")
+                       if price > 0 else None)
     except _Refusal as refusal:
         return refusal.answer()
 
@@ -277,12 +283,10 @@ def submit(settings, user: User, kind: str, body: dict, prefix: str = "") -> Env
     try:
         channel, result = _forward(settings, channels, kind, forwarded, prefix)
     except _Refusal as refusal:
-        with write_tx():
-            _release(reservation)
+        retry_transaction(lambda: _release_tx(reservation), what="releasing a reservation")
         return refusal.answer()
     except BaseException:
-        with write_tx():
-            _release(reservation)
+        retry_transaction(lambda: _release_tx(reservation), what="releasing a reservation")
         raise
 
     answer = envelope(result.code, result.description, result.result, result.properties)
@@ -295,25 +299,29 @@ def submit(settings, user: User, kind: str, body: dict, prefix: str = "") -> Env
                   description=result.description[:1000], state=_text(body.get("state")),
                   prompt=_text(body.get("prompt") if kind != "modal" else ""),
                   properties=json.dumps(properties, ensure_ascii=False), submit_time=int(time.time()))
-    with write_tx():
-        _release(reservation)
-        if not result.accepted:
-            Task.create(mj_id=result.result or _local_id(), status="FAILURE", progress="", quota=0, unfinished=0,
-                        fail_reason=result.description or f"rejected by the upstream (code {result.code})",
-                        prompt_en=_text(result.properties.get("promptEn")), finish_time=int(time.time()),
-                        **common)
-            return result.http_status, answer  # as the upstream said it: 200 (Java) or 404 (C# code 3)
-        mj_id = result.result or _local_id()
-        status = "MODAL" if result.code == 21 else ("NOT_START" if result.code == 22 else "SUBMITTED")
-        if continues_modal and parent.mj_id == mj_id:
-            _continue_modal(parent, body, result, status, price)
-        else:
-            if kind == "modal":
-                common["prompt"] = _text(body.get("prompt"))
-            task = Task.create(mj_id=mj_id, status=status, progress="0%" if status == "SUBMITTED" else "",
-                               quota=price, unfinished=1, **common)
-            _charge(task, price)
-    return 200, answer
+    def record() -> int:
+        """Write the outcome; returns the HTTP status. Retried whole after a deadlock."""
+        with write_tx():
+            _release(reservation)
+            if not result.accepted:
+                Task.create(mj_id=result.result or _local_id(), status="FAILURE", progress="", quota=0, unfinished=0,
+                            fail_reason=result.description or f"rejected by the upstream (code {result.code})",
+                            prompt_en=_text(result.properties.get("promptEn")), finish_time=int(time.time()),
+                            **common)
+                return result.http_status  # as the upstream said it: 200 (Java) or 404 (C# code 3)
+            mj_id = result.result or _local_id()
+            status = "MODAL" if result.code == 21 else ("NOT_START" if result.code == 22 else "SUBMITTED")
+            if continues_modal and parent.mj_id == mj_id:
+                _continue_modal(parent, body, result, status, price)
+            else:
+                if kind == "modal":
+                    common["prompt"] = _text(body.get("prompt"))
+                task = Task.create(mj_id=mj_id, status=status, progress="0%" if status == "SUBMITTED" else "",
+                                   quota=price, unfinished=1, **common)
+                _charge(task, price)
+        return 200
+
+    return retry_transaction(record, what=f"recording task {result.result}"), answer
 
 
 def _charge(task: Task, price: int) -> None:

@@ -174,6 +174,8 @@ def _run(cluster: Cluster, settings, accounts, channels, began: float) -> None:
     submitted_in = time.monotonic() - began
     assert sum(outcomes.values()) == TASKS
     assert outcomes["accepted"] > TASKS * 0.6, outcomes
+    # 503 code 9 is an honest "no upstream reachable" under the injected 5xx faults; a 500 is a bug
+    assert not [k for k in outcomes if k.startswith("refused 500")], f"mjctl failed submissions: {outcomes}"
 
     # --- every task finishes (polling, push notifications, timeouts), through the kills -------------
     def unfinished() -> int:

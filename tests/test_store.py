@@ -236,3 +236,20 @@ def test_trigger_kept_counts_match_real_counts(any_store):
         assert count_tasks(TaskFilter(channel_id=channel)) == Task.select().where(Task.channel_id == channel).count()
     assert count_tasks(TaskFilter(channel_id=0)) == 1
     assert TaskCount.get_by_id(0).n == 7
+
+
+def test_retry_transaction_runs_again_after_a_conflict(store):
+    attempts = []
+
+    def flaky():
+        attempts.append(1)
+        with db.write_tx():
+            User.create(name=f"u{len(attempts)}")
+            if len(attempts) < 3:
+                raise peewee.OperationalError("Deadlock found when trying to get lock")
+        return len(attempts)
+
+    assert db.retry_transaction(flaky) == 3
+    assert [u.name for u in User.select()] == ["u3"]  # the failed attempts were rolled back whole
+    with pytest.raises(peewee.OperationalError):
+        db.retry_transaction(lambda: (_ for _ in ()).throw(peewee.OperationalError("still locked")), attempts=2)
