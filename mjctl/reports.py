@@ -133,8 +133,10 @@ def compute_changes(task: Task | TaskState, report: dict) -> tuple[dict, list[st
 
     for name, key in _SIMPLE_FIELDS:
         value = report.get(key)
-        if value is not None and str(value) != getattr(task, name):
-            changes[name] = str(value)
+        if value is not None:
+            text = value if type(value) is str else str(value)
+            if text != getattr(task, name):
+                changes[name] = text
     video_urls = _video_urls(report.get("videoUrls"))
     if video_urls and video_urls != task.video_urls:
         changes["video_urls"] = video_urls
@@ -378,7 +380,7 @@ def _apply_planned(planned: list[tuple[TaskState, dict, dict]]) -> ApplyStats:
     now = time.time()
     groups: dict[tuple[str, ...], list[tuple]] = {}
     refunds: list[tuple[TaskState, dict]] = []
-    for seen, report, changes in sorted(planned, key=lambda p: p[0].id):
+    for seen, report, changes in planned:  # (PostgreSQL/MariaDB rows are already locked, in id order)
         row = fresh.get(seen.id)
         if row is None:
             stats.unknown += 1
@@ -396,7 +398,7 @@ def _apply_planned(planned: list[tuple[TaskState, dict, dict]]) -> ApplyStats:
         if finishing and status == "FAILURE" and row.quota > 0:
             refunds.append((row, changes))
             continue
-        columns = tuple(sorted(changes))
+        columns = tuple(changes)  # compute_changes adds keys in one fixed order: same keys, same tuple
         groups.setdefault(columns, []).append(
             tuple(changes[c] for c in columns) + (now, row.id, row.status, row.progress, row.quota))
         stats.updated += 1
