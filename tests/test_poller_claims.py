@@ -3,6 +3,7 @@ whose holder died expires so its channel is polled again."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 import threading
 import time
@@ -73,7 +74,7 @@ def test_three_pollers_share_each_round_and_an_expired_claim_is_polled_again(kin
     # cycles overlap as they would in production, whatever the thread scheduling.
     sim = _simulator(step_seconds=1.5, fail_rate=0.3, seed=7, slow_seconds=0.05, faults={"slow": 1.0})
     try:
-        with (temp_database(kind) if kind != "sqlite" else _nothing(f"sqlite:///{tmp_path}/claims.db")) as url:
+        with (temp_database(kind) if kind != "sqlite" else contextlib.nullcontext(f"sqlite:///{tmp_path}/claims.db")) as url:
             settings = make_settings(tmp_path, url, poller__batch_size=10, poller__concurrency=2,
                                      poller__lease_seconds=1, poller__task_timeout=60, database__pool_size=20)
             open_store(settings)
@@ -116,14 +117,3 @@ def test_three_pollers_share_each_round_and_an_expired_claim_is_polled_again(kin
             assert {c.holder for c in PollClaim.select()} == {""}
     finally:
         sim.stop()
-
-
-class _nothing:
-    def __init__(self, value):
-        self.value = value
-
-    def __enter__(self):
-        return self.value
-
-    def __exit__(self, *exc):
-        return False

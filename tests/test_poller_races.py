@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -45,7 +46,7 @@ def test_four_pollers_and_pushes_racing_over_500_tasks_keep_the_books_exact(kind
     sim = _simulator(step_seconds=0.03, fail_rate=0.3, seed=11, faults={"stuck": 0.05, "progress_backwards": 0.3,
                                                                          "drop_ids": 0.05})
     try:
-        with (temp_database(kind) if kind != "sqlite" else _nothing(f"sqlite:///{tmp_path}/race.db")) as url:
+        with (temp_database(kind) if kind != "sqlite" else contextlib.nullcontext(f"sqlite:///{tmp_path}/race.db")) as url:
             settings = make_settings(tmp_path, url, poller__task_timeout=3, poller__batch_size=40,
                                      poller__concurrency=2, database__pool_size=40)
             open_store(settings)
@@ -115,7 +116,7 @@ def test_batches_refunding_users_in_opposite_orders_do_not_deadlock(kind, tmp_pa
     from mjctl import accounts, reports
     from mjctl.db import connection, open_store
 
-    with (temp_database(kind) if kind != "sqlite" else _nothing(f"sqlite:///{tmp_path}/dl.db")) as url:
+    with (temp_database(kind) if kind != "sqlite" else contextlib.nullcontext(f"sqlite:///{tmp_path}/dl.db")) as url:
         settings = make_settings(tmp_path, url, database__pool_size=20)
         open_store(settings)
         users = [accounts.create_user(f"u{i}", quota=1000 * PRICE)[0] for i in range(2)]
@@ -141,17 +142,6 @@ def test_batches_refunding_users_in_opposite_orders_do_not_deadlock(kind, tmp_pa
             t.join(60)
         assert errors == []
         assert book_problems() == []
-
-
-class _nothing:
-    def __init__(self, value):
-        self.value = value
-
-    def __enter__(self):
-        return self.value
-
-    def __exit__(self, *exc):
-        return False
 
 
 def test_kill_9_of_the_poll_loop_twenty_times_loses_and_duplicates_nothing(tmp_path):
