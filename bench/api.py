@@ -35,9 +35,9 @@ sys.path.insert(0, str(HERE.parent))
 
 async def _connection(host: str, port: int, request: bytes, warm_until: float, end: float, latencies: list,
                       counts: dict) -> None:
-    """One client connection, one request in flight. cheroot keeps at most keep_alive_conn_limit (10) idle
-    keep-alive connections and answers the rest with Connection: close; then we reconnect, as a browser
-    would, and the reconnection counts in the latency of the next request."""
+    """One client connection, one request in flight. Should the server answer Connection: close (cheroot
+    does once keep_alive_conn_limit idle connections are parked; mjctl.wsgiserver lifts that limit) we
+    reconnect, as a browser would, and the reconnection counts in the latency of the next request."""
     reader = writer = None
     try:
         while True:
@@ -178,7 +178,7 @@ def main() -> None:
     print(f"{args.tasks:,} tasks, {args.users:,} users, SQLite; {args.connections} connections, "
           f"{args.threads} server threads, {args.seconds:g} s per case")
     header = (f"{'case':34} {'rps':>7} {'x bare':>7} {'p50 ms':>7} {'x bare':>7} {'p99 ms':>7} {'x bare':>7} "
-              f"{'errors':>6}  target")
+              f"{'errors':>6} {'reconn':>6}  target")
     print(header)
     print("-" * len(header))
     failures = []
@@ -192,7 +192,7 @@ def main() -> None:
             if not good:
                 failures.append(name)
         print(f"{name:34} {r['rps']:7.0f} {ratio:7.2f} {r['p50']:7.2f} {r['p50'] / floor['p50']:7.2f} "
-              f"{r['p99']:7.2f} {r['p99'] / floor['p99']:7.2f} {r['errors']:6d}  {verdict}")
+              f"{r['p99']:7.2f} {r['p99'] / floor['p99']:7.2f} {r['errors']:6d} {r['reconnects']:6d}  {verdict}")
     deep, first = results["/api/mj/?p=2000"], results["/api/mj/ page 1"]
     deep_ratio = max(deep["p50"] / first["p50"], deep["p99"] / first["p99"])
     print(f"p=2000 against page 1: p50 {deep['p50'] / first['p50']:.2f}x, p99 {deep['p99'] / first['p99']:.2f}x "

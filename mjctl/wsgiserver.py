@@ -82,6 +82,11 @@ class ServerThread:
         # The serve loop only notices a stop request between select() calls: poll briskly so stop()
         # takes milliseconds, not cheroot's default half second.
         server.expiration_interval = 0.05
+        # cheroot answers "Connection: close" once 10 idle keep-alive connections are parked (its default),
+        # so a client with more connections than that reconnects on most requests, and checking the count
+        # takes the selector's lock on every response. No limit: idle connections still close after
+        # `timeout` seconds, and accepting new ones was never limited by this setting anyway.
+        server.keep_alive_conn_limit = None
         self._server = server
         ready = threading.Event()
         failure: list[BaseException] = []
