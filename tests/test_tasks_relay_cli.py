@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 
 import pytest
 
@@ -77,13 +76,32 @@ def _task(mj_id, status="SUBMITTED", progress="0%"):
     return Task.create(user_id=1, channel_id=1, mj_id=mj_id, status=status, progress=progress, quota=0)
 
 
-def _drive(reports, delay=0.05):
-    """Apply (mj_id, report) pairs from another thread, as the poller or a push would."""
+def _drive(reports, monkeypatch):
+    """Apply (mj_id, report) pairs from another thread, as the poller or a push would: each one only after
+    the watcher has looked at the store since the previous one, so every change is seen, however slow
+    the machine."""
     from mjctl import reports as report_path
+    from mjctl.cli import tasks_relay
+
+    looks = threading.Condition()
+    count = [0]
+    original = tasks_relay._snapshot
+
+    def counting_snapshot(mj_ids):
+        result = original(mj_ids)
+        with looks:
+            count[0] += 1
+            looks.notify_all()
+        return result
+
+    monkeypatch.setattr(tasks_relay, "_snapshot", counting_snapshot)
 
     def run():
+        seen = 0
         for mj_id, report in reports:
-            time.sleep(delay)
+            with looks:
+                assert looks.wait_for(lambda: count[0] > seen, timeout=30), "the watcher never looked"
+                seen = count[0]
             report_path.apply_report(1, {"id": mj_id, **report})
 
     thread = threading.Thread(target=run)
@@ -91,11 +109,11 @@ def _drive(reports, delay=0.05):
     return thread
 
 
-def test_watch_prints_one_line_per_change_and_exits_0_when_all_succeed(cli, store):
+def test_watch_prints_one_line_per_change_and_exits_0_when_all_succeed(cli, store, monkeypatch):
     _task("111")
     _task("222", status="SUCCESS", progress="100%")
     thread = _drive([("111", {"status": "IN_PROGRESS", "progress": "46%"}),
-                     ("111", {"status": "SUCCESS", "progress": "100%"})])
+                     ("111", {"status": "SUCCESS", "progress": "100%"})], monkeypatch)
     result = cli("tasks", "watch", "111", "222", "--interval", "0.01")
     thread.join()
     assert result.exit_code == 0, result.output
@@ -104,9 +122,9 @@ def test_watch_prints_one_line_per_change_and_exits_0_when_all_succeed(cli, stor
     assert lines[-1] == "111\tSUCCESS\t100%" and len(lines) == len(set(lines))
 
 
-def test_watch_exits_1_when_a_task_fails(cli, store):
+def test_watch_exits_1_when_a_task_fails(cli, store, monkeypatch):
     _task("333", status="IN_PROGRESS", progress="15%")
-    thread = _drive([("333", {"status": "FAILURE", "progress": "", "failReason": "banned prompt"})])
+    thread = _drive([("333", {"status": "FAILURE", "progress": "", "failReason": "banned prompt"})], monkeypatch)
     result = cli("tasks", "watch", "333", "--interval", "0.01")
     thread.join()
     assert result.exit_code == 1
@@ -125,7 +143,7 @@ def test_watch_draws_progress_bars_on_a_terminal(cli, store, monkeypatch):
 
     monkeypatch.setattr(state, "env", lambda: state.Env(stdout_isatty=True, color=False))
     _task("555", status="IN_PROGRESS", progress="31%")
-    thread = _drive([("555", {"status": "SUCCESS", "progress": "100%"})])
+    thread = _drive([("555", {"status": "SUCCESS", "progress": "100%"})], monkeypatch)
     result = cli("tasks", "watch", "555", "--interval", "0.01")
     thread.join()
     assert result.exit_code == 0, result.output
