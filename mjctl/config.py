@@ -41,7 +41,7 @@ SCHEMA: dict[str, dict[str, tuple[Any, type, str]]] = {
         "task_timeout": (3600, int, "seconds after submission when an unfinished task fails"),
         "in_server": (True, bool, "mjctl serve also runs the poller"),
         "concurrency": (4, int, "channels polled in parallel"),
-        "lease_seconds": (120.0, float, "how long a poller's lease lasts without renewal"),
+        "lease_seconds": (120.0, float, "how long a poller's claim on a channel lasts without renewal"),
     },
     "images": {
         "forward": (True, bool, "hand out mjctl's own image URLs instead of the upstream's"),

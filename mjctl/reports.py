@@ -140,10 +140,14 @@ def compute_changes(task: Task | TaskState, report: dict) -> tuple[dict, list[st
     video_urls = _video_urls(report.get("videoUrls"))
     if video_urls and video_urls != task.video_urls:
         changes["video_urls"] = video_urls
-    for name in ("buttons", "properties"):
-        value = report.get(name)
-        if value and not _same_json(getattr(task, name), value):
-            changes[name] = _ENCODER.encode(value)
+    buttons = report.get("buttons")
+    if buttons and not _same_json(task.buttons, buttons):
+        changes["buttons"] = _ENCODER.encode(buttons)
+    reported = report.get("properties")
+    if reported and isinstance(reported, dict):
+        properties = _merged_properties(task.properties, reported)
+        if properties is not None:
+            changes["properties"] = properties
     for name, key in (("start_time", "startTime"), ("finish_time", "finishTime")):
         seconds = _seconds(report.get(key))
         if seconds and seconds != getattr(task, name):
@@ -155,6 +159,28 @@ def compute_changes(task: Task | TaskState, report: dict) -> tuple[dict, list[st
         if status == "FAILURE" and not (changes.get("fail_reason") or task.fail_reason):
             changes["fail_reason"] = "The upstream reported a failure without a reason."
     return changes, notes
+
+
+#: Properties mjctl itself keeps on a task (the caller's own hook, the speed prefix): a report never
+#: overwrites them (the upstream echoes mjctl's signed hook as its notifyHook).
+LOCAL_PROPERTIES = ("notifyHook", "speedPrefix")
+
+
+def _merged_properties(stored: str, reported: dict) -> str | None:
+    """The stored properties updated with the reported ones (mjctl's own keys kept); None when unchanged."""
+    try:
+        current = _DECODER.decode(stored) if stored else {}
+    except ValueError:
+        current = {}
+    if not isinstance(current, dict):
+        current = {}
+    merged = {**current, **reported}
+    for key in LOCAL_PROPERTIES:
+        if key in current:
+            merged[key] = current[key]
+        else:
+            merged.pop(key, None)
+    return None if merged == current else _ENCODER.encode(merged)
 
 
 _SIMPLE_FIELDS = (("prompt_en", "promptEn"), ("description", "description"), ("state", "state"),

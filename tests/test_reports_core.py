@@ -127,3 +127,18 @@ def test_a_row_that_moved_between_the_read_and_the_write_is_recomputed(any_store
     assert (stats.failed, stats.refunded) == (1, 1)
     assert Ledger.select().where((Ledger.task_id == other.id) & (Ledger.kind == "refund")).count() == 1
     assert User.get_by_id(user.id).quota == 1000 - 300 and books_balance(user.id)
+
+
+def test_reports_merge_properties_and_keep_mjctls_own(store):
+    user, _ = accounts.create_user("alice", quota=1000)
+    task = charged_task(user)
+    Task.update(properties='{"notifyHook": "https://caller/hook", "speedPrefix": "/mj-fast"}').where(
+        Task.id == task.id).execute()
+    reports.apply_report(1, {"id": task.mj_id, "status": "IN_PROGRESS", "progress": "10%",
+                             "properties": {"finalPrompt": "a cat --v 6", "notifyHook": "https://mjctl/mj/notify/1?sig=x",
+                                            "discordInstanceId": "42"}})
+    props = Task.get_by_id(task.id).properties_dict()
+    assert props == {"notifyHook": "https://caller/hook", "speedPrefix": "/mj-fast", "finalPrompt": "a cat --v 6",
+                     "discordInstanceId": "42"}
+    unchanged = reports.apply_report(1, {"id": task.mj_id, "properties": {"finalPrompt": "a cat --v 6"}})
+    assert unchanged.updated == 0
