@@ -9,6 +9,7 @@ its own transaction together with the row recording it, under a lock so two proc
 from __future__ import annotations
 
 import contextlib
+import random
 import logging
 import threading
 from pathlib import Path
@@ -72,7 +73,10 @@ def make_database(url: str, settings: Settings | None = None) -> peewee.Database
     connect_timeout = int(db_settings.get("connect_timeout", 10))
     if scheme in ("postgresql", "postgres"):
         return PooledPostgresqlDatabase(connect_timeout=connect_timeout, **pool, **kwargs)
-    return PooledMySQLDatabase(charset="utf8mb4", connect_timeout=connect_timeout, **pool, **kwargs)
+    # READ COMMITTED, as on PostgreSQL: InnoDB's default REPEATABLE READ adds gap locks that turned
+    # concurrent submissions into deadlocks, and hides rows other transactions committed meanwhile.
+    return PooledMySQLDatabase(charset="utf8mb4", connect_timeout=connect_timeout,
+                               init_command="SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED", **pool, **kwargs)
 
 
 def is_sqlite(db: peewee.Database | None = None) -> bool:
@@ -360,7 +364,7 @@ def compiled(key: tuple, build: Callable[[], "peewee.Query"], params: list) -> t
     return sql, list(built)
 
 
-def retry_transaction(fn: Callable[[], T], *, attempts: int = 4, what: str = "transaction") -> T:
+def retry_transaction(fn: Callable[[], T], *, attempts: int = 8, what: str = "transaction") -> T:
     """Run fn (which opens its own write transaction) again after a deadlock or lock timeout.
 
     The database rolled the failed attempt back whole, so running it again is safe. MariaDB answers
@@ -376,5 +380,5 @@ def retry_transaction(fn: Callable[[], T], *, attempts: int = 4, what: str = "tr
             if attempt == attempts or database.in_transaction():
                 raise
             log.info("%s: database conflict (%s); retrying", what, _first_line(exc))
-            _time.sleep(0.01 * attempt)
+            _time.sleep(min(0.5, 0.005 * 2 ** attempt) * (0.5 + random.random()))  # jittered back-off
     raise AssertionError("unreachable")
