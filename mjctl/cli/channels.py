@@ -109,14 +109,11 @@ def remove(ctx: typer.Context, name: str = typer.Argument(..., help="Channel nam
     sys.stdout.write(f"Removed channel {channel.name!r}.\n")
 
 
+
 def _register_test_command() -> None:
     """`channels test` lives with the upstream client's CLI code."""
-    try:
-        from mjctl.cli.channels_test import test
-    except ModuleNotFoundError as exc:
-        if exc.name != "mjctl.cli.channels_test":
-            raise
-        return
+    from mjctl.cli.channels_test import test
+
     app.command("test")(test)
 
 

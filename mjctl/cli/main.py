@@ -120,37 +120,20 @@ def init_cmd(
         info("A root user already exists; no token was created.")
 
 
-#: Commands and groups that live in their own modules; a module not present yet is skipped.
-COMMANDS = [("mjctl.cli.serve", "serve"), ("mjctl.cli.poll", "poll"), ("mjctl.cli.simulate", "simulate"),
-            ("mjctl.cli.demo", "demo")]
-GROUPS = [
-    ("mjctl.cli.users", "users", "Manage users, their quota and their tokens."),
-    ("mjctl.cli.channels", "channels", "Manage upstream midjourney-proxy channels."),
-    ("mjctl.cli.tasks", "tasks", "List, show, submit and watch tasks."),
-    ("mjctl.cli.images", "images", "Manage the image cache."),
-    ("mjctl.cli.config_cmd", "config", "Show the effective configuration."),
-]
-
-
 def _register() -> None:
-    import importlib
+    """Every command group and command, each from its own module (cheap to import: the core and the heavy
+    libraries are imported inside the commands)."""
+    from mjctl.cli import channels, config_cmd, demo, images, poll, serve, simulate, tasks, users
 
-    for module_name, name, help_text in GROUPS:
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as exc:
-            if exc.name != module_name:
-                raise
-            continue
-        app.add_typer(module.app, name=name, help=help_text)
-    for module_name, name in COMMANDS:
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as exc:
-            if exc.name != module_name:
-                raise
-            continue
-        app.command(name)(getattr(module, name))
+    app.add_typer(users.app, name="users", help="Manage users, their quota and their tokens.")
+    app.add_typer(channels.app, name="channels", help="Manage upstream midjourney-proxy channels.")
+    app.add_typer(tasks.app, name="tasks", help="List, show, submit, watch and save tasks.")
+    app.add_typer(images.app, name="images", help="Manage the image cache.")
+    app.add_typer(config_cmd.app, name="config", help="Show the effective configuration.")
+    app.command("serve")(serve.serve)
+    app.command("poll")(poll.poll)
+    app.command("simulate")(simulate.simulate)
+    app.command("demo")(demo.demo)
 
 
 _register()

@@ -87,11 +87,9 @@ def list_(
 
 
 def _image_url(settings):
-    """The forwarded image URL for a task, when image forwarding is available."""
-    try:
-        from mjctl.images import image_url_for
-    except ImportError:
-        return None
+    """The forwarded image URL of a task (None when [images] forward is off)."""
+    from mjctl.images import image_url_for
+
     return image_url_for(settings)
 
 
@@ -119,24 +117,14 @@ def show(ctx: typer.Context, mj_id: str = typer.Argument(..., help="The task id.
     sys.stdout.flush()
 
 
-def _register_extra_commands() -> None:
-    """Commands that live beside the modules they need: submit and watch (the relay), image (images)."""
-    import importlib
 
-    for module_name, function_name, command_name in (
-        ("mjctl.cli.tasks_relay", "submit", "submit"),
-        ("mjctl.cli.tasks_relay", "watch", "watch"),
-        ("mjctl.cli.images", "task_image", "image"),
-    ):
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as exc:
-            if exc.name != module_name:
-                raise
-            continue
-        function = getattr(module, function_name, None)
-        if function is not None:
-            app.command(command_name)(function)
+def _register_extra_commands() -> None:
+    """Commands that live beside the code they need: submit and watch (the relay), image (images)."""
+    from mjctl.cli import images, tasks_relay
+
+    app.command("submit")(tasks_relay.submit)
+    app.command("watch")(tasks_relay.watch)
+    app.command("image")(images.task_image)
 
 
 _register_extra_commands()

@@ -71,11 +71,9 @@ class AppContext:
 
     @cached_property
     def image_url(self) -> Callable | None:
-        """The forwarded image URL of a task, once image forwarding (mjctl.images) exists; else None."""
-        try:
-            from mjctl.images import image_url_for
-        except ImportError:
-            return None
+        """The forwarded image URL of a task; None when [images] forward is off."""
+        from mjctl.images import image_url_for
+
         return image_url_for(self.settings)
 
 
