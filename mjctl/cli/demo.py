@@ -9,11 +9,7 @@ fault, switched on for that one submission only) and is refunded. Ctrl-C or SIGT
 
 from __future__ import annotations
 
-import secrets
-import socket
 import sys
-import tempfile
-import threading
 from pathlib import Path
 from typing import Optional
 
@@ -61,6 +57,9 @@ def demo(
     settings = st.open_store()
     configure_logging("warning")  # the page's refreshes would otherwise fill the terminal
 
+    import secrets
+    import threading
+
     from mjctl import accounts, channels
     from mjctl.server import create_app
     from mjctl.simulator import run_simulator_in_thread
@@ -102,6 +101,8 @@ def demo(
 
 def _prepare_folder(directory: Optional[Path]) -> Path:
     if directory is None:
+        import tempfile
+
         return Path(tempfile.mkdtemp(prefix="mjctl-demo-"))
     folder = directory.expanduser().resolve()
     if (folder / "mjctl.db").exists():
@@ -115,12 +116,14 @@ def _prepare_folder(directory: Optional[Path]) -> Path:
 
 
 def _free_port() -> int:
+    import socket
+
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
 
 
-def _start_poller(settings, stop_event: threading.Event):
+def _start_poller(settings, stop_event):
     from mjctl.poller import start_background
 
     return start_background(settings, stop_event)

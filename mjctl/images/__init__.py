@@ -22,9 +22,26 @@ This module knows nothing of the web framework or the CLI.
 from mjctl.images.common import (EXTENSIONS, IMMUTABLE, MJ_ID_RE, PURPOSE, REVALIDATE, ROUTE, ImageTooLarge,
                                  ImageTruncated, ImageUnavailable)
 from mjctl.images.urls import ImageSource, etag_matches, image_url_for, public_base, sign_image, verify_image
-from mjctl.images.cache import CachedImage, ImageCache
-from mjctl.images.forward import ImageForwarder, ImageStream
-from mjctl.images.prefetch import ImagePrefetcher, prefetch_hook, shared_prefetcher, stop_shared_prefetchers
+
+#: Names whose modules import httpx and friends, loaded on first use so that listing tasks (which only
+#: signs URLs) does not pay for them at start-up.
+_LAZY = {
+    "CachedImage": "cache", "ImageCache": "cache", "ImageForwarder": "forward", "ImageStream": "forward",
+    "ImagePrefetcher": "prefetch", "prefetch_hook": "prefetch", "shared_prefetcher": "prefetch",
+    "stop_shared_prefetchers": "prefetch",
+}
+
+
+def __getattr__(name: str):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'mjctl.images' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(f"mjctl.images.{module}"), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = ["EXTENSIONS", "IMMUTABLE", "MJ_ID_RE", "PURPOSE", "REVALIDATE", "ROUTE", "ImageTooLarge", "ImageTruncated",
            "ImageUnavailable", "ImageSource", "etag_matches", "image_url_for", "public_base", "sign_image",
