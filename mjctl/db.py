@@ -364,7 +364,8 @@ def compiled(key: tuple, build: Callable[[], "peewee.Query"], params: list) -> t
     return sql, list(built)
 
 
-def retry_transaction(fn: Callable[[], T], *, attempts: int = 8, what: str = "transaction") -> T:
+def retry_transaction(fn: Callable[[], T], *, attempts: int = 8, what: str = "transaction",
+                      on_conflict: Callable[[], None] | None = None) -> T:
     """Run fn (which opens its own write transaction) again after a deadlock or lock timeout.
 
     The database rolled the failed attempt back whole, so running it again is safe. MariaDB answers
@@ -377,6 +378,8 @@ def retry_transaction(fn: Callable[[], T], *, attempts: int = 8, what: str = "tr
         try:
             return fn()
         except (peewee.OperationalError, peewee.InternalError) as exc:
+            if on_conflict is not None:
+                on_conflict()
             if attempt == attempts or database.in_transaction():
                 raise
             log.info("%s: database conflict (%s); retrying", what, _first_line(exc))

@@ -31,12 +31,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-import peewee
 
 from mjctl import reports
 from mjctl.claims import Claims
 from mjctl.config import Settings
-from mjctl.db import compiled, connection, database
+from mjctl.db import compiled, connection, database, retry_transaction
 from mjctl.models import FINISHED_STATUSES, Channel, Task
 
 log = logging.getLogger("mjctl.poller")
@@ -160,17 +159,11 @@ def _fault_kind(exc: Exception) -> str:
 
 
 def _with_db_retries(what: str, fn: Callable[[], reports.ApplyStats], summary: CycleSummary) -> reports.ApplyStats:
-    """Run one transaction, again after a deadlock or lock timeout (its changes were rolled back)."""
-    for attempt in range(1, DB_ATTEMPTS + 1):
-        try:
-            return fn()
-        except (peewee.OperationalError, peewee.InternalError) as exc:
-            summary.faults["database_retries"] += 1
-            if attempt == DB_ATTEMPTS:
-                raise
-            log.info("%s: database conflict (%s); retrying", what, str(exc).strip().splitlines()[0] if str(exc) else exc)
-            time.sleep(0.01 * attempt)
-    raise AssertionError("unreachable")
+    """One batch's transaction through db.retry_transaction, counting each conflict in the summary."""
+    def count() -> None:
+        summary.faults["database_retries"] += 1
+
+    return retry_transaction(fn, attempts=DB_ATTEMPTS, what=what, on_conflict=count)
 
 
 class _Cycle:

@@ -219,18 +219,27 @@ def _compare_and_set(task: Task, changes: dict) -> bool:
     return True
 
 
+def _changes_for(task, report: dict, stats: ApplyStats) -> dict | None:
+    """The changes a report asks of a task, or None (counted) when there is nothing to write: the task
+    is finished, or the report changes nothing after the monotonicity rules."""
+    if task.unfinished == 0 or task.status in FINISHED_STATUSES:
+        stats.ignored += 1
+        return None
+    changes, notes = compute_changes(task, report)
+    if notes:
+        stats.regressions += 1
+        log.info("task %s: %s", task.mj_id, "; ".join(notes))
+    if not changes:
+        stats.ignored += 1
+        return None
+    return changes
+
+
 def _apply_one(task: Task, report: dict, stats: ApplyStats) -> None:
     """Apply one report to one task inside the caller's transaction, retrying on a lost race."""
     for _ in range(MAX_RETRIES):
-        if task.unfinished == 0 or task.status in FINISHED_STATUSES:
-            stats.ignored += 1
-            return
-        changes, notes = compute_changes(task, report)
-        if notes:
-            stats.regressions += 1
-            log.info("task %s: %s", task.mj_id, "; ".join(notes))
-        if not changes:
-            stats.ignored += 1
+        changes = _changes_for(task, report, stats)
+        if changes is None:
             return
         quota_before = task.quota
         if _compare_and_set(task, changes):
@@ -322,17 +331,9 @@ def _plan(channel_id: int, by_id: dict[str, dict]) -> tuple[ApplyStats, list[tup
         if row is None:
             stats.unknown += 1
             continue
-        if row.unfinished == 0 or row.status in FINISHED_STATUSES:
-            stats.ignored += 1
-            continue
-        changes, notes = compute_changes(row, report)
-        if notes:
-            stats.regressions += 1
-            log.info("task %s: %s", mj_id, "; ".join(notes))
-        if not changes:
-            stats.ignored += 1
-            continue
-        planned.append((row, report, changes))
+        changes = _changes_for(row, report, stats)
+        if changes is not None:
+            planned.append((row, report, changes))
     return stats, planned
 
 
