@@ -289,23 +289,14 @@ class _Cycle:
             log.exception("image prefetch hook failed")
 
 
-_ssl_context = None
-_ssl_lock = threading.Lock()
-
-
 def _transport():
-    """A transport sharing one TLS context: building one per client costs ~90 ms of certificate loading,
-    which would otherwise be paid by every channel in every cycle."""
-    import ssl
-
-    import certifi
+    """A transport on the one shared TLS context (upstream.shared_ssl_context): building one per client
+    costs ~90 ms of certificate loading, which would otherwise be paid by every channel in every cycle."""
     import httpx
 
-    global _ssl_context
-    with _ssl_lock:
-        if _ssl_context is None:
-            _ssl_context = ssl.create_default_context(cafile=certifi.where())
-    return httpx.HTTPTransport(verify=_ssl_context)
+    from mjctl.upstream import shared_ssl_context
+
+    return httpx.HTTPTransport(verify=shared_ssl_context())
 
 
 def _prefetch_hook(settings: Settings) -> Callable[[Task], None] | None:

@@ -109,16 +109,9 @@ def _serve_workers(settings, *, poll: bool) -> None:
 
 
 def _start_poller(settings, stop_event: threading.Event):
-    """POLLER HOOK (the poller issue fills this in by adding mjctl/poller.py):
-    ``mjctl.poller.start_background(settings, stop_event)`` starts the polling loop in a background thread
-    that ends when stop_event is set, and returns that thread (anything with ``join(timeout)``).
-    Until the module exists the server runs without a poller."""
-    try:
-        from mjctl.poller import start_background
-    except ModuleNotFoundError as exc:
-        if exc.name != "mjctl.poller":
-            raise
-        return None
+    """The polling loop in a background thread that ends when stop_event is set."""
+    from mjctl.poller import start_background
+
     return start_background(settings, stop_event)
 
 
