@@ -12,7 +12,7 @@ import re
 import peewee
 
 from mjctl import crypto
-from mjctl.db import write_tx
+from mjctl.db import compiled, database, write_tx
 from mjctl.errors import Conflict, InsufficientQuota, NotFound, UsageError
 from mjctl.models import ROLES, Ledger, Token, User
 
@@ -128,23 +128,25 @@ def token_count(user_id: int) -> int:
 
 def authenticate(token: str | None) -> User | None:
     """The user a token belongs to (enabled or not), or None. The hash is looked up by index and then
-    compared in constant time."""
+    compared in constant time. Every API request starts here, so the row becomes a User directly."""
     if not token:
         return None
-    from mjctl.db import compiled, database
-
     digest = crypto.hash_token(token.strip())
-    columns = [getattr(User, name) for name in User._meta.sorted_field_names]
-    sql, params = compiled(
-        ("authenticate",),
-        lambda: User.select(Token.token_hash, *columns).join(Token, on=(Token.user_id == User.id))
-        .where(Token.token_hash == digest).limit(1),
-        [digest, 1],
-    )
+    sql, params = compiled(("authenticate",), lambda: _token_query(digest), [digest, 1])
     row = database.execute_sql(sql, params).fetchone()
     if row is None or not crypto.same(row[0], digest):
         return None
-    return User(**dict(zip(User._meta.sorted_field_names, row[1:])))
+    user = User(__no_default__=1)
+    user.__data__ = dict(zip(_USER_FIELDS, row[1:]))
+    return user
+
+
+_USER_FIELDS = User._meta.sorted_field_names
+
+
+def _token_query(digest: str) -> peewee.Query:
+    return (User.select(Token.token_hash, *(getattr(User, name) for name in _USER_FIELDS))
+            .join(Token, on=(Token.user_id == User.id)).where(Token.token_hash == digest).limit(1))
 
 
 def topup(name: str, amount, reason: str = "top-up") -> User:

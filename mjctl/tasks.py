@@ -197,9 +197,39 @@ def task_detail(task: Task, *, image_url: Callable[[Task], str] | None = None) -
 
 
 def page_envelope(page: TaskPage, *, admin: bool, image_url: Callable[[Task], str] | None = None) -> dict:
-    return {
-        "items": [task_item(t, admin=admin, image_url=image_url) for t in page.items],
-        "total": page.total,
-        "page": page.page,
-        "page_size": page.page_size,
-    }
+    rows = page.items
+    if rows and all(type(row) is TaskRow for row in rows):
+        items = _admin_items(rows) if admin else _user_items(rows)
+        if image_url is not None:
+            for item, row in zip(items, rows):
+                if item["image_url"]:
+                    item["image_url"] = image_url(row)
+    else:
+        items = [task_item(t, admin=admin, image_url=image_url) for t in rows]
+    return {"items": items, "total": page.total, "page": page.page, "page_size": page.page_size}
+
+
+# A listing row holds LISTING_COLUMNS, all NOT NULL, so an item is the row under the fields' names. Spelt
+# out (the dict display of an unpacked row) it costs half of dict(zip(...)): ~0.7 us an item instead of 1.5.
+# tests/test_tasks.py checks these against USER_FIELDS, ADMIN_FIELDS and task_item.
+
+def _user_items(rows: list[TaskRow]) -> list[dict]:
+    return [
+        {"id": id_, "mj_id": mj_id, "action": action, "prompt": prompt, "prompt_en": prompt_en, "status": status,
+         "progress": progress, "image_url": image_url, "video_url": video_url, "video_urls": video_urls,
+         "submit_time": submit_time, "start_time": start_time, "finish_time": finish_time,
+         "fail_reason": fail_reason, "quota": quota}
+        for (id_, mj_id, action, prompt, prompt_en, status, progress, image_url, video_url, video_urls,
+             submit_time, start_time, finish_time, fail_reason, quota, _user_id, _channel_id) in rows
+    ]
+
+
+def _admin_items(rows: list[TaskRow]) -> list[dict]:
+    return [
+        {"id": id_, "mj_id": mj_id, "action": action, "prompt": prompt, "prompt_en": prompt_en, "status": status,
+         "progress": progress, "image_url": image_url, "video_url": video_url, "video_urls": video_urls,
+         "submit_time": submit_time, "start_time": start_time, "finish_time": finish_time,
+         "fail_reason": fail_reason, "quota": quota, "user_id": user_id, "channel_id": channel_id}
+        for (id_, mj_id, action, prompt, prompt_en, status, progress, image_url, video_url, video_urls,
+             submit_time, start_time, finish_time, fail_reason, quota, user_id, channel_id) in rows
+    ]

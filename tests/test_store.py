@@ -11,7 +11,7 @@ import pytest
 from mjctl import accounts, channels, db
 from mjctl.errors import Conflict, InsufficientQuota, NotFound, UsageError
 from mjctl.models import Ledger, Task, Token, User
-from mjctl.tasks import TaskFilter, list_tasks, task_item
+from mjctl.tasks import TaskFilter, list_tasks, page_envelope, task_item
 
 
 def make_task(user, channel_id=1, **fields):
@@ -166,6 +166,28 @@ def test_task_item_shapes(any_store):
     admin_item = task_item(task, admin=True)
     assert admin_item["user_id"] == alice.id and admin_item["channel_id"] == 1
     assert isinstance(admin_item["video_urls"], str) and admin_item["start_time"] == 0
+
+
+def test_listing_items_are_the_one_item_shape(any_store):
+    """page_envelope builds listing items straight from row tuples; they must equal task_item's, field for
+    field and in the document's order, for users and admins, with image URLs rewritten only where set."""
+    alice, _ = accounts.create_user("alice")
+    make_task(alice, mj_id="with-image", image_url="https://cdn/1.png", video_urls='["https://v/1.mp4"]',
+              submit_time=1_700_000_000, start_time=1_700_000_001, finish_time=1_700_000_002, quota=7)
+    make_task(alice, mj_id="no-image", prompt="ünïcode", fail_reason="boom", status="FAILURE")
+
+    def forwarded(task):
+        return f"https://mjctl/{task.mj_id}"
+
+    page = list_tasks(TaskFilter(user_id=alice.id))
+    for admin in (False, True):
+        for image_url in (None, forwarded):
+            items = page_envelope(page, admin=admin, image_url=image_url)["items"]
+            expected = [task_item(Task.get_by_id(row.id), admin=admin, image_url=image_url) for row in page.items]
+            assert items == expected
+            assert [list(item) for item in items] == [list(item) for item in expected]
+    assert page_envelope(page, admin=False, image_url=forwarded)["items"][1]["image_url"] == "https://mjctl/with-image"
+    assert page_envelope(page, admin=False, image_url=forwarded)["items"][0]["image_url"] == ""
 
 
 def test_unfinished_lookup_uses_an_index(store):

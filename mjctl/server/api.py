@@ -29,9 +29,8 @@ _INTEGER = re.compile(r"[+-]?[0-9]+")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
-def _raw(name: str) -> str | None:
+def _raw(query: bottle.FormsDict, name: str) -> str | None:
     """A query parameter as text; None when absent or empty (an empty form field means "no filter")."""
-    query = bottle.request.query
     if name not in query:
         return None
     value = query.getunicode(name)
@@ -44,9 +43,9 @@ def _show(value: str) -> str:
     return repr(value if len(value) <= 40 else value[:40] + "…")
 
 
-def query_int(name: str, *, minimum: int, meaning: str) -> int | None:
+def query_int(query: bottle.FormsDict, name: str, *, minimum: int, meaning: str) -> int | None:
     """An integer parameter >= minimum, or None when absent; a 400 naming it otherwise."""
-    raw = _raw(name)
+    raw = _raw(query, name)
     if raw is None:
         return None
     text = raw.strip()
@@ -55,8 +54,8 @@ def query_int(name: str, *, minimum: int, meaning: str) -> int | None:
     return int(text)
 
 
-def query_text(name: str, *, max_len: int) -> str | None:
-    raw = _raw(name)
+def query_text(query: bottle.FormsDict, name: str, *, max_len: int) -> str | None:
+    raw = _raw(query, name)
     if raw is None:
         return None
     if len(raw) > max_len:
@@ -68,23 +67,26 @@ def query_text(name: str, *, max_len: int) -> str | None:
 
 def read_listing(*, admin: bool) -> tuple[TaskFilter, int, int]:
     """The filter and paging of a listing request, validated."""
-    page = query_int("p", minimum=1, meaning="a whole number of 1 or more")
-    page_size = query_int("page_size", minimum=1,
+    query = bottle.request.query
+    if not query:  # the common request: page 1 of everything
+        return TaskFilter(), 1, DEFAULT_PAGE_SIZE
+    page = query_int(query, "p", minimum=1, meaning="a whole number of 1 or more")
+    page_size = query_int(query, "page_size", minimum=1,
                           meaning=f"a whole number of 1 or more (above {MAX_PAGE_SIZE} is served as {MAX_PAGE_SIZE})")
     stamp = "epoch seconds (or milliseconds), a whole number of 0 or more"
-    start = query_int("start_timestamp", minimum=0, meaning=stamp)
-    end = query_int("end_timestamp", minimum=0, meaning=stamp)
-    status = query_text("status", max_len=MAX_WORD_LEN)
-    action = query_text("action", max_len=MAX_WORD_LEN)
+    start = query_int(query, "start_timestamp", minimum=0, meaning=stamp)
+    end = query_int(query, "end_timestamp", minimum=0, meaning=stamp)
+    status = query_text(query, "status", max_len=MAX_WORD_LEN)
+    action = query_text(query, "action", max_len=MAX_WORD_LEN)
     filters = TaskFilter(
-        mj_id=query_text("mj_id", max_len=MAX_FILTER_LEN),
+        mj_id=query_text(query, "mj_id", max_len=MAX_FILTER_LEN),
         status=status.upper() if status else None,
         action=action.upper() if action else None,
         start=normalize_seconds(start) if start is not None else None,
         end=normalize_seconds(end) if end is not None else None,
     )
     if admin:
-        filters.channel_id = query_int("channel_id", minimum=0, meaning="a channel id (a whole number)")
+        filters.channel_id = query_int(query, "channel_id", minimum=0, meaning="a channel id (a whole number)")
     page, page_size = clamp_page(page or 1, page_size or DEFAULT_PAGE_SIZE)
     return filters, page, page_size
 
