@@ -114,6 +114,7 @@ class _Pending:
     id: int
     mj_id: str
     since: int  # submit time (seconds), the start of its timeout
+    version: float  # updated_at when the cycle read it: the row version a ReportMemo entry must match
 
 
 def _has_unfinished() -> bool:
@@ -133,7 +134,7 @@ def _unfinished_of(channel_id: int) -> list[_Pending]:
     sql, params = compiled(("poller_unfinished_of",), lambda: (
         Task.select(Task.id, Task.mj_id, Task.submit_time, Task.updated_at)
         .where((Task.unfinished == 1) & (Task.channel_id == channel_id)).order_by(Task.id)), [1, channel_id])
-    return [_Pending(task_id, mj_id or "", int(submit_time or updated_at or 0))
+    return [_Pending(task_id, mj_id or "", int(submit_time or updated_at or 0), updated_at)
             for task_id, mj_id, submit_time, updated_at in database.execute_sql(sql, params).fetchall()]
 
 
@@ -166,10 +167,25 @@ def _with_db_retries(what: str, fn: Callable[[], reports.ApplyStats], summary: C
     return retry_transaction(fn, attempts=DB_ATTEMPTS, what=what, on_conflict=count)
 
 
+class PollerMemory:
+    """What a long-running poller (``run_loop``: ``mjctl poll --every``, ``mjctl serve``) carries from one
+    cycle to the next: per channel, the reports that changed nothing (:class:`mjctl.reports.ReportMemo`),
+    so a cycle in which most tasks are where they were last time does not work each one out again."""
+
+    def __init__(self) -> None:
+        self._memos: dict[int, reports.ReportMemo] = {}
+        self._lock = threading.Lock()
+
+    def memo(self, channel_id: int) -> reports.ReportMemo:
+        with self._lock:
+            return self._memos.setdefault(channel_id, reports.ReportMemo())
+
+
 class _Cycle:
     def __init__(self, settings: Settings, claims: Claims | None, now: float | None,
-                 clients: Mapping[int, Any] | None, transport: Any):
+                 clients: Mapping[int, Any] | None, transport: Any, memory: PollerMemory | None = None):
         poller = settings.poller
+        self.memory = memory
         self.settings = settings
         self.claims = claims
         self.fixed_now = now
@@ -182,9 +198,6 @@ class _Cycle:
 
     def now(self) -> float:
         return self.fixed_now if self.fixed_now is not None else time.time()
-
-    def overdue(self, task: _Pending) -> bool:
-        return task.since + self.task_timeout <= self.now()
 
     def fail(self, ids_by_reason: Mapping[str, list[int]], summary: CycleSummary, *, timed_out: bool) -> None:
         for reason, ids in ids_by_reason.items():
@@ -219,14 +232,23 @@ class _Cycle:
         return summary
 
     def _poll_batches(self, channel: Channel, client: Any, tasks: list[_Pending], summary: CycleSummary) -> None:
-        from mjctl.upstream import UpstreamError
-
         label = f"channel {channel.name}" + ("" if channel.enabled else " (disabled)")
         untracked = [t for t in tasks if not t.mj_id]
         tracked = [t for t in tasks if t.mj_id]
         if untracked:
             self._time_out(untracked, {}, summary, f"it has no upstream id on {label}")
         batches = [tracked[i:i + self.batch_size] for i in range(0, len(tracked), self.batch_size)]
+        memo = self.memory.memo(channel.id) if self.memory is not None else None
+        try:
+            self._poll_each(channel, client, batches, summary, label, memo)
+        finally:
+            if memo is not None:
+                memo.end_cycle()
+
+    def _poll_each(self, channel: Channel, client: Any, batches: list[list[_Pending]], summary: CycleSummary,
+                   label: str, memo: reports.ReportMemo | None) -> None:
+        from mjctl.upstream import UpstreamError
+
         for index, batch in enumerate(batches):
             if self.claims is not None and not self.claims.renew_if_due(channel.id):
                 summary.faults["claim_lost"] += 1
@@ -251,7 +273,16 @@ class _Cycle:
             missing = requested - by_id.keys()
             if missing:
                 summary.faults["missing_ids"] += len(missing)
-            stats = _with_db_retries(label, lambda: reports.apply_reports(channel.id, answer), summary)
+            fresh, repeated = answer, 0
+            if memo is not None:
+                # A report that changed nothing last time, against a row nobody has written since (its version
+                # as read at the start of this cycle), changes nothing now: it is not read or worked out again.
+                versions = {t.mj_id: t.version for t in batch}
+                fresh = [r for r in answer
+                         if not (isinstance(r, dict) and memo.unchanged(str(r.get("id")), r, versions.get(str(r.get("id")))))]
+                repeated = len(answer) - len(fresh)
+            stats = _with_db_retries(label, lambda: reports.apply_reports(channel.id, fresh, memo), summary)
+            stats.ignored += repeated
             summary.add_stats(stats)
             if stats.succeeded_ids:
                 self._prefetch(stats.succeeded_ids)
@@ -262,8 +293,9 @@ class _Cycle:
         """Fail the overdue ones among tasks, with a reason saying why they never finished."""
         grouped: dict[str, list[int]] = defaultdict(list)
         timeout = self.task_timeout
+        deadline = self.now() - timeout  # overdue: submitted at or before this
         for task in tasks:
-            if not self.overdue(task):
+            if task.since > deadline:
                 continue
             report = answered.get(task.mj_id)
             if report is not None and str(report.get("status") or "").upper() in FINISHED_STATUSES:
@@ -332,7 +364,8 @@ def drain_prefetch(settings: Settings, timeout: float | None = None) -> bool:
 
 
 def poll_once(settings: Settings, *, clients: Mapping[int, Any] | None = None, now: float | None = None,
-              transport: Any = None, use_lease: bool = True, fresh_for: float = 0.0) -> CycleSummary:
+              transport: Any = None, use_lease: bool = True, fresh_for: float = 0.0,
+              memory: PollerMemory | None = None) -> CycleSummary:
     """Run one polling cycle over the channels this poller can claim, and return what it did.
 
     ``clients`` maps channel ids to ready clients (anything with ``list_by_condition``); other channels
@@ -340,7 +373,8 @@ def poll_once(settings: Settings, *, clients: Mapping[int, Any] | None = None, n
     ``httpx.MockTransport``). ``now`` fixes the clock used for timeouts. ``fresh_for`` skips channels
     another poller polled in a round that began less than that many seconds before this one (the loop
     passes most of its interval). ``use_lease=False`` takes no claims and polls every channel (tests that
-    race pollers over the same tasks on purpose).
+    race pollers over the same tasks on purpose). ``memory`` is what a loop carries between its cycles
+    (:class:`PollerMemory`); a one-shot cycle has none and works out every report.
     """
     started = time.perf_counter()
     summary = CycleSummary(started_at=time.time())
@@ -349,7 +383,7 @@ def poll_once(settings: Settings, *, clients: Mapping[int, Any] | None = None, n
         summary.duration = time.perf_counter() - started
         return summary
     claims = (Claims(settings.poller.lease_seconds, summary.started_at, fresh_for) if use_lease else None)
-    _run_cycle(settings, summary, claims, now, clients, transport)
+    _run_cycle(settings, summary, claims, now, clients, transport, memory)
     if claims is not None and claims.lost:
         summary.message = "a claim was lost during the cycle; that channel stopped early"
     summary.duration = time.perf_counter() - started
@@ -357,8 +391,8 @@ def poll_once(settings: Settings, *, clients: Mapping[int, Any] | None = None, n
 
 
 def _run_cycle(settings: Settings, summary: CycleSummary, claims: Claims | None, now: float | None,
-               clients: Mapping[int, Any] | None, transport: Any) -> None:
-    cycle = _Cycle(settings, claims, now, clients, transport)
+               clients: Mapping[int, Any] | None, transport: Any, memory: PollerMemory | None) -> None:
+    cycle = _Cycle(settings, claims, now, clients, transport, memory)
     channel_ids = _channels_with_unfinished()
     channels = {c.id: c for c in Channel.select().where(Channel.id.in_(channel_ids))}
     removed = [cid for cid in channel_ids if cid not in channels]
@@ -434,6 +468,7 @@ def run_loop(settings: Settings, stop_event: threading.Event, every: float | Non
 
     interval = float(every if every is not None else settings.poller.interval)
     scheduler = schedule.Scheduler()
+    memory = PollerMemory()
 
     def job() -> None:
         if stop_event.is_set():
@@ -441,7 +476,7 @@ def run_loop(settings: Settings, stop_event: threading.Event, every: float | Non
         try:
             with connection():
                 # A channel another poller polled less than ~an interval ago counts as polled this round.
-                summary = poll_once(settings, fresh_for=interval * 0.9)
+                summary = poll_once(settings, fresh_for=interval * 0.9, memory=memory)
             if on_cycle is not None:
                 on_cycle(summary)
         except Exception:

@@ -335,7 +335,7 @@ def _charge(task: Task, price: int) -> None:
         # The balance was lowered by hand while the upstream was being asked (reservations cannot stop
         # that): the task runs, uncharged, rather than the balance going negative.
         log.warning("task %s accepted but the balance no longer covers %s; not charged", task.mj_id, price)
-        Task.update(quota=Task.quota - price).where(Task.id == task.id).execute()
+        Task.update(quota=Task.quota - price, updated_at=time.time()).where(Task.id == task.id).execute()
 
 
 def _continue_modal(parent: Task, body: dict, result: SubmitResult, status: str, price: int) -> None:

@@ -278,7 +278,7 @@ def _locked(query) -> list[Task]:
     return tasks
 
 
-def apply_reports(channel_id: int, reports: Iterable[dict]) -> ApplyStats:
+def apply_reports(channel_id: int, reports: Iterable[dict], memo: ReportMemo | None = None) -> ApplyStats:
     """Apply upstream task reports from one channel in one transaction. Reports for ids this channel has no
     task for, and reports without an id, are counted and skipped.
 
@@ -298,7 +298,7 @@ def apply_reports(channel_id: int, reports: Iterable[dict]) -> ApplyStats:
     if not by_id:
         return stats
     for _ in range(MAX_RETRIES):
-        planning, planned = _plan(channel_id, by_id)
+        planning, planned = _plan(channel_id, by_id, memo)
         if not planned:
             stats.add(planning)
             return stats
@@ -320,9 +320,11 @@ def apply_reports(channel_id: int, reports: Iterable[dict]) -> ApplyStats:
     return stats
 
 
-def _plan(channel_id: int, by_id: dict[str, dict]) -> tuple[ApplyStats, list[tuple[TaskState, dict, dict]]]:
+def _plan(channel_id: int, by_id: dict[str, dict],
+          memo: ReportMemo | None = None) -> tuple[ApplyStats, list[tuple[TaskState, dict, dict]]]:
     """Outside any transaction: read the tasks of by_id and work out each one's changes. Returns what was
-    skipped (unknown, finished, unchanged, refused regressions) and the (row, report, changes) to write."""
+    skipped (unknown, finished, unchanged, refused regressions) and the (row, report, changes) to write.
+    Reports that change nothing (and refuse nothing) are remembered in memo with the row version they met."""
     stats = ApplyStats()
     snapshot = {row.mj_id: row for row in _read_states_by_mj_id(channel_id, list(by_id))}
     planned: list[tuple[TaskState, dict, dict]] = []
@@ -331,10 +333,42 @@ def _plan(channel_id: int, by_id: dict[str, dict]) -> tuple[ApplyStats, list[tup
         if row is None:
             stats.unknown += 1
             continue
+        regressions = stats.regressions
         changes = _changes_for(row, report, stats)
         if changes is not None:
             planned.append((row, report, changes))
+        elif memo is not None and stats.regressions == regressions and row.unfinished:
+            memo.remember(mj_id, report, row.updated_at)
     return stats, planned
+
+
+class ReportMemo:
+    """The reports of one channel that changed nothing, each with the row version (``updated_at``) it was
+    checked against. A poller keeps one per channel across its cycles: the same report against the same
+    row version changes nothing again, so it need not be read against the row or worked out again — and
+    most reports of a cycle repeat the last one (a task in the queue or at the same progress). Any write to
+    the row, by anyone, changes its version and so voids the entry. Entries not met again in a cycle are
+    dropped at its end."""
+
+    def __init__(self) -> None:
+        self._seen: dict[str, tuple[dict, float]] = {}
+        self._next: dict[str, tuple[dict, float]] = {}
+
+    def unchanged(self, mj_id: str, report: dict, version: float | None) -> bool:
+        hit = self._seen.get(mj_id)
+        if hit is not None and hit[1] == version and hit[0] == report:
+            self._next[mj_id] = hit
+            return True
+        return False
+
+    def remember(self, mj_id: str, report: dict, version: float) -> None:
+        self._next[mj_id] = (report, version)
+
+    def end_cycle(self) -> None:
+        self._seen, self._next = self._next, {}
+
+    def __len__(self) -> int:
+        return len(self._seen)
 
 
 class TaskState(NamedTuple):
@@ -358,6 +392,7 @@ class TaskState(NamedTuple):
     finish_time: int
     quota: int
     unfinished: int
+    updated_at: float  # the row's version: every writer of a task sets it
 
 
 _STATE_COLUMNS = [getattr(Task, name) for name in TaskState._fields] + [Task.channel_id]
