@@ -47,21 +47,22 @@ class TaskFilter:
                   self.start, self.end]
         return [v for v, used in zip(values, self.shape()) if used]
 
-    def where(self, query):
+    def where(self, query, table=Task):
+        """query narrowed to the matches; table is Task or an alias of it (a subquery's own)."""
         if self.user_id is not None:
-            query = query.where(Task.user_id == self.user_id)
+            query = query.where(table.user_id == self.user_id)
         if self.channel_id is not None:
-            query = query.where(Task.channel_id == self.channel_id)
+            query = query.where(table.channel_id == self.channel_id)
         if self.mj_id:
-            query = query.where(Task.mj_id == self.mj_id)
+            query = query.where(table.mj_id == self.mj_id)
         if self.status:
-            query = query.where(Task.status == self.status)
+            query = query.where(table.status == self.status)
         if self.action:
-            query = query.where(Task.action == self.action)
+            query = query.where(table.action == self.action)
         if self.start is not None:
-            query = query.where(Task.submit_time >= self.start)
+            query = query.where(table.submit_time >= self.start)
         if self.end is not None:
-            query = query.where(Task.submit_time <= self.end)
+            query = query.where(table.submit_time <= self.end)
         return query
 
 
@@ -101,37 +102,42 @@ del _index, _name
 
 
 def list_tasks(filters: TaskFilter, page: int = 1, page_size: int = DEFAULT_PAGE_SIZE) -> TaskPage:
-    """One page of tasks matching filters, newest first (id descending), with the total of all matches."""
+    """One page of tasks matching filters, newest first (id descending), with the total of all matches.
+
+    The total rides along with the rows as a scalar subquery of the same statement: one round trip to the
+    database instead of two (on PostgreSQL ~15% of an /api/mj/self request). A page with no rows (past
+    the end, or nothing matches) asks for the total on its own."""
     from mjctl.db import compiled, database
 
     page, page_size = clamp_page(page, page_size)
-    total = count_tasks(filters)
-    items: list = []
     offset = (page - 1) * page_size
-    if offset < total:
-        deferred = offset > 0
-        sql, params = compiled(("page", deferred) + filters.shape(),
-                               lambda: _page_query(filters, page_size, offset, deferred),
-                               filters.params() + [page_size, offset])
-        items = list(map(TaskRow, database.execute_sql(sql, params).fetchall()))
-    return TaskPage(items=items, total=int(total), page=page, page_size=page_size)
+    deferred = offset > 0
+    count_key, count_params, count_query = _count_query(filters)
+    sql, params = compiled(("page", deferred, count_key) + filters.shape(),
+                           lambda: _page_query(filters, page_size, offset, deferred, count_query()),
+                           count_params + filters.params() + [page_size, offset])
+    rows = database.execute_sql(sql, params).fetchall()
+    if not rows:
+        return TaskPage(items=[], total=count_tasks(filters), page=page, page_size=page_size)
+    return TaskPage(items=[TaskRow(row[:-1]) for row in rows], total=int(rows[0][-1] or 0), page=page,
+                    page_size=page_size)
 
 
-def _page_query(filters: TaskFilter, limit: int, offset: int, deferred: bool):
-    """The rows of one page. Past the first page the ids are chosen first, from an index alone, and only
-    those rows are read (a "deferred join"): skipping 40,000 matches then steps over index entries instead
-    of whole rows, on every backend, with the same rows in the same order."""
-    columns = [getattr(Task, c) for c in LISTING_COLUMNS]
+def _page_query(filters: TaskFilter, limit: int, offset: int, deferred: bool, total: peewee.Query):
+    """The rows of one page, each with the total as its last column. Past the first page the ids are chosen
+    first, from an index alone, and only those rows are read (a "deferred join"): skipping 40,000 matches
+    then steps over index entries instead of whole rows, on every backend, with the same rows in the same
+    order."""
+    columns = [getattr(Task, c) for c in LISTING_COLUMNS] + [total.alias("total")]
     if not deferred:
         return filters.where(Task.select(*columns)).order_by(Task.id.desc()).limit(limit).offset(offset)
     ids = filters.where(Task.select(Task.id)).order_by(Task.id.desc()).limit(limit).offset(offset).alias("page")
     return Task.select(*columns).join(ids, on=(Task.id == ids.c.id)).order_by(Task.id.desc())
 
 
-def count_tasks(filters: TaskFilter) -> int:
-    """Exact number of matches. Unfiltered and per-channel totals come from the trigger-kept counters."""
-    from mjctl.db import compiled, database
-
+def _count_query(filters: TaskFilter) -> tuple[str, list, Callable[[], peewee.Query]]:
+    """How to count the matches: (cache key, parameters, query builder). Unfiltered and per-channel totals
+    come from the trigger-kept counters; anything else is a COUNT over the filters' index."""
     only_channel = filters.channel_id is not None and filters.channel_id > 0 and not any(
         (filters.user_id is not None, filters.mj_id, filters.status, filters.action, filters.start is not None,
          filters.end is not None))
@@ -139,11 +145,21 @@ def count_tasks(filters: TaskFilter) -> int:
         from mjctl.models import TaskCount
 
         channel = filters.channel_id or 0
-        sql, params = compiled(("task_count",),
-                               lambda: TaskCount.select(TaskCount.n).where(TaskCount.channel_id == channel), [channel])
-    else:
-        sql, params = compiled(("count",) + filters.shape(),
-                               lambda: filters.where(Task.select(peewee.fn.COUNT(Task.id))), filters.params())
+        return "task_count", [channel], lambda: TaskCount.select(TaskCount.n).where(TaskCount.channel_id == channel)
+
+    def count() -> peewee.Query:
+        counted = Task.alias("counted")
+        return filters.where(counted.select(peewee.fn.COUNT(counted.id)), counted)
+
+    return "count", filters.params(), count
+
+
+def count_tasks(filters: TaskFilter) -> int:
+    """Exact number of matches."""
+    from mjctl.db import compiled, database
+
+    key, params, query = _count_query(filters)
+    sql, params = compiled((key,) + filters.shape(), query, params)
     row = database.execute_sql(sql, params).fetchone()
     return int(row[0] or 0) if row else 0
 
