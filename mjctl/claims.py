@@ -62,24 +62,24 @@ def holder_is_dead(holder: str) -> bool:
     return False
 
 
-_skip_locked: dict[int, bool] = {}
-
-
 def supports_skip_locked() -> bool:
-    """PostgreSQL, MySQL 8+ and MariaDB 10.6+ have ``FOR UPDATE SKIP LOCKED``; SQLite has no row locks."""
+    """PostgreSQL, MySQL 8+ and MariaDB 10.6+ have ``FOR UPDATE SKIP LOCKED``; SQLite has no row locks.
+    The answer is kept on the database object itself (keyed by id() it once outlived its database: a new
+    SQLite store at a freed PostgreSQL one's address was taken for PostgreSQL)."""
     db = database.obj
-    key = id(db)
-    if key not in _skip_locked:
+    known = getattr(db, "_mjctl_skip_locked", None)
+    if known is None:
         if is_sqlite(db):
-            _skip_locked[key] = False
+            known = False
         elif isinstance(db, peewee.PostgresqlDatabase):
-            _skip_locked[key] = True
+            known = True
         else:
             version = str(database.execute_sql("SELECT VERSION()").fetchone()[0])
             numbers = [int(n) for n in version.split("-")[0].split(".")[:2] if n.isdigit()]
             major, minor = (numbers + [0, 0])[:2]
-            _skip_locked[key] = (major, minor) >= (10, 6) if "mariadb" in version.lower() else major >= 8
-    return _skip_locked[key]
+            known = (major, minor) >= (10, 6) if "mariadb" in version.lower() else major >= 8
+        db._mjctl_skip_locked = known
+    return known
 
 
 class Claims:
