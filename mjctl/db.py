@@ -202,19 +202,23 @@ def discard_connection() -> None:
         db._state.reset()
 
 
+READ_RETRIES = 2  # a read that meets a dead connection is tried again on a fresh one, at most this often
+
+
 def call_with_connection(fn: Callable, *args, retry: bool = False, **kwargs):
     """fn(*args, **kwargs) inside connection(). With retry (idempotent reads only) a connection error is
-    retried once on a fresh connection: after a database restart the first use of a connection that was
-    checked out before it fails, and the request need not."""
-    try:
-        with connection():
-            return fn(*args, **kwargs)
-    except CONNECTION_ERRORS as exc:
-        if not retry or database.in_transaction():
-            raise
-        log.warning("database connection lost (%s); retrying on a new connection", _first_line(exc))
-    with connection():
-        return fn(*args, **kwargs)
+    retried on a fresh connection, up to READ_RETRIES times: after a database restart the first use of a
+    connection that was checked out before it fails, and the request need not; a second retry covers a
+    fresh connection killed between its liveness ping and its query (an administrator killing sessions)."""
+    for attempt in range(READ_RETRIES + 1):
+        try:
+            with connection():
+                return fn(*args, **kwargs)
+        except CONNECTION_ERRORS as exc:
+            if not retry or attempt == READ_RETRIES or database.in_transaction():
+                raise
+            log.warning("database connection lost (%s); retrying on a new connection", _first_line(exc))
+    raise AssertionError("unreachable")
 
 
 # --- migrations --------------------------------------------------------------------------------

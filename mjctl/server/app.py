@@ -138,7 +138,7 @@ class StorePlugin:
             return callback
         message = route.config.get("db_error", "The database failed; try again later.")
 
-        # A read is retried once on a fresh connection after a connection error (a database restart).
+        # A read is retried on a fresh connection after a connection error (a database restart).
         idempotent = route.method in ("GET", "HEAD")
         gate = self.sqlite_gate
 
