@@ -22,6 +22,7 @@ from mjctl.models import Task
 from mjctl.reports import apply_report
 from mjctl.sim.png import make_png
 from tests.conftest import make_settings
+from tests.helpers import wait_until
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
@@ -256,8 +257,11 @@ def test_an_admin_sees_every_task_and_the_channel_column(page, site):
     expect(by(page, "channel")).to_have_count(20)
     expect(by(page, "live")).to_be_visible()
     expect(by(page, "task-row").first.get_by_test_id("progress-label")).to_have_text("45%")
-    page.wait_for_function("[...document.querySelectorAll('[data-testid=thumbnail] img')]"
-                           ".slice(0, 6).every(i => i.complete && i.naturalWidth > 0)")
+    # Polled from here, not with page.wait_for_function: its in-page polling compiles the predicate with
+    # eval, which the page's CSP (script-src 'self') refuses whenever the first check comes out false.
+    wait_until(lambda: page.evaluate("[...document.querySelectorAll('[data-testid=thumbnail] img')]"
+                                     ".slice(0, 6).every(i => i.complete && i.naturalWidth > 0)"),
+               timeout=10, message="the first six thumbnails loaded")
     shot(page, "admin-desktop")
     readme_shot = REPO / "docs" / "screenshot.png"
     if os.environ.get("MJCTL_UPDATE_SCREENSHOT") or not readme_shot.exists():  # committed; refresh on demand
