@@ -19,7 +19,7 @@ from mjctl.errors import ConfigError
 SCHEMA: dict[str, dict[str, tuple[Any, type, str]]] = {
     "database": {
         "url": ("sqlite:///mjctl.db", str, "sqlite:///PATH, postgresql://USER@HOST:PORT/DB or mysql://USER@HOST:PORT/DB"),
-        "pool_size": (10, int, "connections kept per process (PostgreSQL and MySQL)"),
+        "pool_size": (0, int, "connections kept per process (PostgreSQL and MySQL); 0 = [server] threads + [poller] concurrency + 2"),
         "pool_timeout": (10.0, float, "seconds to wait for a free pooled connection"),
         "connect_timeout": (10, int, "seconds to wait when opening a connection"),
         "stale_timeout": (300, int, "seconds after which an idle pooled connection is replaced"),
@@ -191,9 +191,11 @@ def _validate(section: str, key: str, value: Any, where: str) -> None:
         raise ConfigError(f"{problem} must be a port between 0 and 65535.")
     positive = {("server", "threads"), ("server", "workers"), ("poller", "batch_size"), ("poller", "interval"),
                 ("poller", "request_timeout"), ("poller", "task_timeout"), ("poller", "concurrency"),
-                ("images", "max_bytes"), ("images", "timeout"), ("database", "pool_size")}
+                ("images", "max_bytes"), ("images", "timeout")}
     if (section, key) in positive and value <= 0:
         raise ConfigError(f"{problem} must be greater than zero.")
+    if (section, key) == ("database", "pool_size") and value < 0:
+        raise ConfigError(f"{problem} must be 0 (sized to the threads) or more.")
     if (section, key) == ("log", "level") and value.lower() not in ("debug", "info", "warning", "error"):
         raise ConfigError(f"{problem} must be debug, info, warning or error.")
 

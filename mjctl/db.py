@@ -72,7 +72,7 @@ def make_database(url: str, settings: Settings | None = None) -> peewee.Database
     if not kwargs.get("database"):
         raise ConfigError(f"Database URL {redact_url(url)!r} names no database.")
     pool = {
-        "max_connections": int(db_settings.get("pool_size", 10)),
+        "max_connections": pool_size(settings),
         "stale_timeout": int(db_settings.get("stale_timeout", 300)),
         "timeout": float(db_settings.get("pool_timeout", 10.0)),
     }
@@ -83,6 +83,19 @@ def make_database(url: str, settings: Settings | None = None) -> peewee.Database
     # concurrent submissions into deadlocks, and hides rows other transactions committed meanwhile.
     return PooledMySQLDatabase(charset="utf8mb4", connect_timeout=connect_timeout,
                                init_command="SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED", **pool, **kwargs)
+
+
+def pool_size(settings: Settings | None) -> int:
+    """Connections a process may hold: ``[database] pool_size``, or when that is 0 (the default) one for
+    every server thread and poller worker plus two (the poller's own, and one spare). A request holds its
+    connection to the end, relay calls to the upstream included, so a pool smaller than the threads makes
+    requests wait for connections while the database idles."""
+    if settings is None:
+        return 16 + 4 + 2
+    configured = int(settings.database.get("pool_size", 0) or 0)
+    if configured > 0:
+        return configured
+    return int(settings.server.threads) + int(settings.poller.concurrency) + 2
 
 
 def is_sqlite(db: peewee.Database | None = None) -> bool:

@@ -275,3 +275,21 @@ def test_retry_transaction_runs_again_after_a_conflict(store):
     assert [u.name for u in User.select()] == ["u3"]  # the failed attempts were rolled back whole
     with pytest.raises(peewee.OperationalError):
         db.retry_transaction(lambda: (_ for _ in ()).throw(peewee.OperationalError("still locked")), attempts=2)
+
+
+def test_the_pool_is_sized_to_the_threads_unless_configured(tmp_path, monkeypatch):
+    """A request keeps its connection to the end (relay calls to the upstream included): the default pool
+    has one for every server thread and poller worker, so slow submissions cannot starve the API."""
+    from mjctl.config import load_settings
+    from mjctl.errors import ConfigError
+
+    url = "postgresql://nobody@127.0.0.1:1/unused"  # never connected: the pool is only configured
+    default = db.make_database(url, load_settings(None, {}))
+    assert default._max_connections == 16 + 4 + 2
+    wide = db.make_database(url, load_settings(None, {("server", "threads"): 40, ("poller", "concurrency"): 8}))
+    assert wide._max_connections == 40 + 8 + 2
+    fixed = db.make_database(url, load_settings(None, {("database", "pool_size"): 5, ("server", "threads"): 40}))
+    assert fixed._max_connections == 5
+    monkeypatch.setenv("MJCTL_DATABASE_POOL_SIZE", "-1")
+    with pytest.raises(ConfigError, match="pool_size"):
+        load_settings(None, {})
