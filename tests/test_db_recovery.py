@@ -59,7 +59,9 @@ def kill_connections(kind: str, url: str) -> int:
     return killed
 
 
-def test_killing_every_connection_mid_traffic_fails_no_read(server_store):
+@pytest.mark.parametrize("path", ["/api/mj/self", "/mj/task/list"])
+def test_killing_every_connection_mid_traffic_fails_no_read(server_store, path):
+    """Reads of the management API and of the relay both survive their connections being killed."""
     from mjctl import accounts
     from mjctl.server import create_app
     from mjctl.wsgiserver import ServerThread
@@ -74,7 +76,7 @@ def test_killing_every_connection_mid_traffic_fails_no_read(server_store):
         with httpx.Client(base_url=server.url, timeout=20,
                           headers={"Authorization": f"Bearer {token}"}) as client:
             while not stop.is_set():
-                statuses.append(client.get("/api/mj/self").status_code)
+                statuses.append(client.get(path).status_code)
 
     workers = [threading.Thread(target=traffic) for _ in range(4)]
     try:

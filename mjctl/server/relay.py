@@ -39,16 +39,16 @@ def failure(status: int, code: int, description: str) -> bottle.HTTPResponse:
     return answer(status, relay.envelope(code, description))
 
 
-def enveloped(callback):
-    """Run a relay route with a database connection; any failure is an upstream-style envelope."""
+def enveloped(callback, *, reads_only: bool = False):
+    """Run a relay route with a database connection; any failure is an upstream-style envelope. A route
+    that only reads (reads_only) is retried on a fresh connection when its connection turns out dead."""
 
     @functools.wraps(callback)
     def wrapper(*args, **kwargs):
-        from mjctl.db import connection
+        from mjctl.db import call_with_connection
 
         try:
-            with connection():
-                return callback(*args, **kwargs)
+            return call_with_connection(callback, *args, retry=reads_only, **kwargs)
         except bottle.HTTPResponse:
             raise
         except MjctlError as exc:  # 401/403 from authentication, mostly
@@ -83,8 +83,8 @@ def json_body() -> dict:
 def install(app: bottle.Bottle, ctx: AppContext) -> None:
     settings = ctx.settings
 
-    def route(rule: str, method: str, callback) -> None:
-        app.route(rule, method, enveloped(callback), skip=PLUGINS_SKIPPED)
+    def route(rule: str, method: str, callback, *, reads_only: bool = False) -> None:
+        app.route(rule, method, enveloped(callback, reads_only=reads_only), skip=PLUGINS_SKIPPED)
 
     for prefix in relay.PREFIXES:
         def submit(kind: str, prefix: str = prefix):
@@ -118,10 +118,10 @@ def install(app: bottle.Bottle, ctx: AppContext) -> None:
             return answer(status, body)
 
         route(f"{prefix}/mj/submit/<kind>", "POST", submit)
-        route(f"{prefix}/mj/task/<mj_id>/fetch", "GET", fetch)
-        route(f"{prefix}/mj/task/list-by-condition", "POST", list_by_condition)
-        route(f"{prefix}/mj/task/list", "GET", list_latest)
-        route(f"{prefix}/mj/task/<mj_id>/image-seed", "GET", image_seed)
+        route(f"{prefix}/mj/task/<mj_id>/fetch", "GET", fetch, reads_only=True)
+        route(f"{prefix}/mj/task/list-by-condition", "POST", list_by_condition, reads_only=True)
+        route(f"{prefix}/mj/task/list", "GET", list_latest, reads_only=True)
+        route(f"{prefix}/mj/task/<mj_id>/image-seed", "GET", image_seed, reads_only=True)
 
     def notify(channel_id: int):
         from mjctl import reports
