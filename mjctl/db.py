@@ -310,6 +310,11 @@ def _m4_poll_claims(db: peewee.Database) -> None:
     db.create_tables([PollClaim], safe=True)
 
 
+@migration(5, "drop the single poller lease, replaced by the per-channel claims of migration 4")
+def _m5_drop_lease(db: peewee.Database) -> None:
+    db.execute_sql('DROP TABLE IF EXISTS lease')
+
+
 def current_version() -> int:
     try:
         value = SchemaVersion.select(peewee.fn.MAX(SchemaVersion.version)).scalar()

@@ -164,14 +164,6 @@ class TaskCount(BaseModel):
         table_name = "task_count"
 
 
-class Lease(BaseModel):
-    """A named lease held by one process until expires_at (the poller's "one cycle at a time")."""
-
-    name = CharField(max_length=64, primary_key=True)
-    holder = CharField(max_length=128, default="")
-    expires_at = DoubleField(default=0.0)
-
-
 class PollClaim(BaseModel):
     """One channel's share of the polling work (mjctl.poller): a poller holds it while it polls that channel,
     until expires_at (renewed as batches complete), so several pollers split a cycle's channels between
@@ -210,5 +202,5 @@ def _json_or(text: str, fallback):
         return fallback
 
 
-ALL_MODELS = [Meta_, SchemaVersion, User, Token, Channel, Task, Ledger, Lease, TaskCount, Reservation,
+ALL_MODELS = [Meta_, SchemaVersion, User, Token, Channel, Task, Ledger, TaskCount, Reservation,
               PollClaim]

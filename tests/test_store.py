@@ -293,3 +293,15 @@ def test_the_pool_is_sized_to_the_threads_unless_configured(tmp_path, monkeypatc
     monkeypatch.setenv("MJCTL_DATABASE_POOL_SIZE", "-1")
     with pytest.raises(ConfigError, match="pool_size"):
         load_settings(None, {})
+
+
+def test_the_old_poller_lease_table_is_dropped_on_upgrade(any_store):
+    """Migration 5 removes the single poller lease of stores created before the per-channel claims."""
+    from mjctl.models import SchemaVersion
+
+    db.database.execute_sql("CREATE TABLE lease (name VARCHAR(64) PRIMARY KEY, holder VARCHAR(128), expires_at REAL)")
+    SchemaVersion.delete().where(SchemaVersion.version == 5).execute()
+    assert db.current_version() == 4
+    assert db.migrate() == [5]
+    assert "lease" not in db.database.get_tables()
+    assert db.migrate() == []
