@@ -19,7 +19,8 @@ from mjctl.errors import ConfigError
 SCHEMA: dict[str, dict[str, tuple[Any, type, str]]] = {
     "database": {
         "url": ("sqlite:///mjctl.db", str, "sqlite:///PATH, postgresql://USER@HOST:PORT/DB or mysql://USER@HOST:PORT/DB"),
-        "pool_size": (0, int, "connections kept per process (PostgreSQL and MySQL); 0 = [server] threads + [poller] concurrency + 2"),
+        "pool_size": (0, int, "connections kept per process (PostgreSQL and MySQL); "
+                              "0 = [server] threads + [poller] concurrency + 2"),
         "pool_timeout": (10.0, float, "seconds to wait for a free pooled connection"),
         "connect_timeout": (10, int, "seconds to wait when opening a connection"),
         "stale_timeout": (300, int, "seconds after which an idle pooled connection is replaced"),

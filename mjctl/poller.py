@@ -138,6 +138,14 @@ def _unfinished_of(channel_id: int) -> list[_Pending]:
             for task_id, mj_id, submit_time, updated_at in database.execute_sql(sql, params).fetchall()]
 
 
+def _repeats(memo: reports.ReportMemo, report: Any, versions: Mapping[str, float]) -> bool:
+    """Whether report is one memo holds as having changed nothing against the row version read now."""
+    if not isinstance(report, dict):
+        return False
+    mj_id = str(report.get("id"))
+    return memo.unchanged(mj_id, report, versions.get(mj_id))
+
+
 def _fault_kind(exc: Exception) -> str:
     from mjctl.upstream import (
         UpstreamProtocolError,
@@ -278,8 +286,7 @@ class _Cycle:
                 # A report that changed nothing last time, against a row nobody has written since (its version
                 # as read at the start of this cycle), changes nothing now: it is not read or worked out again.
                 versions = {t.mj_id: t.version for t in batch}
-                fresh = [r for r in answer
-                         if not (isinstance(r, dict) and memo.unchanged(str(r.get("id")), r, versions.get(str(r.get("id")))))]
+                fresh = [r for r in answer if not _repeats(memo, r, versions)]
                 repeated = len(answer) - len(fresh)
             stats = _with_db_retries(label, lambda: reports.apply_reports(channel.id, fresh, memo), summary)
             stats.ignored += repeated
