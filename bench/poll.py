@@ -18,9 +18,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
+import shutil
 import socket
 import statistics
 import subprocess
@@ -76,6 +78,23 @@ def seed_simulator(url: str, n: int) -> list[str]:
     with ThreadPoolExecutor(8) as pool:
         parts = pool.map(submit, [range(i, min(i + step, n)) for i in range(0, n, step)])
     return [i for part in parts for i in part]
+
+
+@contextlib.contextmanager
+def seeded_upstream(tasks: int, channels: int, prefix: str):
+    """A simulator in its own process holding `tasks` unfinished tasks, their ids split over `channels`, and a
+    scratch folder; yields (url, ids_by_channel, folder) and removes both at the end."""
+    workdir = Path(tempfile.mkdtemp(prefix=prefix))
+    port = free_port()
+    sim = start_simulator(port)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        mj_ids = seed_simulator(url, tasks)
+        yield url, [mj_ids[c::channels] for c in range(channels)], workdir
+    finally:
+        sim.terminate()
+        sim.wait(10)
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 _tls = None
@@ -150,13 +169,7 @@ def run_pollers(n_pollers: int, *, tasks: int = 10_000, channels: int = 4, batch
     from mjctl.db import connection, open_store, unbind
     from mjctl.poller import poll_once
 
-    workdir = Path(tempfile.mkdtemp(prefix="mjctl-bench-pollers-"))
-    port = free_port()
-    sim = start_simulator(port)
-    try:
-        url = f"http://127.0.0.1:{port}"
-        mj_ids = seed_simulator(url, tasks)
-        ids_by_channel = [mj_ids[c::channels] for c in range(channels)]
+    with seeded_upstream(tasks, channels, "mjctl-bench-pollers-") as (url, ids_by_channel, workdir):
         settings = load_settings(None, {("database", "url"): database_url or f"sqlite:///{workdir}/pollers.db",
                                         ("server", "secret"): "bench-secret",
                                         ("poller", "batch_size"): batch_size,
@@ -189,12 +202,6 @@ def run_pollers(n_pollers: int, *, tasks: int = 10_000, channels: int = 4, batch
             raise errors[0]
         requests = httpx.get(f"{url}/_sim/stats").json()["list-by-condition"] - before
         unbind()
-    finally:
-        sim.terminate()
-        sim.wait(10)
-        for f in workdir.iterdir():
-            f.unlink()
-        workdir.rmdir()
     return {"pollers": n_pollers, "requests": requests,
             "one_poller_requests": sum(math.ceil(len(ids) / batch_size) for ids in ids_by_channel),
             "wall": round(wall, 3), "checked": sum(s.checked for s in summaries),
@@ -218,14 +225,9 @@ def main() -> None:
     from mjctl.db import database, open_store, unbind
     from mjctl.poller import PollerMemory, poll_once
 
-    workdir = Path(tempfile.mkdtemp(prefix="mjctl-bench-poll-"))
-    port = free_port()
-    sim = start_simulator(port)
     results: dict = {}
-    try:
-        urls = [f"http://127.0.0.1:{port}"] * args.channels
-        mj_ids = seed_simulator(urls[0], args.tasks)
-        ids_by_channel = [mj_ids[c::args.channels] for c in range(args.channels)]
+    with seeded_upstream(args.tasks, args.channels, "mjctl-bench-poll-") as (url, ids_by_channel, workdir):
+        urls = [url] * args.channels
 
         settings = load_settings(None, {("database", "url"): f"sqlite:///{workdir}/poll.db",
                                         ("server", "secret"): "bench-secret",
@@ -294,12 +296,6 @@ def main() -> None:
         results.update({"idle_tasks": args.idle_tasks, "idle_median_ms": round(statistics.median(idle) * 1000, 3),
                         "idle_max_ms": round(max(idle) * 1000, 3), "idle_target_ms": 5})
         unbind()
-    finally:
-        sim.terminate()
-        sim.wait(10)
-        for f in workdir.iterdir():
-            f.unlink()
-        workdir.rmdir()
 
     print(f"floor (bare httpx, same {results['floor_requests']} requests, no writes): {results['floor_ms']} ms")
     print(f"first cycle ({results['first_cycle_updated']} of {results['tasks']} tasks updated, over "

@@ -126,6 +126,9 @@ def token_count(user_id: int) -> int:
     return Token.select().where(Token.user_id == user_id).count()
 
 
+_USER_FIELDS = User._meta.sorted_field_names
+
+
 def authenticate(token: str | None) -> User | None:
     """The user a token belongs to (enabled or not), or None. The hash is looked up by index and then
     compared in constant time. Every API request starts here, so the row becomes a User directly."""
@@ -139,9 +142,6 @@ def authenticate(token: str | None) -> User | None:
     user = User(__no_default__=1)
     user.__data__ = dict(zip(_USER_FIELDS, row[1:]))
     return user
-
-
-_USER_FIELDS = User._meta.sorted_field_names
 
 
 def _token_query(digest: str) -> peewee.Query:

@@ -18,7 +18,7 @@ from urllib.parse import urlparse
 
 import peewee
 
-from mjctl.config import Settings, redact_url
+from mjctl.config import SCHEMA, Settings, redact_url
 from mjctl.errors import ConfigError, DatabaseUnavailable
 from mjctl.models import ALL_MODELS, SchemaVersion, database
 
@@ -91,11 +91,11 @@ def pool_size(settings: Settings | None) -> int:
     connection to the end, relay calls to the upstream included, so a pool smaller than the threads makes
     requests wait for connections while the database idles."""
     if settings is None:
-        return 16 + 4 + 2
-    configured = int(settings.database.get("pool_size", 0) or 0)
-    if configured > 0:
-        return configured
-    return int(settings.server.threads) + int(settings.poller.concurrency) + 2
+        threads, concurrency, configured = (SCHEMA["server"]["threads"][0], SCHEMA["poller"]["concurrency"][0], 0)
+    else:
+        threads, concurrency = settings.server.threads, settings.poller.concurrency
+        configured = int(settings.database.get("pool_size", 0) or 0)
+    return configured if configured > 0 else int(threads) + int(concurrency) + 2
 
 
 def is_sqlite(db: peewee.Database | None = None) -> bool:

@@ -23,9 +23,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
-import orjson
-
-from mjctl import accounts
+from mjctl import accounts, jsontext
 from mjctl.db import compiled, database, is_sqlite, write_tx
 from mjctl.models import FINISHED_STATUSES, Task, User
 
@@ -144,7 +142,7 @@ def compute_changes(task: Task | TaskState, report: dict) -> tuple[dict, list[st
         changes["video_urls"] = video_urls
     buttons = report.get("buttons")
     if buttons and not _same_json(task.buttons, buttons):
-        changes["buttons"] = _encode(buttons)
+        changes["buttons"] = jsontext.dumps(buttons)
     reported = report.get("properties")
     if reported and isinstance(reported, dict):
         properties = _merged_properties(task.properties, reported)
@@ -171,7 +169,7 @@ LOCAL_PROPERTIES = ("notifyHook", "speedPrefix")
 def _merged_properties(stored: str, reported: dict) -> str | None:
     """The stored properties updated with the reported ones (mjctl's own keys kept); None when unchanged."""
     try:
-        current = _decode(stored) if stored else {}
+        current = jsontext.loads(stored) if stored else {}
     except ValueError:
         current = {}
     if not isinstance(current, dict):
@@ -182,38 +180,18 @@ def _merged_properties(stored: str, reported: dict) -> str | None:
             merged[key] = current[key]
         else:
             merged.pop(key, None)
-    return None if merged == current else _encode(merged)
+    return None if merged == current else jsontext.dumps(merged)
 
 
 _SIMPLE_FIELDS = (("prompt_en", "promptEn"), ("description", "description"), ("state", "state"),
                   ("image_url", "imageUrl"), ("video_url", "videoUrl"), ("fail_reason", "failReason"))
-_ENCODER = json.JSONEncoder(ensure_ascii=False)  # json.dumps(..., ensure_ascii=False) builds one per call
-
-
-def _decode(text: str) -> Any:
-    """Stored JSON text as a value: orjson, or json for what only json reads (NaN, written long ago)."""
-    try:
-        return orjson.loads(text)
-    except ValueError:
-        return json.loads(text)
-
-
-def _encode(value: Any) -> str:
-    """value as JSON text: orjson (a task's buttons and properties in a fifth of json's time), or json for
-    what orjson refuses (integers beyond 64 bits)."""
-    try:
-        return orjson.dumps(value).decode()
-    except TypeError:
-        return _ENCODER.encode(value)
-
-
 def _same_json(stored: str, value: Any) -> bool:
     """Whether the stored JSON text holds value: decoding and comparing is cheaper than encoding value, and
     an equal value stored with its keys in another order is not a change."""
     if not stored:
         return False
     try:
-        return _decode(stored) == value
+        return jsontext.loads(stored) == value
     except ValueError:
         return False
 
@@ -384,9 +362,6 @@ class ReportMemo:
 
     def end_cycle(self) -> None:
         self._seen, self._next = self._next, {}
-
-    def __len__(self) -> int:
-        return len(self._seen)
 
 
 class TaskState(NamedTuple):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 
 import peewee
+import pytest
 
 from mjctl import accounts, db, reports
 from mjctl.models import Ledger, Task, User
@@ -142,3 +143,17 @@ def test_reports_merge_properties_and_keep_mjctls_own(store):
                      "discordInstanceId": "42"}
     unchanged = reports.apply_report(1, {"id": task.mj_id, "properties": {"finalPrompt": "a cat --v 6"}})
     assert unchanged.updated == 0
+
+
+def test_json_text_takes_what_only_json_takes():
+    """mjctl.jsontext uses orjson and falls back to json: NaN in stored text, integers beyond 64 bits."""
+    import math
+
+    from mjctl import jsontext
+
+    assert jsontext.loads('{"a": [1, "ü"]}') == {"a": [1, "ü"]}
+    assert math.isnan(jsontext.loads('{"x": NaN}')["x"])
+    assert jsontext.loads(jsontext.dumps({"big": 2**70, "s": "ü"})) == {"big": 2**70, "s": "ü"}
+    assert jsontext.dumps({"s": "ü"}) == '{"s":"ü"}'
+    with pytest.raises(ValueError):
+        jsontext.loads("{not json")
