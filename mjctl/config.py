@@ -34,6 +34,11 @@ SCHEMA: dict[str, dict[str, tuple[Any, type, str]]] = {
         "workers": (1, int, "server processes sharing the port (mjctl serve --workers); PostgreSQL or MariaDB recommended above 1"),
         "secret": ("", str, "HMAC key for signed URLs and secret storage; generated into secret_file when empty"),
         "secret_file": ("mjctl.secret", str, "where a generated secret is kept (mode 0600)"),
+        "max_connections": (4096, int, "open client connections per server process; more wait in the listen queue"),
+        "header_timeout": (10.0, float, "seconds a client has to send a request's headers (an idle keep-alive connection is closed after as long)"),
+        "body_timeout": (10.0, float, "seconds a client has to send a request's body before it is answered 408"),
+        "max_header_bytes": (16384, int, "largest request head (request line and headers), in bytes; larger is answered 431"),
+        "max_body_bytes": (33554432, int, "largest request body, in bytes (blend and describe carry base64 images); larger is answered 413 unread"),
     },
     "poller": {
         "interval": (15.0, float, "seconds between polling cycles"),
@@ -50,6 +55,11 @@ SCHEMA: dict[str, dict[str, tuple[Any, type, str]]] = {
         "cache_dir": ("", str, "where finished images are kept; default: images/ next to the database"),
         "max_bytes": (104857600, int, "largest image forwarded, in bytes"),
         "timeout": (30.0, float, "seconds before an upstream image request is given up"),
+    },
+    "relay": {
+        "max_prompt_chars": (8000, int, "longest prompt a submission may carry"),
+        "max_in_flight": (64, int, "upstream-bound requests (submissions, image-seed, image streaming) served at once per process; more are answered 429"),
+        "max_in_flight_per_user": (8, int, "upstream-bound requests one user may have in flight at once per process; more are answered 429"),
     },
     "prices": {
         "default": (1000, int, "quota for an action without its own price"),
