@@ -63,6 +63,16 @@ LATEST_LIMIT = 100
 MAX_IDS = 1000
 RESERVATION_SLACK = 60.0  # seconds a reservation outlives the longest upstream call it covers
 NOTIFY_PATH = "/mj/notify/"
+MAX_ID_CHARS = 64  # Task.mj_id
+MAX_STATE_CHARS = 1024
+#: The text fields of a submission and their longest accepted length (None: the body limit only). prompt's
+#: limit is [relay] max_prompt_chars. prompt, state and notifyHook are stored as sent; customId, action and
+#: content decide the action and price; base64 images are forwarded, never stored.
+TEXT_FIELDS: dict[str, int | None] = {
+    "state": MAX_STATE_CHARS, "taskId": MAX_ID_CHARS, "customId": 256, "action": 32,
+    "content": MAX_ID_CHARS + 64, "notifyHook": 2048, "botType": 32, "dimensions": 32,
+    "base64": None, "maskBase64": None,
+}
 
 
 def envelope(code: int, description: str, result: str | None = None, properties: dict | None = None) -> dict:
@@ -124,6 +134,26 @@ def _parent_id(kind: str, body: dict) -> str | None:
         return parts[0] if parts else None
     value = body.get("taskId")
     return str(value) if isinstance(value, (str, int)) and str(value) else None
+
+
+def check_fields(settings, body: dict) -> None:
+    """Raise _Refusal (400, code 4) when a known field of body has the wrong type or is too long, so that
+    nothing is reserved, stored or forwarded for it. null counts as absent; taskId may be a number, as the
+    Java upstream accepts (ids are digits)."""
+    limits = {"prompt": int(settings.relay.max_prompt_chars), **TEXT_FIELDS}
+    for name, limit in limits.items():
+        value = body.get(name)
+        if value is None:
+            continue
+        if name == "taskId" and isinstance(value, int) and not isinstance(value, bool):
+            value = str(value)
+        if not isinstance(value, str):
+            raise _Refusal(400, 4, f"{name} must be a string")
+        if limit is not None and len(value) > limit:
+            raise _Refusal(400, 4, f"{name} is longer than {limit} characters")
+    images = body.get("base64Array")
+    if images is not None and not (isinstance(images, list) and all(isinstance(i, str) for i in images)):
+        raise _Refusal(400, 4, "base64Array must be a list of strings")
 
 
 # --- reservations -----------------------------------------------------------------------------------
@@ -259,8 +289,9 @@ def _text(value: Any) -> str:
 def submit(settings, user: User, kind: str, body: dict, prefix: str = "") -> Envelope:
     """Relay one submission for user; returns (HTTP status, upstream-style envelope).
 
-    Refusals (unknown kind, a task the caller does not own, insufficient quota, no channel) never reach
-    the upstream and change nothing. See the module docstring for how charging stays exact.
+    Refusals (unknown kind, a field of the wrong type or too long, a task the caller does not own,
+    insufficient quota, no channel) never reach the upstream and change nothing. See the module docstring
+    for how charging stays exact.
     """
     if kind not in SUBMIT_KINDS:
         return 404, envelope(3, f"unknown submit kind {kind!r}")
@@ -269,6 +300,7 @@ def submit(settings, user: User, kind: str, body: dict, prefix: str = "") -> Env
     if not isinstance(body, dict):
         return 400, envelope(4, "the body must be a JSON object")
     try:
+        check_fields(settings, body)
         parent = _owned_parent(user, kind, body) if kind in FOLLOW_UP_KINDS else None
         continues_modal = kind == "modal" and parent is not None and parent.status == "MODAL"
         action = action_for(kind, body)

@@ -18,7 +18,7 @@ import logging
 import bottle
 import peewee
 
-from mjctl import crypto, relay
+from mjctl import crypto, jsontext, relay
 from mjctl.errors import MjctlError
 from mjctl.server.app import AppContext
 from mjctl.server.auth import authenticate_request
@@ -66,15 +66,17 @@ def enveloped(callback, *, reads_only: bool = False):
 
 
 def json_body() -> dict:
-    """The request's JSON object; a 400 code-4 envelope when it is missing, malformed or not an object."""
+    """The request's JSON object; a 400 code-4 envelope when it is missing, malformed or not an object.
+    Read strictly (jsontext.loads_strict): a body that is only JSON to a lenient parser — NaN, a lone
+    surrogate escape, deep nesting — is refused here rather than stored or forwarded."""
     length = bottle.request.content_length
     if length > MAX_BODY:
         raise failure(413, 4, f"the body is larger than {MAX_BODY} bytes")
     raw = bottle.request.body.read(MAX_BODY + 1)
     try:
-        body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
-        raise failure(400, 4, "the body is not valid JSON") from None
+        body = jsontext.loads_strict(raw)
+    except jsontext.StrictJSONError as exc:
+        raise failure(400, 4, f"the body is {exc}") from None
     if not isinstance(body, dict):
         raise failure(400, 4, "the body must be a JSON object")
     return body
@@ -131,6 +133,8 @@ def install(app: bottle.Bottle, ctx: AppContext) -> None:
         report = json_body()
         if not report.get("id"):
             return failure(400, 4, "the body is not a task: it has no id")
+        if not isinstance(report["id"], str) or len(report["id"]) > relay.MAX_ID_CHARS:
+            return failure(400, 4, f"id must be a string of at most {relay.MAX_ID_CHARS} characters")
         stats = reports.apply_report(channel_id, report)
         if stats.unknown:
             note = "unknown task: ignored"
@@ -176,7 +180,8 @@ def _document(ctx: AppContext) -> None:
     task_list = {"type": "array", "items": task}
 
     def errors(*statuses: int, **notes: str) -> dict:
-        text = {400: "Malformed JSON body or parameter (code 4).", 401: "No token or an unknown token (code 4).",
+        text = {400: "Malformed or hostile JSON body (too deep, NaN, a lone surrogate), a field of the wrong "
+                     "type or too long (code 4).", 401: "No token or an unknown token (code 4).",
                 403: "A disabled user, or insufficient quota (code 4; the upstream was not called).",
                 404: "Unknown task, or a task of another user (code 3).", 429: "The upstream is rate limiting (code 9).",
                 500: "mjctl or its store failed (code 9).",
