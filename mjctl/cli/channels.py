@@ -7,6 +7,7 @@ import sys
 import typer
 
 from mjctl.cli.state import state
+from mjctl.textsafe import visible
 
 app = typer.Typer(no_args_is_help=True)
 
@@ -37,7 +38,8 @@ def add(
     if json_out:
         print_json(channels.channel_dict(channel))
         return
-    sys.stdout.write(f"Added channel {channel.name!r} (id {channel.id}) at {channel.base_url}.\n")
+    # The URL is only checked for a scheme and a host; the rest is shown escaped like any data.
+    sys.stdout.write(f"Added channel {channel.name!r} (id {channel.id}) at {visible(channel.base_url)}.\n")
 
 
 @app.command("list")

@@ -10,6 +10,7 @@ from typing import Optional
 import typer
 
 from mjctl.cli.state import state
+from mjctl.textsafe import visible
 
 app = typer.Typer(no_args_is_help=True)
 
@@ -44,8 +45,9 @@ def prune(
     if json_out:
         print_json(result)
         return
-    sys.stdout.write(f"Removed {result['removed']} image(s) ({_size(result['removed_bytes'])}) older than "
-                     f"{older_than} from {cache.directory}; {result['kept']} ({_size(result['kept_bytes'])}) kept.\n")
+    sys.stdout.write(visible(f"Removed {result['removed']} image(s) ({_size(result['removed_bytes'])}) older than "
+                             f"{older_than} from {cache.directory}; {result['kept']} ({_size(result['kept_bytes'])}) "
+                             f"kept.") + "\n")  # a folder name is shown escaped like any data
 
 
 @app.command("stats")

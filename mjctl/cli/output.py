@@ -10,6 +10,8 @@ from typing import Any, Iterable, Sequence
 
 import typer
 
+from mjctl.textsafe import VisibleFormatter, json_visible, visible
+
 STATUS_STYLES = {
     "SUCCESS": "green",
     "FAILURE": "red",
@@ -22,16 +24,19 @@ STATUS_STYLES = {
 
 
 def print_json(data: Any) -> None:
-    sys.stdout.write(json.dumps(data, ensure_ascii=False, indent=2) + "\n")
+    """Exact values for programs: json.dumps, never a Rich console (which would read `[...]` as markup).
+    Characters a terminal would act on are JSON escapes, so the document parses to the same data."""
+    sys.stdout.write(json_visible(json.dumps(data, ensure_ascii=False, indent=2)) + "\n")
 
 
 def error(message: str) -> None:
-    sys.stderr.write(f"Error: {message}\n")
+    """One sentence on stderr; it may quote a name or an upstream's message, so it is shown escaped."""
+    sys.stderr.write(f"Error: {visible(message)}\n")
 
 
 def info(message: str) -> None:
     """A note for the person at the terminal; goes to stderr so stdout stays data."""
-    sys.stderr.write(message + "\n")
+    sys.stderr.write(visible(message) + "\n")
 
 
 def console():
@@ -60,7 +65,12 @@ def progress_bar(progress: str, width: int = 10) -> str:
 
 def table(columns: Sequence[str], rows: Iterable[Sequence[Any]], *, title: str | None = None,
           styles: dict[int, Any] | None = None) -> None:
-    """A Rich table on a terminal, tab-separated lines (with a header) in a pipe."""
+    """A Rich table on a terminal, tab-separated lines (with a header) in a pipe.
+
+    Every value is shown through visible() in both: control characters from a prompt or an upstream would
+    otherwise act on the terminal, or on whoever later views the saved lines, and a tab or newline inside a
+    value would break the tab-separated format. Cells are Text, never markup, so `[bold]` in data is shown
+    as written."""
     from mjctl.cli.state import env
 
     rows = list(rows)
@@ -69,30 +79,30 @@ def table(columns: Sequence[str], rows: Iterable[Sequence[Any]], *, title: str |
         for row in rows:
             sys.stdout.write("\t".join(_plain(v) for v in row) + "\n")
         return
-    from rich.markup import escape
     from rich.table import Table
     from rich.text import Text
 
-    t = Table(title=title, header_style="bold")
+    t = Table(title=Text(visible(title)) if title else None, header_style="bold")
     for col in columns:
-        t.add_column(col)
+        t.add_column(Text(col))
     for row in rows:
         cells = []
         for i, value in enumerate(row):
             style = styles.get(i) if styles else None
             if callable(style):
                 style = style(value)
-            cells.append(Text(_plain(value), style=style or "") if style else escape(_plain(value)))
+            cells.append(Text(_plain(value), style=style or ""))
         t.add_row(*cells)
     console().print(t)
 
 
 def _plain(value: Any) -> str:
+    """A value as one line of visible text (tabs and newlines escaped too: see table())."""
     if value is None:
         return ""
     if isinstance(value, bool):
         return "yes" if value else "no"
-    return str(value).replace("\t", " ").replace("\n", " ")
+    return visible(str(value))
 
 
 def render_tasks(envelope: dict, *, admin: bool) -> None:
@@ -145,10 +155,11 @@ class _StderrHandler(logging.StreamHandler):
 
 
 def configure_logging(level: str) -> None:
-    """mjctl's log lines (the access log, poller faults) to stderr at level; stdout stays data."""
+    """mjctl's log lines (the access log, poller faults) to stderr at level; stdout stays data. The lines
+    quote request paths and upstream messages, so they are escaped (VisibleFormatter)."""
     logger = logging.getLogger("mjctl")
     if not any(isinstance(h, _StderrHandler) for h in logger.handlers):
         handler = _StderrHandler()
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handler.setFormatter(VisibleFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         logger.addHandler(handler)
     logger.setLevel(getattr(logging, level.upper(), logging.INFO))

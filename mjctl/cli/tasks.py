@@ -109,13 +109,22 @@ def show(ctx: typer.Context, mj_id: str = typer.Argument(..., help="The task id.
         if key.endswith("_time"):
             value = human_time(value)
         elif key == "buttons":
-            value = " ".join(b.get("label") or b.get("emoji") or b.get("customId", "") for b in value) or "-"
+            value = " ".join(_button_text(b) for b in value) if isinstance(value, list) else str(value)
+            value = value or "-"
         elif key == "properties":
-            value = ", ".join(f"{k}={v}" for k, v in value.items()) or "-"
+            value = (", ".join(f"{k}={v}" for k, v in value.items()) if isinstance(value, dict) else str(value)) or "-"
         rows.append((key, value))
-    table(["FIELD", "VALUE"], rows)
+    table(["FIELD", "VALUE"], rows)  # every value is shown escaped there: they come from users and upstreams
     sys.stdout.flush()
 
+
+
+def _button_text(button) -> str:
+    """A button as its label, emoji or custom id. Buttons are whatever the upstream sent, so a value that is
+    not a dict of strings is shown as text rather than failing the whole `tasks show`."""
+    if not isinstance(button, dict):
+        return str(button)
+    return str(button.get("label") or button.get("emoji") or button.get("customId") or "")
 
 
 def _register_extra_commands() -> None:

@@ -10,6 +10,7 @@ import typer
 
 from mjctl.cli import state as cli_state
 from mjctl.cli.state import state
+from mjctl.textsafe import visible
 
 SPEEDS = {"fast": "/mj-fast", "relax": "/mj-relax", "turbo": "/mj-turbo"}
 FINISHED = ("SUCCESS", "FAILURE", "CANCEL")
@@ -38,13 +39,14 @@ def submit(
     accepted = status == 200 and answer.get("code") in (1, 21, 22)
     if json_out:
         print_json({"http_status": status, **answer})
-    elif accepted:
+    elif accepted:  # the result and description are the upstream's words: shown escaped
         balance = accounts.get_user(user).quota
-        sys.stdout.write(f"{answer['result']}\n")
-        sys.stderr.write(f"Submitted task {answer['result']} for {user} (code {answer['code']}: "
-                         f"{answer['description']}); balance now {balance}.\n")
+        sys.stdout.write(f"{visible(str(answer['result']))}\n")
+        sys.stderr.write(visible(f"Submitted task {answer['result']} for {user} (code {answer['code']}: "
+                                 f"{answer['description']}); balance now {balance}.") + "\n")
     else:
-        sys.stderr.write(f"Error: not submitted (code {answer.get('code')}): {answer.get('description')}\n")
+        sys.stderr.write(visible(f"Error: not submitted (code {answer.get('code')}): {answer.get('description')}")
+                         + "\n")
     if not accepted:
         raise typer.Exit(1)
 
@@ -103,9 +105,10 @@ def watch(
 
 
 def _line(mj_id: str, snap: tuple[str, str, str]) -> str:
+    """One tab-separated line; each field escaped, as the upstream wrote the status, progress and reason."""
     status, progress, reason = snap
-    text = f"{mj_id}\t{status}\t{progress or '-'}"
-    return text + (f"\t{reason}" if status == "FAILURE" and reason else "")
+    text = f"{visible(mj_id)}\t{visible(status)}\t{visible(progress or '-')}"
+    return text + (f"\t{visible(reason)}" if status == "FAILURE" and reason else "")
 
 
 def _watch_lines(ids, current, poll):
@@ -128,9 +131,9 @@ def _watch_bars(ids, current, poll):
 
     from mjctl.cli.output import STATUS_STYLES, console
 
-    def describe(mj_id):
+    def describe(mj_id):  # a markup string: the data in it is escaped for the terminal and for markup
         status = current[mj_id][0]
-        return f"{escape(mj_id)} [{STATUS_STYLES.get(status, 'white')}]{status}[/]"
+        return f"{escape(visible(mj_id))} [{STATUS_STYLES.get(status, 'white')}]{escape(visible(status))}[/]"
 
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
                   console=console(), transient=False) as bars:
