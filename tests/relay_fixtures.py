@@ -37,9 +37,9 @@ class Relay:
 
 def start_relay(settings, *, users=(("alice", 10_000), ("bob", 10_000)), **sim_opts) -> Relay:
     from mjctl import accounts, channels
-    from mjctl.server.app import create_app
+    from mjctl.server import make_bridge
     from mjctl.simulator import run_simulator_in_thread
-    from mjctl.wsgiserver import ServerThread
+    from mjctl.httpserver import ServerThread
 
     opts = dict(secret=SIM_SECRET, step_seconds=0.02, queue_size=1000)
     opts.update(sim_opts)
@@ -48,7 +48,7 @@ def start_relay(settings, *, users=(("alice", 10_000), ("bob", 10_000)), **sim_o
     tokens = {}
     for name, quota in users:
         _, tokens[name] = accounts.create_user(name, quota=quota)
-    server = ServerThread(create_app(settings), threads=32).start()
+    server = ServerThread(make_bridge(settings)).start()
     return Relay(settings=settings, sim=sim, server=server, channel=channel, tokens=tokens)
 
 

@@ -27,7 +27,7 @@ class Live:
 
 def start_server(settings, extra=()):
     from mjctl.server import create_app
-    from mjctl.wsgiserver import ServerThread
+    from mjctl.httpserver import ServerThread
 
     return ServerThread(create_app(settings, extra=extra), threads=4).start()
 

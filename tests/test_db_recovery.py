@@ -64,7 +64,7 @@ def test_killing_every_connection_mid_traffic_fails_no_read(server_store, path):
     """Reads of the management API and of the relay both survive their connections being killed."""
     from mjctl import accounts
     from mjctl.server import create_app
-    from mjctl.wsgiserver import ServerThread
+    from mjctl.httpserver import ServerThread
 
     kind, url, settings = server_store
     _, token = accounts.create_user("alice", quota=100)

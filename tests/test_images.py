@@ -18,7 +18,7 @@ from mjctl import accounts, crypto, images
 from mjctl.images import ImageCache, ImageForwarder, ImagePrefetcher, ImageSource, prefetch_hook
 from mjctl.models import Task
 from mjctl.simulator import run_simulator_in_thread
-from mjctl.wsgiserver import ServerThread
+from mjctl.httpserver import ServerThread
 from tests.conftest import make_settings
 from tests.helpers import wait_until
 

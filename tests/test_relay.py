@@ -335,6 +335,7 @@ def _check_exact_charging(env) -> None:
 
 
 def test_fifty_parallel_submissions_with_a_balance_for_thirty(store):
+    store.values["relay"]["max_in_flight_per_user"] = 64  # one user's 50 at once; that cap is tested elsewhere
     env = start_relay(store, users=(("alice", 30_000),))
     try:
         _check_exact_charging(env)
@@ -348,7 +349,7 @@ def test_fifty_parallel_submissions_on_postgresql(tmp_path):
     from tests.conftest import make_settings
 
     with temp_database("postgres") as url:
-        settings = make_settings(tmp_path, url)
+        settings = make_settings(tmp_path, url, relay__max_in_flight_per_user=64)
         open_store(settings)
         env = start_relay(settings, users=(("alice", 30_000),))
         try:

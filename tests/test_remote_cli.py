@@ -11,7 +11,7 @@ import pytest
 from mjctl import accounts
 from mjctl.models import Task
 from mjctl.server import create_app
-from mjctl.wsgiserver import ServerThread
+from mjctl.httpserver import ServerThread
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ import pytest
 
 from mjctl.sim.tasks import PERCENTAGES, phase_at
 from mjctl.simulator import Simulator, run_simulator_in_thread
-from mjctl.wsgiserver import ServerThread
+from mjctl.httpserver import ServerThread
 from tests.helpers import wait_until
 
 SECRET = "sim-secret"

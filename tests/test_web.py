@@ -64,7 +64,7 @@ class Site:
         return f"{self.url}/test-images/{name}.png"
 
     def restart(self, *, stopped_check=None) -> None:
-        from mjctl.wsgiserver import ServerThread
+        from mjctl.httpserver import ServerThread
 
         port = self.server.port
         self.server.stop()
@@ -106,7 +106,7 @@ def seed(site: Site) -> None:
 def site(tmp_path):
     from mjctl.db import open_store
     from mjctl.server import create_app
-    from mjctl.wsgiserver import ServerThread
+    from mjctl.httpserver import ServerThread
 
     settings = make_settings(tmp_path, images__forward=False)
     open_store(settings)
@@ -152,7 +152,7 @@ def test_serves_only_its_own_files(site, path):
 def test_the_page_needs_no_database(tmp_path):
     """The page loads (and can say the server is unhappy) even when the store is down."""
     from mjctl.server import create_app
-    from mjctl.wsgiserver import ServerThread
+    from mjctl.httpserver import ServerThread
 
     settings = make_settings(tmp_path, database__url="sqlite:////nonexistent/dir/x.db")
     with ServerThread(create_app(settings), threads=2) as server:

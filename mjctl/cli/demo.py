@@ -61,9 +61,9 @@ def demo(
     import threading
 
     from mjctl import accounts, channels
-    from mjctl.server import create_app
+    from mjctl.server import make_bridge
     from mjctl.simulator import run_simulator_in_thread
-    from mjctl.wsgiserver import serve_forever
+    from mjctl.httpserver import serve_forever
 
     sim_secret = secrets.token_urlsafe(18)
     try:
@@ -85,7 +85,7 @@ def demo(
             _announce(folder, url, sim.url, user_token, admin_token, accepted, channel.id, settings)
 
         try:
-            serve_forever(create_app(settings), host, port, settings.server.threads, on_ready=ready)
+            serve_forever(make_bridge(settings), host, port, on_ready=ready)
         except OSError as exc:
             raise MjctlError(f"Cannot listen on {host}:{port}: {exc.strerror or exc}; "
                              "pass another --port.") from None

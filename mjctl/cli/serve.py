@@ -1,7 +1,9 @@
-"""`mjctl serve`: the HTTP server (and, once the poller exists, the poller in the same process).
+"""`mjctl serve`: the HTTP server's worker processes, and the in-server poller beside them.
 
-The server is cheroot (mjctl.wsgiserver): pure Python, a pool of worker threads so one slow client does
-not block the others, and it streams generator responses (image forwarding) without buffering them.
+The server is granian (see mjctl.httpserver): connections live in its Rust event loop, so idle or slow
+clients hold no Python thread. This process supervises ``[server] workers`` worker processes (fresh
+interpreters, each with its own database connections; a worker that dies is replaced) and runs the one
+in-server poller of this ``serve``, however many workers answer requests.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ def serve(
     ctx: typer.Context,
     host: Optional[str] = typer.Option(None, "--host", help="Address to listen on ([server] host, default 127.0.0.1)."),
     port: Optional[int] = typer.Option(None, "--port", "-p", help="Port to listen on ([server] port, default 8080; 0 picks a free one)."),
-    threads: Optional[int] = typer.Option(None, "--threads", help="Worker threads ([server] threads, default 16)."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="API threads per worker ([server] threads, default 16)."),
     no_poll: bool = typer.Option(False, "--no-poll", help="Do not run the poller in this process."),
     workers: Optional[int] = typer.Option(None, "--workers", "-w", min=1,
                                           help="Server processes sharing the port ([server] workers, default 1)."),
@@ -33,29 +35,32 @@ def serve(
     st.override("server", "workers", workers)
     settings = st.open_store()
     configure_logging(settings.log.level)
-    if settings.server.workers > 1:
-        _serve_workers(settings, poll=not no_poll and settings.poller.in_server)
-        return
 
-    from mjctl.server import create_app
-    from mjctl.wsgiserver import serve_forever
+    from mjctl import crypto
+    from mjctl.errors import MjctlError
+    from mjctl.httpserver import Limits, probe_port, serve_processes, url_for
+    from mjctl.server import load_worker
 
-    app = create_app(settings)
-    stop_event = threading.Event()
-    poller = None if no_poll or not settings.poller.in_server else _start_poller(settings, stop_event)
-
-    def announce(url: str) -> None:
-        sys.stderr.write(f"mjctl serving on {url} ({settings.server.threads} threads"
-                         f"{', poller running' if poller is not None else ', no poller'}). Press Ctrl-C to stop.\n")
-        sys.stderr.flush()
-
+    host_, count = settings.server.host, settings.server.workers
     try:
-        serve_forever(app, settings.server.host, settings.server.port, settings.server.threads, on_ready=announce)
+        bound = probe_port(host_, settings.server.port)
     except OSError as exc:
-        from mjctl.errors import MjctlError
-
-        raise MjctlError(f"Cannot listen on {settings.server.host}:{settings.server.port}: "
-                         f"{exc.strerror or exc}") from None
+        raise MjctlError(f"Cannot listen on {host_}:{settings.server.port}: {exc.strerror or exc}") from None
+    # Workers must agree on one port and one secret: fix both here, before any worker starts.
+    settings.values["server"]["port"] = bound
+    crypto.server_secret(settings)
+    poll = not no_poll and settings.poller.in_server
+    shape = f"{count} workers x {settings.server.threads} threads" if count > 1 else f"{settings.server.threads} threads"
+    sys.stderr.write(f"mjctl serving on {url_for(host_, bound)} ({shape}"
+                     f"{', poller running' if poll else ', no poller'}). Press Ctrl-C to stop.\n")
+    sys.stderr.flush()
+    stop_event = threading.Event()
+    poller = _start_poller(settings, stop_event) if poll else None
+    try:
+        serve_processes(settings, load_worker, host=host_, port=bound, workers=count,
+                        limits=Limits.from_settings(settings))
+    except OSError as exc:
+        raise MjctlError(f"Cannot listen on {host_}:{bound}: {exc.strerror or exc}") from None
     finally:
         stop_event.set()
         if poller is not None:
@@ -63,55 +68,8 @@ def serve(
     sys.stderr.write("mjctl server stopped.\n")
 
 
-def _serve_workers(settings, *, poll: bool) -> None:
-    """`--workers N`: N processes accept on one socket bound here; the poller runs in worker 0 only (and
-    the database lease keeps it to one cycle at a time across every process and host anyway)."""
-    from mjctl import crypto, prefork
-    from mjctl.db import open_store, unbind
-    from mjctl.errors import MjctlError
-
-    host, port, count = settings.server.host, settings.server.port, settings.server.workers
-    try:
-        sock = prefork.listen(host, port)
-    except OSError as exc:
-        raise MjctlError(f"Cannot listen on {host}:{port}: {exc.strerror or exc}") from None
-    crypto.server_secret(settings)  # generate a missing secret once, before the workers would race to
-    unbind()  # no database connection may cross the fork
-    bound_port = sock.getsockname()[1]
-    shown_host = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "[::1]"}.get(host, f"[{host}]" if ":" in host else host)
-    sys.stderr.write(f"mjctl serving on http://{shown_host}:{bound_port} ({count} workers x "
-                     f"{settings.server.threads} threads{', poller in worker 0' if poll else ', no poller'}). "
-                     "Press Ctrl-C to stop.\n")
-    sys.stderr.flush()
-
-    def worker(index: int) -> None:
-        from mjctl.server import create_app
-        from mjctl.wsgiserver import serve_forever
-
-        open_store(settings, migrate_now=False)
-        app = create_app(settings)
-        stop_event = threading.Event()
-        poller = _start_poller(settings, stop_event) if poll and index == 0 else None
-        try:
-            serve_forever(app, host, bound_port, settings.server.threads, sock=sock)
-        finally:
-            stop_event.set()
-            if poller is not None:
-                poller.join(timeout=30)
-
-    try:
-        code = prefork.run_workers(count, worker)
-    finally:
-        sock.close()
-    sys.stderr.write("mjctl server stopped.\n")
-    if code:
-        raise MjctlError("The server workers kept failing; see the log above")
-
-
 def _start_poller(settings, stop_event: threading.Event):
     """The polling loop in a background thread that ends when stop_event is set."""
     from mjctl.poller import start_background
 
     return start_background(settings, stop_event)
-
-

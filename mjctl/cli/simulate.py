@@ -80,7 +80,7 @@ def simulate(
     faults = _parse_faults(fault)
 
     from mjctl.simulator import Simulator
-    from mjctl.wsgiserver import serve_forever
+    from mjctl.httpserver import serve_forever
 
     sim = Simulator(
         secret or None,

@@ -1,5 +1,67 @@
-"""The HTTP server: ``create_app(settings)`` builds the Bottle app (see mjctl.server.app)."""
+"""The HTTP server: ``create_app(settings)`` builds the Bottle app (see mjctl.server.app);
+``make_bridge(settings)`` puts it behind mjctl.httpserver with the limits of [server] and [relay]."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 from mjctl.server.app import AppContext, create_app
 
-__all__ = ["AppContext", "create_app"]
+if TYPE_CHECKING:
+    from mjctl.config import Settings
+    from mjctl.httpserver import Answer, WSGIBridge
+
+__all__ = ["AppContext", "create_app", "make_bridge", "load_worker"]
+
+
+def overloaded(path: str) -> Answer:
+    """The answer to an upstream-bound request when the upstream pool is full: HTTP 429, and on the relay
+    routes the midjourney-proxy "queue full" envelope (code 23) its clients already handle."""
+    import orjson
+
+    from mjctl.relay import envelope
+
+    headers = [("content-type", "application/json"), ("retry-after", "1")]
+    if path.startswith("/mj/image/") or path.startswith("/mj/video/"):
+        body = {"success": False, "message": "Too many downloads in progress; try again shortly."}
+    else:
+        body = envelope(23, "queue full: too many submissions in progress, try again shortly")
+    return 429, headers, orjson.dumps(body)
+
+
+def make_bridge(settings: Settings, app=None, *, multiprocess: bool = False) -> WSGIBridge:
+    """The app (create_app(settings) unless given) behind the request limits and the two thread pools."""
+    from mjctl.httpserver import UPSTREAM_BOUND, Limits, WSGIBridge
+
+    return WSGIBridge(app if app is not None else create_app(settings), Limits.from_settings(settings),
+                      overloaded=overloaded, upstream_routes=UPSTREAM_BOUND, multiprocess=multiprocess)
+
+
+def load_worker(settings: Settings) -> WSGIBridge:
+    """One `mjctl serve` worker process: logging, its own database connections, the app behind its bridge."""
+    from mjctl.cli.output import configure_logging
+    from mjctl.db import open_store
+
+    _die_with_parent()
+    configure_logging(settings.log.level)
+    open_store(settings, migrate_now=False)
+    return make_bridge(settings, multiprocess=settings.server.workers > 1)
+
+
+def _die_with_parent() -> None:
+    """Linux: end this worker when the supervising `mjctl serve` dies, even by SIGKILL, instead of serving
+    on as an orphan nobody will stop."""
+    import ctypes
+    import os
+    import signal
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return
+    parent = os.getppid()
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM), 0, 0, 0)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # the parent died before the request took effect
+        os.kill(os.getpid(), signal.SIGTERM)

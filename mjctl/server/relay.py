@@ -11,6 +11,7 @@ upstream's own rejection (codes 3, 4, 23, 24 …) is passed on with the upstream
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
@@ -22,6 +23,7 @@ from mjctl import crypto, jsontext, relay
 from mjctl.errors import MjctlError
 from mjctl.server.app import AppContext
 from mjctl.server.auth import authenticate_request
+from mjctl.server.capacity import UserGate
 from mjctl.server.openapi import header_param, json_response, query_param
 
 log = logging.getLogger("mjctl.server.relay")
@@ -30,9 +32,9 @@ MAX_BODY = 32 * 1024 * 1024  # blend and describe carry base64 images
 PLUGINS_SKIPPED = ["mjctl_errors", "mjctl_store"]
 
 
-def answer(status: int, body) -> bottle.HTTPResponse:
+def answer(status: int, body, headers: dict[str, str] | None = None) -> bottle.HTTPResponse:
     return bottle.HTTPResponse(json.dumps(body, ensure_ascii=False), status=status,
-                               headers={"Content-Type": "application/json"})
+                               headers={"Content-Type": "application/json", **(headers or {})})
 
 
 def failure(status: int, code: int, description: str) -> bottle.HTTPResponse:
@@ -88,12 +90,28 @@ def install(app: bottle.Bottle, ctx: AppContext) -> None:
     def route(rule: str, method: str, callback, *, reads_only: bool = False) -> None:
         app.route(rule, method, enveloped(callback, reads_only=reads_only), skip=PLUGINS_SKIPPED)
 
+    gate = UserGate(settings.relay.max_in_flight_per_user)
+
+    @contextlib.contextmanager
+    def user_slot(user):
+        """Hold one of the user's upstream-bound slots, or answer "queue full" (code 23, HTTP 429)."""
+        if not gate.acquire(user.id):
+            raise answer(429, relay.envelope(
+                23, f"queue full: you already have {gate.limit} requests waiting on upstreams; try again shortly"),
+                headers={"Retry-After": "1"})
+        try:
+            yield
+        finally:
+            gate.release(user.id)
+
     for prefix in relay.PREFIXES:
         def submit(kind: str, prefix: str = prefix):
             user = authenticate_request(bottle.request)
             if kind not in relay.SUBMIT_KINDS:
                 return failure(404, 3, f"unknown submit kind {kind!r}")
-            status, body = relay.submit(settings, user, kind, json_body(), prefix)
+            body = json_body()
+            with user_slot(user):
+                status, body = relay.submit(settings, user, kind, body, prefix)
             return answer(status, body)
 
         def fetch(mj_id: str):
@@ -116,7 +134,8 @@ def install(app: bottle.Bottle, ctx: AppContext) -> None:
 
         def image_seed(mj_id: str, prefix: str = prefix):
             user = authenticate_request(bottle.request)
-            status, body = relay.image_seed(settings, user, mj_id, prefix)
+            with user_slot(user):
+                status, body = relay.image_seed(settings, user, mj_id, prefix)
             return answer(status, body)
 
         route(f"{prefix}/mj/submit/<kind>", "POST", submit)

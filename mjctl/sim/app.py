@@ -391,7 +391,7 @@ class SimulatorHandle:
 def run_simulator_in_thread(*, host: str = "127.0.0.1", port: int = 0, threads: int = 16,
                             **opts: Any) -> SimulatorHandle:
     """Build a Simulator from ``opts`` and serve it from a background thread (port 0 = a free one)."""
-    from mjctl.wsgiserver import ServerThread
+    from mjctl.httpserver import ServerThread
 
     sim = Simulator(**opts)
     server = ServerThread(sim.app, host=host, port=port, threads=threads).start()

@@ -1,4 +1,4 @@
-"""The shared cheroot runner: free ports, clean stops, concurrency and chunk-by-chunk streaming."""
+"""The HTTP server: free ports, clean stops, concurrency and chunk-by-chunk streaming."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from mjctl.wsgiserver import ServerThread
+from mjctl.httpserver import ServerThread
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -91,7 +91,7 @@ def test_serve_forever_stops_cleanly_on_sigterm_and_sigint():
     script = textwrap.dedent(
         """
         import sys
-        from mjctl.wsgiserver import serve_forever
+        from mjctl.httpserver import serve_forever
         def app(environ, start_response):
             start_response("200 OK", [("Content-Type", "text/plain")])
             return [b"ok"]

@@ -1,0 +1,527 @@
+"""The HTTP server under every mjctl app: granian's Rust event loop owns the connections, Python threads
+only ever see complete requests.
+
+Why this shape: a thread-per-connection server (cheroot, waitress) lets sixteen idle sockets, or a client
+that sends a header line every few seconds, hold every thread it has. Here the connections live in
+granian (tokio and hyper, HTTP/1.1 and HTTP/2), which enforces the header-size limit (431) and the
+header-read timeout, closes idle keep-alive connections after that timeout, and caps the open connections
+per process (more wait in the kernel's listen queue). The WSGI app is reached through :class:`WSGIBridge`,
+an RSGI application that:
+
+- answers a declared body over ``max_body_bytes`` with 413 before reading any of it, reads the rest
+  (chunked bodies included) on the event loop with a deadline (408 when the client stalls, never a
+  thread held), and hands the app a complete, bounded ``wsgi.input``;
+- runs the app in one of two thread pools: upstream-bound routes (submissions, image-seed, image
+  streaming: see :data:`UPSTREAM_BOUND`) in their own, bounded by ``max_in_flight`` and answered 429 when
+  full, everything else (listings, ``/healthz``, the page) in the other, so a hanging upstream cannot
+  starve the API;
+- streams iterable bodies chunk by chunk (each ``next()`` on a pool thread, each write awaited on the
+  loop), so an image of any size passes with flat memory and a slow reader holds no thread.
+
+:class:`ServerThread` runs an app in this process (tests, the simulator, the demo); :func:`serve_processes`
+runs ``mjctl serve``'s worker processes under granian's supervisor.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import logging
+import re
+import socket
+import sys
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = ["Limits", "WSGIBridge", "ServerThread", "serve_forever", "serve_processes", "probe_port",
+           "UPSTREAM_BOUND"]
+
+log = logging.getLogger("mjctl.httpserver")
+
+#: Routes whose work waits on an upstream: relay submissions (every speed prefix), image-seed, cancel,
+#: face swap, and the forwarded images and videos. They run in the bounded upstream pool.
+UPSTREAM_BOUND = re.compile(
+    r"^/mj(?:-[a-z]+)?/(?:submit/|insight-face/|task/[^/]+/(?:image-seed|cancel)$)|^/mj/(?:image|video)/")
+
+WSGIApp = Callable[..., Iterable[bytes]]
+Answer = tuple[int, list[tuple[str, str]], bytes]
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one server process allows a client. The defaults are mjctl.toml's."""
+
+    threads: int = 16  # API threads
+    max_in_flight: int = 64  # upstream-bound requests at once (their own threads)
+    max_connections: int = 4096
+    header_timeout: float = 10.0
+    body_timeout: float = 10.0
+    max_header_bytes: int = 16384
+    max_body_bytes: int = 32 * 1024 * 1024
+
+    @classmethod
+    def from_settings(cls, settings) -> Limits:
+        server, relay = settings.server, settings.relay
+        return cls(threads=server.threads, max_in_flight=relay.max_in_flight,
+                   max_connections=server.max_connections, header_timeout=server.header_timeout,
+                   body_timeout=server.body_timeout, max_header_bytes=server.max_header_bytes,
+                   max_body_bytes=server.max_body_bytes)
+
+
+def _json_answer(status: int, message: str, *, close: bool = False) -> Answer:
+    import orjson
+
+    headers = [("content-type", "application/json")]
+    if close:
+        headers.append(("connection", "close"))
+    return status, headers, orjson.dumps({"success": False, "message": message})
+
+
+def default_overloaded(path: str) -> Answer:
+    """The 429 answered when the upstream-bound pool is full (mjctl.server replaces it per route family)."""
+    answer = _json_answer(429, "Too many requests are waiting on upstreams; try again shortly.")
+    answer[1].append(("retry-after", "1"))
+    return answer
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+class WSGIBridge:
+    """An RSGI application serving a WSGI app from thread pools, with the request limits of ``limits``.
+
+    ``overloaded(path)`` builds the answer for an upstream-bound request refused because the upstream pool
+    is full (the relay's callers expect their own envelope). Without ``upstream_routes`` every request
+    runs in the API pool (the simulator, test apps).
+    """
+
+    def __init__(self, app: WSGIApp, limits: Limits = Limits(), *,
+                 overloaded: Callable[[str], Answer] = default_overloaded,
+                 upstream_routes: re.Pattern[str] | None = None, multiprocess: bool = False):
+        self.app = app
+        self.limits = limits
+        self.overloaded = overloaded
+        self.upstream_routes = upstream_routes
+        self.multiprocess = multiprocess
+        self._api_pool: ThreadPoolExecutor | None = None
+        self._upstream_pool: ThreadPoolExecutor | None = None
+        self.upstream_in_flight = 0  # only touched on the event loop
+
+    # -- RSGI hooks --------------------------------------------------------------------------------
+
+    def __rsgi_init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._pools()
+
+    def __rsgi_del__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.close()
+
+    def close(self) -> None:
+        for pool in (self._api_pool, self._upstream_pool):
+            if pool is not None:
+                pool.shutdown(wait=False, cancel_futures=True)
+        self._api_pool = self._upstream_pool = None
+
+    def _pools(self) -> tuple[ThreadPoolExecutor, ThreadPoolExecutor]:
+        if self._api_pool is None or self._upstream_pool is None:
+            self._api_pool = ThreadPoolExecutor(max(1, self.limits.threads), thread_name_prefix="mjctl-api")
+            self._upstream_pool = ThreadPoolExecutor(max(1, self.limits.max_in_flight),
+                                                     thread_name_prefix="mjctl-upstream")
+        return self._api_pool, self._upstream_pool
+
+    async def __rsgi__(self, scope: Any, proto: Any) -> None:
+        if scope.proto != "http":  # websockets are switched off; nothing else exists
+            return
+        try:
+            await self._handle(scope, proto)
+        except Exception:  # noqa: BLE001 - the loop must survive anything one request does
+            log.exception("unhandled error serving %s %s", scope.method, scope.path[:200])
+
+    # -- one request -------------------------------------------------------------------------------
+
+    async def _handle(self, scope: Any, proto: Any) -> None:
+        from granian.rsgi import ProtocolClosed
+
+        headers = scope.headers
+        limits = self.limits
+        length_text = headers.get("content-length")
+        chunked = "chunked" in (headers.get("transfer-encoding") or "").lower()
+        length = 0
+        if length_text is not None:
+            try:
+                length = int(length_text)
+                if length < 0:
+                    raise ValueError
+            except ValueError:
+                return self._send(proto, _json_answer(400, "Content-Length is not a number.", close=True))
+        if length > limits.max_body_bytes:
+            return self._send(proto, _json_answer(
+                413, f"The request body is larger than {limits.max_body_bytes} bytes.", close=True))
+        body = b""
+        if length or chunked:
+            try:
+                body = await asyncio.wait_for(self._read_body(proto), limits.body_timeout)
+            except asyncio.TimeoutError:
+                return self._send(proto, _json_answer(
+                    408, f"The request body did not arrive within {limits.body_timeout:g} seconds.", close=True))
+            except _BodyTooLarge:
+                return self._send(proto, _json_answer(
+                    413, f"The request body is larger than {limits.max_body_bytes} bytes.", close=True))
+            except ProtocolClosed:
+                return None  # the client went away; nobody to answer
+            if length_text is not None and len(body) != length:
+                return self._send(proto, _json_answer(400, "The request body is shorter than its Content-Length.",
+                                                      close=True))
+        api_pool, upstream_pool = self._pools()
+        upstream_bound = self.upstream_routes is not None and self.upstream_routes.match(scope.path) is not None
+        if upstream_bound:
+            if self.upstream_in_flight >= limits.max_in_flight:
+                return self._send(proto, self.overloaded(scope.path))
+            self.upstream_in_flight += 1
+        pool = upstream_pool if upstream_bound else api_pool
+        try:
+            await self._respond(proto, pool, self._environ(scope, headers, body, chunked))
+        finally:
+            if upstream_bound:
+                self.upstream_in_flight -= 1
+
+    async def _read_body(self, proto: Any) -> bytes:
+        limit = self.limits.max_body_bytes
+        parts: list[bytes] = []
+        size = 0
+        async for chunk in proto:
+            size += len(chunk)
+            if size > limit:
+                raise _BodyTooLarge
+            parts.append(chunk)
+        return b"".join(parts)
+
+    def _environ(self, scope: Any, headers: Any, body: bytes, chunked: bool) -> dict[str, Any]:
+        host, _, port = scope.server.rpartition(":")
+        client = scope.client.rpartition(":")[0] if ":" in scope.client else scope.client
+        environ: dict[str, Any] = {
+            "REQUEST_METHOD": scope.method,
+            "SCRIPT_NAME": "",
+            # WSGI's native strings: the decoded path's bytes read as latin-1
+            "PATH_INFO": scope.path.encode("utf-8", "surrogateescape").decode("latin-1"),
+            "QUERY_STRING": scope.query_string,
+            "SERVER_NAME": host.strip("[]") or "localhost",
+            "SERVER_PORT": port or "80",
+            "SERVER_PROTOCOL": f"HTTP/{scope.http_version}",
+            "REMOTE_ADDR": client.strip("[]"),
+            "wsgi.version": (1, 0),
+            "wsgi.url_scheme": scope.scheme,
+            "wsgi.input": io.BytesIO(body),
+            "wsgi.input_terminated": True,
+            "wsgi.errors": sys.stderr,
+            "wsgi.multithread": True,
+            "wsgi.multiprocess": self.multiprocess,
+            "wsgi.run_once": False,
+        }
+        for name, value in headers.items():
+            if name == "content-length" or name == "transfer-encoding":
+                continue  # the body was read here: the app sees its exact length below
+            key = "CONTENT_TYPE" if name == "content-type" else "HTTP_" + name.upper().replace("-", "_")
+            environ[key] = f"{environ[key]},{value}" if key in environ else value
+        if body or chunked or headers.get("content-length") is not None:
+            environ["CONTENT_LENGTH"] = str(len(body))
+        return environ
+
+    async def _respond(self, proto: Any, pool: ThreadPoolExecutor, environ: dict[str, Any]) -> None:
+        loop = asyncio.get_running_loop()
+        status, headers, first, rest = await loop.run_in_executor(pool, self._call_app, environ)
+        if rest is None:
+            proto.response_bytes(status, headers, first)
+            return
+        result, iterator = rest
+        try:
+            transport = proto.response_stream(status, headers)
+            chunk: bytes | None = first
+            while chunk is not None:
+                if chunk:
+                    await transport.send_bytes(chunk)
+                chunk = await loop.run_in_executor(pool, _next_chunk, iterator)
+        except Exception as exc:  # noqa: BLE001 - a client gone mid-stream, or the app failing mid-body
+            if not _is_disconnect(exc):
+                log.error("streaming %s failed: %s", environ.get("PATH_INFO", "")[:200], exc)
+        finally:
+            close = getattr(result, "close", None)
+            if close is not None:
+                await loop.run_in_executor(pool, _quietly, close)
+
+    def _call_app(self, environ: dict[str, Any]) -> tuple[int, list[tuple[str, str]], bytes | None, Any]:
+        """Run the app on a pool thread: (status, headers, the whole body or the first chunk, the rest)."""
+        started: list[Any] = []
+
+        def start_response(status: str, headers: list[tuple[str, str]], exc_info: Any = None):
+            if exc_info is not None and started:
+                raise exc_info[1].with_traceback(exc_info[2])
+            started[:] = [status, headers]
+            return _no_write
+
+        try:
+            result = self.app(environ, start_response)
+            if isinstance(result, (list, tuple)):
+                body = b"".join(result)
+                close = getattr(result, "close", None)
+                if close is not None:
+                    close()
+                status, headers = started
+                return int(status.split(" ", 1)[0]), list(headers), body, None
+            iterator = iter(result)
+            first = _next_chunk(iterator)  # a generator may call start_response on its first step
+            status, headers = started
+            if first is None:
+                _quietly(getattr(result, "close", lambda: None))
+                return int(status.split(" ", 1)[0]), list(headers), b"", None
+            return int(status.split(" ", 1)[0]), list(headers), first, (result, iterator)
+        except Exception:  # noqa: BLE001 - the app's own error handling failed; answer JSON anyway
+            log.exception("unhandled error in %s %s", environ.get("REQUEST_METHOD"), environ.get("PATH_INFO"))
+            return _json_answer(500, "Internal server error.") + (None,)
+
+    @staticmethod
+    def _send(proto: Any, answer: Answer) -> None:
+        status, headers, body = answer
+        proto.response_bytes(status, headers, body)
+
+
+def _no_write(data: bytes) -> None:
+    raise RuntimeError("the WSGI write() callable is not supported; return an iterable")
+
+
+def _next_chunk(iterator: Iterator[bytes]) -> bytes | None:
+    try:
+        return bytes(next(iterator))
+    except StopIteration:
+        return None
+
+
+def _quietly(close: Callable[[], Any]) -> None:
+    try:
+        close()
+    except Exception as exc:  # noqa: BLE001 - closing a finished body must not fail the request
+        log.warning("closing a response body failed: %s", exc)
+
+
+def _is_disconnect(exc: BaseException) -> bool:
+    from granian.rsgi import ProtocolClosed
+
+    return isinstance(exc, (ProtocolClosed, ConnectionError)) or "closed" in str(exc).lower()
+
+
+# -- listening -------------------------------------------------------------------------------------
+
+
+def probe_port(host: str, port: int) -> int:
+    """Check that host:port is free and return it (a free one for port 0), or raise OSError.
+
+    granian binds with SO_REUSEPORT (each worker process its own socket), which would let a second server
+    silently share a port already in use; this plain bind refuses that, as a busy port should be refused.
+    """
+    infos = socket.getaddrinfo(host or None, port, socket.AF_UNSPEC, socket.SOCK_STREAM, 0, socket.AI_PASSIVE)
+    family, socktype, proto, _name, addr = infos[0]
+    with socket.socket(family, socktype, proto) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(addr)
+        sock.listen(1)
+        return sock.getsockname()[1]
+
+
+def connect_host(host: str) -> str:
+    """The address a local client uses to reach a server bound to ``host``."""
+    return {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}.get(host, host)
+
+
+def url_for(host: str, port: int) -> str:
+    shown = connect_host(host)
+    return f"http://[{shown}]:{port}" if ":" in shown else f"http://{shown}:{port}"
+
+
+def _granian_options(limits: Limits) -> dict[str, Any]:
+    from granian.constants import HTTPModes, Interfaces
+    from granian.http import HTTP1Settings
+    from granian.log import LogLevels
+
+    return dict(
+        interface=Interfaces.RSGI,
+        http=HTTPModes.http1,
+        websockets=False,
+        backlog=1024,
+        backpressure=limits.max_connections,
+        http1_settings=HTTP1Settings(header_read_timeout=int(limits.header_timeout * 1000),
+                                     keep_alive=True, max_buffer_size=max(8192, limits.max_header_bytes)),
+        # granian's own log: errors only (a worker that died, a failed bind), on stderr like mjctl's own
+        # lines (stdout is for data); mjctl's access log covers the requests
+        log_enabled=True,
+        log_level=LogLevels.error,
+        log_dictconfig=_GRANIAN_LOG,
+    )
+
+
+_GRANIAN_LOG = {
+    "formatters": {
+        "generic": {"()": "logging.Formatter", "fmt": "%(asctime)s %(levelname)s granian: %(message)s"},
+        "access": {"()": "logging.Formatter", "fmt": "%(message)s"},
+    },
+    "handlers": {
+        "console": {"formatter": "generic", "class": "logging.StreamHandler", "stream": "ext://sys.stderr"},
+        "access": {"formatter": "access", "class": "logging.StreamHandler", "stream": "ext://sys.stderr"},
+    },
+}
+
+
+# -- in this process -------------------------------------------------------------------------------
+
+
+class ServerThread:
+    """Serve ``app`` from a background thread (granian embedded, on its own event loop); ``start()``
+    returns once connections are accepted. Accepts a WSGI app or a ready :class:`WSGIBridge`."""
+
+    def __init__(self, app: WSGIApp | WSGIBridge, host: str = "127.0.0.1", port: int = 0, threads: int = 16,
+                 limits: Limits | None = None):
+        if isinstance(app, WSGIBridge):
+            self.bridge = app
+        else:
+            self.bridge = WSGIBridge(app, limits or Limits(threads=threads))
+        self.host = host
+        self._requested_port = port
+        self.port: int | None = None
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._server: Any = None
+        self._failure: list[BaseException] = []
+
+    @property
+    def url(self) -> str:
+        if self.port is None:
+            raise RuntimeError("server is not started")
+        return url_for(self.host, self.port)
+
+    def start(self) -> ServerThread:
+        if self._thread is not None:
+            raise RuntimeError("server already started")
+        self.port = probe_port(self.host, self._requested_port)
+        ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(ready,), name="http-server", daemon=True)
+        self._thread.start()
+        ready.wait(30)
+        try:
+            self._wait_accepting()
+        except OSError:
+            self.stop()
+            if self._failure:
+                raise self._failure[0] from None
+            raise
+        return self
+
+    def _run(self, ready: threading.Event) -> None:
+        from granian.server.embed import Server
+
+        loop = asyncio.new_event_loop()
+        asyncio.set_event_loop(loop)
+        self._loop = loop
+        try:
+            self._server = Server(self.bridge, address=self.host, port=self.port,
+                                  **_granian_options(self.bridge.limits))
+            ready.set()
+            loop.run_until_complete(self._server.serve())
+        except BaseException as exc:  # noqa: BLE001 - handed to start()
+            self._failure.append(exc)
+        finally:
+            ready.set()
+            self.bridge.close()
+            try:
+                loop.run_until_complete(loop.shutdown_asyncgens())
+            finally:
+                loop.close()
+
+    def _wait_accepting(self, timeout: float = 10.0) -> None:
+        import time
+
+        deadline = time.monotonic() + timeout
+        while True:
+            if self._thread is None or not self._thread.is_alive():
+                raise OSError(f"the server on port {self.port} did not start")
+            try:
+                with socket.create_connection((connect_host(self.host), self.port), timeout=timeout):
+                    return
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.01)
+
+    def stop(self) -> None:
+        thread, loop, server = self._thread, self._loop, self._server
+        if thread is None:
+            return
+        if loop is not None and server is not None and not loop.is_closed():
+            try:
+                loop.call_soon_threadsafe(server.stop)
+            except RuntimeError:
+                pass  # the loop ended on its own
+        thread.join(timeout=15)
+        self._thread = self._loop = self._server = None
+
+    def __enter__(self) -> ServerThread:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+
+def serve_forever(app: WSGIApp | WSGIBridge, host: str, port: int, threads: int = 16,
+                  on_ready: Callable[[str], None] | None = None, limits: Limits | None = None) -> None:
+    """Serve ``app`` in this process until SIGTERM or SIGINT, then stop cleanly (no traceback).
+
+    Must be called from the main thread (signal handlers can only be installed there).
+    """
+    import signal
+
+    stop_event = threading.Event()
+
+    def _handle(signum: int, frame: object) -> None:
+        stop_event.set()
+
+    previous = {sig: signal.signal(sig, _handle) for sig in (signal.SIGTERM, signal.SIGINT)}
+    server = ServerThread(app, host=host, port=port, threads=threads, limits=limits)
+    try:
+        server.start()
+        if on_ready is not None:
+            on_ready(server.url)
+        while not stop_event.wait(0.5):
+            pass
+    finally:
+        server.stop()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+# -- worker processes ------------------------------------------------------------------------------
+
+
+def serve_processes(target: Any, load: Callable[[Any], WSGIBridge], *, host: str, port: int, workers: int,
+                    limits: Limits, grace_seconds: float = 40.0) -> None:
+    """Run ``workers`` processes under granian's supervisor until SIGTERM or SIGINT.
+
+    Each worker is a fresh interpreter (the spawn start method: nothing of this process, no database
+    connection and no thread, crosses into it) that calls ``load(target)`` for its bridge; both must be
+    picklable. A worker that dies is replaced. Returns after every worker has stopped.
+    """
+    import multiprocessing
+
+    from granian.server import Server
+
+    multiprocessing.set_start_method("spawn", force=True)
+    server = Server("mjctl", address=host, port=port, workers=workers, respawn_failed_workers=True,
+                    workers_kill_timeout=int(grace_seconds), **_granian_options(limits))
+    server.target = target  # handed to load() in each worker
+    try:
+        server.serve(target_loader=load)
+    except SystemExit as exc:  # granian exits 1 when workers kept crashing
+        if exc.code:
+            from mjctl.errors import MjctlError
+
+            raise MjctlError("The server workers kept failing; see the log above.") from None
