@@ -53,7 +53,9 @@ def describe_exception(exc: BaseException) -> tuple[str, int]:
 
 
 def _fail(message: str, code: int) -> None:
-    message = message.strip()
+    from mjctl.textsafe import visible
+
+    message = visible(message.strip())  # it may quote a remote server's or an upstream's text
     if message and message[-1] not in ".!?":
         message += "."
     sys.stderr.write(f"Error: {message}\n")
