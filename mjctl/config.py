@@ -21,10 +21,10 @@ SCHEMA: dict[str, dict[str, tuple[Any, type, str]]] = {
         "url": ("sqlite:///mjctl.db", str, "sqlite:///PATH, postgresql://USER@HOST:PORT/DB or mysql://USER@HOST:PORT/DB"),
         "pool_size": (0, int, "connections kept per process (PostgreSQL and MySQL); "
                               "0 = [server] threads + [poller] concurrency + 2"),
-        "pool_timeout": (10.0, float, "seconds to wait for a free pooled connection"),
-        "connect_timeout": (10, int, "seconds to wait when opening a connection"),
+        "pool_timeout": (5.0, float, "seconds to wait for a free pooled connection"),
+        "connect_timeout": (5, int, "seconds to wait when opening a connection"),
         "stale_timeout": (300, int, "seconds after which an idle pooled connection is replaced"),
-        "busy_timeout": (10.0, float, "SQLite: seconds to wait for a lock before failing"),
+        "busy_timeout": (5.0, float, "seconds to wait for a lock before failing (SQLite busy timeout, PostgreSQL lock_timeout, MySQL lock waits)"),
     },
     "server": {
         "host": ("127.0.0.1", str, "address to listen on"),

@@ -4,19 +4,27 @@ SQLite (the default) runs in WAL mode with a busy timeout, and every write trans
 IMMEDIATE so that a server and a poller wait for each other instead of failing. PostgreSQL and
 MySQL/MariaDB go through peewee's connection pools. Migrations are numbered functions, each applied in
 its own transaction together with the row recording it, under a lock so two processes may start at once.
+
+Every wait on the database is bounded by ``[database] busy_timeout`` (a lock: SQLite's busy timeout,
+PostgreSQL's lock_timeout, MySQL's lock wait timeouts), ``pool_timeout`` (a free pooled connection) and
+``connect_timeout``; a request that meets one of them fails as :class:`DatabaseBusy` (HTTP 503) instead
+of holding its server thread, and ``retry_transaction`` never waits for a lock twice.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 import random
 import logging
 import threading
+import time
 from pathlib import Path
 from typing import Callable, Iterator, TypeVar
 from urllib.parse import urlparse
 
 import peewee
+from playhouse.pool import PooledMySQLDatabase
 
 from mjctl.config import SCHEMA, Settings, redact_url
 from mjctl.errors import ConfigError, DatabaseUnavailable
@@ -32,6 +40,47 @@ _opened_url: str | None = None
 
 
 SQLITE_MMAP_BYTES = 1 << 30
+DEFAULT_BUSY_TIMEOUT = float(SCHEMA["database"]["busy_timeout"][0])
+BUSY_MESSAGE = "The database is busy; try again shortly."
+
+
+class DatabaseBusy(DatabaseUnavailable):
+    """The database did not serve a request in time: a lock held elsewhere past the busy timeout, no
+    free pooled connection, or no connection at all. Worth retrying shortly, hence 503."""
+
+    http_status = 503
+    headers = {"Retry-After": "2"}
+
+    def __init__(self, message: str = BUSY_MESSAGE):
+        super().__init__(message)
+
+
+#: SQLite's messages for a lock it gave up waiting for, and for a file it cannot open right now.
+_SQLITE_BUSY_WORDS = ("database is locked", "database table is locked", "database is busy",
+                      "unable to open database file", "disk i/o error")
+
+
+def busy_error(exc: BaseException) -> DatabaseBusy | None:
+    """The DatabaseBusy that exc amounts to, or None when it is something else (a bug, a constraint).
+
+    On PostgreSQL and MySQL an OperationalError or InterfaceError is a connection, lock-timeout, deadlock
+    or cancelled-statement failure; on SQLite only the locked/unopenable messages are (a missing table is
+    an OperationalError there too, and a bug). A pool that stayed full for pool_timeout raises peewee's
+    MaxConnectionsExceeded, a ValueError."""
+    if isinstance(exc, DatabaseBusy):
+        return exc
+    try:
+        from playhouse.pool import MaxConnectionsExceeded
+    except ImportError:  # pragma: no cover - playhouse ships with peewee
+        MaxConnectionsExceeded = ()  # type: ignore[assignment]  # noqa: N806
+    if MaxConnectionsExceeded and isinstance(exc, MaxConnectionsExceeded):
+        return DatabaseBusy()
+    if not isinstance(exc, (peewee.OperationalError, peewee.InterfaceError)):
+        return None
+    if database.obj is not None and is_sqlite():
+        text = str(exc).lower()
+        return DatabaseBusy() if any(word in text for word in _SQLITE_BUSY_WORDS) else None
+    return DatabaseBusy()
 
 
 def make_database(url: str, settings: Settings | None = None) -> peewee.Database:
@@ -50,8 +99,8 @@ def make_database(url: str, settings: Settings | None = None) -> peewee.Database
             raise ConfigError(f"Database URL {url!r} names no file; use sqlite:///PATH.")
         if path != ":memory:":
             Path(path).parent.mkdir(parents=True, exist_ok=True)
-        busy = float(db_settings.get("busy_timeout", 10.0))
-        return peewee.SqliteDatabase(
+        busy = float(db_settings.get("busy_timeout", DEFAULT_BUSY_TIMEOUT))
+        db = peewee.SqliteDatabase(
             path,
             timeout=busy,
             pragmas={
@@ -65,8 +114,10 @@ def make_database(url: str, settings: Settings | None = None) -> peewee.Database
                 "mmap_size": SQLITE_MMAP_BYTES,
             },
         )
+        db._mjctl_busy_timeout = busy
+        return db
     from playhouse.db_url import parse
-    from playhouse.pool import PooledMySQLDatabase, PooledPostgresqlDatabase
+    from playhouse.pool import PooledPostgresqlDatabase
 
     kwargs = parse(url.replace("mariadb://", "mysql://", 1) if scheme == "mariadb" else url)
     if not kwargs.get("database"):
@@ -74,15 +125,48 @@ def make_database(url: str, settings: Settings | None = None) -> peewee.Database
     pool = {
         "max_connections": pool_size(settings),
         "stale_timeout": int(db_settings.get("stale_timeout", 300)),
-        "timeout": float(db_settings.get("pool_timeout", 10.0)),
+        # peewee's pool truncates the wait to whole seconds and takes 0 for "forever": at least 1.
+        "timeout": max(1, math.ceil(float(db_settings.get("pool_timeout", SCHEMA["database"]["pool_timeout"][0])))),
     }
-    connect_timeout = int(db_settings.get("connect_timeout", 10))
+    connect_timeout = int(db_settings.get("connect_timeout", SCHEMA["database"]["connect_timeout"][0]))
+    lock_wait = max(1, math.ceil(float(db_settings.get("busy_timeout", DEFAULT_BUSY_TIMEOUT))))
     if scheme in ("postgresql", "postgres"):
-        return PooledPostgresqlDatabase(connect_timeout=connect_timeout, **pool, **kwargs)
+        # Without lock_timeout a statement waits for a lock forever (an ALTER, a LOCK TABLE elsewhere).
+        options = f"-c lock_timeout={lock_wait * 1000}"
+        if kwargs.get("options"):
+            options = f"{kwargs.pop('options')} {options}"
+        db = PooledPostgresqlDatabase(connect_timeout=connect_timeout, options=options, **pool, **kwargs)
+        db._mjctl_busy_timeout = float(db_settings.get("busy_timeout", DEFAULT_BUSY_TIMEOUT))
+        return db
     # READ COMMITTED, as on PostgreSQL: InnoDB's default REPEATABLE READ adds gap locks that turned
     # concurrent submissions into deadlocks, and hides rows other transactions committed meanwhile.
-    return PooledMySQLDatabase(charset="utf8mb4", connect_timeout=connect_timeout,
-                               init_command="SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED", **pool, **kwargs)
+    db = BoundedMySQLDatabase(charset="utf8mb4", connect_timeout=connect_timeout, lock_wait=lock_wait,
+                              init_command="SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED", **pool, **kwargs)
+    db._mjctl_busy_timeout = float(db_settings.get("busy_timeout", DEFAULT_BUSY_TIMEOUT))
+    return db
+
+
+class _LockWaitMySQL(peewee.MySQLDatabase):
+    """Sets the session's lock waits on each new connection (once, not on every checkout from the pool):
+    InnoDB's row-lock wait defaults to 50 s and the metadata-lock wait (LOCK TABLES, DDL) to a day."""
+
+    _lock_wait = 5
+
+    def _connect(self):
+        conn = super()._connect()
+        with conn.cursor() as cursor:
+            cursor.execute("SET SESSION innodb_lock_wait_timeout = %s, lock_wait_timeout = %s",
+                           (self._lock_wait, self._lock_wait))
+        return conn
+
+
+class BoundedMySQLDatabase(PooledMySQLDatabase, _LockWaitMySQL):
+    """PooledMySQLDatabase whose new connections (made through _LockWaitMySQL._connect, next in line
+    after the pool) give up on a lock after ``lock_wait`` seconds."""
+
+    def init(self, database, lock_wait: int = 5, **kwargs):
+        self._lock_wait = int(lock_wait)
+        super().init(database, **kwargs)
 
 
 def pool_size(settings: Settings | None) -> int:
@@ -222,13 +306,17 @@ def call_with_connection(fn: Callable, *args, retry: bool = False, **kwargs):
     """fn(*args, **kwargs) inside connection(). With retry (idempotent reads only) a connection error is
     retried on a fresh connection, up to READ_RETRIES times: after a database restart the first use of a
     connection that was checked out before it fails, and the request need not; a second retry covers a
-    fresh connection killed between its liveness ping and its query (an administrator killing sessions)."""
+    fresh connection killed between its liveness ping and its query (an administrator killing sessions).
+    A dead connection fails at once; an error that comes after the lock wait (busy_timeout) is a lock
+    timeout, and is not retried: the request would only wait as long again."""
+    started = time.monotonic()
     for attempt in range(READ_RETRIES + 1):
         try:
             with connection():
                 return fn(*args, **kwargs)
         except CONNECTION_ERRORS as exc:
-            if not retry or attempt == READ_RETRIES or database.in_transaction():
+            if (not retry or attempt == READ_RETRIES or database.in_transaction()
+                    or time.monotonic() - started >= lock_wait_budget()):
                 raise
             log.warning("database connection lost (%s); retrying on a new connection", _first_line(exc))
     raise AssertionError("unreachable")
@@ -392,24 +480,41 @@ def compiled(key: tuple, build: Callable[[], "peewee.Query"], params: list) -> t
     return sql, list(built)
 
 
+def lock_wait_budget() -> float:
+    """Seconds retry_transaction may spend on one unit of work: the configured lock wait, once."""
+    db = database.obj
+    return float(getattr(db, "_mjctl_busy_timeout", DEFAULT_BUSY_TIMEOUT))
+
+
 def retry_transaction(fn: Callable[[], T], *, attempts: int = 8, what: str = "transaction",
-                      on_conflict: Callable[[], None] | None = None) -> T:
-    """Run fn (which opens its own write transaction) again after a deadlock or lock timeout.
+                      on_conflict: Callable[[], None] | None = None, budget: float | None = None) -> T:
+    """Run fn (which opens its own write transaction) again after a deadlock or a quick lock failure.
 
     The database rolled the failed attempt back whole, so running it again is safe. MariaDB answers
     concurrent inserts that fire the task-count trigger with occasional deadlocks (error 1213);
-    PostgreSQL and SQLite can fail the same way under contention.
+    PostgreSQL and SQLite can fail the same way under contention. Those fail fast and are worth
+    retrying. An attempt that failed after waiting out a lock timeout is not: retrying it used to wait
+    the whole timeout again, eight times over (80 s of a server thread behind a locked SQLite file).
+    So all attempts together get budget seconds (default: the busy timeout); once spent, the failure is
+    raised as DatabaseBusy when it is one.
     """
-    import time as _time
-
+    budget = lock_wait_budget() if budget is None else budget
+    started = time.monotonic()
     for attempt in range(1, attempts + 1):
         try:
             return fn()
         except (peewee.OperationalError, peewee.InternalError) as exc:
             if on_conflict is not None:
                 on_conflict()
-            if attempt == attempts or database.in_transaction():
+            if database.in_transaction():
+                raise
+            pause = min(0.5, 0.005 * 2 ** attempt) * (0.5 + random.random())  # jittered back-off
+            if attempt == attempts or time.monotonic() - started + pause >= budget:
+                busy = busy_error(exc)
+                if busy is not None:
+                    log.warning("%s: gave up after %.1f s: %s", what, time.monotonic() - started, _first_line(exc))
+                    raise busy from exc
                 raise
             log.info("%s: database conflict (%s); retrying", what, _first_line(exc))
-            _time.sleep(min(0.5, 0.005 * 2 ** attempt) * (0.5 + random.random()))  # jittered back-off
+            time.sleep(pause)
     raise AssertionError("unreachable")

@@ -14,6 +14,11 @@ A submission goes through four steps, only the first and the last inside a trans
    reservation and records a FAILURE task with quota 0, leaving the ledger alone;
 4. a reservation left by a process that died between 1 and 3 expires and then counts for nothing.
 
+A reservation must outlive the upstream calls it covers, or a second submission could take the quota the
+first one is about to be charged: every call has a total deadline (``submit_deadline``, connect to last
+byte), the reservation lasts one deadline per channel it may try plus ``RESERVATION_SLACK``, and no call
+is given a deadline reaching past the reservation's expiry minus that slack.
+
 Fetch and the listings answer from the local store, scoped to the caller, in the upstream's camelCase
 shape (``upstream_shape``) so that another gateway could use mjctl as its upstream.
 """
@@ -38,6 +43,7 @@ from mjctl.upstream import (
     PREFIXES,
     SUBMIT_KINDS,
     SubmitResult,
+    Deadline,
     UpstreamClient,
     UpstreamProtocolError,
     UpstreamRateLimited,
@@ -61,7 +67,7 @@ FOLLOW_UP_KINDS = ("action", "modal", "change", "simple-change")
 CHANGE_ACTIONS = {"U": "UPSCALE", "V": "VARIATION", "R": "REROLL"}
 LATEST_LIMIT = 100
 MAX_IDS = 1000
-RESERVATION_SLACK = 60.0  # seconds a reservation outlives the longest upstream call it covers
+RESERVATION_SLACK = 60.0  # seconds a reservation outlives the deadlines of the upstream calls it covers
 NOTIFY_PATH = "/mj/notify/"
 MAX_ID_CHARS = 64  # Task.mj_id
 MAX_STATE_CHARS = 1024
@@ -211,8 +217,19 @@ def notify_hook_url(settings, channel_id: int) -> str | None:
     return f"{base}{NOTIFY_PATH}{channel_id}?sig={sig}"
 
 
+def submit_deadline(settings) -> float:
+    """Seconds one upstream call may take in all (connect to last byte): ``[poller] request_timeout``."""
+    return float(settings.poller.request_timeout)
+
+
+def reservation_ttl(settings, channels: int) -> float:
+    """How long a reservation lasts: a whole deadline for every channel the submission may fail over to,
+    plus RESERVATION_SLACK for the database work around the calls."""
+    return submit_deadline(settings) * max(1, channels) + RESERVATION_SLACK
+
+
 def _client(settings, channel: Channel) -> UpstreamClient:
-    timeout = float(settings.poller.request_timeout)
+    timeout = submit_deadline(settings)
     return UpstreamClient(channel.base_url, channel_secret(settings, channel), timeout=timeout,
                           connect_timeout=min(5.0, timeout))
 
@@ -244,10 +261,21 @@ def _channels_for(parent: Task | None) -> list[Channel]:
     return [channel]
 
 
-def _forward(settings, channels: list[Channel], kind: str, body: dict, prefix: str) -> tuple[Channel, SubmitResult]:
-    """Send to the first channel that answers; raises _Refusal when none gives a usable answer."""
+def _forward(settings, channels: list[Channel], kind: str, body: dict, prefix: str,
+             not_after: float | None = None) -> tuple[Channel, SubmitResult]:
+    """Send to the first channel that answers; raises _Refusal when none gives a usable answer.
+
+    not_after (monotonic) is when the calls must be over: no call starts with less than a second left or
+    runs past it, so the reservation covering them cannot expire while one is still open."""
     failures: list[str] = []
     for channel in channels:
+        deadline = Deadline(submit_deadline(settings))
+        if not_after is not None:
+            if not_after - time.monotonic() < 1.0:
+                failures.append(f"{channel.name}: not tried, no time left")
+                break
+            if deadline.at > not_after:
+                deadline = Deadline(not_after - time.monotonic())
         outgoing = dict(body)
         hook = notify_hook_url(settings, channel.id)
         if hook:
@@ -260,7 +288,7 @@ def _forward(settings, channels: list[Channel], kind: str, body: dict, prefix: s
             continue
         try:
             with client:
-                return channel, client.submit(kind, outgoing, prefix)
+                return channel, client.submit(kind, outgoing, prefix, deadline=deadline)
         except UpstreamUnavailable as exc:
             log.warning("channel %s unavailable, failing over: %s", channel.name, exc)
             failures.append(f"{channel.name}: {exc}")
@@ -306,16 +334,18 @@ def submit(settings, user: User, kind: str, body: dict, prefix: str = "") -> Env
         action = action_for(kind, body)
         price = settings.price("MODAL" if kind == "modal" else action)
         channels = _channels_for(parent)
-        ttl = float(settings.poller.request_timeout) * len(channels) + RESERVATION_SLACK
+        ttl = reservation_ttl(settings, len(channels))
         reservation = (retry_transaction(lambda: _reserve(user.id, price, ttl), what="reserving quota")
                        if price > 0 else None)
+        # Counted from after the reservation was written, so the calls end RESERVATION_SLACK before it does.
+        not_after = time.monotonic() + ttl - RESERVATION_SLACK
     except _Refusal as refusal:
         return refusal.answer()
 
     caller_hook = body.get("notifyHook")
     forwarded = {k: v for k, v in body.items() if k != "notifyHook"}
     try:
-        channel, result = _forward(settings, channels, kind, forwarded, prefix)
+        channel, result = _forward(settings, channels, kind, forwarded, prefix, not_after)
     except _Refusal as refusal:
         retry_transaction(lambda: _release_tx(reservation), what="releasing a reservation")
         return refusal.answer()

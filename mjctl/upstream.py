@@ -9,23 +9,31 @@ Every answer shape of UPSTREAM.md §2 becomes a typed outcome: envelopes (accept
 - :class:`UpstreamProtocolError` malformed JSON, a wrong shape, the C# ``{"success": false, "code": -1}``
 
 Task dicts are returned exactly as the upstream's camelCase JSON. Error messages never contain the secret.
+
+Every call has a total deadline (:class:`Deadline`): connecting, sending and the whole answer. httpx's own
+timeouts are per socket operation, so an upstream that trickles its answer a byte every few seconds would
+never time out; the relay's quota reservation must outlive the call it covers, so the call must end.
 """
 
 from __future__ import annotations
 
+import contextlib
 import email.utils
 import json
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterator
 
+import httpcore
 import httpx
 
 from mjctl import jsontext
 
 __all__ = [
     "ACCEPTED_CODES",
+    "Deadline",
+    "DeadlineExceeded",
     "FINISHED_STATUSES",
     "PREFIXES",
     "SUBMIT_KINDS",
@@ -37,6 +45,9 @@ __all__ = [
     "UpstreamRateLimited",
     "UpstreamUnauthorized",
     "UpstreamUnavailable",
+    "bounded_by",
+    "deadline_transport",
+    "read_within",
     "task_is_finished",
 ]
 
@@ -111,6 +122,153 @@ def task_is_finished(task: dict[str, Any]) -> bool:
     return str(task.get("status") or "").upper() in FINISHED_STATUSES
 
 
+# -- deadlines -------------------------------------------------------------------------------------------
+
+
+class DeadlineExceeded(httpx.TimeoutException):
+    """An exchange with an upstream outlived its total deadline (a timeout, so callers treat it as one)."""
+
+    def __init__(self, message: str, *, request: httpx.Request | None = None):
+        super().__init__(message, request=request)
+
+
+class Deadline:
+    """A moment (monotonic clock) by which an upstream exchange must be over, connect to last byte."""
+
+    __slots__ = ("at", "seconds")
+
+    def __init__(self, seconds: float):
+        self.seconds = max(0.0, float(seconds))
+        self.at = time.monotonic() + self.seconds
+
+    def remaining(self) -> float:
+        return self.at - time.monotonic()
+
+    def expired(self) -> bool:
+        return self.remaining() <= 0
+
+    def timeout(self, connect: float | None = None) -> httpx.Timeout:
+        """httpx timeouts none of which reaches past the deadline (a floor of 1 ms: 0 would mean
+        non-blocking sockets, not "already late")."""
+        left = max(self.remaining(), 0.001)
+        return httpx.Timeout(left, connect=min(left, connect) if connect is not None else left)
+
+
+_bound = threading.local()
+
+
+@contextlib.contextmanager
+def bounded_by(deadline: Deadline) -> Iterator[Deadline]:
+    """Within this block every socket operation of a :func:`deadline_transport` in this thread waits at
+    most until the deadline (nested blocks: the earlier deadline wins). This is what cuts a trickle: a
+    read that would go on past the deadline times out at it, however little the upstream sends."""
+    outer = getattr(_bound, "deadline", None)
+    _bound.deadline = deadline if outer is None or deadline.at < outer.at else outer
+    try:
+        yield deadline
+    finally:
+        _bound.deadline = outer
+
+
+def _capped(timeout: float | None, late: type[Exception]) -> float | None:
+    deadline = getattr(_bound, "deadline", None)
+    if deadline is None:
+        return timeout
+    left = deadline.remaining()
+    if left <= 0:
+        raise late("the deadline of this upstream exchange has passed")
+    return left if timeout is None else min(timeout, left)
+
+
+class _DeadlineStream(httpcore.NetworkStream):
+    """A socket stream whose every read and write is capped at the thread's deadline."""
+
+    def __init__(self, stream: httpcore.NetworkStream):
+        self._stream = stream
+
+    def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+        return self._stream.read(max_bytes, _capped(timeout, httpcore.ReadTimeout))
+
+    def write(self, buffer: bytes, timeout: float | None = None) -> None:
+        self._stream.write(buffer, _capped(timeout, httpcore.WriteTimeout))
+
+    def close(self) -> None:
+        self._stream.close()
+
+    def start_tls(self, ssl_context, server_hostname: str | None = None,
+                  timeout: float | None = None) -> httpcore.NetworkStream:
+        return _DeadlineStream(self._stream.start_tls(ssl_context, server_hostname,
+                                                      _capped(timeout, httpcore.ConnectTimeout)))
+
+    def get_extra_info(self, info: str) -> Any:
+        return self._stream.get_extra_info(info)
+
+
+class _DeadlineBackend(httpcore.NetworkBackend):
+    def __init__(self, backend: httpcore.NetworkBackend):
+        self._backend = backend
+
+    def connect_tcp(self, host, port, timeout=None, local_address=None, socket_options=None):
+        return _DeadlineStream(self._backend.connect_tcp(host, port, _capped(timeout, httpcore.ConnectTimeout),
+                                                         local_address, socket_options))
+
+    def connect_unix_socket(self, path, timeout=None, socket_options=None):
+        return _DeadlineStream(self._backend.connect_unix_socket(path, _capped(timeout, httpcore.ConnectTimeout),
+                                                                 socket_options))
+
+    def sleep(self, seconds: float) -> None:
+        self._backend.sleep(seconds)
+
+
+def deadline_transport(**kwargs: Any) -> httpx.HTTPTransport:
+    """An ``httpx.HTTPTransport`` (same arguments) whose sockets honour :func:`bounded_by`.
+
+    httpx offers no public way to pass httpcore a network backend, so it is swapped in on the pool; were
+    that attribute ever gone, the transport still works and only the per-chunk deadline checks remain.
+    """
+    transport = httpx.HTTPTransport(**kwargs)
+    pool = getattr(transport, "_pool", None)
+    backend = getattr(pool, "_network_backend", None)
+    if backend is not None and not isinstance(backend, _DeadlineBackend):
+        pool._network_backend = _DeadlineBackend(backend)
+    return transport
+
+
+def read_within(client: httpx.Client, request: httpx.Request, deadline: Deadline) -> httpx.Response:
+    """Send request and read its whole answer by deadline; returns a read response.
+
+    The one place a bounded exchange is implemented: the pool wait, connect and every read are capped at
+    the time left (through :func:`deadline_transport`), and the deadline is checked after each chunk, so
+    even on a transport without the cap (a test's mock) a trickle ends one chunk after the deadline.
+    Raises ``DeadlineExceeded`` (an ``httpx.TimeoutException``) or httpx's own errors.
+    """
+    request.extensions["timeout"] = deadline.timeout(
+        _connect_of(request.extensions.get("timeout"))).as_dict()
+    with bounded_by(deadline):
+        response = client.send(request, stream=True)
+        if response.is_stream_consumed:  # a transport that answered from memory (a test's mock)
+            response.close()
+            return response
+        try:
+            raw = bytearray()
+            for chunk in response.iter_raw():
+                raw += chunk
+                if deadline.expired():
+                    raise DeadlineExceeded(f"no complete answer within {deadline.seconds:g} s", request=request)
+        finally:
+            response.close()
+    # A new response over the raw bytes decodes them once, as httpx would have.
+    return httpx.Response(response.status_code, headers=response.headers, content=bytes(raw), request=request,
+                          extensions={"http_version": response.extensions.get("http_version", b"HTTP/1.1")})
+
+
+def _connect_of(timeouts: Any) -> float | None:
+    if isinstance(timeouts, dict):
+        value = timeouts.get("connect")
+        return float(value) if value is not None else None
+    return None
+
+
 _ssl_context = None
 _ssl_lock = threading.Lock()
 
@@ -130,7 +288,11 @@ def shared_ssl_context():
 
 
 class UpstreamClient:
-    """One thread-safe ``httpx.Client`` towards one upstream; use as a context manager or ``close()``."""
+    """One thread-safe ``httpx.Client`` towards one upstream; use as a context manager or ``close()``.
+
+    ``timeout`` is the total deadline of each call (connect, request and the whole answer), not httpx's
+    per-read timeout; ``connect_timeout`` caps the connect phase within it.
+    """
 
     def __init__(
         self,
@@ -146,11 +308,12 @@ class UpstreamClient:
         headers = {"Accept": "application/json"}
         if self._secret:
             headers["mj-api-secret"] = self._secret
+        self.timeout = float(timeout)
         self._client = httpx.Client(
             base_url=self.base_url,
             headers=headers,
             timeout=httpx.Timeout(timeout, connect=connect_timeout),
-            transport=transport if transport is not None else httpx.HTTPTransport(verify=shared_ssl_context()),
+            transport=transport if transport is not None else deadline_transport(verify=shared_ssl_context()),
             follow_redirects=False,
         )
         self._where = _redact_url(self.base_url)
@@ -169,13 +332,17 @@ class UpstreamClient:
 
     # -- API -------------------------------------------------------------------------------------------
 
-    def submit(self, kind: str, body: dict[str, Any], prefix: str = "") -> SubmitResult:
-        """POST ``{prefix}/mj/submit/{kind}``; rejections (codes 3, 4, 9, 23, 24 …) are results, not errors."""
+    def submit(self, kind: str, body: dict[str, Any], prefix: str = "", *,
+               deadline: Deadline | None = None) -> SubmitResult:
+        """POST ``{prefix}/mj/submit/{kind}``; rejections (codes 3, 4, 9, 23, 24 …) are results, not errors.
+
+        deadline (default: ``timeout`` from now) lets the relay end the call before its quota
+        reservation could expire."""
         if kind not in SUBMIT_KINDS:
             raise ValueError(f"unknown submit kind {kind!r}; expected one of {', '.join(SUBMIT_KINDS)}")
         if prefix not in PREFIXES:
             raise ValueError(f"unknown speed prefix {prefix!r}; expected one of {PREFIXES}")
-        response = self._send("POST", f"{prefix}/mj/submit/{kind}", json_body=body)
+        response = self._send("POST", f"{prefix}/mj/submit/{kind}", json_body=body, deadline=deadline)
         return self._submit_result(response)
 
     def fetch(self, task_id: str) -> dict[str, Any] | None:
@@ -203,7 +370,7 @@ class UpstreamClient:
         return self._task_list(self._send("GET", "/mj/task/list"))
 
     def image_seed(self, task_id: str, *, timeout: float = 60.0) -> SubmitResult:
-        """GET ``/mj/task/<id>/image-seed`` (slow on real upstreams: its own, longer timeout)."""
+        """GET ``/mj/task/<id>/image-seed`` (slow on real upstreams: its own, longer total deadline)."""
         response = self._send("GET", f"/mj/task/{_path_id(task_id)}/image-seed", timeout=timeout)
         return self._submit_result(response)
 
@@ -229,16 +396,23 @@ class UpstreamClient:
         *,
         json_body: Any = None,
         timeout: float | None = None,
+        deadline: Deadline | None = None,
     ) -> httpx.Response:
+        """One bounded exchange: the whole answer arrives within ``timeout`` (the client's by default) or
+        the call fails as ``UpstreamUnavailable``, like any other timeout."""
+        if deadline is None:
+            deadline = Deadline(self.timeout if timeout is None else timeout)
         kwargs: dict[str, Any] = {}
         if json_body is not None:
             kwargs["json"] = json_body
-        if timeout is not None:
-            kwargs["timeout"] = httpx.Timeout(timeout, connect=self._client.timeout.connect)
         where = f"{self._where}{path}"
         try:
-            response = self._client.request(method, path, **kwargs)
+            request = self._client.build_request(method, path, **kwargs)
+            response = read_within(self._client, request, deadline)
         except httpx.TimeoutException as exc:
+            if isinstance(exc, DeadlineExceeded) or deadline.expired():  # cut at the deadline, trickling or not
+                raise UpstreamUnavailable(self._clean(
+                    f"{method} {where} timed out: no complete answer within {deadline.seconds:g} s")) from None
             raise UpstreamUnavailable(self._clean(f"{type(exc).__name__}: {method} {where} timed out")) from None
         except httpx.TransportError as exc:
             raise UpstreamUnavailable(self._clean(f"cannot reach {where}: {exc or type(exc).__name__}")) from None

@@ -1,10 +1,24 @@
-"""Streaming a task's image from its upstream (or the cache), with size, type and truncation checks."""
+"""Streaming a task's image from its upstream (or the cache), with size, type and truncation checks.
+
+How long an upstream may take (``[images] timeout`` = T): connecting and the answer's headers must come
+within T, and after that the upstream must keep up a minimum rate: the time spent waiting on it may never
+exceed T + bytes received / ``MIN_RATE``. Only time spent waiting on the upstream counts — a slow client
+reading a big image holds the generator between chunks, and that is not the upstream's time — so a large
+image on a steady link is never cut, while a trickle (a byte every few seconds) is cut about T seconds in.
+Every socket read is capped at what is left of that allowance (``mjctl.upstream.bounded_by``), so a
+stalled upstream is cut at the allowance, not a read timeout later. Prefetching runs the same code.
+
+Faults of the server's own disk (the cache folder unusable, full, read-only) never fail a response whose
+length the upstream declared: the image is passed on uncached, with one log line.
+"""
 
 from __future__ import annotations
 
 import logging
 import mmap
 import os
+import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Callable, Iterator
@@ -15,11 +29,46 @@ from mjctl import __version__
 from mjctl.images.cache import CachedImage, ImageCache, _unlink
 from mjctl.images.common import IMMUTABLE, READ_CHUNK, REVALIDATE, ImageTooLarge, ImageTruncated, ImageUnavailable
 from mjctl.images.urls import ImageSource
+from mjctl.upstream import Deadline, DeadlineExceeded, bounded_by, deadline_transport, shared_ssl_context
 
 if TYPE_CHECKING:
     from mjctl.config import Settings
 
 log = logging.getLogger("mjctl.images")
+
+MIN_RATE = 64 * 1024  # bytes per second of upstream time an image must average once its headers are in
+
+
+class _Allowance:
+    """The upstream time an image download may still spend: T + received / MIN_RATE - spent."""
+
+    __slots__ = ("timeout", "spent", "received")
+
+    def __init__(self, timeout: float):
+        self.timeout = timeout
+        self.spent = 0.0
+        self.received = 0
+
+    def left(self) -> float:
+        return self.timeout + self.received / MIN_RATE - self.spent
+
+    def paced(self, chunks: Iterator[bytes]) -> Iterator[bytes]:
+        """chunks, each awaited for at most what is left; raises DeadlineExceeded once it is spent."""
+        iterator = iter(chunks)
+        while True:
+            left = self.left()
+            if left <= 0:
+                raise DeadlineExceeded("the upstream is sending too slowly")
+            began = time.monotonic()
+            with bounded_by(Deadline(left)):
+                try:
+                    chunk = next(iterator)
+                except StopIteration:
+                    return
+                finally:
+                    self.spent += time.monotonic() - began
+            self.received += len(chunk)
+            yield chunk
 
 
 # -- streaming -------------------------------------------------------------------------------------
@@ -69,7 +118,7 @@ class ImageForwarder:
             follow_redirects=True,
             max_redirects=5,
             headers={"User-Agent": f"mjctl/{__version__}", "Accept": "image/*", "Accept-Encoding": "identity"},
-            transport=transport,
+            transport=transport if transport is not None else deadline_transport(verify=shared_ssl_context()),
         )
 
     def close(self) -> None:
@@ -94,7 +143,8 @@ class ImageForwarder:
                     return stream
         if not source.url:
             raise ImageUnavailable(f"Task {source.mj_id} has no image.")
-        response = self._request(source)
+        allowance = _Allowance(self.timeout)
+        response = self._request(source, allowance)
         try:
             content_type = self._check(response, source)
             length = _declared_length(response)
@@ -102,8 +152,8 @@ class ImageForwarder:
             response.close()
             raise
         if length is None:
-            return self._spool(response, source, content_type)
-        chunks = self._tee(response, source, content_type, length)
+            return self._spool(response, source, content_type, allowance)
+        chunks = self._tee(response, source, content_type, length, allowance)
         return ImageStream(content_type=response.headers.get("content-type", content_type), length=length,
                            etag=source.etag, cached=False, final=source.final, chunks=chunks,
                            _cleanup=[response.close])
@@ -136,16 +186,22 @@ class ImageForwarder:
 
     # -- internals ---------------------------------------------------------------------------------
 
-    def _request(self, source: ImageSource) -> httpx.Response:
+    def _request(self, source: ImageSource, allowance: _Allowance) -> httpx.Response:
+        """The upstream's answer with its headers read (the body still to come), within the timeout."""
+        deadline = Deadline(allowance.left())
+        began = time.monotonic()
         try:
-            request = self._client.build_request("GET", source.url)
-            return self._client.send(request, stream=True)
+            request = self._client.build_request("GET", source.url, timeout=deadline.timeout(min(self.timeout, 10.0)))
+            with bounded_by(deadline):
+                return self._client.send(request, stream=True)
         except httpx.TimeoutException:
             raise ImageUnavailable(
                 f"The upstream did not deliver the image of task {source.mj_id} within {self.timeout:g} s.") from None
         except (httpx.HTTPError, httpx.InvalidURL, ValueError) as exc:
             raise ImageUnavailable(
                 f"Cannot reach the upstream for the image of task {source.mj_id}: {_reason(exc)}.") from None
+        finally:
+            allowance.spent += time.monotonic() - began
 
     def _check(self, response: httpx.Response, source: ImageSource) -> str:
         if not 200 <= response.status_code < 300:
@@ -165,9 +221,11 @@ class ImageForwarder:
         return f"The image of task {source.mj_id} is larger than the limit of {self.max_bytes} bytes."
 
     def _tee(self, response: httpx.Response, source: ImageSource, content_type: str,
-             length: int) -> Iterator[bytes]:
+             length: int, allowance: _Allowance) -> Iterator[bytes]:
         """Pass the body on chunk by chunk, copying it into a temp file that becomes the cache entry
-        only when exactly `length` bytes arrived. A failed cache write never disturbs the client."""
+        only when exactly `length` bytes arrived. A failed cache write (no folder, a full or read-only
+        disk: at creation, on a write, on the flush of close, on the rename) never disturbs the client:
+        one log line, and the image goes on uncached."""
         target = self.cache.path_for(source.mj_id, content_type) if source.final else None
         temp: IO[bytes] | None = None
         temp_path: Path | None = None
@@ -179,7 +237,7 @@ class ImageForwarder:
                 except OSError as exc:
                     log.warning("image cache unavailable (%s); forwarding %s without caching", exc, source.mj_id)
             try:
-                for chunk in response.iter_raw():
+                for chunk in allowance.paced(response.iter_raw()):
                     received += len(chunk)
                     if received > length:
                         raise ImageTruncated(f"The upstream sent more than the {length} bytes it declared "
@@ -189,8 +247,12 @@ class ImageForwarder:
                             temp.write(chunk)
                         except OSError as exc:
                             log.warning("cannot write the image cache (%s); %s stays uncached", exc, source.mj_id)
-                            temp = _discard(temp, temp_path)
+                            temp, temp_path = _discard(temp, temp_path), None
                     yield chunk
+            except httpx.TimeoutException as exc:
+                why = "too slowly" if allowance.left() <= 0 or isinstance(exc, DeadlineExceeded) else "too late"
+                raise ImageTruncated(f"The upstream sent the image of task {source.mj_id} {why}: {received} of "
+                                     f"{length} bytes in {allowance.spent:.1f} s.") from None
             except httpx.HTTPError as exc:
                 raise ImageTruncated(f"The upstream broke off the image of task {source.mj_id} after "
                                      f"{received} of {length} bytes: {_reason(exc)}.") from None
@@ -198,9 +260,9 @@ class ImageForwarder:
                 raise ImageTruncated(f"The upstream broke off the image of task {source.mj_id} after "
                                      f"{received} of {length} bytes.")
             if temp is not None and target is not None and temp_path is not None:
-                temp.close()
-                temp = None
                 try:
+                    temp.close()  # the buffered tail is written here: a full disk can fail this too
+                    temp = None
                     self.cache.commit(temp_path, target)
                     temp_path = None
                 except OSError as exc:
@@ -209,21 +271,42 @@ class ImageForwarder:
             response.close()
             _discard(temp, temp_path)
 
-    def _spool(self, response: httpx.Response, source: ImageSource, content_type: str) -> ImageStream:
-        """A body of unknown length: download it to a temp file (at most max_bytes), then serve that."""
-        temp, temp_path = self.cache.temp_file()
+    def _spool(self, response: httpx.Response, source: ImageSource, content_type: str,
+               allowance: _Allowance) -> ImageStream:
+        """A body of unknown length: download it to a temp file (at most max_bytes), then serve that.
+
+        The temp file is the cache's, or one in the system's temp folder when the cache folder cannot hold
+        one; a write that fails (a full disk) fails this image with a 502 and one log line: without the
+        whole body its length cannot be declared."""
+        cacheable = source.final
+        try:
+            temp, temp_path = self.cache.temp_file()
+        except OSError as exc:
+            log.warning("image cache unavailable (%s); spooling %s elsewhere, uncached", exc, source.mj_id)
+            try:
+                fd, name = tempfile.mkstemp(prefix="mjctl-img-", suffix=".part")
+            except OSError as exc2:
+                response.close()
+                raise ImageUnavailable(f"No room to receive the image of task {source.mj_id}: {exc2}.") from None
+            temp, temp_path = os.fdopen(fd, "wb"), Path(name)
+            cacheable = False  # another file system: no atomic rename into the cache
         size = 0
         try:
-            for chunk in response.iter_bytes():
+            for chunk in allowance.paced(response.iter_bytes()):
                 size += len(chunk)
                 if size > self.max_bytes:
                     raise ImageTooLarge(self._too_large(source))
                 temp.write(chunk)
             temp.close()
+        except OSError as exc:
+            _discard(temp, temp_path)
+            log.warning("cannot spool the image of %s to disk: %s", source.mj_id, exc)
+            raise ImageUnavailable(f"No room to receive the image of task {source.mj_id}.") from None
         except httpx.TimeoutException:
             _discard(temp, temp_path)
             raise ImageUnavailable(
-                f"The upstream did not deliver the image of task {source.mj_id} within {self.timeout:g} s.") from None
+                f"The upstream did not deliver the image of task {source.mj_id} in time "
+                f"({self.timeout:g} s, then at least {MIN_RATE // 1024} KiB/s).") from None
         except httpx.HTTPError as exc:
             _discard(temp, temp_path)
             raise ImageUnavailable(
@@ -233,7 +316,7 @@ class ImageForwarder:
             raise
         finally:
             response.close()
-        target = self.cache.path_for(source.mj_id, content_type) if source.final else None
+        target = self.cache.path_for(source.mj_id, content_type) if cacheable else None
         if target is not None:
             try:
                 path = self.cache.commit(temp_path, target)
@@ -254,6 +337,9 @@ class ImageForwarder:
         try:
             fh = open(path, "rb")  # noqa: SIM115 - closed by the stream
         except FileNotFoundError:
+            return None
+        except OSError as exc:  # an unreadable cache file is a miss: the upstream is asked instead
+            log.warning("cannot read the cached image %s: %s", path.name, exc)
             return None
         if delete:
             _unlink(path)  # the open handle keeps the bytes until it is closed
@@ -297,6 +383,7 @@ def _declared_length(response: httpx.Response) -> int | None:
 
 
 def _discard(fh: IO[bytes] | None, path: Path | None) -> None:
+    """Close and remove a temp file, whatever state the disk is in (returns None, to clear a variable)."""
     if fh is not None:
         try:
             fh.close()

@@ -6,7 +6,8 @@ new area of the API is one module plus one line here. Every route gets, unless i
 
 - a database connection for the request (``mjctl.db.connection()``; on SQLite the worker thread's own,
   kept open); a route declares ``db=False`` to skip
-  it, and ``db_error="..."`` for the message of the 500 answered when the store fails;
+  it, and ``db_error="..."`` for the message of the 500 answered when the store fails; a store that is
+  busy or unreachable (a lock, pool or connect timeout) is a 503 instead, after a bounded wait;
 - JSON errors: an ``MjctlError`` becomes ``{"success": false, "message": ...}`` with its ``http_status``,
   anything else a logged 500. A route that needs another error envelope (the midjourney-proxy relay) can
   pass ``skip=["mjctl_errors"]`` or catch the errors itself.
@@ -113,7 +114,11 @@ class ErrorPlugin:
                 raise
             except MjctlError as exc:
                 return json_error(exc.http_status, exc.message, getattr(exc, "headers", None))
-            except Exception:  # noqa: BLE001 - the one place a route's crash becomes a 500
+            except Exception as exc:  # noqa: BLE001 - the one place a route's crash becomes a 500
+                busy = busy_error(exc)  # a full pool is a ValueError, raised wherever a connection is taken
+                if busy is not None:
+                    log.error("%s %s: database busy: %s", route.method, route.rule, _first_line(exc))
+                    return json_error(busy.http_status, busy.message, busy.headers)
                 log.exception("unhandled error in %s %s", route.method, route.rule)
                 return json_error(500, "Internal server error.")
 
@@ -121,7 +126,10 @@ class ErrorPlugin:
 
 
 class StorePlugin:
-    """One database connection per request; a store failure is a JSON 500 with the route's db_error."""
+    """One database connection per request; a store failure is a JSON 500 with the route's db_error, and
+    a busy or unreachable store (``mjctl.db.busy_error``) a JSON 503: the waits behind it are bounded by
+    ``[database] busy_timeout``, ``pool_timeout`` and ``connect_timeout``, so the thread is free again
+    within seconds."""
 
     name = "mjctl_store"
     api = 2
@@ -159,11 +167,25 @@ class StorePlugin:
                 # a pooled server connection, returned to the pool after the request
                 return call_with_connection(callback, *args, retry=idempotent, **kwargs)
             except peewee.PeeweeException as exc:
-                detail = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-                log.error("%s %s: database error: %s", route.method, route.rule, detail)
+                busy = busy_error(exc)
+                if busy is not None:
+                    log.error("%s %s: database busy: %s", route.method, route.rule, _first_line(exc))
+                    return json_error(busy.http_status, busy.message, busy.headers)
+                log.error("%s %s: database error: %s", route.method, route.rule, _first_line(exc))
                 return json_error(500, message)
 
         return wrapper
+
+
+def busy_error(exc: BaseException):
+    """mjctl.db.busy_error, imported late (the app module loads before any store is bound)."""
+    from mjctl.db import busy_error as classify
+
+    return classify(exc)
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
 ERROR_MESSAGES = {

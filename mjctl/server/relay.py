@@ -41,26 +41,37 @@ def failure(status: int, code: int, description: str) -> bottle.HTTPResponse:
     return answer(status, relay.envelope(code, description))
 
 
+BUSY = "the database is busy; try again shortly"
+
+
 def enveloped(callback, *, reads_only: bool = False):
     """Run a relay route with a database connection; any failure is an upstream-style envelope. A route
-    that only reads (reads_only) is retried on a fresh connection when its connection turns out dead."""
+    that only reads (reads_only) is retried on a fresh connection when its connection turns out dead.
+    A busy or unreachable store (a lock, pool or connect timeout: ``mjctl.db.busy_error``) is a 503 with
+    code 9 once its bounded wait is over, so a client can tell it from mjctl failing (500)."""
 
     @functools.wraps(callback)
     def wrapper(*args, **kwargs):
-        from mjctl.db import call_with_connection
+        from mjctl.db import busy_error, call_with_connection
 
         try:
             return call_with_connection(callback, *args, retry=reads_only, **kwargs)
         except bottle.HTTPResponse:
             raise
-        except MjctlError as exc:  # 401/403 from authentication, mostly
+        except MjctlError as exc:  # 401/403 from authentication, mostly; 503 from a busy store
+            if exc.http_status >= 500:
+                log.error("%s %s: %s", bottle.request.method, bottle.request.path, exc.message)
+                return failure(exc.http_status, 9, BUSY if busy_error(exc) is not None else exc.message)
             code = 3 if exc.http_status == 404 else 4
             return failure(exc.http_status, code, exc.message)
-        except peewee.PeeweeException as exc:
-            log.error("%s %s: database error: %s", bottle.request.method, bottle.request.path,
-                      (str(exc).strip().splitlines() or [type(exc).__name__])[0])
-            return failure(500, 9, "the database failed; try again later")
-        except Exception:  # noqa: BLE001 - the relay's one place where a crash becomes a 500
+        except Exception as exc:  # noqa: BLE001 - the relay's one place where a crash becomes a 500
+            detail = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            if busy_error(exc) is not None:  # a full pool is a ValueError, not a PeeweeException
+                log.error("%s %s: database busy: %s", bottle.request.method, bottle.request.path, detail)
+                return failure(503, 9, BUSY)
+            if isinstance(exc, peewee.PeeweeException):
+                log.error("%s %s: database error: %s", bottle.request.method, bottle.request.path, detail)
+                return failure(500, 9, "the database failed; try again later")
             log.exception("unhandled error in %s %s", bottle.request.method, bottle.request.path)
             return failure(500, 9, "internal server error")
 

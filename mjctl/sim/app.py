@@ -15,9 +15,12 @@ import bottle
 from mjctl.sim.engine import PREFIX_MODES, SUBMIT_KINDS, Engine, Reply, Settings, envelope
 from mjctl.sim.push import Pusher
 
+#: Named faults, each injected at a rate (0..1). Besides UPSTREAM.md's, two that attack a client's timeouts:
+#: ``hang`` holds the request hang_seconds before answering; ``trickle`` sends the answer (API or image)
+#: one byte every trickle_seconds, with its full Content-Length, so no single read ever times out.
 FAULTS = (
     "stuck", "late_fail", "drop_ids", "error_5xx", "slow", "unauthorized", "rate_limit",
-    "progress_backwards", "amnesia", "push_duplicate", "push_out_of_order",
+    "progress_backwards", "amnesia", "push_duplicate", "push_out_of_order", "hang", "trickle",
 )
 FLAVORS = ("java", "csharp")
 ENDPOINTS = (*SUBMIT_KINDS, "fetch", "list-by-condition", "list", "image-seed", "image", "unknown")
@@ -65,6 +68,7 @@ class Simulator:
         self._pushes: Counter[str] = Counter()
         self._faults_hit: Counter[str] = Counter()
         self.pusher = Pusher(self.engine, self._count_push)
+        self._stopping = threading.Event()  # ends the waits of 'hang' and 'trickle' when the simulator stops
         self.app = self._build_app()
 
     # -- control ---------------------------------------------------------------------------------------
@@ -138,7 +142,9 @@ class Simulator:
         return out
 
     def stop(self) -> None:
-        """Stop the background push threads (the app itself keeps answering)."""
+        """Stop the background push threads and cut short any hanging or trickling answer (the app
+        itself keeps answering)."""
+        self._stopping.set()
         self.pusher.stop()
 
     def _count_push(self, key: str) -> None:
@@ -182,7 +188,29 @@ class Simulator:
         reply = self._answer(route, path, prefix, request)
         with self._stats_lock:
             self._by_status[str(reply.status)] += 1
-        return _render(reply)
+        return self._delivered(_render(reply))
+
+    def _delivered(self, response: bottle.HTTPResponse) -> bottle.HTTPResponse:
+        """The response as the 'hang' and 'trickle' faults deliver it (unchanged when neither strikes)."""
+        if self._injected("hang"):
+            self._stopping.wait(self.settings.hang_seconds)
+        if not self._injected("trickle"):
+            return response
+        body = response.body
+        if not isinstance(body, (bytes, str)):
+            body = b"".join(c.encode() if isinstance(c, str) else c for c in body)
+        data = body.encode() if isinstance(body, str) else body
+        response.set_header("Content-Length", str(len(data)))
+        pause, stopping = self.settings.trickle_seconds, self._stopping
+
+        def dribble():
+            for i in range(len(data)):
+                if i and stopping.wait(pause):
+                    return  # stopping: the short body tells the client the answer broke off
+                yield data[i:i + 1]
+
+        response.body = dribble()
+        return response
 
     def _injected(self, name: str) -> bool:
         if self.engine.fault(name):
@@ -263,6 +291,8 @@ class Simulator:
         headers = {"Content-Type": "image/png", "Content-Length": str(len(data)), "Cache-Control": "public"}
         if bottle.request.method == "HEAD":
             return bottle.HTTPResponse(b"", 200, headers)
+        if self.settings.faults.get("hang") or self.settings.faults.get("trickle"):
+            return self._delivered(bottle.HTTPResponse(data, 200, headers))
         return bottle.HTTPResponse(_chunks(data), 200, headers)
 
     def _control(self, path: str, method: str) -> Reply:

@@ -47,6 +47,8 @@ class Settings:
     image_ttl: float = 86400.0
     image_bytes: int | None = None
     slow_seconds: float = 2.0
+    hang_seconds: float = 300.0  # how long the 'hang' fault holds a request before answering it
+    trickle_seconds: float = 2.0  # the pause between the bytes of an answer under the 'trickle' fault
     banned_words: list[str] = field(default_factory=lambda: ["bannedword"])
     notify_hook: str | None = None
     public_url: str | None = None
