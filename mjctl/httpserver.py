@@ -137,6 +137,8 @@ class WSGIBridge:
             return
         try:
             await self._handle(scope, proto)
+        except asyncio.CancelledError:
+            pass  # the server is stopping: nothing left to answer, and nothing to report
         except Exception:  # noqa: BLE001 - the loop must survive anything one request does
             log.exception("unhandled error serving %s %s", scope.method, scope.path[:200])
 
