@@ -1,6 +1,6 @@
 """The poller: one cycle that asks every channel about its unfinished tasks, and the loop that repeats it.
 
-A cycle (CONTRACT §5, UPSTREAM.md §6):
+A cycle (the task lifecycle and what upstreams get wrong: docs/upstream.md, "Lifecycle"):
 
 1. "Is anything unfinished?" is one seek on the ``(unfinished, channel_id)`` index; an idle store of a
    million finished tasks costs that lookup and nothing else (no lease, no write).

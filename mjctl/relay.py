@@ -443,7 +443,7 @@ def _ms(seconds: int | None) -> int | None:
 
 
 def upstream_shape(task: Task, image_url: ImageUrl = None) -> dict[str, Any]:
-    """A task as midjourney-proxy answers it (UPSTREAM.md §3): camelCase, times in milliseconds."""
+    """A task as midjourney-proxy answers it (docs/upstream.md, "The task object"): camelCase, times in milliseconds."""
     properties = task.properties_dict()
     hook = properties.get("notifyHook")
     if isinstance(hook, str) and NOTIFY_PATH in hook and "sig=" in hook:

@@ -52,3 +52,21 @@ def test_readme_quick_start_is_the_two_commands():
     readme = (ROOT / "README.md").read_text()
     assert "pip install -e . && mjctl demo" in readme
     assert "pip install -e '.[test]' && pytest" in readme
+
+
+def test_api_doc_is_generated_from_the_current_openapi_document():
+    """docs/api.md is what mjctl.server.apidoc renders from the app's OpenAPI document today."""
+    import difflib
+
+    import pytest
+
+    from mjctl.server.apidoc import build_spec, render_markdown
+
+    path = Path(__file__).resolve().parent.parent / "docs" / "api.md"
+    expected = render_markdown(build_spec())
+    actual = path.read_text(encoding="utf-8") if path.is_file() else ""
+    if actual != expected:
+        diff = "".join(list(difflib.unified_diff(actual.splitlines(True), expected.splitlines(True),
+                                                 "docs/api.md", "generated"))[:60])
+        pytest.fail(f"docs/api.md is out of date: run python -m mjctl.server.apidoc > docs/api.md\n{diff}",
+                    pytrace=False)

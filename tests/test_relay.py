@@ -360,7 +360,7 @@ def test_fifty_parallel_submissions_on_postgresql(tmp_path):
 
 
 def test_a_midjourney_proxy_client_written_from_upstream_md(relay_env):
-    """Only what UPSTREAM.md says: mj-api-secret, submit imagine, poll fetch until a terminal status."""
+    """Only what docs/upstream.md says: mj-api-secret, submit imagine, poll fetch until a terminal status."""
     env = relay_env
     env.push_here()  # the simulator's notifyHook pushes keep mjctl's copy of the task current
     with httpx.Client(base_url=env.url, headers={"mj-api-secret": env.tokens["alice"]}, timeout=10) as mj:

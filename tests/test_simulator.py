@@ -1,4 +1,4 @@
-"""The simulated midjourney-proxy: codes, flavours, lifecycle, images, pushes and faults (UPSTREAM.md)."""
+"""The simulated midjourney-proxy: codes, flavours, lifecycle, images, pushes and faults (docs/upstream.md)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The midjourney-proxy client: every answer shape of UPSTREAM.md §2 becomes a typed outcome."""
+"""The midjourney-proxy client: every answer shape (docs/upstream.md) becomes a typed outcome."""
 
 from __future__ import annotations
 

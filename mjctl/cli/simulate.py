@@ -57,7 +57,7 @@ def simulate(
     seed: Optional[int] = typer.Option(None, "--seed", help="Random seed for reproducible runs."),  # noqa: UP007
     threads: int = typer.Option(16, "--threads", help="Server worker threads."),
 ) -> None:
-    """Run a simulated midjourney-proxy upstream until Ctrl-C (see UPSTREAM.md §6 for its faults)."""
+    """Run a simulated midjourney-proxy upstream until Ctrl-C (faults: --fault NAME=RATE; see docs/upstream.md)."""
     if not 0 <= port <= 65535:
         raise typer.BadParameter("the port must be between 0 and 65535.", param_hint="--port")
     if step_seconds <= 0:

@@ -1,7 +1,7 @@
 """The management endpoints of the user's document — GET /api/mj/self and GET /api/mj/ (also /api/mj) —
 and GET /healthz.
 
-Parameters follow CONTRACT §4.1: every malformed value is a 400 naming the parameter, a page_size above
+Parameters (docs/api.md): every malformed value is a 400 naming the parameter, a page_size above
 100 is served as 100, timestamps >= 100000000000 are milliseconds. Listing goes through the one listing
 function (mjctl.tasks.list_tasks) and the one item shape (page_envelope).
 """

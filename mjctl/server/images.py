@@ -1,4 +1,4 @@
-"""GET /mj/image/<mj_id>: a task's image, streamed from the upstream or served from the cache (CONTRACT §4.2).
+"""GET /mj/image/<mj_id>: a task's image, streamed from the upstream or served from the cache (docs/api.md).
 
 Access: a valid ``sig`` for this id, or the token of the task's owner or an admin; ``[images] sign = false``
 makes it public. The task row is read (and the caller checked) in a database connection that is closed

@@ -1,4 +1,4 @@
-"""The midjourney-proxy compatible relay (CONTRACT §4.3) and the push endpoint (§4.4).
+"""The midjourney-proxy compatible relay and the push endpoint (docs/api.md; the protocol: docs/upstream.md).
 
 Every answer here, errors included, is the upstream's ``{"code", "description", "result", "properties"}``
 envelope (or a task / list of tasks), because the callers are midjourney-proxy clients. These routes skip
