@@ -8,6 +8,7 @@ folder when there is no file). This module knows nothing of the CLI or the web s
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,6 +56,9 @@ SCHEMA: dict[str, dict[str, tuple[Any, type, str]]] = {
         "cache_dir": ("", str, "where finished images are kept; default: images/ next to the database"),
         "max_bytes": (104857600, int, "largest image forwarded, in bytes"),
         "timeout": (30.0, float, "seconds before an upstream image request is given up"),
+        "allow_hosts": ("", str, "comma-separated host names, IPs or CIDRs image fetches may reach although "
+                                 "they are not public (an internal object store); a channel's own origin "
+                                 "is always allowed"),
     },
     "relay": {
         "max_prompt_chars": (8000, int, "longest prompt a submission may carry"),
@@ -209,6 +213,19 @@ def _validate(section: str, key: str, value: Any, where: str) -> None:
         raise ConfigError(f"{problem} must be 0 (sized to the threads) or more.")
     if (section, key) == ("log", "level") and value.lower() not in ("debug", "info", "warning", "error"):
         raise ConfigError(f"{problem} must be debug, info, warning or error.")
+    if (section, key) == ("images", "allow_hosts"):
+        for entry in split_list(value):
+            if not _HOST_OR_CIDR.match(entry):
+                raise ConfigError(f"{problem}: {entry!r} is not a host name, an IP address or a CIDR.")
+
+
+#: An allow_hosts entry: a DNS name, an IPv4/IPv6 address or network (checked exactly where it is used).
+_HOST_OR_CIDR = re.compile(r"^(?:[A-Za-z0-9_](?:[A-Za-z0-9_.-]{0,252})|\[?[0-9A-Fa-f:.]+\]?)(?:/\d{1,3})?$")
+
+
+def split_list(value: str) -> list[str]:
+    """The entries of a comma-separated setting (spaces around them ignored, empty ones dropped)."""
+    return [entry.strip() for entry in (value or "").split(",") if entry.strip()]
 
 
 def find_config_file(explicit: str | os.PathLike | None, environ: dict[str, str]) -> Path | None:

@@ -39,6 +39,8 @@ from mjctl.channels import channel_secret
 from mjctl.db import is_sqlite, retry_transaction, write_tx
 from mjctl.errors import InsufficientQuota, MjctlError
 from mjctl.models import Channel, Reservation, Task, User
+from mjctl import upstream_text
+from mjctl.images.common import ROUTE as IMAGE_ROUTE
 from mjctl.upstream import (
     PREFIXES,
     SUBMIT_KINDS,
@@ -353,7 +355,8 @@ def submit(settings, user: User, kind: str, body: dict, prefix: str = "") -> Env
         retry_transaction(lambda: _release_tx(reservation), what="releasing a reservation")
         raise
 
-    answer = envelope(result.code, result.description, result.result, result.properties)
+    answer = envelope(result.code, result.description, result.result,
+                      relay_properties(result.properties, _public_base(settings)))
     properties = dict(result.properties)
     if caller_hook:
         properties["notifyHook"] = _text(caller_hook)
@@ -433,7 +436,7 @@ def image_seed(settings, user: User, mj_id: str, prefix: str = "") -> Envelope:
     except (UpstreamProtocolError, MjctlError):
         return 502, envelope(9, "the upstream gave an invalid answer")
     return (result.http_status if result.http_status < 500 else 502), envelope(
-        result.code, result.description, result.result, result.properties)
+        result.code, result.description, result.result, relay_properties(result.properties, _public_base(settings)))
 
 
 # --- reading ----------------------------------------------------------------------------------------
@@ -442,12 +445,57 @@ def _ms(seconds: int | None) -> int | None:
     return int(seconds) * 1000 if seconds else None
 
 
+def _public_base(settings) -> str:
+    """mjctl's public base (for relay_properties). Also puts the server secret among the secrets scrubbed
+    from upstream text: it should never be there, and checking costs nothing."""
+    from mjctl.images.urls import public_base
+
+    upstream_text.remember_secret(crypto.server_secret(settings))
+    return public_base(settings)
+
+
+def _internal_url(text: str, base: str) -> bool:
+    """Whether text is a URL of mjctl's own internals: its notify route (wherever it is served from), or
+    anything under its public base other than its image links."""
+    if NOTIFY_PATH in text:
+        return True
+    return bool(base) and text.startswith(base) and not text.startswith(base + IMAGE_ROUTE)
+
+
+def relay_properties(properties: Any, base: str = "") -> dict[str, Any]:
+    """properties as the relay may hand them to a user: no ``notifyHook`` at any depth (mjctl's own signed
+    push link as the upstream echoes it, or the caller's own hook, which the protocol never returns) and
+    no string that is a URL of mjctl's internals (:func:`_internal_url`; base is mjctl's public base)."""
+
+    def clean(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: clean(v) for k, v in value.items()
+                    if k != "notifyHook" and not (isinstance(v, str) and _internal_url(v, base))}
+        if isinstance(value, list):
+            return [clean(v) for v in value if not (isinstance(v, str) and _internal_url(v, base))]
+        return value
+
+    return clean(properties) if isinstance(properties, dict) else {}
+
+
+def _own_base(image_url: ImageUrl, task: Task) -> str:
+    """mjctl's public base, read off the image link function (the one thing here that knows it); "" when
+    images are not forwarded."""
+    if image_url is None:
+        return ""
+    link = image_url(task) or ""
+    at = link.find(IMAGE_ROUTE)
+    return link[:at] if at > 0 else ""
+
+
 def upstream_shape(task: Task, image_url: ImageUrl = None) -> dict[str, Any]:
-    """A task as midjourney-proxy answers it (docs/upstream.md, "The task object"): camelCase, times in milliseconds."""
-    properties = task.properties_dict()
-    hook = properties.get("notifyHook")
-    if isinstance(hook, str) and NOTIFY_PATH in hook and "sig=" in hook:
-        properties.pop("notifyHook")  # mjctl's own signed hook is not the caller's business
+    """A task as midjourney-proxy answers it (UPSTREAM.md §3): camelCase, times in milliseconds.
+
+    Only the fields the protocol defines, and none of mjctl's internals (:func:`relay_properties`). The
+    upstream's texts were bounded and scrubbed when stored (mjctl.upstream_text); they are bounded again
+    here, cheaply, for rows stored before that was so."""
+    base = _own_base(image_url, task)
+    properties = relay_properties(task.properties_dict(), base)
     try:
         urls = json.loads(task.video_urls) if task.video_urls else []
     except ValueError:
@@ -455,6 +503,8 @@ def upstream_shape(task: Task, image_url: ImageUrl = None) -> dict[str, Any]:
     image = task.image_url or None
     if image and image_url is not None:
         image = image_url(task) or image
+    if image and image_url is None and _internal_url(image, base):
+        image = None
     if task.progress:
         progress = task.progress
     else:
@@ -465,17 +515,17 @@ def upstream_shape(task: Task, image_url: ImageUrl = None) -> dict[str, Any]:
         "status": task.status,
         "progress": progress,
         "prompt": task.prompt,
-        "promptEn": task.prompt_en or None,
-        "description": task.description or None,
+        "promptEn": upstream_text.clean_text(task.prompt_en, upstream_text.MAX_PROMPT_CHARS) or None,
+        "description": upstream_text.clean_text(task.description) or None,
         "state": task.state or None,
         "submitTime": _ms(task.submit_time),
         "startTime": _ms(task.start_time),
         "finishTime": _ms(task.finish_time),
         "imageUrl": image,
-        "videoUrl": task.video_url or None,
-        "videoUrls": [{"url": u} for u in urls if isinstance(u, str)] or None,
-        "failReason": task.fail_reason or None,
-        "buttons": task.buttons_list(),
+        "videoUrl": task.video_url if task.video_url and not _internal_url(task.video_url, base) else None,
+        "videoUrls": [{"url": u} for u in urls if isinstance(u, str) and not _internal_url(u, base)] or None,
+        "failReason": upstream_text.clean_text(task.fail_reason) or None,
+        "buttons": upstream_text.clean_buttons(task.buttons_list()) or [],
         "properties": properties,
     }
 

@@ -2,7 +2,7 @@
 
 Used by the poller (list-by-condition answers), by push notifications (notifyHook) and by timeouts.
 
-Rules (docs/upstream.md, "Lifecycle"):
+Rules (CONTRACT §5):
 - a finished task (SUCCESS, FAILURE, CANCEL) is never changed again;
 - status never moves backwards (an out-of-order push cannot turn IN_PROGRESS into SUBMITTED) and progress
   never goes down while the task runs; SUCCESS always reads "100%";
@@ -23,7 +23,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
-from mjctl import accounts, jsontext
+from mjctl import accounts, jsontext, upstream_text
 from mjctl.db import compiled, database, is_sqlite, write_tx
 from mjctl.models import FINISHED_STATUSES, Task, User
 
@@ -287,10 +287,13 @@ def apply_reports(channel_id: int, reports: Iterable[dict], memo: ReportMemo | N
     stats = ApplyStats()
     by_id: dict[str, dict] = {}
     for report in reports:
-        if not isinstance(report, dict) or not report.get("id"):
+        try:  # upstream text is data: typed, bounded and scrubbed before it can become row values
+            report = upstream_text.clean_report(report)
+        except upstream_text.UpstreamTextError as exc:
             stats.malformed += 1
+            log.debug("channel %s: report ignored: %s", channel_id, exc)
             continue
-        by_id[str(report["id"])] = report
+        by_id[report["id"]] = report
     if not by_id:
         return stats
     for _ in range(MAX_RETRIES):
@@ -358,7 +361,10 @@ class ReportMemo:
         return False
 
     def remember(self, mj_id: str, report: dict, version: float) -> None:
-        self._next[mj_id] = (report, version)
+        # As the upstream sent it (a cleaned report keeps that in raw): the next cycle's raw answers are
+        # compared with it.
+        self._next[mj_id] = (getattr(report, "raw", report), version)
+
 
     def end_cycle(self) -> None:
         self._seen, self._next = self._next, {}

@@ -1,6 +1,6 @@
 """Client for a midjourney-proxy upstream (Java, C# or a re-exposing gateway), on httpx.
 
-Every answer shape (docs/upstream.md) becomes a typed outcome: envelopes (accepted or rejected) are a
+Every answer shape of UPSTREAM.md §2 becomes a typed outcome: envelopes (accepted or rejected) are a
 :class:`SubmitResult`; everything else raises a subclass of :class:`UpstreamError`:
 
 - :class:`UpstreamUnavailable`  connection error, timeout, 5xx — worth failing over to another channel
@@ -13,28 +13,40 @@ Task dicts are returned exactly as the upstream's camelCase JSON. Error messages
 Every call has a total deadline (:class:`Deadline`): connecting, sending and the whole answer. httpx's own
 timeouts are per socket operation, so an upstream that trickles its answer a byte every few seconds would
 never time out; the relay's quota reservation must outlive the call it covers, so the call must end.
+
+Submit answers are checked and cleaned by :mod:`mjctl.upstream_text` (an id that is not an id is a protocol
+error); the same module cleans task reports where they are applied.
+
+Fetching what an upstream points at (result images) is another matter: the URL is the upstream's to
+choose, so :func:`deadline_transport` with ``guarded=True`` connects only where the thread's
+:class:`FetchPolicy` allows (:func:`guarded_by`). See that class for the rule and why it is enforced where
+the socket is opened.
 """
 
 from __future__ import annotations
 
 import contextlib
 import email.utils
+import ipaddress
 import json
+import socket
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import httpcore
 import httpx
 
-from mjctl import jsontext
+from mjctl import jsontext, upstream_text
 
 __all__ = [
     "ACCEPTED_CODES",
     "Deadline",
     "DeadlineExceeded",
     "FINISHED_STATUSES",
+    "FetchPolicy",
+    "FetchRefused",
     "PREFIXES",
     "SUBMIT_KINDS",
     "ProbeResult",
@@ -47,6 +59,8 @@ __all__ = [
     "UpstreamUnavailable",
     "bounded_by",
     "deadline_transport",
+    "guarded_by",
+    "is_public_address",
     "read_within",
     "task_is_finished",
 ]
@@ -220,17 +234,193 @@ class _DeadlineBackend(httpcore.NetworkBackend):
         self._backend.sleep(seconds)
 
 
-def deadline_transport(**kwargs: Any) -> httpx.HTTPTransport:
-    """An ``httpx.HTTPTransport`` (same arguments) whose sockets honour :func:`bounded_by`.
+# -- where a fetch may connect ---------------------------------------------------------------------------
+
+
+class FetchRefused(Exception):
+    """A connection the thread's :class:`FetchPolicy` does not allow; nothing was connected to. The
+    message names the address and is for the operator's log, never for a user (it would make mjctl a
+    port scanner of its own network)."""
+
+    def __init__(self, reason: str, host: str = "", port: int | None = None):
+        super().__init__(reason)
+        self.reason = reason
+        self.host = host
+        self.port = port
+
+
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")
+
+
+def is_public_address(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    """Whether ip is a public unicast address: not loopback, private, link-local, shared (CGNAT
+    100.64/10), multicast, unspecified or reserved. IPv6 forms that carry an IPv4 address (IPv4-mapped,
+    6to4, NAT64) are judged by that address: ``::ffff:127.0.0.1`` is loopback."""
+    if ip.version == 6:
+        embedded = ip.ipv4_mapped or ip.sixtofour
+        if embedded is None and ip in _NAT64:
+            embedded = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+        if embedded is not None:
+            return is_public_address(embedded)
+        if ip.is_site_local:
+            return False
+    return ip.is_global and not (ip.is_multicast or ip.is_loopback or ip.is_link_local or ip.is_private
+                                 or ip.is_reserved or ip.is_unspecified)
+
+
+def _kind(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str:
+    """A word for why ip is not public, for the log."""
+    if ip.version == 6 and (ip.ipv4_mapped or ip.sixtofour):
+        return "an IPv6 form of " + _kind(ip.ipv4_mapped or ip.sixtofour)
+    for word in ("loopback", "unspecified", "link_local", "multicast", "private", "reserved"):
+        if getattr(ip, f"is_{word}"):
+            return f"a {word.replace('_', '-')} address"
+    return "a non-public address"
+
+
+def _port_of(url: httpx.URL) -> int:
+    return url.port or {"https": 443, "http": 80}.get(url.scheme, 0)
+
+
+@dataclass(frozen=True)
+class FetchPolicy:
+    """Where a fetch of something an upstream points at (an image, later a video) may connect:
+
+    - the channel's own origin (the host and port of its base URL): the operator chose that address, and
+      upstreams (the simulator among them) often live on private networks, so it may be anything;
+    - a host named in ``[images] allow_hosts`` (any address), or an address inside one of its CIDRs;
+    - any other name only when every address it resolves to is public (:func:`is_public_address`).
+
+    Enforced in the network backend of a :func:`deadline_transport` made with ``guarded=True``, where the
+    socket is opened: the name is resolved once, each address checked, and the socket connected to a
+    checked address. httpcore still believes it connected to the name, so the Host header, TLS SNI and
+    certificate verification all keep using the name: nothing can re-resolve it to another address
+    between the check and the connection (DNS rebinding). Redirect hops are new requests and meet the same
+    check; the client using it must not pool connections, or a connection opened under one channel's
+    policy (to its private origin) could carry another channel's request.
+    """
+
+    channel: str = ""
+    origin: tuple[str, int] | None = None  # host, port of the channel's base URL
+    hosts: frozenset[str] = frozenset()
+    networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+
+    @classmethod
+    def build(cls, channel: str, base_url: str | None, allow_hosts: Iterable[str] = ()) -> FetchPolicy:
+        """The policy of one channel (name, base URL) with the operator's allow list (names, IPs, CIDRs)."""
+        origin = None
+        if base_url:
+            try:
+                url = httpx.URL(base_url)
+                if url.host and url.scheme in ("http", "https"):
+                    origin = (url.host.lower().rstrip("."), _port_of(url))
+            except (httpx.InvalidURL, ValueError):
+                origin = None
+        hosts, networks = set(), []
+        for entry in allow_hosts:
+            entry = entry.strip().lower().rstrip(".")
+            if not entry:
+                continue
+            try:
+                networks.append(ipaddress.ip_network(entry.strip("[]"), strict=False))
+            except ValueError:
+                hosts.add(entry)
+        return cls(channel=channel, origin=origin, hosts=frozenset(hosts), networks=tuple(networks))
+
+    def _allowed(self, ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+        if is_public_address(ip):
+            return True
+        mapped = ip.ipv4_mapped if ip.version == 6 else None
+        return any(ip in net or (mapped is not None and mapped in net) for net in self.networks)
+
+    def addresses(self, host: str, port: int) -> list[str]:
+        """What to connect to for host:port: the name itself when it is trusted whole (the channel's origin,
+        an allowed name), else its addresses, every one checked. Raises FetchRefused."""
+        name = host.lower().rstrip(".")
+        if (name, port) == self.origin or name in self.hosts:
+            return [host]
+        try:
+            literal = ipaddress.ip_address(name.strip("[]"))
+        except ValueError:
+            literal = None
+        if literal is not None:
+            if not self._allowed(literal):
+                raise FetchRefused(f"{literal} is {_kind(literal)}", host, port)
+            return [str(literal)]
+        try:
+            infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except (OSError, UnicodeError) as exc:
+            raise httpcore.ConnectError(f"cannot resolve {host}: {exc}") from None
+        found: list[str] = []
+        for _family, _type, _proto, _name, sockaddr in infos:
+            ip = ipaddress.ip_address(str(sockaddr[0]).split("%", 1)[0])
+            if not self._allowed(ip):
+                # One private answer among public ones is refused whole: it is how rebinding is tried.
+                raise FetchRefused(f"{host} resolves to {ip}, {_kind(ip)}", host, port)
+            if str(ip) not in found:
+                found.append(str(ip))
+        if not found:
+            raise httpcore.ConnectError(f"{host} has no address")
+        return found
+
+
+_guard = threading.local()
+
+
+@contextlib.contextmanager
+def guarded_by(policy: FetchPolicy) -> Iterator[FetchPolicy]:
+    """Within this block, connections a guarded transport opens in this thread follow policy."""
+    outer = getattr(_guard, "policy", None)
+    _guard.policy = policy
+    try:
+        yield policy
+    finally:
+        _guard.policy = outer
+
+
+class _GuardedBackend(httpcore.NetworkBackend):
+    """Connects only where the thread's FetchPolicy allows, to the very address it checked. Without a
+    policy in force it connects nowhere: a guarded client used by mistake fails closed."""
+
+    def __init__(self, backend: httpcore.NetworkBackend):
+        self._backend = backend
+
+    def connect_tcp(self, host, port, timeout=None, local_address=None, socket_options=None):
+        policy = getattr(_guard, "policy", None)
+        if policy is None:
+            raise FetchRefused("no fetch policy is in force for this connection", host, port)
+        last: Exception | None = None
+        for address in policy.addresses(host, port):
+            try:
+                return self._backend.connect_tcp(address, port, timeout, local_address, socket_options)
+            except (httpcore.ConnectError, httpcore.ConnectTimeout) as exc:
+                last = exc
+        raise last if last is not None else httpcore.ConnectError(f"cannot connect to {host}")
+
+    def connect_unix_socket(self, path, timeout=None, socket_options=None):
+        raise FetchRefused("a fetch never goes to a unix socket", path)
+
+    def sleep(self, seconds: float) -> None:
+        self._backend.sleep(seconds)
+
+
+def deadline_transport(*, guarded: bool = False, **kwargs: Any) -> httpx.HTTPTransport:
+    """An ``httpx.HTTPTransport`` (same arguments) whose sockets honour :func:`bounded_by`; with guarded,
+    they also connect only where :func:`guarded_by` allows (see :class:`FetchPolicy`).
 
     httpx offers no public way to pass httpcore a network backend, so it is swapped in on the pool; were
-    that attribute ever gone, the transport still works and only the per-chunk deadline checks remain.
+    that attribute ever gone, an unguarded transport still works with only the per-chunk deadline checks,
+    and a guarded one refuses to be made (it could not keep its promise).
     """
     transport = httpx.HTTPTransport(**kwargs)
     pool = getattr(transport, "_pool", None)
     backend = getattr(pool, "_network_backend", None)
-    if backend is not None and not isinstance(backend, _DeadlineBackend):
-        pool._network_backend = _DeadlineBackend(backend)
+    if backend is None:
+        if guarded:
+            raise RuntimeError("this httpx/httpcore version does not let mjctl check where fetches connect")
+        return transport
+    if not isinstance(backend, _DeadlineBackend):
+        pool._network_backend = _DeadlineBackend(_GuardedBackend(backend) if guarded else backend)
     return transport
 
 
@@ -305,6 +495,7 @@ class UpstreamClient:
     ):
         self.base_url = base_url.rstrip("/")
         self._secret = secret or ""
+        upstream_text.remember_secret(self._secret)  # scrubbed from whatever an upstream writes
         headers = {"Accept": "application/json"}
         if self._secret:
             headers["mj-api-secret"] = self._secret
@@ -461,19 +652,24 @@ class UpstreamClient:
         data = self._json(response)
         if not isinstance(data, dict) or "code" not in data:
             raise self._protocol(response, "answered with something that is not a SubmitResult")
-        try:
-            code = int(data["code"])
-        except (TypeError, ValueError):
-            raise self._protocol(response, f"answered with a non-numeric code {data['code']!r}") from None
+        code = _code(data["code"])
+        if code is None:
+            raise self._protocol(response, "answered with a code that is not an integer")
         if response.status_code >= 400 and code in ACCEPTED_CODES:
             raise self._protocol(response, "answered an error status with an accepted code")
         result = data.get("result")
-        properties = data.get("properties")
+        if result in (None, ""):
+            task_id = None
+        else:
+            try:
+                task_id = upstream_text.task_id(result)
+            except upstream_text.UpstreamTextError as exc:
+                raise self._protocol(response, f"answered with an invalid result: {exc}") from None
         return SubmitResult(
             code=code,
-            description=str(data.get("description") or ""),
-            result=None if result in (None, "") else str(result),
-            properties=properties if isinstance(properties, dict) else {},
+            description=upstream_text.clean_text(data.get("description")) or "",
+            result=task_id,
+            properties=upstream_text.clean_properties(data.get("properties")),
             http_status=response.status_code,
         )
 
@@ -488,6 +684,19 @@ class UpstreamClient:
         if not isinstance(data, list) or not all(isinstance(t, dict) and "id" in t for t in data):
             raise self._protocol(response, "answered with something that is not a list of tasks")
         return data
+
+
+def _code(value: Any) -> int | None:
+    """A SubmitResult code: an integer, or its digits as a string (gateways send "1"); None otherwise
+    (a boolean, a fraction, an object, a number no protocol uses)."""
+    if isinstance(value, str) and 0 < len(value.strip()) <= 6:
+        try:
+            value = int(value.strip())
+        except ValueError:
+            return None
+    if isinstance(value, int) and not isinstance(value, bool) and -100_000 < value < 100_000:
+        return value
+    return None
 
 
 def _looks_like_envelope(response: httpx.Response) -> bool:

@@ -1,4 +1,4 @@
-"""Image forwarding (docs/api.md, GET /mj/image): signed URLs, the streaming proxy, the cache, prefetching and the CLI,
+"""Image forwarding (CONTRACT §4.2): signed URLs, the streaming proxy, the cache, prefetching and the CLI,
 against the simulator and a real server on free ports."""
 
 from __future__ import annotations
@@ -26,6 +26,14 @@ SIM_SECRET = "sim-secret"
 
 
 # -- fixtures ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture(autouse=True)
+def loopback_images(monkeypatch):
+    """These tests' image hosts (the simulator, FakeUpstream) live on loopback and are not their tasks'
+    channel: allow loopback, as an operator allows an internal object store (tests/test_upstream_trust.py
+    covers the refusals)."""
+    monkeypatch.setenv("MJCTL_IMAGES_ALLOW_HOSTS", "127.0.0.1")
 
 
 def start_server(settings) -> ServerThread:

@@ -251,7 +251,8 @@ def test_a_trickled_image_is_cut_at_its_allowance_and_never_cached(tmp_path, tri
     mj_id, url = _finished_image(trickling_sim)
     trickling_sim.sim.update({"trickle": 1.0})
     with ImageForwarder(settings) as forwarder:
-        outcome, took = timed(lambda: forwarder.fetch_to_cache(ImageSource(mj_id, url, True)))
+        source = ImageSource(mj_id, url, True, channel="sim", channel_url=trickling_sim.url)  # its own origin
+        outcome, took = timed(lambda: forwarder.fetch_to_cache(source))
     assert isinstance(outcome, ImageUnavailable) and "too slowly" in outcome.message
     assert took <= 1.0 + SLACK
     assert forwarder.cache.find(mj_id) is None

@@ -101,6 +101,7 @@ def show(ctx: typer.Context, mj_id: str = typer.Argument(..., help="The task id.
 
     settings = state(ctx).open_store()
     detail = task_detail(get_task(mj_id), image_url=_image_url(settings))
+    _hide_push_links([detail])
     if json_out:
         print_json(detail)
         return
@@ -117,6 +118,16 @@ def show(ctx: typer.Context, mj_id: str = typer.Argument(..., help="The task id.
     table(["FIELD", "VALUE"], rows)  # every value is shown escaped there: they come from users and upstreams
     sys.stdout.flush()
 
+
+
+def _hide_push_links(details: list[dict]) -> None:
+    """A stored notifyHook is a push link (mjctl's own signed one, or the caller's): shown nowhere, as in
+    the relay's answers (mjctl.relay.relay_properties)."""
+    from mjctl.relay import relay_properties
+
+    for detail in details:
+        if isinstance(detail.get("properties"), dict):
+            detail["properties"] = relay_properties(detail["properties"])
 
 
 def _button_text(button) -> str:

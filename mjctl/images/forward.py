@@ -10,7 +10,14 @@ stalled upstream is cut at the allowance, not a read timeout later. Prefetching 
 
 Faults of the server's own disk (the cache folder unusable, full, read-only) never fail a response whose
 length the upstream declared: the image is passed on uncached, with one log line.
+
+Where an image may come from is the upstream's choice, so it is checked: only the task's channel's own
+origin, a host of ``[images] allow_hosts``, or public addresses (``mjctl.upstream.FetchPolicy``, enforced
+where the socket is opened). Redirects are followed here, hop by hop, each hop meeting the same check. A
+refusal is one log line naming the channel and the user gets the same 502 as for an unreachable upstream:
+no detail about the target, so image links cannot be used to probe mjctl's own network.
 """
+
 
 from __future__ import annotations
 
@@ -29,7 +36,9 @@ from mjctl import __version__
 from mjctl.images.cache import CachedImage, ImageCache, _unlink
 from mjctl.images.common import IMMUTABLE, READ_CHUNK, REVALIDATE, ImageTooLarge, ImageTruncated, ImageUnavailable
 from mjctl.images.urls import ImageSource
-from mjctl.upstream import Deadline, DeadlineExceeded, bounded_by, deadline_transport, shared_ssl_context
+from mjctl.textsafe import visible
+from mjctl.upstream import (Deadline, DeadlineExceeded, FetchPolicy, FetchRefused, bounded_by, deadline_transport,
+                            guarded_by, shared_ssl_context)
 
 if TYPE_CHECKING:
     from mjctl.config import Settings
@@ -37,6 +46,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("mjctl.images")
 
 MIN_RATE = 64 * 1024  # bytes per second of upstream time an image must average once its headers are in
+MAX_REDIRECTS = 5
+
 
 
 class _Allowance:
@@ -113,12 +124,19 @@ class ImageForwarder:
         self.max_bytes = int(images.max_bytes)
         self.timeout = float(images.timeout)
         self.cache = ImageCache(images.cache_dir)
+        from mjctl.config import split_list
+
+        self.allow_hosts = tuple(split_list(images.get("allow_hosts", "")))
+        if transport is None:
+            # Guarded: connects only where the source's FetchPolicy allows. No kept-alive connections: one
+            # opened under a channel's policy (to its private origin) must never carry another's request.
+            transport = deadline_transport(guarded=True, verify=shared_ssl_context(),
+                                           limits=httpx.Limits(max_keepalive_connections=0))
         self._client = httpx.Client(
             timeout=httpx.Timeout(self.timeout, connect=min(self.timeout, 10.0)),
-            follow_redirects=True,
-            max_redirects=5,
+            follow_redirects=False,  # followed in _request, so that each hop is checked and counted
             headers={"User-Agent": f"mjctl/{__version__}", "Accept": "image/*", "Accept-Encoding": "identity"},
-            transport=transport if transport is not None else deadline_transport(verify=shared_ssl_context()),
+            transport=transport,
         )
 
     def close(self) -> None:
@@ -186,20 +204,44 @@ class ImageForwarder:
 
     # -- internals ---------------------------------------------------------------------------------
 
+    def policy_for(self, source: ImageSource) -> FetchPolicy:
+        """Where the image of source may be fetched from: its channel's origin, allow_hosts, public hosts."""
+        return FetchPolicy.build(getattr(source, "channel", "") or "", getattr(source, "channel_url", "") or "",
+                                 self.allow_hosts)
+
     def _request(self, source: ImageSource, allowance: _Allowance) -> httpx.Response:
-        """The upstream's answer with its headers read (the body still to come), within the timeout."""
+        """The upstream's answer with its headers read (the body still to come), within the timeout.
+
+        Redirects are followed here (at most MAX_REDIRECTS), every hop under the source's FetchPolicy and
+        all of them within the one deadline."""
         deadline = Deadline(allowance.left())
         began = time.monotonic()
+        policy = self.policy_for(source)
+        unreachable = f"Cannot reach the upstream for the image of task {source.mj_id}."
         try:
             request = self._client.build_request("GET", source.url, timeout=deadline.timeout(min(self.timeout, 10.0)))
-            with bounded_by(deadline):
-                return self._client.send(request, stream=True)
+            for _hop in range(MAX_REDIRECTS + 1):
+                with bounded_by(deadline), guarded_by(policy):
+                    response = self._client.send(request, stream=True)
+                if response.next_request is None:
+                    return response
+                response.close()
+                request = response.next_request
+                request.extensions["timeout"] = deadline.timeout(min(self.timeout, 10.0)).as_dict()
+            log.warning("channel %s: the image of task %s redirects more than %d times", _label(policy),
+                        source.mj_id, MAX_REDIRECTS)
+            raise ImageUnavailable(unreachable)
+        except FetchRefused as exc:
+            log.warning("channel %s: refused to fetch the image of task %s from %s: %s", _label(policy),
+                        source.mj_id, _target(exc), visible(exc.reason[:200]))
+            raise ImageUnavailable(unreachable) from None
         except httpx.TimeoutException:
             raise ImageUnavailable(
                 f"The upstream did not deliver the image of task {source.mj_id} within {self.timeout:g} s.") from None
         except (httpx.HTTPError, httpx.InvalidURL, ValueError) as exc:
-            raise ImageUnavailable(
-                f"Cannot reach the upstream for the image of task {source.mj_id}: {_reason(exc)}.") from None
+            log.info("channel %s: cannot fetch the image of task %s: %s", _label(policy), source.mj_id,
+                     visible(_reason(exc)[:200]))
+            raise ImageUnavailable(unreachable) from None
         finally:
             allowance.spent += time.monotonic() - began
 
@@ -396,6 +438,16 @@ def _discard(fh: IO[bytes] | None, path: Path | None) -> None:
             pass
         except OSError as exc:
             log.warning("cannot remove the temp file %s: %s", path, exc)
+
+
+def _label(policy: FetchPolicy) -> str:
+    return visible(policy.channel[:64]) if policy.channel else "(unknown)"
+
+
+def _target(exc: FetchRefused) -> str:
+    """host:port of a refused fetch, shortened and escaped: it is the upstream's text, not a full URL."""
+    host = exc.host if len(exc.host) <= 80 else exc.host[:77] + "..."
+    return visible(f"{host}:{exc.port}" if exc.port else host)
 
 
 def _reason(exc: BaseException) -> str:

@@ -76,16 +76,33 @@ class ImageSource:
     mj_id: str
     url: str
     final: bool  # the task succeeded: its image will not change, so it is cached and served as immutable
+    #: The task's channel: its name (for log lines) and base URL, whose origin an image may always come
+    #: from (mjctl.upstream.FetchPolicy). Empty: only public hosts and [images] allow_hosts.
+    channel: str = ""
+    channel_url: str = ""
 
     @classmethod
     def from_task(cls, task: Task) -> ImageSource:
-        return cls(mj_id=task.mj_id, url=task.image_url or "", final=task.status == "SUCCESS")
+        channel, channel_url = _channel_of(task)
+        return cls(mj_id=task.mj_id, url=task.image_url or "", final=task.status == "SUCCESS", channel=channel,
+                   channel_url=channel_url)
 
     @property
     def etag(self) -> str:
         """A strong validator known before any byte is fetched: the image behind one URL never changes."""
         digest = hashlib.sha256(f"{self.mj_id}\0{self.url}".encode()).hexdigest()[:32]
         return f'"{digest}"'
+
+
+def _channel_of(task: Task) -> tuple[str, str]:
+    """The name and base URL of a task's channel; empty for a task without one (or whose channel was
+    removed), whose images then come only from public hosts and [images] allow_hosts."""
+    if getattr(task, "channel_id", None) is None:
+        return "", ""
+    from mjctl.models import Channel
+
+    row = Channel.select(Channel.name, Channel.base_url).where(Channel.id == task.channel_id).first()
+    return (row.name, row.base_url) if row is not None else ("", "")
 
 
 def etag_matches(if_none_match: str | None, etag: str) -> bool:

@@ -1,4 +1,4 @@
-"""The Simulator: settings, faults, statistics and the Bottle app serving the upstream API (docs/upstream.md)."""
+"""The Simulator: settings, faults, statistics and the Bottle app that serves UPSTREAM.md §1."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import bottle
 from mjctl.sim.engine import PREFIX_MODES, SUBMIT_KINDS, Engine, Reply, Settings, envelope
 from mjctl.sim.push import Pusher
 
-#: Named faults, each injected at a rate (0..1). Besides real upstreams' faults, two that attack a client's timeouts:
+#: Named faults, each injected at a rate (0..1). Besides UPSTREAM.md's, two that attack a client's timeouts:
 #: ``hang`` holds the request hang_seconds before answering; ``trickle`` sends the answer (API or image)
 #: one byte every trickle_seconds, with its full Content-Length, so no single read ever times out.
 FAULTS = (
@@ -248,7 +248,7 @@ class Simulator:
         if endpoint == "list":
             return self.engine.list_tasks(base_url)
         if endpoint == "image-seed":
-            return self.engine.image_seed(task_id)
+            return self._hostile(self.engine.image_seed(task_id), task_id)
         body = _json_body(request, self.settings.flavor)
         if isinstance(body, Reply):
             return body
@@ -259,6 +259,24 @@ class Simulator:
             task = self.engine.tasks.get(reply.body["result"])
             if task is not None and task.notify_hook:
                 self.pusher.ensure_running()
+            return self._hostile(reply, reply.body["result"], submitted=True)
+        return reply
+
+    def _hostile(self, reply: Reply, task_id: str, *, submitted: bool = False) -> Reply:
+        """An envelope as the hostile-upstream switches change it: the task's notifyHook echoed in its
+        properties (at the top and one object down, as wrapping gateways do), a chosen result."""
+        if not isinstance(reply.body, dict):
+            return reply
+        settings = self.settings
+        if settings.echo_hook:
+            task = self.engine.tasks.get(task_id)
+            hook = (task.notify_hook if task is not None else None) or settings.notify_hook
+            if hook:
+                properties = reply.body.setdefault("properties", {})
+                properties["notifyHook"] = hook
+                properties["upstream"] = {"notifyHook": hook, "via": [{"notifyHook": hook}]}
+        if submitted and settings.submit_result is not None and reply.body.get("code") in (1, 21, 22):
+            reply.body["result"] = settings.submit_result
         return reply
 
     def _authorized(self, request: bottle.LocalRequest) -> bool:
@@ -274,6 +292,8 @@ class Simulator:
     def _serve_image(self, path: str) -> bottle.HTTPResponse:
         with self._stats_lock:
             self._stats["image"] += 1
+        if self.settings.redirect_to:
+            return bottle.HTTPResponse(b"", 302, {"Location": self.settings.redirect_to, "Content-Length": "0"})
         parts = path.split("/")  # "", "attachments", id, name
         query = bottle.request.query
         result: Reply | bytes
@@ -376,10 +396,20 @@ def _setting(key: str, value: Any) -> Any:
         if value not in FLAVORS:
             raise ValueError(f"flavor must be one of {', '.join(FLAVORS)}")
         return value
-    if key in ("notify_hook", "public_url"):
+    if key in ("notify_hook", "public_url", "image_url", "redirect_to", "fail_reason"):
         if value is not None and not isinstance(value, str):
-            raise ValueError(f"{key} must be a URL or null")
+            raise ValueError(f"{key} must be a string or null")
         return value or None
+    if key == "echo_hook":
+        if not isinstance(value, bool):
+            raise ValueError("echo_hook must be true or false")
+        return value
+    if key == "submit_result":
+        return value  # any JSON value: the point is to send what a task id must not be
+    if key == "description_chars":
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise ValueError("description_chars must be a non-negative integer")
+        return value
     if key == "banned_words":
         if not isinstance(value, list) or not all(isinstance(w, str) for w in value):
             raise ValueError("banned_words must be a list of strings")

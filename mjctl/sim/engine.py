@@ -1,7 +1,7 @@
 """The simulated midjourney-proxy's state and its answers, free of any web framework.
 
 Every public method returns a :class:`Reply` (status, body, kind) that the web layer only renders, so
-the flavour differences (Java vs C#, docs/upstream.md) live here in one place.
+the flavour differences of UPSTREAM.md (Java vs C#) live here in one place.
 """
 
 from __future__ import annotations
@@ -53,6 +53,14 @@ class Settings:
     notify_hook: str | None = None
     public_url: str | None = None
     faults: dict[str, float] = field(default_factory=dict)
+    # Hostile-upstream switches, for tests of what a client trusts an upstream with; all off by default.
+    image_url: str | None = None  # every finished task's imageUrl, instead of its signed /attachments/ link
+    redirect_to: str | None = None  # every /attachments/ request is answered 302 to this Location
+    description_chars: int = 0  # task descriptions are padded with "x" to this many characters
+    fail_reason: str | None = None  # the failReason of every task that fails (fail_rate picks which)
+    echo_hook: bool = False  # submit and image-seed answers echo the task's notifyHook in properties
+    submit_result: Any = None  # accepted submit answers carry this JSON value as result, not the task id
+
 
 
 @dataclass
@@ -114,6 +122,8 @@ class Engine:
     # -- rendering ---------------------------------------------------------------------------------
 
     def image_url(self, task: SimTask, base_url: str, finish_time: float) -> str:
+        if self.settings.image_url:
+            return self.settings.image_url
         expiry = math.ceil(finish_time + self.settings.image_ttl)
         ex = format(expiry, "x")
         base = (self.settings.public_url or base_url).rstrip("/")
@@ -146,7 +156,7 @@ class Engine:
             "status": phase.status,
             "prompt": task.prompt,
             "promptEn": task.extra.get("promptEn", task.prompt),
-            "description": task.description,
+            "description": task.description.ljust(self.settings.description_chars, "x"),
             "state": task.state,
             "submitTime": ms(task.submit_time),
             "startTime": ms(phase.start_time),
@@ -219,7 +229,7 @@ class Engine:
             task.fail_step, task.fail_reason = n + 1, "任务超时"
         elif self.settings.fail_rate > 0 and self.rng.random() < self.settings.fail_rate:
             task.fail_step = self.rng.randint(1, n + 1)
-            task.fail_reason = self.rng.choice(FAIL_REASONS)
+            task.fail_reason = self.settings.fail_reason or self.rng.choice(FAIL_REASONS)
         if n >= 3 and self.fault("progress_backwards"):
             task.backwards_at = self.rng.randint(3, n)
         return task
