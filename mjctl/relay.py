@@ -489,7 +489,8 @@ def _own_base(image_url: ImageUrl, task: Task) -> str:
 
 
 def upstream_shape(task: Task, image_url: ImageUrl = None) -> dict[str, Any]:
-    """A task as midjourney-proxy answers it (UPSTREAM.md §3): camelCase, times in milliseconds.
+    """A task as midjourney-proxy answers it (docs/upstream.md, "The task object"): camelCase, times in
+    milliseconds.
 
     Only the fields the protocol defines, and none of mjctl's internals (:func:`relay_properties`). The
     upstream's texts were bounded and scrubbed when stored (mjctl.upstream_text); they are bounded again

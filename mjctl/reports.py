@@ -2,7 +2,7 @@
 
 Used by the poller (list-by-condition answers), by push notifications (notifyHook) and by timeouts.
 
-Rules (CONTRACT §5):
+Rules (docs/upstream.md, "Lifecycle"):
 - a finished task (SUCCESS, FAILURE, CANCEL) is never changed again;
 - status never moves backwards (an out-of-order push cannot turn IN_PROGRESS into SUBMITTED) and progress
   never goes down while the task runs; SUCCESS always reads "100%";

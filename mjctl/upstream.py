@@ -1,6 +1,6 @@
 """Client for a midjourney-proxy upstream (Java, C# or a re-exposing gateway), on httpx.
 
-Every answer shape of UPSTREAM.md §2 becomes a typed outcome: envelopes (accepted or rejected) are a
+Every answer shape (docs/upstream.md) becomes a typed outcome: envelopes (accepted or rejected) are a
 :class:`SubmitResult`; everything else raises a subclass of :class:`UpstreamError`:
 
 - :class:`UpstreamUnavailable`  connection error, timeout, 5xx — worth failing over to another channel

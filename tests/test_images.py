@@ -1,4 +1,4 @@
-"""Image forwarding (CONTRACT §4.2): signed URLs, the streaming proxy, the cache, prefetching and the CLI,
+"""Image forwarding (docs/api.md, GET /mj/image): signed URLs, the streaming proxy, the cache, prefetching and the CLI,
 against the simulator and a real server on free ports."""
 
 from __future__ import annotations

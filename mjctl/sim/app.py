@@ -1,4 +1,4 @@
-"""The Simulator: settings, faults, statistics and the Bottle app that serves UPSTREAM.md §1."""
+"""The Simulator: settings, faults, statistics and the Bottle app serving the upstream API (docs/upstream.md)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import bottle
 from mjctl.sim.engine import PREFIX_MODES, SUBMIT_KINDS, Engine, Reply, Settings, envelope
 from mjctl.sim.push import Pusher
 
-#: Named faults, each injected at a rate (0..1). Besides UPSTREAM.md's, two that attack a client's timeouts:
+#: Named faults, each injected at a rate (0..1). Besides real upstreams' faults, two that attack a client's timeouts:
 #: ``hang`` holds the request hang_seconds before answering; ``trickle`` sends the answer (API or image)
 #: one byte every trickle_seconds, with its full Content-Length, so no single read ever times out.
 FAULTS = (

@@ -1,7 +1,7 @@
 """The simulated midjourney-proxy's state and its answers, free of any web framework.
 
 Every public method returns a :class:`Reply` (status, body, kind) that the web layer only renders, so
-the flavour differences of UPSTREAM.md (Java vs C#) live here in one place.
+the flavour differences (Java vs C#, docs/upstream.md) live here in one place.
 """
 
 from __future__ import annotations
