@@ -141,8 +141,8 @@ def main() -> None:
         settings = load_settings(None, {("database", "url"): env["MJCTL_DATABASE_URL"], ("server", "secret"): "bench",
                                         ("images", "cache_dir"): str(cache_dir)})
         open_store(settings)
-        for task_id, url in [warm, big_task, *small_tasks]:
-            Task.create(user_id=1, channel_id=1, mj_id=task_id, status="SUCCESS", image_url=url, unfinished=0)
+        rows = {task_id: Task.create(user_id=1, channel_id=1, mj_id=task_id, status="SUCCESS", image_url=url,
+                                     unfinished=0) for task_id, url in [warm, big_task, *small_tasks]}
 
         server, server_url = start([sys.executable, "-m", "mjctl", "serve", "--port", "0", "--no-poll",
                                     "--threads", "32"], env, r"serving on (http://\S+)", "stderr")
@@ -150,7 +150,7 @@ def main() -> None:
         forwarded = image_url_for(settings)
 
         def proxied(task_id: str) -> str:
-            url = forwarded(Task(mj_id=task_id, image_url="x"))
+            url = forwarded(rows[task_id])  # links name the task's row
             return server_url + url[url.index("/mj/image/"):]
 
         timed([proxied(warm[0])], 1)  # imports, the forwarder's client, a first connection

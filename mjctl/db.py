@@ -403,6 +403,69 @@ def _m5_drop_lease(db: peewee.Database) -> None:
     db.execute_sql('DROP TABLE IF EXISTS lease')
 
 
+#: The unique index of migration 6, named as peewee names the model's (channel_id, mj_id) index.
+TASK_IDENTITY_INDEX = "task_channel_id_mj_id"
+MJ_ID_CHARS = 64  # Task.mj_id
+
+
+@migration(6, "a task is (channel, upstream id): unique (channel_id, mj_id)")
+def _m6_task_identity(db: peewee.Database) -> None:
+    """Make (channel_id, mj_id) unique, keeping every row.
+
+    An upstream's task id is unique only among that upstream's tasks, and nothing used to stop one channel
+    from holding two tasks with the same id (an upstream repeating an id). Such rows are all kept: on each
+    channel the oldest keeps its mj_id and every newer one is renamed ``<mj_id>~<row id>``, the original
+    part cut short so that the whole fits 64 characters. Upstream ids are digits and row ids are unique, so
+    a renamed id meets no other; should one be taken all the same, ``.<n>`` is added until it is free. How
+    many were renamed is logged as a warning, and each shared id is recorded in mjctl_meta
+    (``mjctl.tasks.shared_id_marker``): what named a task by that id alone (a legacy image link, a file
+    cached under the id) cannot say which of the tasks it was for, and must not now be taken for the one
+    left with the id. A renamed task is no longer known to its upstream under its new id: the image it
+    already has stays (its image_url is untouched), and one still unfinished times out and is refunded
+    after ``[poller] task_timeout``, like any task an upstream forgot.
+
+    The index is this migration's one DDL statement, after the renames: MySQL commits DDL at once, and a
+    run interrupted before it is recorded finds nothing left to rename and only creates the index. The
+    plain mj_id index stays, for lookups by the upstream's id alone."""
+    import json
+
+    from mjctl.models import Meta_, Task
+    from mjctl.tasks import shared_id_marker
+
+    groups = list(Task.select(Task.channel_id, Task.mj_id).group_by(Task.channel_id, Task.mj_id)
+                  .having(peewee.fn.COUNT(Task.id) > 1).tuples())
+    renamed = 0
+    for channel_id, mj_id in groups:
+        same = (Task.channel_id == channel_id) & (Task.mj_id == mj_id)
+        row_ids = [row_id for (row_id,) in Task.select(Task.id).where(same).order_by(Task.id).tuples()]
+        for row_id in row_ids[1:]:
+            fresh = _free_duplicate_id(channel_id, mj_id, row_id)
+            Task.update(mj_id=fresh, updated_at=time.time()).where(Task.id == row_id).execute()
+            renamed += 1
+        marker = shared_id_marker(mj_id)
+        if not Meta_.select(Meta_.key).where(Meta_.key == marker).exists():
+            Meta_.create(key=marker, value=json.dumps({"mj_id": mj_id, "rows": row_ids}))
+    if renamed:
+        log.warning("migration 6: %d task(s) shared their upstream id with an older task on the same channel; "
+                    "each was renamed <upstream id>~<row id> (%d id(s) affected)", renamed, len(groups))
+    if TASK_IDENTITY_INDEX not in {index.name for index in db.get_indexes("task")}:
+        db.execute_sql(f"CREATE UNIQUE INDEX {TASK_IDENTITY_INDEX} ON task (channel_id, mj_id)")
+
+
+def _free_duplicate_id(channel_id: int, mj_id: str, row_id: int) -> str:
+    """``<mj_id>~<row id>`` cut to MJ_ID_CHARS, with ``.<n>`` added while the channel already has it."""
+    from mjctl.models import Task
+
+    n = 0
+    while True:
+        suffix = f"~{row_id}" + (f".{n}" if n else "")
+        candidate = mj_id[:MJ_ID_CHARS - len(suffix)] + suffix
+        taken = Task.select(Task.id).where((Task.channel_id == channel_id) & (Task.mj_id == candidate)).exists()
+        if not taken:
+            return candidate
+        n += 1
+
+
 def current_version() -> int:
     try:
         value = SchemaVersion.select(peewee.fn.MAX(SchemaVersion.version)).scalar()

@@ -122,7 +122,9 @@ class Task(BaseModel):
             (("user_id", "id"), False),
             (("user_id", "submit_time"), False),
             (("channel_id", "id"), False),
-            (("mj_id",), False),
+            (("mj_id",), False),  # lookups by the upstream's id alone (a user's task, an admin's search)
+            # A task is (channel, upstream id): an upstream's id is unique only among its own tasks (migration 6).
+            (("channel_id", "mj_id"), True),
             (("submit_time",), False),
             (("unfinished", "channel_id"), False),
             (("status", "id"), False),

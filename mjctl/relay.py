@@ -35,6 +35,7 @@ from typing import Any, Callable
 import peewee
 
 from mjctl import accounts, crypto
+from mjctl import tasks
 from mjctl.channels import channel_secret
 from mjctl.db import is_sqlite, retry_transaction, write_tx
 from mjctl.errors import InsufficientQuota, MjctlError
@@ -417,7 +418,7 @@ def _continue_modal(parent: Task, body: dict, result: SubmitResult, status: str,
 
 def image_seed(settings, user: User, mj_id: str, prefix: str = "") -> Envelope:
     """The seed of one of the caller's tasks, asked of that task's channel (free of charge)."""
-    task = Task.select().where((Task.mj_id == mj_id) & (Task.user_id == user.id)).order_by(Task.id.desc()).first()
+    task = tasks.owned_task(user.id, mj_id)
     if task is None:
         return 404, envelope(3, "task not found")
     try:
@@ -532,8 +533,8 @@ def upstream_shape(task: Task, image_url: ImageUrl = None) -> dict[str, Any]:
 
 
 def fetch(user: User, mj_id: str, image_url: ImageUrl = None) -> dict[str, Any] | None:
-    """One of the caller's tasks in the upstream shape, or None."""
-    task = Task.select().where((Task.mj_id == mj_id) & (Task.user_id == user.id)).order_by(Task.id.desc()).first()
+    """One of the caller's tasks in the upstream shape, or None (another user's task with that id too)."""
+    task = tasks.owned_task(user.id, mj_id)
     return upstream_shape(task, image_url) if task is not None else None
 
 
@@ -546,13 +547,5 @@ def list_latest(user: User, image_url: ImageUrl = None, limit: int = LATEST_LIMI
 def list_by_condition(user: User, ids: list, image_url: ImageUrl = None) -> list[dict[str, Any]]:
     """The caller's tasks among ids (unknown and other users' ids are left out, as upstreams do)."""
     wanted = list(dict.fromkeys(str(i) for i in ids if isinstance(i, (str, int)) and str(i)))[:MAX_IDS]
-    if not wanted:
-        return []
-    seen: set[str] = set()
-    out = []
-    query = Task.select().where((Task.user_id == user.id) & (Task.mj_id.in_(wanted))).order_by(Task.id.desc())
-    for task in query:
-        if task.mj_id not in seen:  # a rejected resubmission may share an id: the newest row speaks
-            seen.add(task.mj_id)
-            out.append(upstream_shape(task, image_url))
-    return out
+    # One task per id, the newest of the caller's, as fetch answers (tasks.owned_tasks).
+    return [upstream_shape(task, image_url) for task in tasks.owned_tasks(user.id, wanted)]

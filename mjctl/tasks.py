@@ -164,14 +164,108 @@ def count_tasks(filters: TaskFilter) -> int:
     return int(row[0] or 0) if row else 0
 
 
+# -- a task by its upstream id ---------------------------------------------------------------------
+#
+# mj_id is the upstream's id, and it is unique only on one channel (the store's unique index is
+# (channel_id, mj_id)): two upstreams can hand out the same id, and ids are milliseconds plus three
+# random digits. A task is its row. Every lookup by mj_id therefore either stays inside one user's tasks,
+# or deals with finding several.
+
+
+def owned_task(user_id: int, mj_id: str) -> Task | None:
+    """The caller's task with this upstream id, or None: the one lookup behind "my task by its id" (the
+    relay's fetch and image-seed, the image endpoint with a token).
+
+    Only the caller's rows are searched, so another user's task with the same id can never answer for the
+    caller's, and it reads exactly like a missing one. A caller holding several tasks with one id (given
+    by two channels) gets the newest, as an upstream's own store would answer."""
+    return (Task.select().where((Task.mj_id == mj_id) & (Task.user_id == user_id))
+            .order_by(Task.id.desc()).first())
+
+
+def owned_tasks(user_id: int, mj_ids: list[str]) -> list[Task]:
+    """The caller's tasks among mj_ids, one per id (the newest, as owned_task answers), newest first."""
+    if not mj_ids:
+        return []
+    seen: set[str] = set()
+    out = []
+    query = Task.select().where((Task.user_id == user_id) & (Task.mj_id.in_(mj_ids))).order_by(Task.id.desc())
+    for task in query:
+        if task.mj_id not in seen:
+            seen.add(task.mj_id)
+            out.append(task)
+    return out
+
+
+def tasks_with_mj_id(mj_id: str, *, limit: int | None = None) -> list[Task]:
+    """Every task carrying this upstream id, oldest first (at most limit): what an administrator's lookup
+    must show in full rather than pick one of."""
+    query = Task.select().where(Task.mj_id == mj_id).order_by(Task.id)
+    return list(query.limit(limit) if limit else query)
+
+
+def sole_task(mj_id: str) -> Task | None:
+    """The task with this upstream id when exactly one task has it, and no other ever shared it on its
+    channel; else None.
+
+    For what was keyed by mj_id alone before tasks were told apart by their rows (image links signed over
+    the id only, image files cached under it): such a key still names a task unambiguously when one task
+    has that id, and no task at all when several do. Migration 6 renamed the newer of tasks sharing an id
+    on one channel, which leaves the older one alone with the id; it records those ids (shared_id_marker),
+    so that a key made for the renamed task is not taken for the older one's."""
+    from mjctl.models import Meta_
+
+    found = tasks_with_mj_id(mj_id, limit=2)
+    if len(found) != 1:
+        return None
+    if Meta_.select(Meta_.key).where(Meta_.key == shared_id_marker(mj_id)).exists():
+        return None
+    return found[0]
+
+
+def shared_id_marker(mj_id: str) -> str:
+    """The mjctl_meta key recording that several tasks of one channel had this upstream id (migration 6)."""
+    import hashlib
+
+    return "shared-id:" + hashlib.sha256(mj_id.encode("utf-8")).hexdigest()[:40]
+
+
 def get_task(mj_id: str, user_id: int | None = None) -> Task:
-    query = Task.select().where(Task.mj_id == mj_id)
+    """The one task an mj_id names: the user's own (owned_task) when user_id is given, else the only task
+    with that id. Raises NotFound, or AmbiguousTaskId when several tasks share the id (the caller should
+    show them all, or ask which one is meant)."""
     if user_id is not None:
-        query = query.where(Task.user_id == user_id)
-    task = query.order_by(Task.id.desc()).first()
-    if task is None:
+        task = owned_task(user_id, mj_id)
+        if task is None:
+            raise NotFound(f"No task with id {mj_id!r}.")
+        return task
+    found = tasks_with_mj_id(mj_id)
+    if not found:
         raise NotFound(f"No task with id {mj_id!r}.")
+    if len(found) > 1:
+        raise AmbiguousTaskId(mj_id, found)
+    return found[0]
+
+
+def get_task_by_row(task_id: int) -> Task:
+    """A task by its row id (what tells apart tasks that share an upstream id). Raises NotFound."""
+    task = Task.get_or_none(Task.id == task_id)
+    if task is None:
+        raise NotFound(f"No task with row id {task_id}.")
     return task
+
+
+class AmbiguousTaskId(UsageError):
+    """Several tasks carry one upstream id (on different channels, or before the store kept it unique per
+    channel); naming one needs its row id."""
+
+    http_status = 409
+
+    def __init__(self, mj_id: str, found: list[Task]):
+        rows = ", ".join(f"row {t.id} (channel {t.channel_id}, user {t.user_id})" for t in found)
+        super().__init__(f"{len(found)} tasks have the id {mj_id!r}: {rows}; choose one by its row id.")
+        self.mj_id = mj_id
+        self.tasks = found
 
 
 def task_item(task: Task, *, admin: bool, image_url: Callable[[Task], str] | None = None) -> dict:

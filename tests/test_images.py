@@ -73,10 +73,16 @@ class Live:
     tokens: dict
     users: dict
 
-    def image(self, mj_id: str, *, sig: str | None = "auto", who: str | None = None, headers=None):
+    def image(self, mj_id: str, *, sig: str | None = "auto", who: str | None = None, headers=None,
+              row: int | None = None):
+        """GET the image of mj_id: by default through the task's own link (its row and signature), with
+        sig=None by token only, or with the sig (and row) given."""
         params = {}
         if sig == "auto":
-            sig = images.sign_image(crypto.server_secret(self.settings), mj_id)
+            task = Task.get(Task.mj_id == mj_id)
+            row, sig = task.id, images.sign_task_image(crypto.server_secret(self.settings), task.id, mj_id)
+        if row is not None:
+            params["t"] = row
         if sig is not None:
             params["sig"] = sig
         hdrs = dict(headers or {})
@@ -261,7 +267,8 @@ def test_two_concurrent_first_requests_leave_one_complete_file(live, fake):
     assert all(r.content == fake.body for r in results)
     files = wait_until(lambda: (f := cache_files(live.settings)) and not any(".tmp" in p for p in f) and f)
     assert len(files) == 1 and files[0].endswith(".png") and "1700000000000001" not in files[0]
-    cached = ImageCache(live.settings.images.cache_dir).find("1700000000000001")
+    task = Task.get(Task.mj_id == "1700000000000001")
+    cached = ImageCache(live.settings.images.cache_dir).find(ImageSource.from_task(task))
     assert cached.path.read_bytes() == fake.body
 
 
@@ -270,22 +277,29 @@ def test_two_concurrent_first_requests_leave_one_complete_file(live, fake):
 
 def test_access_rules(live, sim):
     task_id, url = finished_image_url(sim)
-    live.add_task(task_id, url, owner="alice")
+    mine = live.add_task(task_id, url, owner="alice")
     other_id, other_url = finished_image_url(sim)
-    live.add_task(other_id, other_url, owner="bob")
+    theirs = live.add_task(other_id, other_url, owner="bob")
     live.add_task("1700000000000009", "", owner="alice", status="IN_PROGRESS")
     secret = crypto.server_secret(live.settings)
+    unknown = live.image("1799999999999999", sig=images.sign_image(secret, "1799999999999999"))
+    assert unknown.status_code == 404  # unknown id, validly signed (a legacy link)
 
     assert live.image(task_id).status_code == 200
+    assert live.image(task_id, sig=images.sign_image(secret, task_id)).status_code == 200  # a legacy link
     assert live.image(task_id, sig=None).status_code == 401
-    assert live.image(task_id, sig="nonsense").status_code == 403
-    assert live.image(task_id, sig=images.sign_image(secret, other_id)).status_code == 403  # another id's sig
+    for answer in (live.image(task_id, sig="nonsense"),
+                   live.image(task_id, sig=images.sign_image(secret, other_id)),  # another id's sig
+                   live.image(task_id, row=mine.id, sig=images.sign_task_image(secret, theirs.id, other_id)),
+                   live.image(task_id, row=theirs.id, sig=images.sign_task_image(secret, theirs.id, other_id)),
+                   live.image(task_id, sig=None, who="bob"),  # another user's token
+                   live.image(task_id, row=mine.id, sig=None, who="bob"),
+                   live.image("1799999999999999", sig=None, who="bob")):
+        assert (answer.status_code, answer.content) == (unknown.status_code, unknown.content)
     assert live.image(other_id, sig=images.sign_image(secret, other_id)).status_code == 200
     assert live.image(task_id, sig=None, who="alice").status_code == 200  # the owner
     assert live.image(task_id, sig=None, who="admin").status_code == 200
-    assert live.image(task_id, sig=None, who="bob").status_code == 403  # another user's token
     assert live.image(task_id, sig=None, headers={"Authorization": "Bearer mjk-unknown"}).status_code == 401
-    assert live.image("1799999999999999").status_code == 404  # unknown id, validly signed
     assert live.image("1799999999999999", sig=None, who="admin").status_code == 404
     assert live.image("1700000000000009").status_code == 404  # no image yet
     assert live.image("../../etc/passwd", sig=None, who="admin").status_code == 404
@@ -364,22 +378,23 @@ def test_listings_show_forwarded_urls_or_upstream_ones_when_forward_is_off(tmp_p
 
     open_store(settings)
     user, _ = accounts.create_user("carol")
-    Task.create(user_id=user.id, channel_id=1, mj_id="1700000000000006", status="SUCCESS",
-                image_url="https://cdn.example/a.png?ex=1")
+    row = Task.create(user_id=user.id, channel_id=1, mj_id="1700000000000006", status="SUCCESS",
+                      image_url="https://cdn.example/a.png?ex=1").id
     Task.create(user_id=user.id, channel_id=1, mj_id="1700000000000007", status="IN_PROGRESS", image_url="")
 
     listed = json.loads(cli("tasks", "list", "--json").stdout)["items"]
     urls = {item["mj_id"]: item["image_url"] for item in listed}
     assert urls["1700000000000007"] == ""
-    base, _, sig = urls["1700000000000006"].partition("?sig=")
-    assert base == "http://127.0.0.1:8080/mj/image/1700000000000006"
-    assert images.verify_image(b"test-secret", "1700000000000006", sig)
+    base, _, sig = urls["1700000000000006"].partition("&sig=")
+    assert base == f"http://127.0.0.1:8080/mj/image/1700000000000006?t={row}"
+    assert images.verify_task_image(b"test-secret", row, "1700000000000006", sig)
+    assert not images.verify_image(b"test-secret", "1700000000000006", sig)  # bound to the row, not the id
 
     off = json.loads(cli("tasks", "list", "--json", env={"MJCTL_IMAGES_FORWARD": "false"}).stdout)["items"]
     assert {i["mj_id"]: i["image_url"] for i in off}["1700000000000006"] == "https://cdn.example/a.png?ex=1"
     public = json.loads(cli("tasks", "list", "--json", env={"MJCTL_SERVER_PUBLIC_URL": "https://mj.example/"}).stdout)
     assert {i["mj_id"]: i["image_url"] for i in public["items"]}["1700000000000006"].startswith(
-        "https://mj.example/mj/image/1700000000000006?sig=")
+        f"https://mj.example/mj/image/1700000000000006?t={row}&sig=")
     assert images.image_url_for(make_settings(tmp_path, images__forward=False)) is None
 
 
@@ -392,9 +407,9 @@ def test_prefetch_hook_caches_a_finished_image_without_blocking(tmp_path, sim, f
     prefetcher = ImagePrefetcher(settings, workers=1, queue_size=1)
     try:
         hook = prefetch_hook(settings, prefetcher)
-        hook(Task(mj_id=task_id, image_url=url, status="SUCCESS"))
+        hook(Task(id=41, mj_id=task_id, image_url=url, status="SUCCESS"))
         assert prefetcher.wait_idle(10)
-        cached = ImageCache(settings.images.cache_dir).find(task_id)
+        cached = ImageCache(settings.images.cache_dir).find(ImageSource(task_id, url, True, task_id=41))
         assert cached is not None and cached.path.read_bytes() == httpx.get(url).content
         hook(Task(mj_id="x", image_url=url, status="IN_PROGRESS"))  # not finished: ignored
 
@@ -450,14 +465,15 @@ def test_cli_stats_prune_and_tasks_image(tmp_path, sim, cli):
     assert kept["removed"] == 0 and kept["kept"] == 1
     cache = ImageCache(settings.images.cache_dir)
     old = time.time() - 3 * 86400
-    os.utime(cache.find(task_id).path, (old, old))
+    source = ImageSource.from_task(Task.get(Task.mj_id == task_id))
+    os.utime(cache.find(source).path, (old, old))
     stale_temp, stale_path = cache.temp_file()
     stale_temp.close()
     os.utime(stale_path, (old, old))
     (cache.directory / "keep-me.txt").write_text("not ours")
     pruned = json.loads(cli("images", "prune", "--older-than", "2d", "--json").stdout)
     assert pruned["removed"] == 1 and pruned["removed_bytes"] == len(direct) and pruned["temp_removed"] == 1
-    assert cache.find(task_id) is None and (cache.directory / "keep-me.txt").exists()
+    assert cache.find(source) is None and (cache.directory / "keep-me.txt").exists()
     assert json.loads(cli("images", "stats", "--json").stdout)["files"] == 0
     assert cli("images", "prune", "--older-than", "soon").exit_code == 2
     text = cli("images", "stats")
@@ -475,5 +491,5 @@ def test_forwarder_open_from_python(tmp_path, sim):
         finally:
             stream.close()
         assert stream.content_type == "image/png" and stream.length == len(body) and not stream.cached
-        assert forwarder.cache.find(task_id) is None  # a preview (not final) is never cached
+        assert forwarder.cache.find(ImageSource(task_id, url, final=True)) is None  # a preview is never cached
         assert images.etag_matches(f'W/{stream.etag}, "x"', stream.etag)

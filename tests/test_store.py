@@ -300,8 +300,8 @@ def test_the_old_poller_lease_table_is_dropped_on_upgrade(any_store):
     from mjctl.models import SchemaVersion
 
     db.database.execute_sql("CREATE TABLE lease (name VARCHAR(64) PRIMARY KEY, holder VARCHAR(128), expires_at REAL)")
-    SchemaVersion.delete().where(SchemaVersion.version == 5).execute()
+    SchemaVersion.delete().where(SchemaVersion.version >= 5).execute()
     assert db.current_version() == 4
-    assert db.migrate() == [5]
+    assert db.migrate() == list(range(5, db.latest_version() + 1))  # the later ones run again, harmlessly
     assert "lease" not in db.database.get_tables()
     assert db.migrate() == []

@@ -74,24 +74,34 @@ def stats(ctx: typer.Context, json_out: bool = JSON) -> None:
 def task_image(
     ctx: typer.Context,
     mj_id: str = typer.Argument(..., help="The task id."),
+    row: Optional[int] = typer.Option(None, "--row", min=1,  # noqa: UP007 - Typer needs Optional
+                                      help="The task's row id, to choose one of several tasks that share MJ_ID."),
     output: Optional[str] = typer.Option(None, "--output", "-o",  # noqa: UP007 - Typer needs Optional
                                          help="File to write (default: MJ_ID.<ext> here; - for stdout)."),
     json_out: bool = JSON,
 ) -> None:
-    """Save a task's image, from the cache or fetched from its upstream (and cached when the task succeeded)."""
+    """Save a task's image, from the cache or fetched from its upstream (and cached when the task succeeded).
+    When several tasks share the id (upstreams on different channels can give the same one), --row says
+    which."""
     from mjctl.cli.output import info, print_json
+    from mjctl.cli.tasks import tasks_named
     from mjctl.errors import NotFound, UsageError
     from mjctl.images import EXTENSIONS, ImageForwarder, ImageSource
-    from mjctl.tasks import get_task
+    from mjctl.images.cache import claim_legacy_file
 
     settings = state(ctx).open_store()
-    task = get_task(mj_id)
+    found = tasks_named(mj_id, row)
+    if len(found) > 1:
+        rows = ", ".join(f"{t.id} (channel {t.channel_id}, user {t.user_id})" for t in found)
+        raise UsageError(f"{len(found)} tasks have the id {mj_id!r}: rows {rows}; choose one with --row.")
+    task = found[0]
     if not task.image_url:
         raise NotFound(f"Task {mj_id} has no image (status {task.status}).")
     if output == "-" and json_out:
         raise UsageError("--json cannot be combined with -o - (both write to stdout).")
     source = ImageSource.from_task(task)
     with ImageForwarder(settings) as forwarder:
+        claim_legacy_file(forwarder.cache, source)  # a file cached under the bare id by an earlier version
         if output == "-":
             stream = forwarder.save(source, sys.stdout.buffer)
             sys.stdout.buffer.flush()
@@ -116,8 +126,8 @@ def task_image(
                 raise
         finally:
             stream.close()
-    result = {"mj_id": mj_id, "path": str(path), "bytes": written, "content_type": stream.content_type,
-              "from_cache": stream.cached}
+    result = {"mj_id": mj_id, "row": task.id, "path": str(path), "bytes": written,
+              "content_type": stream.content_type, "from_cache": stream.cached}
     if json_out:
         print_json(result)
         return

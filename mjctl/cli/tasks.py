@@ -93,31 +93,60 @@ def _image_url(settings):
     return image_url_for(settings)
 
 
+ROW = typer.Option(None, "--row", min=1, help="The task's row id (the id column of tasks list --json), to "
+                   "choose one of several tasks that share MJ_ID.")
+
+
+def tasks_named(mj_id: str, row: int | None) -> list:
+    """The tasks MJ_ID names: every task with that upstream id (one per channel may share it), oldest
+    first, or with --row only that row. Raises NotFound when there is none."""
+    from mjctl.errors import NotFound
+    from mjctl.tasks import get_task_by_row, tasks_with_mj_id
+
+    if row is not None:
+        task = get_task_by_row(row)
+        if task.mj_id != mj_id:
+            raise NotFound(f"Row {row} is task {task.mj_id!r}, not {mj_id!r}.")
+        return [task]
+    found = tasks_with_mj_id(mj_id)
+    if not found:
+        raise NotFound(f"No task with id {mj_id!r}.")
+    return found
+
+
 @app.command("show")
-def show(ctx: typer.Context, mj_id: str = typer.Argument(..., help="The task id."), json_out: bool = JSON) -> None:
-    """One task in full: every field, buttons and properties."""
-    from mjctl.cli.output import human_time, print_json, table
-    from mjctl.tasks import get_task, task_detail
+def show(ctx: typer.Context, mj_id: str = typer.Argument(..., help="The task id."),
+         row: Optional[int] = ROW, json_out: bool = JSON) -> None:  # noqa: UP007 - Typer needs Optional
+    """One task in full: every field, buttons and properties. When several tasks share the id (upstreams
+    on different channels can give the same one), each of them, with a note saying so."""
+    from mjctl.cli.output import human_time, info, print_json, table
+    from mjctl.tasks import task_detail
 
     settings = state(ctx).open_store()
-    detail = task_detail(get_task(mj_id), image_url=_image_url(settings))
-    _hide_push_links([detail])
-    if json_out:
-        print_json(detail)
+    image_url = _image_url(settings)
+    details = [task_detail(task, image_url=image_url) for task in tasks_named(mj_id, row)]
+    _hide_push_links(details)
+    if json_out:  # one task: its object, as always; several: a list of them, never one picked silently
+        print_json(details[0] if len(details) == 1 else details)
         return
-    rows = []
-    for key, value in detail.items():
-        if key.endswith("_time"):
-            value = human_time(value)
-        elif key == "buttons":
-            value = " ".join(_button_text(b) for b in value) if isinstance(value, list) else str(value)
-            value = value or "-"
-        elif key == "properties":
-            value = (", ".join(f"{k}={v}" for k, v in value.items()) if isinstance(value, dict) else str(value)) or "-"
-        rows.append((key, value))
-    table(["FIELD", "VALUE"], rows)  # every value is shown escaped there: they come from users and upstreams
+    if len(details) > 1:
+        info(f"{len(details)} tasks have the id {mj_id} (rows {', '.join(str(d['id']) for d in details)}); "
+             f"showing each. Choose one with --row.")
+    for detail in details:
+        rows = []
+        for key, value in detail.items():
+            if key.endswith("_time"):
+                value = human_time(value)
+            elif key == "buttons":
+                value = " ".join(_button_text(b) for b in value) if isinstance(value, list) else str(value)
+                value = value or "-"
+            elif key == "properties":
+                value = (", ".join(f"{k}={v}" for k, v in value.items()) if isinstance(value, dict)
+                         else str(value)) or "-"
+            rows.append((key, value))
+        # every value is shown escaped there: they come from users and upstreams
+        table(["FIELD", "VALUE"], rows, title=f"row {detail['id']}" if len(details) > 1 else None)
     sys.stdout.flush()
-
 
 
 def _hide_push_links(details: list[dict]) -> None:

@@ -51,13 +51,16 @@ def submit(
         raise typer.Exit(1)
 
 
-def _snapshot(mj_ids: list[str]) -> dict[str, tuple[str, str, str]]:
-    """mj_id -> (status, progress, fail_reason) of the newest local row of each id."""
+def _snapshot(mj_ids: list[str], rows: dict[str, list[int]] | None = None) -> dict[str, tuple[str, str, str]]:
+    """mj_id -> (status, progress, fail_reason) of the task with each id; rows, when given, collects the
+    row ids found per id (watch refuses an id several tasks share rather than follow one of them)."""
     from mjctl.models import Task
 
     out: dict[str, tuple[str, str, str]] = {}
     for task in Task.select().where(Task.mj_id.in_(mj_ids)).order_by(Task.id):
         out[task.mj_id] = (task.status, task.progress or "", task.fail_reason or "")
+        if rows is not None:
+            rows.setdefault(task.mj_id, []).append(task.id)
     return out
 
 
@@ -77,17 +80,23 @@ def watch(
 ) -> None:
     """Follow tasks until every one is finished: progress bars on a terminal, one line per change otherwise.
     Exit 1 if any failed."""
-    from mjctl.errors import NotFound
+    from mjctl.errors import NotFound, UsageError
     from mjctl.db import connection
 
     state(ctx).open_store()
     ids = list(dict.fromkeys(mj_ids))
+    rows: dict[str, list[int]] = {}
     with connection():
-        current = _snapshot(ids)
+        current = _snapshot(ids, rows)
     missing = [i for i in ids if i not in current]
     if missing:
         raise NotFound(f"No task with id {missing[0]!r}." if len(missing) == 1
                        else f"No tasks with ids {', '.join(repr(i) for i in missing)}.")
+    shared = {i: r for i, r in rows.items() if len(r) > 1}
+    if shared:  # upstreams on different channels gave one id to several tasks: following one would mislead
+        mj_id, found = next(iter(shared.items()))
+        raise UsageError(f"{len(found)} tasks have the id {mj_id!r} (rows {', '.join(map(str, found))}); "
+                         f"watch cannot tell them apart: see them with `mjctl tasks show {mj_id}`.")
 
     def poll():
         time.sleep(interval)

@@ -1,13 +1,14 @@
 """Image forwarding: signed image URLs, the on-disk cache, and streaming a task's image from its upstream.
 
 Upstream image links (Discord's CDN) expire after about a day. mjctl hands out its own URLs instead
-(``<public_url>/mj/image/<mj_id>?sig=…``), streams the upstream body through in chunks (memory stays flat
-whatever the size) and keeps a finished task's image on disk the first time it passes, so the URL keeps
-working after the upstream link has died.
+(``<public_url>/mj/image/<mj_id>?t=<row id>&sig=…``, bound to the task's row: upstream ids repeat
+across channels), streams the upstream body through in chunks (memory stays flat whatever the size) and
+keeps a finished task's image on disk the first time it passes, so the URL keeps working after the
+upstream link has died.
 
-- The cache file of a task is named from a hash of its id (never from the id itself), one file per image,
-  written to a temp file and renamed into place only when complete: a reader sees a whole image or none,
-  and two concurrent first downloads leave one complete file.
+- The cache file of a task is named from a hash of its row (row id and upstream id; never the upstream id
+  alone, nor the id itself), one file per image, written to a temp file and renamed into place only when
+  complete: a reader sees a whole image or none, and two concurrent first downloads leave one complete file.
 - Only finished (SUCCESS) images are cached and served as immutable; a preview of a running task is
   forwarded live.
 - Every upstream failure before the first byte is an ``ImageUnavailable`` (502). A failure after the
@@ -19,9 +20,10 @@ working after the upstream link has died.
 This module knows nothing of the web framework or the CLI.
 """
 
-from mjctl.images.common import (EXTENSIONS, IMMUTABLE, MJ_ID_RE, PURPOSE, REVALIDATE, ROUTE, ImageTooLarge,
-                                 ImageTruncated, ImageUnavailable)
-from mjctl.images.urls import ImageSource, etag_matches, image_url_for, public_base, sign_image, verify_image
+from mjctl.images.common import (EXTENSIONS, IMMUTABLE, MJ_ID_RE, PURPOSE, REVALIDATE, ROUTE, ROW_PARAM, TASK_PURPOSE,
+                                 ImageTooLarge, ImageTruncated, ImageUnavailable)
+from mjctl.images.urls import (ImageSource, etag_matches, image_url_for, public_base, sign_image, sign_task_image,
+                               verify_image, verify_task_image)
 
 #: Names whose modules import httpx and friends, loaded on first use so that listing tasks (which only
 #: signs URLs) does not pay for them at start-up.
@@ -43,7 +45,8 @@ def __getattr__(name: str):
     return value
 
 
-__all__ = ["EXTENSIONS", "IMMUTABLE", "MJ_ID_RE", "PURPOSE", "REVALIDATE", "ROUTE", "ImageTooLarge", "ImageTruncated",
-           "ImageUnavailable", "ImageSource", "etag_matches", "image_url_for", "public_base", "sign_image",
-           "verify_image", "CachedImage", "ImageCache", "ImageForwarder", "ImageStream", "ImagePrefetcher",
-           "prefetch_hook", "shared_prefetcher", "stop_shared_prefetchers"]
+__all__ = ["EXTENSIONS", "IMMUTABLE", "MJ_ID_RE", "PURPOSE", "REVALIDATE", "ROUTE", "ROW_PARAM", "TASK_PURPOSE",
+           "ImageTooLarge", "ImageTruncated", "ImageUnavailable", "ImageSource", "etag_matches", "image_url_for",
+           "public_base", "sign_image", "sign_task_image", "verify_image", "verify_task_image", "CachedImage",
+           "ImageCache", "ImageForwarder", "ImageStream", "ImagePrefetcher", "prefetch_hook", "shared_prefetcher",
+           "stop_shared_prefetchers"]

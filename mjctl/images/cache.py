@@ -1,8 +1,16 @@
-"""The on-disk cache: one file per finished image, named from a hash of the id, written atomically."""
+"""The on-disk cache: one file per finished image, named from a hash of its task's row, written atomically.
+
+Files are keyed by the task row (its id, and its upstream id), never by the upstream id alone: upstream ids
+repeat across channels, and a cache keyed by them served one user's image for another's task. Earlier
+versions did key files by the upstream id; such a file is still used, and moved under its task's key, when
+exactly one task has that id (claim_legacy_file) — it cannot be fetched again once the upstream's link has
+expired, but with several tasks sharing the id nothing says whose image it is.
+"""
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import re
 import tempfile
@@ -14,7 +22,9 @@ from typing import IO, TYPE_CHECKING, Iterator
 from mjctl.images.common import _CACHE_NAME, EXTENSIONS, STALE_TEMP_SECONDS, TEMP_DIR, TYPES_BY_EXTENSION
 
 if TYPE_CHECKING:
-    pass
+    from mjctl.images.urls import ImageSource
+
+log = logging.getLogger("mjctl.images")
 
 
 # -- the cache ---------------------------------------------------------------------------------------
@@ -28,26 +38,47 @@ class CachedImage:
     mtime: float
 
 
+def _hashed(material: str) -> str:
+    return hashlib.sha256(material.encode("utf-8")).hexdigest()[:40]
+
+
 class ImageCache:
-    """Finished images on disk: ``<dir>/<h[:2]>/<h>.<ext>`` with h a hash of the task id."""
+    """Finished images on disk: ``<dir>/<h[:2]>/<h>.<ext>`` with h a hash of the task's row (key_for)."""
 
     def __init__(self, directory: str | os.PathLike):
         self.directory = Path(directory)
 
     @staticmethod
-    def key(mj_id: str) -> str:
-        return hashlib.sha256(mj_id.encode("utf-8")).hexdigest()[:40]
+    def key_for(source: ImageSource) -> str:
+        """The file name (without extension) of a source's image: a hash of its row id and upstream id.
 
-    def path_for(self, mj_id: str, content_type: str) -> Path | None:
-        """Where the image of mj_id with this content type lives; None for a type the cache does not keep."""
+        The upstream id is part of the key so that a database recreated from scratch, whose row ids start
+        again at 1, never meets the files of the old one. A source without a row (made by hand for a URL)
+        is keyed by its URL, which no other task's image has."""
+        if source.task_id is not None:
+            return _hashed(f"task\0{int(source.task_id)}\0{source.mj_id}")
+        return _hashed(f"url\0{source.mj_id}\0{source.url}")
+
+    @staticmethod
+    def legacy_key(mj_id: str) -> str:
+        """The file name earlier versions gave the image of upstream id mj_id, whichever task it was."""
+        return _hashed(mj_id)
+
+    def path_for(self, source: ImageSource, content_type: str) -> Path | None:
+        """Where the image of source with this content type lives; None for a type the cache does not keep."""
+        return self._path(self.key_for(source), content_type)
+
+    def _path(self, key: str, content_type: str) -> Path | None:
         ext = EXTENSIONS.get(content_type)
         if ext is None:
             return None
-        key = self.key(mj_id)
         return self.directory / key[:2] / f"{key}{ext}"
 
-    def find(self, mj_id: str) -> CachedImage | None:
-        key = self.key(mj_id)
+    def find(self, source: ImageSource | str) -> CachedImage | None:
+        """The cached image of source; given a bare upstream id, the file earlier versions cached under it."""
+        return self._find_key(self.legacy_key(source) if isinstance(source, str) else self.key_for(source))
+
+    def _find_key(self, key: str) -> CachedImage | None:
         folder = self.directory / key[:2]
         for ext, content_type in TYPES_BY_EXTENSION.items():
             path = folder / f"{key}{ext}"
@@ -57,6 +88,22 @@ class ImageCache:
                 continue
             return CachedImage(path, content_type, st.st_size, st.st_mtime)
         return None
+
+    def adopt(self, legacy: CachedImage, source: ImageSource) -> CachedImage | None:
+        """Move a legacy file under source's key (an atomic rename); the file now there, or None when the
+        move failed. Only for a source whose upstream id belongs to it alone: see claim_legacy_file."""
+        target = self.path_for(source, legacy.content_type)
+        if target is None:
+            return None
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(legacy.path, target)
+        except FileNotFoundError:  # another request moved it first
+            return self.find(source)
+        except OSError as exc:
+            log.warning("cannot move the cached image %s under its task's key: %s", legacy.path.name, exc)
+            return None
+        return self.find(source)
 
     def temp_file(self) -> tuple[IO[bytes], Path]:
         """A new, exclusive temp file inside the cache folder (so the final rename is atomic)."""
@@ -144,3 +191,23 @@ def _unlink(path: Path) -> bool:
         return True
     except FileNotFoundError:
         return False
+
+
+def claim_legacy_file(cache: ImageCache, source: ImageSource) -> CachedImage | None:
+    """On a miss under source's own key, the file earlier versions cached under its bare upstream id,
+    moved under source's key — but only when source's task is the one task with that upstream id (else
+    nothing says whose image the file is, and it is left alone). None when there is nothing to claim.
+
+    Reads the database (mjctl.tasks.sole_task) only when such a file exists: call it inside a connection,
+    before any upstream is contacted."""
+    if not source.final or source.task_id is None or cache.find(source) is not None:
+        return None
+    legacy = cache.find(source.mj_id)
+    if legacy is None:
+        return None
+    from mjctl.tasks import sole_task
+
+    sole = sole_task(source.mj_id)
+    if sole is None or sole.id != source.task_id:
+        return None
+    return cache.adopt(legacy, source)

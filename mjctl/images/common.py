@@ -11,10 +11,13 @@ if TYPE_CHECKING:
     pass
 
 
-PURPOSE = "image"  # the crypto purpose of image signatures
+PURPOSE = "image"  # the crypto purpose of the first image links, signed over the upstream id alone
+TASK_PURPOSE = "image-task"  # the crypto purpose of image links bound to a task row (row id and upstream id)
 ROUTE = "/mj/image/"
-#: Task ids the image endpoint accepts (upstream ids are 16 digits; leave room for other gateways).
-MJ_ID_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
+ROW_PARAM = "t"  # the query parameter naming the task row in an image link
+#: Task ids the image endpoint accepts (upstream ids are 16 digits; leave room for other gateways; "~" is
+#: in the ids migration 6 gave to duplicates, ``<mj_id>~<row id>``).
+MJ_ID_RE = re.compile(r"^[A-Za-z0-9_.:~-]{1,64}$")
 READ_CHUNK = 256 * 1024  # chunks served from cache files
 #: Content types kept in the cache, and the extension their files get.
 EXTENSIONS = {

@@ -154,7 +154,7 @@ class ImageForwarder:
         Raises ImageUnavailable before anything is read when the upstream cannot give a usable image.
         """
         if source.final:
-            cached = self.cache.find(source.mj_id)
+            cached = self.cache.find(source)
             if cached is not None:
                 stream = self._file_stream(cached.path, cached.content_type, source, cached=True)
                 if stream is not None:
@@ -181,7 +181,7 @@ class ImageForwarder:
         the task is not finished or the type is not one the cache keeps). Raises ImageUnavailable."""
         if not source.final:
             return None
-        cached = self.cache.find(source.mj_id)
+        cached = self.cache.find(source)
         if cached is not None:
             return cached
         stream = self.open(source)
@@ -190,7 +190,7 @@ class ImageForwarder:
                 pass
         finally:
             stream.close()
-        return self.cache.find(source.mj_id)
+        return self.cache.find(source)
 
     def save(self, source: ImageSource, out: IO[bytes]) -> ImageStream:
         """Write the image to out; returns the (closed) stream describing it."""
@@ -268,7 +268,7 @@ class ImageForwarder:
         only when exactly `length` bytes arrived. A failed cache write (no folder, a full or read-only
         disk: at creation, on a write, on the flush of close, on the rename) never disturbs the client:
         one log line, and the image goes on uncached."""
-        target = self.cache.path_for(source.mj_id, content_type) if source.final else None
+        target = self.cache.path_for(source, content_type) if source.final else None
         temp: IO[bytes] | None = None
         temp_path: Path | None = None
         received = 0
@@ -358,7 +358,7 @@ class ImageForwarder:
             raise
         finally:
             response.close()
-        target = self.cache.path_for(source.mj_id, content_type) if cacheable else None
+        target = self.cache.path_for(source, content_type) if cacheable else None
         if target is not None:
             try:
                 path = self.cache.commit(temp_path, target)

@@ -26,8 +26,9 @@ class ImagePrefetcher:
     """Fetches finished tasks' images into the cache in the background.
 
     ``submit`` never blocks: it puts the task on a bounded queue and returns False (with a log line) when
-    the queue is full. Worker threads (daemons, started on first use) look a task up by id or mj_id in a
-    connection of their own, or take a Task / ImageSource as given, and skip images already cached.
+    the queue is full. Worker threads (daemons, started on first use) look a task up by its row id (or by
+    an mj_id that exactly one task has) in a connection of their own, or take a Task / ImageSource as
+    given, and skip images already cached, under the task's key or (claimed) under its bare mj_id.
     """
 
     def __init__(self, settings: Settings, *, workers: int = 2, queue_size: int = 1000,
@@ -50,7 +51,7 @@ class ImagePrefetcher:
             return False
         if not isinstance(item, (int, str, ImageSource)):
             item = ImageSource.from_task(item)
-        key = item.mj_id if isinstance(item, ImageSource) else repr(item)
+        key = self._key(item)
         with self._lock:
             if key in self._pending:
                 return True
@@ -95,7 +96,7 @@ class ImagePrefetcher:
                 item = self._queue.get(timeout=0.2)
             except queue.Empty:
                 continue
-            key = item.mj_id if isinstance(item, ImageSource) else repr(item)
+            key = self._key(item)
             with self._lock:
                 self._busy += 1
                 self._pending.discard(key)
@@ -109,12 +110,18 @@ class ImagePrefetcher:
                     self._busy -= 1
                     self._idle.notify_all()
 
+    def _key(self, item: int | str | ImageSource) -> str:
+        """What makes two queued items the same download: a source's cache key (its task row), else the
+        row id or mj_id it was queued by."""
+        return self._forwarder.cache.key_for(item) if isinstance(item, ImageSource) else repr(item)
+
     def _handle(self, item: int | str | ImageSource) -> None:
         source = item if isinstance(item, ImageSource) else _lookup_source(item)
         if source is None or not source.final or not source.url:
             self.counts["skipped"] += 1
             return
-        if self._forwarder.cache.find(source.mj_id) is not None:
+        cache = self._forwarder.cache
+        if cache.find(source) is not None or (cache.find(source.mj_id) is not None and _claim(cache, source)):
             self.counts["cached"] += 1
             return
         try:
@@ -126,16 +133,25 @@ class ImagePrefetcher:
         self.counts["fetched" if got is not None else "skipped"] += 1
 
 
-def _lookup_source(key: int | str) -> ImageSource | None:
-    """The ImageSource of a task by row id or mj_id, read in a connection closed before any download."""
+def _claim(cache, source: ImageSource) -> bool:
+    """Whether a file cached under source's bare mj_id (by an earlier version) is now source's own: it is
+    moved under source's key when source's task is the only one with that id (claim_legacy_file)."""
     from mjctl.db import connection
-    from mjctl.models import Task
+    from mjctl.images.cache import claim_legacy_file
 
     with connection():
-        if isinstance(key, int):
-            task = Task.get_or_none(Task.id == key)
-        else:
-            task = Task.select().where(Task.mj_id == key).order_by(Task.id.desc()).first()
+        return claim_legacy_file(cache, source) is not None
+
+
+def _lookup_source(key: int | str) -> ImageSource | None:
+    """The ImageSource of a task by row id, or by an mj_id that exactly one task has (several tasks with
+    the id: nothing, as nothing says which one was meant), read in a connection closed before any download."""
+    from mjctl.db import connection
+    from mjctl.models import Task
+    from mjctl.tasks import sole_task
+
+    with connection():
+        task = Task.get_or_none(Task.id == key) if isinstance(key, int) else sole_task(key)
         return ImageSource.from_task(task) if task is not None else None
 
 

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Callable
 from urllib.parse import quote
 
 from mjctl import crypto
-from mjctl.images.common import PURPOSE, ROUTE
+from mjctl.images.common import PURPOSE, ROUTE, ROW_PARAM, TASK_PURPOSE
 
 if TYPE_CHECKING:
     from mjctl.config import Settings
@@ -22,13 +22,32 @@ URL_CACHE_SIZE = 16384  # signed URLs kept per app (about 3 MB): 160 pages of 10
 
 
 def sign_image(secret: bytes, mj_id: str) -> str:
-    """The ``sig`` parameter that opens the image of task mj_id."""
+    """The ``sig`` of a legacy link, signed over the upstream id alone (links handed out before tasks were
+    told apart by their rows). Still verified, never made any more: see verify_image."""
     return crypto.sign(secret, PURPOSE, mj_id)
 
 
 def verify_image(secret: bytes, mj_id: str, sig: str | None) -> bool:
-    """Whether sig was made for exactly this id (constant-time)."""
+    """Whether sig is a legacy link's signature for exactly this id (constant-time). Such a link opens the
+    image only while one task has the id: it does not say which task it was made for."""
     return crypto.verify(secret, PURPOSE, mj_id, sig)
+
+
+def _task_message(task_id: int, mj_id: str) -> str:
+    # The row id is digits, so the first ":" ends it whatever the upstream id holds.
+    return f"{int(task_id)}:{mj_id}"
+
+
+def sign_task_image(secret: bytes, task_id: int, mj_id: str) -> str:
+    """The ``sig`` that opens the image of the task in row task_id, whose upstream id is mj_id. Signed
+    over both, under a purpose of its own, so it opens that row only (never another task that has or
+    later gets the same upstream id) and can never pass for a legacy signature or the reverse."""
+    return crypto.sign(secret, TASK_PURPOSE, _task_message(task_id, mj_id))
+
+
+def verify_task_image(secret: bytes, task_id: int, mj_id: str, sig: str | None) -> bool:
+    """Whether sig was made by sign_task_image for exactly this row and id (constant-time)."""
+    return crypto.verify(secret, TASK_PURPOSE, _task_message(task_id, mj_id), sig)
 
 
 def public_base(settings: Settings) -> str:
@@ -46,22 +65,28 @@ def public_base(settings: Settings) -> str:
 def image_url_for(settings: Settings) -> Callable[[Task], str] | None:
     """The function giving a task's forwarded image URL, or None when ``[images] forward`` is off.
 
-    The URL is ``<public_url>/mj/image/<mj_id>?sig=<sig>``; callers apply it only to tasks that have an
-    image (a task without one keeps "").
+    The URL is ``<public_url>/mj/image/<mj_id>?t=<row id>&sig=<sig>``, the signature over the row id and
+    the upstream id (sign_task_image): upstream ids repeat across channels, so a link names its task by
+    row. The upstream id stays in the path for people and tools that read it. Callers apply the function
+    only to tasks that have an image (a task without one keeps ""); a task not yet stored has no link.
     """
     if not settings.images.forward:
         return None
     base = public_base(settings) + ROUTE
-    key = crypto.derive_key(crypto.server_secret(settings), PURPOSE)
+    key = crypto.derive_key(crypto.server_secret(settings), TASK_PURPOSE)
 
     # A listing page signs every item: HMAC and quoting were ~40% of the time of /api/mj/self. The URL of
-    # an id never changes for a given secret and base, so recent ones are kept.
+    # a row never changes for a given secret and base (its upstream id is in the key too: migration 6
+    # renames duplicates), so recent ones are kept.
     @functools.lru_cache(maxsize=URL_CACHE_SIZE)
-    def url_of(mj_id: str) -> str:
-        return f"{base}{quote(mj_id, safe='')}?sig={crypto.sign_with_key(key, mj_id)}"
+    def url_of(task_id: int, mj_id: str) -> str:
+        sig = crypto.sign_with_key(key, _task_message(task_id, mj_id))
+        return f"{base}{quote(mj_id, safe='')}?{ROW_PARAM}={task_id}&sig={sig}"
 
     def image_url(task: Task) -> str:
-        return url_of(task.mj_id)
+        if task.id is None:
+            return ""
+        return url_of(task.id, task.mj_id)
 
     return image_url
 
@@ -76,6 +101,9 @@ class ImageSource:
     mj_id: str
     url: str
     final: bool  # the task succeeded: its image will not change, so it is cached and served as immutable
+    #: The task's row: what the cache keys its file by (upstream ids repeat across channels). None only for
+    #: a source made by hand for a URL, which is then cached under that URL (see ImageCache.key_for).
+    task_id: int | None = None
     #: The task's channel: its name (for log lines) and base URL, whose origin an image may always come
     #: from (mjctl.upstream.FetchPolicy). Empty: only public hosts and [images] allow_hosts.
     channel: str = ""
@@ -84,8 +112,8 @@ class ImageSource:
     @classmethod
     def from_task(cls, task: Task) -> ImageSource:
         channel, channel_url = _channel_of(task)
-        return cls(mj_id=task.mj_id, url=task.image_url or "", final=task.status == "SUCCESS", channel=channel,
-                   channel_url=channel_url)
+        return cls(mj_id=task.mj_id, url=task.image_url or "", final=task.status == "SUCCESS", task_id=task.id,
+                   channel=channel, channel_url=channel_url)
 
     @property
     def etag(self) -> str:

@@ -1,9 +1,16 @@
 """GET /mj/image/<mj_id>: a task's image, streamed from the upstream or served from the cache (docs/api.md).
 
-Access: a valid ``sig`` for this id, or the token of the task's owner or an admin; ``[images] sign = false``
-makes it public. The task row is read (and the caller checked) in a database connection that is closed
-before the upstream is contacted, so a slow upstream or a slow client never holds a connection, and the
-streamed body touches no database.
+A task is its row: upstream ids repeat across channels, so the links mjctl hands out name the row
+(``?t=<row id>&sig=…``, the signature over row id and upstream id). Access: such a link; a legacy link
+(``?sig=…`` over the upstream id alone, handed out by earlier versions), which opens the image only while
+exactly one task has that id; or the token of the task's owner (their own task with that id) or an admin;
+``[images] sign = false`` makes images public.
+
+Nothing here tells anyone which ids exist: an unknown id, another user's task, and a signature made for
+another row or id are all the same 404 (status and body). The task row is read (and the caller checked) in
+a database connection that is closed before the upstream is contacted, so a slow upstream or a slow client
+never holds a connection, and the streamed body touches no database; a database that fails that read is a
+503, to be retried.
 """
 
 from __future__ import annotations
@@ -16,7 +23,7 @@ import peewee
 
 from mjctl import images
 from mjctl.images import ImageForwarder, ImageSource, ImageStream, ImageTruncated, ImageUnavailable
-from mjctl.server.app import AppContext, json_error
+from mjctl.server.app import AppContext, busy_error, json_error
 from mjctl.server.auth import request_token
 from mjctl.server.openapi import error_responses, header_param, query_param
 
@@ -25,6 +32,13 @@ log = logging.getLogger("mjctl.server")
 FORWARDER_KEY = "images.forwarder"
 #: Headers every image answer carries: an image never runs as a document on our origin.
 SAFE_HEADERS = {"X-Content-Type-Options": "nosniff", "Content-Security-Policy": "default-src 'none'; sandbox"}
+#: The one answer for every image the caller may not know of: unknown, someone else's, or a signature that
+#: is not this row's. Always the same status and body, so that none of them tells which ids exist.
+NOT_FOUND_STATUS = 404
+NOT_FOUND_MESSAGE = "No such image: the task does not exist, or this link or token does not open it."
+MAX_ROW_ID = 2**63 - 1
+#: Rows named in the answer to an admin whose id matches several tasks.
+MAX_LISTED = 20
 
 
 def forwarder(ctx: AppContext) -> ImageForwarder:
@@ -34,24 +48,44 @@ def forwarder(ctx: AppContext) -> ImageForwarder:
     return fw
 
 
-def find_source(ctx: AppContext, mj_id: str, sig: str | None, token: str | None) -> ImageSource:
-    """The image source of mj_id if the caller may see it; raises the JSON error response otherwise.
+def not_found() -> bottle.HTTPResponse:
+    return json_error(NOT_FOUND_STATUS, NOT_FOUND_MESSAGE)
 
-    The signature is checked before the database is touched, so a wrong one says nothing about which
-    ids exist.
+
+def _row_id(raw: str | None) -> int | None:
+    """The row id of a ``t`` parameter; None when absent. Raises the 404 for anything but a row id."""
+    if raw is None:
+        return None
+    if not (raw.isascii() and raw.isdigit() and len(raw) <= 19) or not 0 < int(raw) <= MAX_ROW_ID:
+        raise not_found()
+    return int(raw)
+
+
+def find_source(ctx: AppContext, mj_id: str, sig: str | None, token: str | None,
+                row: str | None = None) -> ImageSource:
+    """The image source of the task (mj_id, and row when given) if the caller may see it; raises the JSON
+    error response otherwise.
+
+    Signatures are checked before the database is touched; one that does not fit (made for another row or
+    id, or none at all) without a token is the same 404 as an unknown id, so a wrong one says nothing
+    about which ids exist either.
     """
     from mjctl import accounts
-    from mjctl.models import Task
+    from mjctl.images.cache import claim_legacy_file
 
+    task_id = _row_id(row)
     public = not ctx.settings.images.sign
-    signed = bool(sig) and images.verify_image(ctx.secret, mj_id, sig)
+    if task_id is not None:
+        signed = bool(sig) and images.verify_task_image(ctx.secret, task_id, mj_id, sig)
+    else:
+        signed = bool(sig) and images.verify_image(ctx.secret, mj_id, sig)
     if not (public or signed or token):
         if sig:
-            raise json_error(403, "The image signature is not valid for this id.")
+            raise not_found()
         raise json_error(401, "This image needs its signed link or an access token.",
                          {"WWW-Authenticate": "Bearer"})
     if not images.MJ_ID_RE.match(mj_id):
-        raise json_error(404, f"No task with id {mj_id[:64]!r}.")
+        raise not_found()
     from mjctl.db import connection
 
     with connection():
@@ -59,26 +93,41 @@ def find_source(ctx: AppContext, mj_id: str, sig: str | None, token: str | None)
         if not (public or signed):
             user = accounts.authenticate(token)
             if user is None:
-                if sig:
-                    raise json_error(403, "The image signature is not valid for this id.")
                 raise json_error(401, "The access token is not valid.", {"WWW-Authenticate": "Bearer"})
             if not user.enabled:
                 raise json_error(403, "This user is disabled.")
-        query = Task.select().where(Task.mj_id == mj_id)
-        if user is not None and not user.is_admin:
-            own = query.where(Task.user_id == user.id).order_by(Task.id.desc()).first()
-            if own is None:
-                if query.exists():
-                    raise json_error(403, "This image belongs to another user's task.")
-                raise json_error(404, f"No task with id {mj_id!r}.")
-            task = own
-        else:
-            task = query.order_by(Task.id.desc()).first()
+        task = _lookup(mj_id, task_id, user)
         if task is None:
-            raise json_error(404, f"No task with id {mj_id!r}.")
+            raise not_found()
         if not task.image_url:
             raise json_error(404, f"Task {mj_id} has no image.")
-        return ImageSource.from_task(task)
+        source = ImageSource.from_task(task)
+        # A file an earlier version cached under the bare mj_id becomes this task's, when it is the only
+        # task with that id; the check reads the database only when such a file exists.
+        claim_legacy_file(forwarder(ctx).cache, source)
+        return source
+
+
+def _lookup(mj_id: str, task_id: int | None, user):
+    """The task the request names, or None. user is None when a signature (or sign = false) opened it."""
+    from mjctl import tasks
+    from mjctl.models import Task
+
+    if task_id is not None:
+        task = Task.get_or_none((Task.id == task_id) & (Task.mj_id == mj_id))
+        if task is not None and user is not None and not user.is_admin and task.user_id != user.id:
+            return None
+        return task
+    if user is None:  # a legacy link, or public images: an id names a task only while one task has it
+        return tasks.sole_task(mj_id)
+    if not user.is_admin:
+        return tasks.owned_task(user.id, mj_id)
+    found = tasks.tasks_with_mj_id(mj_id, limit=MAX_LISTED + 1)
+    if len(found) > 1:
+        rows = ", ".join(str(t.id) for t in found[:MAX_LISTED]) + (", …" if len(found) > MAX_LISTED else "")
+        raise json_error(409, f"Several tasks have the id {mj_id} (rows {rows}); "
+                              f"add ?{images.ROW_PARAM}=<row id> to choose one.")
+    return found[0] if found else None
 
 
 class StreamBody:
@@ -110,26 +159,40 @@ def install(app: bottle.Bottle, ctx: AppContext) -> None:
     ctx.openapi.operation(
         "/mj/image/<mj_id>", "get", tags=["images"],
         summary="A task's result image, forwarded from its upstream or served from the cache.",
-        description="Allowed with the `sig` of the task's forwarded URL, or with the token of the task's owner "
-                    "or an admin. Streams the image with its Content-Type and Content-Length; supports "
-                    "If-None-Match. Errors are JSON.",
-        parameters=[query_param("sig", {"type": "string"}, "The signature from the forwarded image URL."),
+        description="Allowed with the `t` and `sig` of the task's forwarded URL, with a legacy `sig` (over the "
+                    "id alone) while exactly one task has the id, or with the token of the task's owner or an "
+                    "admin. Streams the image with its Content-Type and Content-Length; supports "
+                    "If-None-Match. Unknown ids, other users' tasks and signatures that do not fit all answer "
+                    "the same 404. Errors are JSON.",
+        parameters=[query_param(images.ROW_PARAM, {"type": "integer"},
+                                "The task's row id, from the forwarded image URL."),
+                    query_param("sig", {"type": "string"}, "The signature from the forwarded image URL."),
                     header_param("If-None-Match", "An ETag from an earlier answer; 304 when it still matches.")],
         responses={200: {"description": "The image.", "content": {"image/*": {"schema": {"type": "string",
                                                                                           "format": "binary"}}}},
                    304: {"description": "Not modified."},
-                   **error_responses(401, 403, 404, 502, 500,
-                                     e502="The upstream failed, timed out, sent no image or one too large.")},
+                   **error_responses(401, 403, 404, 409, 502, 503, 500,
+                                     e403="The user is disabled.",
+                                     e409="An admin named an id several tasks share, without `t`.",
+                                     e502="The upstream failed, timed out, sent no image or one too large.",
+                                     e503="The database is busy or unreachable; try again shortly.")},
     )
 
     @app.get("/mj/image/<mj_id>", db=False)
     def image(mj_id: str):
         request = bottle.request
         try:
-            source = find_source(ctx, mj_id, request.query.get("sig") or None, request_token(request))
-        except peewee.PeeweeException as exc:
-            log.error("GET /mj/image: database error: %s", exc)
-            return json_error(500, "The database failed; try again later.")
+            source = find_source(ctx, mj_id, request.query.get("sig") or None, request_token(request),
+                                 request.query.get(images.ROW_PARAM))
+        except bottle.HTTPResponse:
+            raise
+        except Exception as exc:  # noqa: BLE001 - sorted below: the database's failures, or a bug
+            busy = busy_error(exc)  # a lock or pool timeout, a lost connection (a full pool is a ValueError)
+            if busy is None and not isinstance(exc, peewee.PeeweeException):
+                raise
+            log.error("GET /mj/image: database error: %s", (str(exc).strip().splitlines() or [type(exc).__name__])[0])
+            return json_error(503, busy.message if busy is not None else "The database failed; try again shortly.",
+                              {"Retry-After": "2"})
         if images.etag_matches(request.get_header("If-None-Match"), source.etag):
             return bottle.HTTPResponse(status=304, headers={
                 "ETag": source.etag, "Cache-Control": images.IMMUTABLE if source.final else images.REVALIDATE})

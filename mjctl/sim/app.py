@@ -414,6 +414,10 @@ def _setting(key: str, value: Any) -> Any:
         if not isinstance(value, list) or not all(isinstance(w, str) for w in value):
             raise ValueError("banned_words must be a list of strings")
         return value
+    if key == "next_ids":
+        if not isinstance(value, list) or not all(isinstance(i, str) and 0 < len(i) <= 64 for i in value):
+            raise ValueError("next_ids must be a list of ids (strings of 1 to 64 characters)")
+        return list(value)
     if key in ("queue_size", "image_bytes"):
         if value is None and key == "image_bytes":
             return None

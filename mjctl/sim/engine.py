@@ -50,6 +50,10 @@ class Settings:
     hang_seconds: float = 300.0  # how long the 'hang' fault holds a request before answering it
     trickle_seconds: float = 2.0  # the pause between the bytes of an answer under the 'trickle' fault
     banned_words: list[str] = field(default_factory=lambda: ["bannedword"])
+    #: Ids the next submissions get, in order, each used once, instead of generated ones (set through
+    #: ``POST /_sim/faults {"next_ids": [...]}``): two simulators, or one, can then hand out the same id, as
+    #: real upstreams sometimes do. An id this simulator already has replaces that task.
+    next_ids: list[str] = field(default_factory=list)
     notify_hook: str | None = None
     public_url: str | None = None
     faults: dict[str, float] = field(default_factory=dict)
@@ -114,6 +118,8 @@ class Engine:
         return rate > 0 and self.rng.random() < rate
 
     def _new_id(self, now: float) -> str:
+        if self.settings.next_ids:
+            return self.settings.next_ids.pop(0)
         while True:
             task_id = f"{int(now * 1000)}{self.rng.randrange(1000):03d}"
             if task_id not in self.tasks:
@@ -442,18 +448,21 @@ class Engine:
         good = hmac.compare_digest(hm, self._sign(task.id, task.image_name, ex))
         if not good or now > expiry or now > (phase.finish_time or now) + self.settings.image_ttl:
             return Reply(403, {"message": "This content is no longer available.", "code": 403})
-        return self._image_bytes(task_id)
+        return self._image_bytes(task)
 
-    def _image_bytes(self, task_id: str) -> bytes:
+    def _image_bytes(self, task: SimTask) -> bytes:
+        """The task's PNG. It differs per task, even between two tasks (two simulators) with the same id:
+        the key holds the task's random message hash too."""
+        key = f"{task.id}/{task.message_hash}"
         with self._image_lock:  # one generation at a time: a 50 MB image is built once, not per request
-            data = self._images.get(task_id)
+            data = self._images.get(key)
             if data is None:
-                data = make_png(task_id, self.settings.image_bytes)
-                self._images[task_id] = data
+                data = make_png(key, self.settings.image_bytes)
+                self._images[key] = data
                 while sum(map(len, self._images.values())) > IMAGE_CACHE_BYTES and len(self._images) > 1:
                     self._images.popitem(last=False)
             else:
-                self._images.move_to_end(task_id)
+                self._images.move_to_end(key)
             return data
 
     # -- push support ----------------------------------------------------------------------------------
