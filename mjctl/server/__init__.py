@@ -43,6 +43,7 @@ def load_worker(settings: Settings) -> WSGIBridge:
     from mjctl.db import open_store
 
     _die_with_parent()
+    _end_without_finalizing()
     configure_logging(settings.log.level)
     open_store(settings, migrate_now=False)
     return make_bridge(settings, multiprocess=settings.server.workers > 1)
@@ -65,3 +66,30 @@ def _die_with_parent() -> None:
         return
     if os.getppid() != parent:  # the parent died before the request took effect
         os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _end_without_finalizing() -> None:
+    """End the worker with os._exit once its own shutdown is done: a spawned worker otherwise finalizes the
+    interpreter while granian's Rust threads still run, which aborts now and then with a Rust panic.
+    Registered first, so it runs after every other exit handler; logs are flushed and the store closed."""
+    import atexit
+    import logging
+    import os
+    import sys
+
+    def end() -> None:
+        try:
+            from mjctl.db import database
+
+            database.close()
+        except Exception:  # noqa: BLE001 - the process ends either way
+            pass
+        logging.shutdown()
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except Exception:  # noqa: BLE001
+                pass
+        os._exit(0)
+
+    atexit.register(end)
