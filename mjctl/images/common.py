@@ -17,7 +17,7 @@ ROUTE = "/mj/image/"
 ROW_PARAM = "t"  # the query parameter naming the task row in an image link
 #: Task ids the image endpoint accepts (upstream ids are 16 digits; leave room for other gateways; "~" is
 #: in the ids migration 6 gave to duplicates, ``<mj_id>~<row id>``).
-MJ_ID_RE = re.compile(r"^[A-Za-z0-9_.:~-]{1,64}$")
+MJ_ID_RE = re.compile(r"[A-Za-z0-9_.:~-]{1,64}")  # use fullmatch: "$" would let a trailing newline through
 READ_CHUNK = 256 * 1024  # chunks served from cache files
 #: Content types kept in the cache, and the extension their files get.
 EXTENSIONS = {

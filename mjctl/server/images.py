@@ -84,7 +84,7 @@ def find_source(ctx: AppContext, mj_id: str, sig: str | None, token: str | None,
             raise not_found()
         raise json_error(401, "This image needs its signed link or an access token.",
                          {"WWW-Authenticate": "Bearer"})
-    if not images.MJ_ID_RE.match(mj_id):
+    if not images.MJ_ID_RE.fullmatch(mj_id):
         raise not_found()
     from mjctl.db import connection
 
