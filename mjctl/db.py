@@ -466,6 +466,18 @@ def _free_duplicate_id(channel_id: int, mj_id: str, row_id: int) -> str:
         n += 1
 
 
+@migration(7, "per-submission notify links and write-ahead records of submissions in flight")
+def _m7_write_ahead(db: peewee.Database) -> None:
+    """Each step checks first, so a migration interrupted half-way (MySQL commits each DDL at once)
+    runs again cleanly. The column is added with a constant default, which PostgreSQL 11+, MariaDB 10.3+
+    and SQLite apply without rewriting the task table."""
+    from mjctl.models import PendingSubmission
+
+    if "nonce" not in {c.name for c in db.get_columns("task")}:
+        db.execute_sql("ALTER TABLE task ADD COLUMN nonce VARCHAR(32) NOT NULL DEFAULT ''")
+    db.create_tables([PendingSubmission], safe=True)
+
+
 def current_version() -> int:
     try:
         value = SchemaVersion.select(peewee.fn.MAX(SchemaVersion.version)).scalar()

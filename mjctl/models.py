@@ -14,6 +14,7 @@ from peewee import (
     DoubleField,
     IntegerField,
     Model,
+    SQL,
     TextField,
 )
 
@@ -116,6 +117,11 @@ class Task(BaseModel):
     # 1 while the task is not in a finished status; the poller's "what is unfinished?" is an index seek.
     unfinished = IntegerField(default=1)
     updated_at = DoubleField(default=time.time)
+    # The random part of this submission's own notify link (mjctl.relay.notify_hook_url): a push through
+    # that link may change this task only. "" for tasks submitted before links were per task.
+    # The database default too: a fresh schema then matches one migration 7 upgraded, and writers that
+    # name their columns (bench/seed.py) need not know this one.
+    nonce = CharField(max_length=32, default="", constraints=[SQL("DEFAULT ''")])
 
     class Meta:
         indexes = (
@@ -195,6 +201,39 @@ class Reservation(BaseModel):
     created_at = DoubleField(default=time.time)
 
 
+class PendingSubmission(BaseModel):
+    """A submission written down before it is forwarded (mjctl.relay, write-ahead), so that a process dying
+    between the upstream accepting it and mjctl recording it leaves a trace the poller can finish: it
+    becomes the task (charged once) or is dropped (uncharged). The row lives only while the submission is
+    in flight; a table of its own keeps it out of every listing, count and money view of tasks.
+
+    channel_ids are the channels tried so far, in order ("3,5"); state, prompt and properties are what the
+    task row will hold (the user's own state, not the tag forwarded in its place); parent_task_id is the
+    MODAL task a modal submission continues. expires_at is the reservation's expiry: by then every call
+    made for the submission is over."""
+
+    id = AutoField()
+    nonce = CharField(max_length=32, unique=True)
+    user_id = IntegerField()
+    kind = CharField(max_length=16)
+    action = CharField(max_length=32)
+    price = BigIntegerField(default=0)
+    reservation_id = IntegerField(null=True)
+    channel_ids = CharField(max_length=255, default="")
+    parent_task_id = IntegerField(null=True)
+    state = TextField(default="")
+    prompt = TextField(default="")
+    properties = TextField(default="")
+    created_at = DoubleField(default=time.time)
+    expires_at = DoubleField(index=True)
+
+    class Meta:
+        table_name = "pending_submission"
+
+    def channel_list(self) -> list[int]:
+        return [int(c) for c in self.channel_ids.split(",") if c.strip().isdigit()]
+
+
 def _json_or(text: str, fallback):
     if not text:
         return fallback
@@ -205,4 +244,4 @@ def _json_or(text: str, fallback):
 
 
 ALL_MODELS = [Meta_, SchemaVersion, User, Token, Channel, Task, Ledger, TaskCount, Reservation,
-              PollClaim]
+              PollClaim, PendingSubmission]

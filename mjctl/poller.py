@@ -18,6 +18,11 @@ A cycle (the task lifecycle and what upstreams get wrong: docs/upstream.md, "Lif
    once; a disabled channel's tasks keep being polled until they finish or time out.
 5. Upstream faults are logged and counted per kind; they end that channel's work for this cycle at most,
    never the cycle or the other channels.
+
+Before all that, every cycle finishes the submissions a dead process left in flight
+(:func:`mjctl.pending.adopt`): one seek on the pending records' expiry index, nothing more when there
+are none; otherwise the channels they were sent to are asked for their recent tasks
+(``GET /mj/task/list``) and each record becomes its task (charged once) or is dropped uncharged.
 """
 
 from __future__ import annotations
@@ -385,6 +390,7 @@ def poll_once(settings: Settings, *, clients: Mapping[int, Any] | None = None, n
     """
     started = time.perf_counter()
     summary = CycleSummary(started_at=time.time())
+    _adopt_interrupted(settings, summary, now, clients, transport)
     if not _has_unfinished():
         summary.message = "nothing unfinished"
         summary.duration = time.perf_counter() - started
@@ -395,6 +401,47 @@ def poll_once(settings: Settings, *, clients: Mapping[int, Any] | None = None, n
         summary.message = "a claim was lost during the cycle; that channel stopped early"
     summary.duration = time.perf_counter() - started
     return summary
+
+
+def _adopt_interrupted(settings: Settings, summary: CycleSummary, now: float | None,
+                       clients: Mapping[int, Any] | None, transport: Any) -> None:
+    """The cycle's first step: submissions whose process died between forwarding and recording become
+    their tasks (charged once, then brought up to date by the report that found them) or are dropped
+    uncharged. A failure here is counted and never stops the polling that follows."""
+    from mjctl import pending
+    from mjctl.relay import RESERVATION_SLACK
+
+    cycle_now = now if now is not None else time.time()
+    opened: list[Any] = []
+
+    def list_tasks(channel_id: int) -> list[dict]:
+        if clients and channel_id in clients:
+            return clients[channel_id].list_tasks()
+        channel = Channel.get_or_none(Channel.id == channel_id)
+        if channel is None:
+            return []  # a removed channel has nothing to adopt
+        client, _ = _Cycle(settings, None, now, None, transport)._client(channel)
+        opened.append(client)
+        return client.list_tasks()
+
+    try:
+        stats = pending.adopt(cycle_now, RESERVATION_SLACK, float(settings.poller.task_timeout), list_tasks)
+    except Exception as exc:
+        log.exception("adopting interrupted submissions failed")
+        summary.faults[f"adopt_error_{type(exc).__name__}"] += 1
+        return
+    finally:
+        for client in opened:
+            client.close()
+    summary.requests += stats.asked
+    for name, value in (("interrupted_adopted", stats.adopted), ("interrupted_dropped", stats.dropped),
+                        ("interrupted_collided", stats.collided), ("interrupted_unlisted", len(stats.errors))):
+        if value:
+            summary.faults[name] += value
+    for channel_id, found in stats.reports.items():
+        applied = _with_db_retries(f"adopted tasks of channel {channel_id}",
+                                   lambda: reports.apply_reports(channel_id, found), summary)
+        summary.add_stats(applied)
 
 
 def _run_cycle(settings: Settings, summary: CycleSummary, claims: Claims | None, now: float | None,

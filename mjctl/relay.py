@@ -2,17 +2,24 @@
 
 A submission goes through four steps, only the first and the last inside a transaction:
 
-1. **reserve** — in a write transaction (the user's row locked on PostgreSQL/MySQL; SQLite's IMMEDIATE
-   transaction serialises writers anyway) the quota available is the balance minus the user's live
-   reservations; when it covers the price a ``Reservation`` row holds it, else the submission is refused
-   (code 4, HTTP 403) and the upstream is never called. Parallel submissions therefore cannot all pass a
-   balance check that only one of them can afford.
+1. **reserve and write ahead** — in a write transaction (the user's row locked on PostgreSQL/MySQL;
+   SQLite's IMMEDIATE transaction serialises writers anyway) the quota available is the balance minus the
+   user's live reservations; when it covers the price a ``Reservation`` row holds it, else the submission
+   is refused (code 4, HTTP 403) and the upstream is never called. Parallel submissions therefore cannot
+   all pass a balance check that only one of them can afford. The same transaction writes a
+   ``PendingSubmission`` (:mod:`mjctl.pending`) with a fresh random nonce.
 2. **forward** to the upstream, outside any transaction, failing over to the next channel on
-   ``UpstreamUnavailable`` only;
-3. **record** — on acceptance (codes 1, 21, 22) one transaction deletes the reservation, creates the
-   task row and charges it with a ledger entry (``accounts.charge``); on rejection it deletes the
-   reservation and records a FAILURE task with quota 0, leaving the ledger alone;
-4. a reservation left by a process that died between 1 and 3 expires and then counts for nothing.
+   ``UpstreamUnavailable`` only. The upstream gets the submission's own notify link
+   (``/mj/notify/<channel id>/<nonce>?sig=…``, :func:`notify_hook_url`) and ``mjctl:<nonce>`` as its
+   ``state`` (the user's state stays in mjctl), both of which it echoes in its task reports;
+3. **record** — on acceptance (codes 1, 21, 22) one transaction deletes the pending record and the
+   reservation, creates the task row (keeping the nonce) and charges it with a ledger entry
+   (``accounts.charge``); on rejection it deletes them and records a FAILURE task with quota 0, leaving
+   the ledger alone. An accepted id that another task of the channel already has is a protocol failure:
+   nothing is recorded or charged, the older task is not touched, and the caller gets code 9;
+4. a process that died between 1 and 3 leaves the pending record: the poller finds the upstream task
+   carrying its nonce and records and charges it then, or drops the record uncharged when no upstream has
+   it by the time the reservation expires (:func:`mjctl.pending.adopt`).
 
 A reservation must outlive the upstream calls it covers, or a second submission could take the quota the
 first one is about to be charged: every call has a total deadline (``submit_deadline``, connect to last
@@ -34,12 +41,12 @@ from typing import Any, Callable
 
 import peewee
 
-from mjctl import accounts, crypto
+from mjctl import crypto, pending
 from mjctl import tasks
 from mjctl.channels import channel_secret
-from mjctl.db import is_sqlite, retry_transaction, write_tx
-from mjctl.errors import InsufficientQuota, MjctlError
-from mjctl.models import Channel, Reservation, Task, User
+from mjctl.db import retry_transaction, write_tx
+from mjctl.errors import MjctlError
+from mjctl.models import Channel, PendingSubmission, Task, User
 from mjctl import upstream_text
 from mjctl.images.common import ROUTE as IMAGE_ROUTE
 from mjctl.upstream import (
@@ -171,53 +178,47 @@ def available_quota(user_id: int, now: float | None = None) -> int:
     """The balance minus the user's live reservations."""
     now = time.time() if now is None else now
     balance = User.select(User.quota).where(User.id == user_id).scalar() or 0
-    return int(balance) - _held(user_id, now)
+    return int(balance) - pending.held(user_id, now)
 
 
-def _held(user_id: int, now: float) -> int:
-    held = (Reservation.select(peewee.fn.COALESCE(peewee.fn.SUM(Reservation.amount), 0))
-            .where((Reservation.user_id == user_id) & (Reservation.expires_at > now)).scalar())
-    return int(held or 0)
+def _write_ahead(user_id: int, price: int, ttl: float, fields: dict[str, Any]) -> PendingSubmission:
+    """Reserve price for ttl seconds and write the pending record, in one transaction. Raises _Refusal."""
+    return pending.write_ahead(user_id, price, ttl, fields, refuse=lambda reason: _Refusal(403, 4, reason))
 
 
-def _reserve(user_id: int, amount: int, ttl: float) -> int:
-    """Hold amount of the user's quota for ttl seconds; returns the reservation id. Raises _Refusal."""
-    now = time.time()
-    with write_tx():
-        query = User.select(User.id, User.quota).where(User.id == user_id)
-        if not is_sqlite():
-            query = query.for_update()  # concurrent reservations of one user queue up here
-        user = query.first()
-        if user is None:
-            raise _Refusal(403, 4, "unknown user")
-        expired = (Reservation.user_id == user_id) & (Reservation.expires_at <= now)
-        if Reservation.select(Reservation.id).where(expired).exists():  # a DELETE would take range locks every time
-            Reservation.delete().where(expired).execute()
-        available = int(user.quota) - _held(user_id, now)
-        if available < amount:
-            raise _Refusal(403, 4, f"insufficient quota: this costs {amount}, {max(available, 0)} available")
-        return Reservation.create(user_id=user_id, amount=amount, expires_at=now + ttl).id
-
-
-def _release(reservation_id: int | None) -> None:
-    if reservation_id is not None:
-        Reservation.delete().where(Reservation.id == reservation_id).execute()
-
-
-def _release_tx(reservation_id: int | None) -> None:
-    with write_tx():
-        _release(reservation_id)
+def _drop_tx(record: PendingSubmission) -> None:
+    """Give a submission up uncharged: its pending record and reservation go."""
+    retry_transaction(lambda: pending.drop(record), what="releasing a reservation")
 
 
 # --- submitting -------------------------------------------------------------------------------------
 
-def notify_hook_url(settings, channel_id: int) -> str | None:
-    """The signed push URL the upstream of channel_id should call, when [server] public_url is set."""
+NOTIFY_TASK_PURPOSE = "notify-task"
+
+
+def notify_signature(settings, channel_id: int, nonce: str | None = None) -> str:
+    """The signature of a notify link: over the channel id and the submission's nonce; over the channel id
+    alone for the per-channel links of tasks submitted before links were per task."""
+    secret = crypto.server_secret(settings)
+    if nonce is None:
+        return crypto.sign(secret, "notify", str(channel_id))
+    return crypto.sign(secret, NOTIFY_TASK_PURPOSE, f"{channel_id}/{nonce}")
+
+
+def notify_hook_url(settings, channel_id: int, nonce: str | None = None) -> str | None:
+    """The signed push URL one submission's upstream should call, when [server] public_url is set.
+
+    It authorises pushes about that one task only (the report's id must be the task's, on that channel)
+    and stops working when the task finishes, so a link that leaks through an upstream exposes one running
+    task. Without a nonce: the old per-channel form, still accepted for tasks that have no nonce; mjctl no
+    longer hands it out."""
     base = (settings.server.public_url or "").strip().rstrip("/")
     if not base:
         return None
-    sig = crypto.sign(crypto.server_secret(settings), "notify", str(channel_id))
-    return f"{base}{NOTIFY_PATH}{channel_id}?sig={sig}"
+    sig = notify_signature(settings, channel_id, nonce)
+    if nonce is None:
+        return f"{base}{NOTIFY_PATH}{channel_id}?sig={sig}"
+    return f"{base}{NOTIFY_PATH}{channel_id}/{nonce}?sig={sig}"
 
 
 def submit_deadline(settings) -> float:
@@ -265,13 +266,15 @@ def _channels_for(parent: Task | None) -> list[Channel]:
 
 
 def _forward(settings, channels: list[Channel], kind: str, body: dict, prefix: str,
-             not_after: float | None = None) -> tuple[Channel, SubmitResult]:
+             not_after: float | None = None, record: PendingSubmission | None = None) -> tuple[Channel, SubmitResult]:
     """Send to the first channel that answers; raises _Refusal when none gives a usable answer.
 
     not_after (monotonic) is when the calls must be over: no call starts with less than a second left or
-    runs past it, so the reservation covering them cannot expire while one is still open."""
+    runs past it, so the reservation covering them cannot expire while one is still open. With the
+    submission's pending record, each channel gets the submission's own notify link and its nonce as
+    state, and a channel failed over to is added to the record before it is called."""
     failures: list[str] = []
-    for channel in channels:
+    for position, channel in enumerate(channels):
         deadline = Deadline(submit_deadline(settings))
         if not_after is not None:
             if not_after - time.monotonic() < 1.0:
@@ -280,9 +283,13 @@ def _forward(settings, channels: list[Channel], kind: str, body: dict, prefix: s
             if deadline.at > not_after:
                 deadline = Deadline(not_after - time.monotonic())
         outgoing = dict(body)
-        hook = notify_hook_url(settings, channel.id)
-        if hook:
-            outgoing["notifyHook"] = hook
+        if record is not None:
+            outgoing["state"] = pending.upstream_state(record.nonce)
+            hook = notify_hook_url(settings, channel.id, record.nonce)
+            if hook:
+                outgoing["notifyHook"] = hook
+            if position > 0:
+                retry_transaction(lambda: pending.note_channel(record, channel.id), what="noting a failover")
         try:
             client = _client(settings, channel)
         except MjctlError as exc:  # a secret sealed under another server secret
@@ -330,6 +337,7 @@ def submit(settings, user: User, kind: str, body: dict, prefix: str = "") -> Env
         return 404, envelope(3, f"unknown speed prefix {prefix!r}")
     if not isinstance(body, dict):
         return 400, envelope(4, "the body must be a JSON object")
+    caller_hook = body.get("notifyHook")
     try:
         check_fields(settings, body)
         parent = _owned_parent(user, kind, body) if kind in FOLLOW_UP_KINDS else None
@@ -338,70 +346,81 @@ def submit(settings, user: User, kind: str, body: dict, prefix: str = "") -> Env
         price = settings.price("MODAL" if kind == "modal" else action)
         channels = _channels_for(parent)
         ttl = reservation_ttl(settings, len(channels))
-        reservation = (retry_transaction(lambda: _reserve(user.id, price, ttl), what="reserving quota")
-                       if price > 0 else None)
+        local_properties: dict[str, Any] = {}
+        if caller_hook:
+            local_properties["notifyHook"] = _text(caller_hook)
+        if prefix:
+            local_properties["speedPrefix"] = prefix
+        fields = dict(nonce=pending.new_nonce(), kind=kind, action=action, channel_ids=str(channels[0].id),
+                      parent_task_id=parent.id if continues_modal else None, state=_text(body.get("state")),
+                      prompt=_text(body.get("prompt")),
+                      properties=json.dumps(local_properties, ensure_ascii=False) if local_properties else "")
+        record = retry_transaction(lambda: _write_ahead(user.id, price, ttl, fields), what="reserving quota")
         # Counted from after the reservation was written, so the calls end RESERVATION_SLACK before it does.
         not_after = time.monotonic() + ttl - RESERVATION_SLACK
     except _Refusal as refusal:
         return refusal.answer()
 
-    caller_hook = body.get("notifyHook")
     forwarded = {k: v for k, v in body.items() if k != "notifyHook"}
     try:
-        channel, result = _forward(settings, channels, kind, forwarded, prefix, not_after)
+        channel, result = _forward(settings, channels, kind, forwarded, prefix, not_after, record)
     except _Refusal as refusal:
-        retry_transaction(lambda: _release_tx(reservation), what="releasing a reservation")
+        _drop_tx(record)
         return refusal.answer()
     except BaseException:
-        retry_transaction(lambda: _release_tx(reservation), what="releasing a reservation")
+        _drop_tx(record)
         raise
 
     answer = envelope(result.code, result.description, result.result,
                       relay_properties(result.properties, _public_base(settings)))
-    properties = dict(result.properties)
-    if caller_hook:
-        properties["notifyHook"] = _text(caller_hook)
-    if prefix:
-        properties["speedPrefix"] = prefix
-    common = dict(user_id=user.id, channel_id=channel.id, action=action, code=result.code,
-                  description=result.description[:1000], state=_text(body.get("state")),
-                  prompt=_text(body.get("prompt") if kind != "modal" else ""),
-                  properties=json.dumps(properties, ensure_ascii=False), submit_time=int(time.time()))
-    def record() -> int:
-        """Write the outcome; returns the HTTP status. Retried whole after a deadlock."""
+
+    def record_outcome() -> int | None:
+        """Write the outcome; returns the HTTP status, or None for an accepted id that another task of the
+        channel already has (the pending record and reservation go all the same). Retried whole after a
+        deadlock."""
         with write_tx():
-            _release(reservation)
+            claimed = pending.claim(record)
             if not result.accepted:
-                Task.create(mj_id=result.result or _local_id(), status="FAILURE", progress="", quota=0, unfinished=0,
+                mj_id = result.result
+                if not mj_id or pending.id_taken(channel.id, mj_id):
+                    mj_id = _local_id()  # a rejection names no task; it must not take another's id
+                Task.create(mj_id=mj_id, status="FAILURE", progress="", quota=0, unfinished=0,
                             fail_reason=result.description or f"rejected by the upstream (code {result.code})",
                             prompt_en=_text(result.properties.get("promptEn")), finish_time=int(time.time()),
-                            **common)
+                            user_id=user.id, channel_id=channel.id, action=action, code=result.code,
+                            description=result.description[:1000], state=record.state,
+                            prompt=record.prompt if kind != "modal" else "", nonce=record.nonce,
+                            properties=json.dumps({**result.properties, **local_properties}, ensure_ascii=False),
+                            submit_time=int(time.time()))
                 return result.http_status  # as the upstream said it: 200 (Java) or 404 (C# code 3)
             mj_id = result.result or _local_id()
+            if not claimed and pending.recorded(channel.id, mj_id, record.nonce) is not None:
+                return 200  # a poller adopted it while the answer was on its way: already recorded and charged
             status = "MODAL" if result.code == 21 else ("NOT_START" if result.code == 22 else "SUBMITTED")
             if continues_modal and parent.mj_id == mj_id:
                 _continue_modal(parent, body, result, status, price)
-            else:
-                if kind == "modal":
-                    common["prompt"] = _text(body.get("prompt"))
-                task = Task.create(mj_id=mj_id, status=status, progress="0%" if status == "SUBMITTED" else "",
-                                   quota=price, unfinished=1, **common)
-                _charge(task, price)
+                return 200
+            if pending.id_taken(channel.id, mj_id):
+                return None
+            pending.create_task(record, channel.id, mj_id, status=status, code=result.code,
+                                description=result.description, properties=result.properties)
         return 200
 
-    return retry_transaction(record, what=f"recording task {result.result}"), answer
+    try:
+        status = retry_transaction(record_outcome, what=f"recording task {result.result}")
+    except peewee.IntegrityError:
+        # Another task of the channel took the id between the check and the insert (a unique index said so).
+        _drop_tx(record)
+        status = None
+    if status is not None:
+        return status, answer
+    log.error("channel %s answered a submission of user %s with %r, an id another task of the channel already "
+              "has: not recorded, not charged", channel.name, user.id, result.result)
+    return 502, envelope(9, f"the upstream gave an invalid answer (channel {channel.name})")
 
 
 def _charge(task: Task, price: int) -> None:
-    if price <= 0:
-        return
-    try:
-        accounts.charge(task.user_id, price, task_id=task.id, reason=f"{task.action} {task.mj_id}")
-    except InsufficientQuota:
-        # The balance was lowered by hand while the upstream was being asked (reservations cannot stop
-        # that): the task runs, uncharged, rather than the balance going negative.
-        log.warning("task %s accepted but the balance no longer covers %s; not charged", task.mj_id, price)
-        Task.update(quota=Task.quota - price, updated_at=time.time()).where(Task.id == task.id).execute()
+    pending.charge(task, price)
 
 
 def _continue_modal(parent: Task, body: dict, result: SubmitResult, status: str, price: int) -> None:

@@ -1,6 +1,8 @@
 """The one path that changes a task after submission: applying an upstream report, and failing a task.
 
-Used by the poller (list-by-condition answers), by push notifications (notifyHook) and by timeouts.
+Used by the poller (list-by-condition answers), by push notifications (notifyHook) and by timeouts. A push
+comes through a notify link made for one task, and changes that task only (:func:`push_target`,
+:class:`PushScope`).
 
 Rules (docs/upstream.md, "Lifecycle"):
 - a finished task (SUCCESS, FAILURE, CANCEL) is never changed again;
@@ -24,8 +26,9 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 from mjctl import accounts, jsontext, upstream_text
+from mjctl.crypto import same
 from mjctl.db import compiled, database, is_sqlite, write_tx
-from mjctl.models import FINISHED_STATUSES, Task, User
+from mjctl.models import FINISHED_STATUSES, PendingSubmission, Task, User
 
 log = logging.getLogger("mjctl.reports")
 
@@ -183,7 +186,9 @@ def _merged_properties(stored: str, reported: dict) -> str | None:
     return None if merged == current else jsontext.dumps(merged)
 
 
-_SIMPLE_FIELDS = (("prompt_en", "promptEn"), ("description", "description"), ("state", "state"),
+#: The report fields copied as they are. Not ``state``: it is the caller's, kept by mjctl, and what the
+#: upstream echoes is the tag mjctl forwarded in its place (mjctl.pending.upstream_state).
+_SIMPLE_FIELDS = (("prompt_en", "promptEn"), ("description", "description"),
                   ("image_url", "imageUrl"), ("video_url", "videoUrl"), ("fail_reason", "failReason"))
 def _same_json(stored: str, value: Any) -> bool:
     """Whether the stored JSON text holds value: decoding and comparing is cheaper than encoding value, and
@@ -274,9 +279,11 @@ def _locked(query) -> list[Task]:
     return tasks
 
 
-def apply_reports(channel_id: int, reports: Iterable[dict], memo: ReportMemo | None = None) -> ApplyStats:
+def apply_reports(channel_id: int, reports: Iterable[dict], memo: ReportMemo | None = None, *,
+                  scope: PushScope | None = None) -> ApplyStats:
     """Apply upstream task reports from one channel in one transaction. Reports for ids this channel has no
-    task for, and reports without an id, are counted and skipped.
+    task for, and reports without an id, are counted and skipped. With a scope (a push through a notify
+    link) only the tasks that link may change are considered; the others count as unknown.
 
     The changes are computed from a plain read outside any transaction; a batch with nothing to change
     opens no write transaction at all. Otherwise the changed rows are read again inside the transaction
@@ -297,7 +304,7 @@ def apply_reports(channel_id: int, reports: Iterable[dict], memo: ReportMemo | N
     if not by_id:
         return stats
     for _ in range(MAX_RETRIES):
-        planning, planned = _plan(channel_id, by_id, memo)
+        planning, planned = _plan(channel_id, by_id, memo, scope)
         if not planned:
             stats.add(planning)
             return stats
@@ -319,13 +326,16 @@ def apply_reports(channel_id: int, reports: Iterable[dict], memo: ReportMemo | N
     return stats
 
 
-def _plan(channel_id: int, by_id: dict[str, dict],
-          memo: ReportMemo | None = None) -> tuple[ApplyStats, list[tuple[TaskState, dict, dict]]]:
+def _plan(channel_id: int, by_id: dict[str, dict], memo: ReportMemo | None = None,
+          scope: PushScope | None = None) -> tuple[ApplyStats, list[tuple[TaskState, dict, dict]]]:
     """Outside any transaction: read the tasks of by_id and work out each one's changes. Returns what was
     skipped (unknown, finished, unchanged, refused regressions) and the (row, report, changes) to write.
     Reports that change nothing (and refuse nothing) are remembered in memo with the row version they met."""
     stats = ApplyStats()
-    snapshot = {row.mj_id: row for row in _read_states_by_mj_id(channel_id, list(by_id))}
+    rows = _read_states_by_mj_id(channel_id, list(by_id))
+    if scope is not None:
+        rows = [row for row in rows if scope.allows(row.id, row.nonce or "")]
+    snapshot = {row.mj_id: row for row in rows}
     planned: list[tuple[TaskState, dict, dict]] = []
     for mj_id, report in by_id.items():
         row = snapshot.get(mj_id)
@@ -365,7 +375,6 @@ class ReportMemo:
         # compared with it.
         self._next[mj_id] = (getattr(report, "raw", report), version)
 
-
     def end_cycle(self) -> None:
         self._seen, self._next = self._next, {}
 
@@ -392,10 +401,21 @@ class TaskState(NamedTuple):
     quota: int
     unfinished: int
     updated_at: float  # the row's version: every writer of a task sets it
+    nonce: str  # the task's notify link (PushScope); never changes
 
 
 _STATE_COLUMNS = [getattr(Task, name) for name in TaskState._fields] + [Task.channel_id]
 _CHANNEL = len(TaskState._fields)  # the extra column, read to filter by channel
+
+
+class PushScope(NamedTuple):
+    """The tasks a push may change: the one task of a per-task notify link (task_id), or, through the old
+    per-channel link (task_id None), only tasks submitted before links were per task (no nonce)."""
+
+    task_id: int | None
+
+    def allows(self, task_id: int, nonce: str) -> bool:
+        return task_id == self.task_id if self.task_id is not None else not nonce
 
 
 class _LostRace(Exception):
@@ -506,9 +526,40 @@ def _grouped_update_sql(columns: tuple[str, ...]) -> str:
     return sql
 
 
-def apply_report(channel_id: int, report: dict) -> ApplyStats:
-    """Apply one report (a push notification)."""
-    return apply_reports(channel_id, [report])
+def apply_report(channel_id: int, report: dict, scope: PushScope | None = None) -> ApplyStats:
+    """Apply one report (a push notification), to the tasks scope allows."""
+    return apply_reports(channel_id, [report], scope=scope)
+
+
+class PushTarget(NamedTuple):
+    """What a push through a notify link may do. verdict: ``apply`` (to scope), ``refused`` (the report
+    names a task the link is not for), ``finished`` (the link's task is finished: the link is dead),
+    ``pending`` (the link's submission is not recorded yet: nothing to apply to, but no abuse either) or
+    ``unknown`` (an old per-channel link naming no task of the channel)."""
+
+    verdict: str
+    scope: PushScope | None = None
+
+
+def push_target(channel_id: int, mj_id: str, nonce: str | None) -> PushTarget:
+    """Match a push to the task its link was made for: by the report's id on the link's channel (the mj_id
+    index), then the nonce. nonce None is the old per-channel link: it reaches tasks without a nonce only.
+
+    The verdict only shapes the answer; applying goes through :func:`apply_report` with the scope, which
+    checks the same rule again on the rows it writes."""
+    rows = list(Task.select(Task.id, Task.nonce, Task.unfinished)
+                .where((Task.mj_id == mj_id) & (Task.channel_id == channel_id)).tuples())
+    if nonce is None:
+        if any(not row_nonce for _, row_nonce, _ in rows):
+            return PushTarget("apply", PushScope(None))
+        return PushTarget("refused" if rows else "unknown")
+    mine = [(task_id, unfinished) for task_id, row_nonce, unfinished in rows if row_nonce and same(row_nonce, nonce)]
+    if mine:
+        task_id, unfinished = mine[0]
+        return PushTarget("apply", PushScope(task_id)) if unfinished else PushTarget("finished")
+    if PendingSubmission.select(PendingSubmission.id).where(PendingSubmission.nonce == nonce).exists():
+        return PushTarget("pending")
+    return PushTarget("refused")
 
 
 def fail_tasks(task_ids: Iterable[int], reason: str) -> ApplyStats:

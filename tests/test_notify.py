@@ -122,6 +122,8 @@ def test_simulator_pushes_with_duplicates_and_reordering_drive_tasks_to_the_end(
     assert rows[ok].status == "SUCCESS" and rows[ok].image_url and rows[ok].quota == 1000
     assert rows[bad].status == "FAILURE" and rows[bad].quota == 0 and rows[bad].fail_reason
     pushes = env.sim.sim.stats()["pushes"]
-    assert pushes["push_duplicated"] > 0 and pushes["push_out_of_order"] > 0 and pushes["push_failed"] == 0
+    assert pushes["push_duplicated"] > 0 and pushes["push_out_of_order"] > 0
+    # Only repeats that arrive after a task finished are refused: its link is dead by then.
+    assert pushes["push_failed"] <= pushes["push_duplicated"] + pushes["push_out_of_order"]
     assert balance("alice") == 9000
     assert_books_balance("alice")

@@ -283,8 +283,9 @@ def test_caller_hook_is_kept_not_forwarded_and_mjctl_hook_is_signed(relay_env):
     env.push_here()
     answer = env.submit("imagine", {"prompt": "pushed", "notifyHook": "https://caller.example/hook"}).json()
     hook = upstream_task(env, answer["result"])["properties"]["notifyHook"]
-    sig = crypto.sign(crypto.server_secret(env.settings), "notify", str(env.channel.id))
-    assert hook == f"{env.url}/mj/notify/{env.channel.id}?sig={sig}"
+    nonce = local(answer["result"]).nonce
+    sig = crypto.sign(crypto.server_secret(env.settings), "notify-task", f"{env.channel.id}/{nonce}")
+    assert len(nonce) >= 16 and hook == f"{env.url}/mj/notify/{env.channel.id}/{nonce}?sig={sig}"
     wait_until(lambda: local(answer["result"]).status == "SUCCESS", message="pushes arrive")
     with env.client() as c:
         shown = c.get(f"/mj/task/{answer['result']}/fetch").json()

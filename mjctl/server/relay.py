@@ -155,18 +155,32 @@ def install(app: bottle.Bottle, ctx: AppContext) -> None:
         route(f"{prefix}/mj/task/list", "GET", list_latest, reads_only=True)
         route(f"{prefix}/mj/task/<mj_id>/image-seed", "GET", image_seed, reads_only=True)
 
-    def notify(channel_id: int):
+    def notify(channel_id: int, nonce: str | None = None):
+        """A push through a notify link. A per-task link (with nonce) changes only the unfinished task it
+        was made for; the old per-channel link only tasks submitted before links were per task."""
         from mjctl import reports
 
-        if not crypto.verify(ctx.secret, "notify", str(channel_id), bottle.request.query.get("sig")):
+        sig = bottle.request.query.get("sig")
+        if nonce is None:
+            good = crypto.verify(ctx.secret, "notify", str(channel_id), sig)
+        else:
+            good = bool(sig) and crypto.same(relay.notify_signature(settings, channel_id, nonce), sig)
+        if not good:
             return failure(403, 4, "missing or wrong signature")
         report = json_body()
         if not report.get("id"):
             return failure(400, 4, "the body is not a task: it has no id")
         if not isinstance(report["id"], str) or len(report["id"]) > relay.MAX_ID_CHARS:
             return failure(400, 4, f"id must be a string of at most {relay.MAX_ID_CHARS} characters")
-        stats = reports.apply_report(channel_id, report)
-        if stats.unknown:
+        target = reports.push_target(channel_id, report["id"], nonce)
+        if target.verdict == "refused":
+            return failure(403, 4, "this notify link is not for that task")
+        if target.verdict == "finished":
+            return failure(410, 4, "the task of this notify link is finished; the link no longer works")
+        if target.verdict == "pending":
+            return answer(200, relay.envelope(1, "not recorded yet: ignored", str(report["id"])))
+        stats = reports.apply_report(channel_id, report, target.scope) if target.scope else None
+        if stats is None or stats.unknown:
             note = "unknown task: ignored"
         elif stats.updated:
             note = "applied"
@@ -175,6 +189,7 @@ def install(app: bottle.Bottle, ctx: AppContext) -> None:
         return answer(200, relay.envelope(1, note, str(report["id"])))
 
     route("/mj/notify/<channel_id:int>", "POST", notify)
+    route("/mj/notify/<channel_id:int>/<nonce:re:[A-Za-z0-9_-]{16,32}>", "POST", notify)
     _document(ctx)
 
 
@@ -254,11 +269,22 @@ def _document(ctx: AppContext) -> None:
             responses={200: json_response(envelope, "The seed in result."),
                        **errors(401, 403, 404, 429, 500, 502, 503)})
     api.operation(
+        "/mj/notify/<channel_id:int>/<nonce>", "post", tags=["relay"], secured=False, request_body=body,
+        parameters=[query_param("sig", {"type": "string"}, "The signature mjctl put into the hook it forwarded.",
+                                required=True)],
+        summary="notifyHook callbacks from an upstream (a task JSON) about the one task the link was made for.",
+        description="Each submission is forwarded with its own link; a push through it is applied, like a poll "
+                    "report, only to that task (its id must be the report's id) and only while the task is "
+                    "unfinished. Progress never goes backwards, so duplicate or out-of-order pushes are harmless.",
+        responses={200: json_response(envelope, "Applied, or ignored with a note in description."),
+                   410: json_response(envelope, "The link's task is finished; nothing was changed (code 4)."),
+                   **errors(400, 403, 500, e403="Missing or wrong signature, or a report about another task.")})
+    api.operation(
         "/mj/notify/<channel_id:int>", "post", tags=["relay"], secured=False, request_body=body,
         parameters=[query_param("sig", {"type": "string"}, "The signature mjctl put into the hook it forwarded.",
                                 required=True)],
-        summary="notifyHook callbacks from an upstream (a task JSON), applied like a poll report.",
-        description="Progress never goes backwards and finished tasks never change, so duplicate or out-of-order "
-                    "pushes are harmless. A task mjctl does not know is answered 200 with a note.",
+        summary="The per-channel notify link of tasks submitted before links were per task.",
+        description="Applied only to tasks of the channel that have no per-task link; a report about any other "
+                    "task is refused. A task mjctl does not know is answered 200 with a note.",
         responses={200: json_response(envelope, "Applied, or ignored with a note in description."),
-                   **errors(400, 403, 500, e403="Missing or wrong signature.")})
+                   **errors(400, 403, 500, e403="Missing or wrong signature, or a task with its own link.")})

@@ -28,7 +28,12 @@ CHUNK = 256 * 1024
 
 
 class Simulator:
-    """A simulated midjourney-proxy upstream; ``sim.app`` is its WSGI (Bottle) application."""
+    """A simulated midjourney-proxy upstream; ``sim.app`` is its WSGI (Bottle) application.
+
+    Control endpoints beside the API: ``GET /_sim/stats``, ``GET|POST /_sim/faults`` (fault rates and
+    settings), ``POST /_sim/restart`` (forget every task), ``POST /_sim/reset-stats``, and
+    ``POST /_sim/push {"url": …, "task": {…}}``, which sends one push as anyone holding a leaked notify link
+    could (:meth:`push_as`)."""
 
     def __init__(
         self,
@@ -140,6 +145,22 @@ class Simulator:
         with self.engine.lock:
             out["tasks"] = len(self.engine.tasks)
         return out
+
+    def push_as(self, url: str, task: dict[str, Any]) -> dict[str, Any]:
+        """POST task to url once, as a notifyHook push, and say how it was answered: ``{"status": …,
+        "body": …}``. For tests playing an attacker who holds a leaked notify link (``POST /_sim/push
+        {"url", "task"}``); the simulator's own pushes are the pusher's."""
+        import httpx
+
+        try:
+            response = httpx.post(url, json=task, timeout=httpx.Timeout(10.0, connect=2.0))
+        except httpx.HTTPError as exc:
+            return {"status": None, "body": str(exc)}
+        try:
+            body: Any = response.json()
+        except ValueError:
+            body = response.text
+        return {"status": response.status_code, "body": body}
 
     def stop(self) -> None:
         """Stop the background push threads and cut short any hanging or trickling answer (the app
@@ -334,6 +355,15 @@ class Simulator:
         if path == "/_sim/reset-stats" and method == "POST":
             self.reset_stats()
             return Reply(200, {"ok": True})
+        if path == "/_sim/push" and method == "POST":
+            try:
+                order = json.loads(bottle.request.body.read() or b"{}")
+                if not isinstance(order, dict) or not isinstance(order.get("url"), str) \
+                        or not isinstance(order.get("task"), dict):
+                    raise ValueError('the body must be {"url": "...", "task": {...}}')
+            except ValueError as exc:
+                return Reply(400, {"error": str(exc)})
+            return Reply(200, self.push_as(order["url"], order["task"]))
         return Reply(404, {"error": f"No control endpoint {method} {path}"})
 
 
