@@ -325,3 +325,30 @@ def _submit_ignoring_the_end(url: str, token: str) -> None:
                    headers={"Authorization": f"Bearer {token}"}, timeout=60)
     except httpx.HTTPError:
         pass
+
+
+def test_a_submission_adopted_while_its_answer_was_on_the_way_is_charged_once(relay_env, monkeypatch):
+    """A slow answer can arrive after a poller adopted the submission (it outlived its calls' deadline):
+    the submitter then finds its record gone and the task recorded, and answers with it, charging nothing."""
+    from mjctl import relay
+    from mjctl.models import PendingSubmission, Task
+    from mjctl.poller import poll_once
+
+    env = relay_env
+    real_forward = relay._forward
+    adopted = []
+
+    def forward_then_adopt(*args, **kwargs):
+        answer = real_forward(*args, **kwargs)
+        adopted.append(poll_once(env.settings, now=time.time() + relay.submit_deadline(env.settings) + 1))
+        return answer
+
+    monkeypatch.setattr(relay, "_forward", forward_then_adopt)
+    response = env.submit("imagine", {"prompt": "a slow fox", "state": "mine"})
+    assert response.status_code == 200 and response.json()["code"] == 1
+    assert adopted[0].faults["interrupted_adopted"] == 1
+    task = Task.get()
+    assert (task.mj_id, task.quota, task.state) == (response.json()["result"], 1000, "mine")
+    assert PendingSubmission.select().count() == 0
+    assert balance("alice") == 9000 and ledger_total("alice")[0] == 2
+    assert_books_balance("alice")
