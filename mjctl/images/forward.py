@@ -18,7 +18,6 @@ refusal is one log line naming the channel and the user gets the same 502 as for
 no detail about the target, so image links cannot be used to probe mjctl's own network.
 """
 
-
 from __future__ import annotations
 
 import logging
@@ -47,7 +46,6 @@ log = logging.getLogger("mjctl.images")
 
 MIN_RATE = 64 * 1024  # bytes per second of upstream time an image must average once its headers are in
 MAX_REDIRECTS = 5
-
 
 
 class _Allowance:

@@ -66,7 +66,6 @@ class Settings:
     submit_result: Any = None  # accepted submit answers carry this JSON value as result, not the task id
 
 
-
 @dataclass
 class Reply:
     status: int
