@@ -26,7 +26,7 @@ from urllib.parse import urlsplit
 
 import peewee
 
-from mjctl import accounts
+from mjctl import accounts, upstream_text
 from mjctl.db import is_sqlite, write_tx
 from mjctl.errors import InsufficientQuota
 from mjctl.models import PendingSubmission, Reservation, Task, User
@@ -234,7 +234,10 @@ def adopt(now: float, calls_over_after: float, give_up_after: float,
 
 
 def _adopt_one(pending: PendingSubmission, channel_id: int, report: dict, stats: AdoptStats) -> None:
-    mj_id = str(report.get("id") or "")
+    try:
+        mj_id = upstream_text.task_id(report.get("id"))
+    except upstream_text.UpstreamTextError:
+        mj_id = ""  # not an id at all: dropped below like a colliding one
 
     def collided() -> None:
         stats.collided += 1
@@ -245,7 +248,7 @@ def _adopt_one(pending: PendingSubmission, channel_id: int, report: dict, stats:
         with write_tx():
             if not claim(pending):
                 return  # the submitter recorded it after all, or another poller got here first
-            if not mj_id or len(mj_id) > 64 or id_taken(channel_id, mj_id):
+            if not mj_id or id_taken(channel_id, mj_id):
                 collided()
                 return
             task = create_task(pending, channel_id, mj_id, status="SUBMITTED", code=1,

@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 
-from mjctl import reports
+from mjctl import reports, upstream_text
 from mjctl.claims import Claims
 from mjctl.config import Settings
 from mjctl.db import compiled, connection, database, retry_transaction
@@ -318,7 +318,7 @@ class _Cycle:
                 reason = (f"Timed out: unfinished {timeout} s after submission and no longer reported by "
                           f"the upstream ({label}).")
             else:
-                status = str(report.get("status") or "unknown").upper()
+                status = (upstream_text.clean_text(report.get("status"), 32) or "unknown").upper()
                 reason = f"Timed out: still {status} {timeout} s after submission ({label})."
             grouped[reason].append(task.id)
         self.fail(grouped, summary, timed_out=True)

@@ -173,6 +173,8 @@ def install(app: bottle.Bottle, ctx: AppContext) -> None:
         if not isinstance(report["id"], str) or len(report["id"]) > relay.MAX_ID_CHARS:
             return failure(400, 4, f"id must be a string of at most {relay.MAX_ID_CHARS} characters")
         target = reports.push_target(channel_id, report["id"], nonce)
+        if target.scope:
+            _remember_channel_secret(channel_id)  # a push may arrive before this process made any client
         if target.verdict == "refused":
             return failure(403, 4, "this notify link is not for that task")
         if target.verdict == "finished":
@@ -187,6 +189,16 @@ def install(app: bottle.Bottle, ctx: AppContext) -> None:
         else:
             note = "nothing to change: ignored"
         return answer(200, relay.envelope(1, note, str(report["id"])))
+
+    @functools.lru_cache(maxsize=1024)
+    def _remember_channel_secret(channel_id: int) -> None:
+        """Scrub the channel's secret from what its pushes carry, once per channel and process."""
+        from mjctl import channels, upstream_text
+
+        try:
+            upstream_text.remember_secret(channels.channel_secret(settings, channels.get_channel(channel_id)))
+        except MjctlError:
+            pass  # a removed channel: its pushes match no task anyway
 
     route("/mj/notify/<channel_id:int>", "POST", notify)
     route("/mj/notify/<channel_id:int>/<nonce:re:[A-Za-z0-9_-]{16,32}>", "POST", notify)
