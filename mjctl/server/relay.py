@@ -240,10 +240,13 @@ def _document(ctx: AppContext) -> None:
         text = {400: "Malformed or hostile JSON body (too deep, NaN, a lone surrogate), a field of the wrong "
                      "type or too long (code 4).", 401: "No token or an unknown token (code 4).",
                 403: "A disabled user, or insufficient quota (code 4; the upstream was not called).",
-                404: "Unknown task, or a task of another user (code 3).", 429: "The upstream is rate limiting (code 9).",
+                404: "Unknown task, or a task of another user (code 3).",
+                429: "Queue full (code 23, with Retry-After): the caller already has [relay] "
+                     "max_in_flight_per_user requests waiting on upstreams, or the server its [relay] "
+                     "max_in_flight; or the upstream is rate limiting (code 9).",
                 500: "mjctl or its store failed (code 9).",
                 502: "The upstream refused mjctl's secret or answered off-protocol (code 9).",
-                503: "No upstream channel is reachable (code 9)."}
+                503: "No upstream channel is reachable, or the store is busy (code 9)."}
         text.update({int(k[1:]): v for k, v in notes.items()})
         return {s: json_response(envelope, text[s]) for s in statuses}
 
@@ -258,7 +261,9 @@ def _document(ctx: AppContext) -> None:
                         "The price of the action ([prices]) is held before the upstream is called and charged "
                         "when it accepts (codes 1, 21, 22); a rejection is recorded as a FAILURE task and charges "
                         "nothing. action/modal/change/simple-change go to the channel of the earlier task, which "
-                        "must be the caller's. An upstream rejection is answered with the upstream's status.",
+                        "must be the caller's. An upstream rejection is answered with the upstream's status. The server "
+                        "itself answers a body over [server] max_body_bytes 413 unread, and one that does not "
+                        "arrive within [server] body_timeout 408, both as {\"success\": false, \"message\"}.",
             responses={200: json_response(envelope, "The upstream's SubmitResult."),
                        **errors(400, 401, 403, 404, 429, 500, 502, 503)})
         api.operation(
