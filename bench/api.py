@@ -206,6 +206,7 @@ def main() -> None:
     args.db = args.db or default_db(args.tasks)
 
     import servers
+
     from mjctl import accounts
     from mjctl.server import create_app
 

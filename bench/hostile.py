@@ -210,7 +210,8 @@ def main() -> None:
     parser.add_argument("--drip-every", type=float, default=1.0)
     parser.add_argument("--hang", type=int, default=32)
     parser.add_argument("--slow-seconds", type=float, default=5.0)
-    parser.add_argument("--header-timeout", type=float, default=None, help="[server] header_timeout (default: its default)")
+    parser.add_argument("--header-timeout", type=float, default=None,
+                        help="[server] header_timeout (default: its default)")
     parser.add_argument("--attack-cheroot", action="store_true", help="also measure cheroot under the same attack")
     parser.add_argument("--attack", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -222,6 +223,7 @@ def main() -> None:
         return
 
     import servers
+
     from mjctl import accounts, channels
     from mjctl.db import unbind
     from mjctl.server import create_app

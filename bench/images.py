@@ -51,7 +51,8 @@ def start(cmd: list[str], env: dict, pattern: str, stream: str) -> tuple[subproc
             threading.Thread(target=lambda: [None for _ in pipe], daemon=True).start()
             return proc, match.group(1)
     proc.kill()
-    raise SystemExit(f"{cmd[3] if len(cmd) > 3 else cmd} did not start: {proc.stderr.read() if stream == 'stdout' else ''}")
+    raise SystemExit(f"{cmd[3] if len(cmd) > 3 else cmd} did not start: "
+                     f"{proc.stderr.read() if stream == 'stdout' else ''}")
 
 
 def rss_kb(pid: int, key: str = "VmRSS") -> int:

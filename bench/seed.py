@@ -44,7 +44,8 @@ def task_rows(n: int, users: int, channels: int, unfinished: int, seed: int = 7,
         submit = int(start + i * step)
         mj_id = f"{submit * 1000 + rng.randrange(1000)}{rng.randrange(1000):03d}"
         status = statuses[i]
-        progress, finish, image, fail, quota, pending = "100%", submit + 60, f"{base_url}/attachments/{mj_id}/grid.png", "", 1000, 0
+        image = f"{base_url}/attachments/{mj_id}/grid.png"
+        progress, finish, fail, quota, pending = "100%", submit + 60, "", 1000, 0
         if i >= n - unfinished:
             status, progress, finish, image, pending = "IN_PROGRESS", "46%", 0, "", 1
         elif status == "FAILURE":

@@ -18,7 +18,7 @@ def validate_base_url(url: str) -> str:
     if parsed.scheme not in ("http", "https") or not parsed.hostname:
         raise UsageError(f"Base URL {url!r} is not valid; use http://HOST[:PORT][/PATH] or https://….")
     try:
-        parsed.port
+        parsed.port  # noqa: B018 - reading it is the check: a bad port raises ValueError
     except ValueError:
         raise UsageError(f"Base URL {url!r} has an invalid port.") from None
     return url.strip().rstrip("/")
@@ -52,7 +52,7 @@ def get_channel(ref: str | int) -> Channel:
 def list_channels(enabled_only: bool = False) -> list[Channel]:
     query = Channel.select().order_by(Channel.priority.desc(), Channel.id)
     if enabled_only:
-        query = query.where(Channel.enabled == True)  # noqa: E712
+        query = query.where(Channel.enabled == True)  # noqa: E712 - peewee builds SQL from ==; `is True` would be a Python bool
     return list(query)
 
 

@@ -204,7 +204,7 @@ class Claims:
         now = time.time()
         held, fresh = [], 0
         rows = PollClaim.select(PollClaim.channel_id, PollClaim.holder, PollClaim.expires_at, PollClaim.polled_at)
-        for channel_id, holder, expires_at, polled_at in rows.where(PollClaim.channel_id.in_(channel_ids)).tuples():
+        for _channel_id, holder, expires_at, _polled_at in rows.where(PollClaim.channel_id.in_(channel_ids)).tuples():
             if holder and expires_at >= now:
                 held.append(f"{holder} until {time.strftime('%H:%M:%S', time.localtime(expires_at))}")
             else:

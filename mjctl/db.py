@@ -14,13 +14,14 @@ of holding its server thread, and ``retry_transaction`` never waits for a lock t
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import random
-import logging
 import threading
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator, TypeVar
+from typing import TypeVar
 from urllib.parse import urlparse
 
 import peewee
@@ -72,7 +73,7 @@ def busy_error(exc: BaseException) -> DatabaseBusy | None:
     try:
         from playhouse.pool import MaxConnectionsExceeded
     except ImportError:  # pragma: no cover - playhouse ships with peewee
-        MaxConnectionsExceeded = ()  # type: ignore[assignment]  # noqa: N806
+        MaxConnectionsExceeded = ()  # type: ignore[assignment]
     if MaxConnectionsExceeded and isinstance(exc, MaxConnectionsExceeded):
         return DatabaseBusy()
     if not isinstance(exc, (peewee.OperationalError, peewee.InterfaceError)):
@@ -538,7 +539,7 @@ def _migration_lock(db: peewee.Database) -> Iterator[None]:
 _sql_cache: dict[tuple, tuple[str, tuple]] = {}
 
 
-def compiled(key: tuple, build: Callable[[], "peewee.Query"], params: list) -> tuple[str, list] | None:
+def compiled(key: tuple, build: Callable[[], peewee.Query], params: list) -> tuple[str, list] | None:
     """Peewee builds a query's SQL once per shape (key) and database kind; later calls reuse the text.
 
     build() makes the query with this call's values; params are the same values in the order the query

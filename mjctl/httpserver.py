@@ -141,7 +141,7 @@ class WSGIBridge:
             await self._handle(scope, receive, send)
         except asyncio.CancelledError:
             pass  # the server is stopping: nothing left to answer, and nothing to report
-        except Exception:  # noqa: BLE001 - the loop must survive anything one request does
+        except Exception:  # the loop must survive anything one request does
             log.exception("unhandled error serving %s %s", scope.get("method"), str(scope.get("path"))[:200])
 
     # -- one request -------------------------------------------------------------------------------
@@ -171,7 +171,7 @@ class WSGIBridge:
         if length or chunked:
             try:
                 body = await asyncio.wait_for(self._read_body(receive), limits.body_timeout)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 return await _send_answer(send, _json_answer(
                     408, f"The request body did not arrive within {limits.body_timeout:g} seconds.", close=True))
             except _BodyTooLarge:
@@ -206,7 +206,7 @@ class WSGIBridge:
         while True:
             try:
                 message = await receive()
-            except Exception as exc:  # noqa: BLE001 - the server could not frame the body (a bad chunk size)
+            except Exception as exc:  # the server could not frame the body (a bad chunk size)
                 raise _BadBody from exc
             if message["type"] == "http.disconnect":
                 raise _ClientGone
@@ -275,7 +275,7 @@ class WSGIBridge:
                                            timeout)
                 chunk = await loop.run_in_executor(pool, _next_chunk, iterator)
             await asyncio.wait_for(send({"type": "http.response.body", "body": b"", "more_body": False}), timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             log.warning("dropped a client that read nothing of %s for %g s", environ.get("PATH_INFO", "")[:200],
                         timeout)
         except Exception as exc:  # noqa: BLE001 - a client gone mid-stream, or the app failing mid-body
@@ -312,7 +312,7 @@ class WSGIBridge:
                 _quietly(getattr(result, "close", lambda: None))
                 return int(status.split(" ", 1)[0]), list(headers), b"", None
             return int(status.split(" ", 1)[0]), list(headers), first, (result, iterator)
-        except Exception:  # noqa: BLE001 - the app's own error handling failed; answer JSON anyway
+        except Exception:  # the app's own error handling failed; answer JSON anyway
             log.exception("unhandled error in %s %s", environ.get("REQUEST_METHOD"), environ.get("PATH_INFO"))
             return _json_answer(500, "Internal server error.") + (None,)
 

@@ -6,6 +6,7 @@ import json
 import time
 
 from peewee import (
+    SQL,
     AutoField,
     BigIntegerField,
     BooleanField,
@@ -14,7 +15,6 @@ from peewee import (
     DoubleField,
     IntegerField,
     Model,
-    SQL,
     TextField,
 )
 

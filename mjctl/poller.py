@@ -36,7 +36,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-
 from mjctl import reports, upstream_text
 from mjctl.claims import Claims
 from mjctl.config import Settings
@@ -216,7 +215,8 @@ class _Cycle:
         for reason, ids in ids_by_reason.items():
             if not ids:
                 continue
-            stats = _with_db_retries("failing tasks", lambda: reports.fail_tasks(ids, reason), summary)
+            stats = _with_db_retries("failing tasks",
+                                     lambda: reports.fail_tasks(ids, reason), summary)  # noqa: B023 - called before the loop moves on
             summary.add_stats(stats)
             if timed_out:
                 summary.timed_out += stats.failed
@@ -293,7 +293,8 @@ class _Cycle:
                 versions = {t.mj_id: t.version for t in batch}
                 fresh = [r for r in answer if not _repeats(memo, r, versions)]
                 repeated = len(answer) - len(fresh)
-            stats = _with_db_retries(label, lambda: reports.apply_reports(channel.id, fresh, memo), summary)
+            stats = _with_db_retries(label,
+                                     lambda: reports.apply_reports(channel.id, fresh, memo), summary)  # noqa: B023 - called before the loop moves on
             stats.ignored += repeated
             summary.add_stats(stats)
             if stats.succeeded_ids:
@@ -440,7 +441,7 @@ def _adopt_interrupted(settings: Settings, summary: CycleSummary, now: float | N
             summary.faults[name] += value
     for channel_id, found in stats.reports.items():
         applied = _with_db_retries(f"adopted tasks of channel {channel_id}",
-                                   lambda: reports.apply_reports(channel_id, found), summary)
+                                   lambda: reports.apply_reports(channel_id, found), summary)  # noqa: B023 - called before the loop moves on
         summary.add_stats(applied)
 
 
@@ -461,7 +462,9 @@ def _run_cycle(settings: Settings, summary: CycleSummary, claims: Claims | None,
         return
     if claims is not None:
         claims.ensure_rows(work)
-        next_channel = lambda: claims.claim_next(work)
+
+        def next_channel() -> int | None:
+            return claims.claim_next(work)
     else:
         queue, queue_lock = list(reversed(work)), threading.Lock()
 

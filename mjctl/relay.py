@@ -36,24 +36,23 @@ import json
 import logging
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import peewee
 
-from mjctl import crypto, pending
-from mjctl import tasks
+from mjctl import crypto, pending, tasks, upstream_text
 from mjctl.channels import channel_secret
 from mjctl.db import retry_transaction, write_tx
 from mjctl.errors import MjctlError
-from mjctl.models import Channel, PendingSubmission, Task, User
-from mjctl import upstream_text
 from mjctl.images.common import ROUTE as IMAGE_ROUTE
+from mjctl.models import Channel, PendingSubmission, Task, User
 from mjctl.upstream import (
     PREFIXES,
     SUBMIT_KINDS,
-    SubmitResult,
     Deadline,
+    SubmitResult,
     UpstreamClient,
     UpstreamProtocolError,
     UpstreamRateLimited,
@@ -289,7 +288,8 @@ def _forward(settings, channels: list[Channel], kind: str, body: dict, prefix: s
             if hook:
                 outgoing["notifyHook"] = hook
             if position > 0:
-                retry_transaction(lambda: pending.note_channel(record, channel.id), what="noting a failover")
+                retry_transaction(lambda: pending.note_channel(record, channel.id),  # noqa: B023 - called before the loop moves on
+                                  what="noting a failover")
         try:
             client = _client(settings, channel)
         except MjctlError as exc:  # a secret sealed under another server secret

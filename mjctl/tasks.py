@@ -3,9 +3,9 @@ place that turns a task row into the documented item shape."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from operator import itemgetter
-from typing import Callable
 
 import peewee
 

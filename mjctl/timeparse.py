@@ -28,7 +28,8 @@ def parse_time(text: str, *, option: str = "time", now: float | None = None) -> 
         parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
     except ValueError:
         raise UsageError(
-            f"{option} {text!r} is not a time; give epoch seconds, an ISO-8601 date or time, or an age like 30m, 2h, 7d."
+            f"{option} {text!r} is not a time; give epoch seconds, an ISO-8601 date or time, "
+            "or an age like 30m, 2h, 7d."
         ) from None
     return int(parsed.timestamp())
 

@@ -6,8 +6,9 @@ of the cleaners below first:
 
 - **ids** (the ``result`` of a submit answer, the ``id`` of a task report) must be strings (a JSON integer
   counts as its decimal digits) of at most :data:`MAX_ID_CHARS` characters from :data:`ID_RE`'s set —
-  letters, digits and ``_ . : -``: nothing a path, a query, a log line or a terminal reads specially. Anything else is :class:`UpstreamTextError`: the submit answer is a protocol
-  error (nothing charged) and the report is ignored as malformed.
+  letters, digits and ``_ . : -``: nothing a path, a query, a log line or a terminal reads specially. Anything else is
+  :class:`UpstreamTextError`: the submit answer is a protocol error (nothing charged) and the report is
+  ignored as malformed.
 - **status** must be one of :data:`STATUSES` (case-insensitive); another value makes the report malformed
   (ignored whole: a status mjctl does not know cannot be ranked, and guessing could finish or refund a
   task wrongly). ``action`` must look like an action name or is dropped.

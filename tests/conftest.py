@@ -9,6 +9,8 @@ import pytest
 
 from tests.helpers import temp_database
 
+pytest_plugins = ["tests.relay_fixtures"]  # relay_env, for every test that asks for it
+
 
 @pytest.fixture(autouse=True)
 def isolated(tmp_path, monkeypatch):

@@ -6,7 +6,7 @@ import contextlib
 import os
 import time
 import uuid
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 from urllib.parse import urlparse, urlunparse
 
 import pytest

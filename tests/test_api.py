@@ -26,8 +26,8 @@ class Live:
 
 
 def start_server(settings, extra=()):
-    from mjctl.server import create_app
     from mjctl.httpserver import ServerThread
+    from mjctl.server import create_app
 
     return ServerThread(create_app(settings, extra=extra), threads=4).start()
 
@@ -280,8 +280,8 @@ def test_a_user_on_the_admin_endpoint_is_403(live):
     for path in ("/api/mj/", "/api/mj"):
         response = live.get(path, "alice")
         assert response.status_code == 403
-        assert response.json() == {"success": False,
-                                   "message": "This endpoint needs an admin token; use /api/mj/self for your own tasks."}
+        assert response.json() == {
+            "success": False, "message": "This endpoint needs an admin token; use /api/mj/self for your own tasks."}
 
 
 def test_admin_and_root_may_use_both_endpoints(live):

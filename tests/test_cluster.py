@@ -60,7 +60,7 @@ class Cluster:
         self.procs: list[subprocess.Popen] = []
 
     def start(self, name: str, *args: str, env: dict | None = None) -> subprocess.Popen:
-        log = open(self.tmp_path / f"{name}.log", "w")  # noqa: SIM115 - closed with the process
+        log = open(self.tmp_path / f"{name}.log", "w")  # closed with the process
         proc = subprocess.Popen([sys.executable, "-m", "mjctl", *args], env={**self.env, **(env or {})},
                                 cwd=self.tmp_path, stdout=log, stderr=subprocess.STDOUT)
         proc.log_file = log

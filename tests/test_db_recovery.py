@@ -63,8 +63,8 @@ def kill_connections(kind: str, url: str) -> int:
 def test_killing_every_connection_mid_traffic_fails_no_read(server_store, path):
     """Reads of the management API and of the relay both survive their connections being killed."""
     from mjctl import accounts
-    from mjctl.server import create_app
     from mjctl.httpserver import ServerThread
+    from mjctl.server import create_app
 
     kind, url, settings = server_store
     _, token = accounts.create_user("alice", quota=100)

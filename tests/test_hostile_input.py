@@ -13,8 +13,7 @@ from types import SimpleNamespace
 import httpx
 import pytest
 
-from tests.relay_fixtures import (SIM_SECRET, assert_books_balance, balance, closed_port_url,  # noqa: F401
-                                  ledger_total, relay_env)
+from tests.relay_fixtures import SIM_SECRET, assert_books_balance, balance, closed_port_url, ledger_total
 
 DEEP = 50_000
 HOSTILE = {

@@ -10,15 +10,14 @@ import threading
 import time
 from dataclasses import dataclass
 
-import bottle
 import httpx
 import pytest
 
 from mjctl import accounts, crypto, images
+from mjctl.httpserver import ServerThread
 from mjctl.images import ImageCache, ImageForwarder, ImagePrefetcher, ImageSource, prefetch_hook
 from mjctl.models import Task
 from mjctl.simulator import run_simulator_in_thread
-from mjctl.httpserver import ServerThread
 from tests.conftest import make_settings
 from tests.helpers import wait_until
 

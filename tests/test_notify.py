@@ -5,7 +5,7 @@ from __future__ import annotations
 import httpx
 
 from tests.helpers import wait_until
-from tests.relay_fixtures import assert_books_balance, balance, relay_env  # noqa: F401 - relay_env is a fixture
+from tests.relay_fixtures import assert_books_balance, balance
 
 
 def hook(env, channel_id=None) -> str:

@@ -8,10 +8,10 @@ import pytest
 from openapi_spec_validator import validate
 
 from mjctl import accounts
+from mjctl.httpserver import ServerThread
 from mjctl.models import Task
 from mjctl.server import create_app
 from mjctl.server.openapi import openapi_path
-from mjctl.httpserver import ServerThread
 
 
 @pytest.fixture

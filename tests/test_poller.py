@@ -421,7 +421,9 @@ def test_one_shot_cli_poll_waits_for_the_image_prefetcher_to_drain(cli, monkeypa
     fake = types.ModuleType("mjctl.images")
 
     def prefetch_hook(settings):
-        hook = lambda task: None  # noqa: E731
+        def hook(task):
+            return None
+
         hook.prefetcher = Prefetcher()
         return hook
 

@@ -46,7 +46,8 @@ def test_four_pollers_and_pushes_racing_over_500_tasks_keep_the_books_exact(kind
     sim = _simulator(step_seconds=0.03, fail_rate=0.3, seed=11, faults={"stuck": 0.05, "progress_backwards": 0.3,
                                                                          "drop_ids": 0.05})
     try:
-        with (temp_database(kind) if kind != "sqlite" else contextlib.nullcontext(f"sqlite:///{tmp_path}/race.db")) as url:
+        sqlite = contextlib.nullcontext(f"sqlite:///{tmp_path}/race.db")
+        with (temp_database(kind) if kind != "sqlite" else sqlite) as url:
             settings = make_settings(tmp_path, url, poller__task_timeout=3, poller__batch_size=40,
                                      poller__concurrency=2, database__pool_size=40)
             open_store(settings)
@@ -66,7 +67,7 @@ def test_four_pollers_and_pushes_racing_over_500_tasks_keep_the_books_exact(kind
                     with connection():
                         while not stop.is_set():
                             cycles.append(poll_once(settings, use_lease=False))
-                except BaseException as exc:  # noqa: BLE001
+                except BaseException as exc:  # noqa: BLE001 - kept for the main thread to report
                     errors.append(exc)
 
             def pusher(seed):
@@ -82,7 +83,7 @@ def test_four_pollers_and_pushes_racing_over_500_tasks_keep_the_books_exact(kind
                             batch = rng.sample(seen, min(len(seen), 30))  # old and new, duplicated, shuffled
                             for channel_id, report in batch + batch[:10]:
                                 reports.apply_report(channel_id, report)  # a deadlock here would be a lost push
-                except BaseException as exc:  # noqa: BLE001
+                except BaseException as exc:  # noqa: BLE001 - kept for the main thread to report
                     errors.append(exc)
 
             threads = [threading.Thread(target=poller) for _ in range(4)]
@@ -131,7 +132,7 @@ def test_batches_refunding_users_in_opposite_orders_do_not_deadlock(kind, tmp_pa
                         chunk = order[n:n + 4]
                         reports.apply_reports(channel.id, [{"id": str(ids.index(i)), "status": "FAILURE",
                                                             "failReason": "x"} for i in chunk])
-            except BaseException as exc:  # noqa: BLE001
+            except BaseException as exc:  # noqa: BLE001 - kept for the main thread to report
                 errors.append(exc)
 
         orders = [ids, ids[::-1], ids[1::2] + ids[::2], ids[::2][::-1] + ids[1::2]]
@@ -172,7 +173,7 @@ def test_kill_9_of_the_poll_loop_twenty_times_loses_and_duplicates_nothing(tmp_p
             proc = subprocess.Popen([sys.executable, "-m", "mjctl", "poll", "--every", "1"], env=env, cwd=tmp_path,
                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             try:
-                wait_until(lambda: sim.sim.stats()["list-by-condition"] > before + 2 or proc.poll() is not None,
+                wait_until(lambda: sim.sim.stats()["list-by-condition"] > before + 2 or proc.poll() is not None,  # noqa: B023 - waited for before the loop moves on
                            timeout=20, interval=0.005, message="the poller is in a cycle")
                 time.sleep(rng.uniform(0, 0.15))
             finally:

@@ -9,10 +9,10 @@ import httpx
 import pytest
 
 from tests.helpers import temp_database, wait_until
-from tests.relay_fixtures import (SIM_SECRET, assert_books_balance, balance, closed_port_url, ledger_total,
-                                  relay_env, start_relay)  # noqa: F401 - relay_env is a fixture
+from tests.relay_fixtures import SIM_SECRET, assert_books_balance, balance, closed_port_url, ledger_total, start_relay
 
-PNG = "data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg=="
+PNG = ("data:image/png;base64,"
+       "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg==")
 
 
 def upstream_task(env, mj_id: str) -> dict:
@@ -147,8 +147,8 @@ def test_queued_code_22_is_accepted_and_charged(relay_env):
 
 
 def test_upstream_401_is_a_502_and_charges_nothing(relay_env):
-    from mjctl.models import Channel, Reservation, Task
     from mjctl import crypto
+    from mjctl.models import Channel, Reservation, Task
 
     env = relay_env
     Channel.update(secret_sealed=crypto.seal(crypto.server_secret(env.settings), "wrong")).execute()

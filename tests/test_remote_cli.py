@@ -9,9 +9,9 @@ import httpx
 import pytest
 
 from mjctl import accounts
+from mjctl.httpserver import ServerThread
 from mjctl.models import Task
 from mjctl.server import create_app
-from mjctl.httpserver import ServerThread
 
 
 @pytest.fixture

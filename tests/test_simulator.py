@@ -11,9 +11,9 @@ import zlib
 import httpx
 import pytest
 
+from mjctl.httpserver import ServerThread
 from mjctl.sim.tasks import PERCENTAGES, phase_at
 from mjctl.simulator import Simulator, run_simulator_in_thread
-from mjctl.httpserver import ServerThread
 from tests.helpers import wait_until
 
 SECRET = "sim-secret"

@@ -234,7 +234,7 @@ def test_two_processes_can_migrate_at_once(tmp_path):
     import sys
 
     url = f"sqlite:///{tmp_path}/race.db"
-    code = "from mjctl.db import bind, migrate; bind(%r); migrate()" % url
+    code = f"from mjctl.db import bind, migrate; bind({url!r}); migrate()"
     procs = [subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE) for _ in range(3)]
     for proc in procs:
         _, err = proc.communicate(timeout=60)

@@ -21,8 +21,7 @@ import pytest
 
 from tests.conftest import make_settings
 from tests.helpers import temp_database, wait_until
-from tests.relay_fixtures import (SIM_SECRET, assert_books_balance, balance, ledger_total,
-                                  relay_env)  # noqa: F401 - relay_env is a fixture
+from tests.relay_fixtures import SIM_SECRET, assert_books_balance, balance, ledger_total
 
 
 def upstream_task(env, mj_id: str) -> dict:

@@ -15,7 +15,7 @@ import pytest
 from mjctl import accounts, channels, crypto, images
 from mjctl.models import Task
 from tests.helpers import wait_until
-from tests.relay_fixtures import SIM_SECRET, assert_books_balance, relay_env  # noqa: F401 - relay_env is a fixture
+from tests.relay_fixtures import SIM_SECRET, assert_books_balance
 
 SHARED = "1700000000000777"  # the id both upstreams hand out
 UNKNOWN = "1799999999999999"

@@ -100,7 +100,7 @@ def _drive(reports, monkeypatch):
         seen = 0
         for mj_id, report in reports:
             with looks:
-                assert looks.wait_for(lambda: count[0] > seen, timeout=30), "the watcher never looked"
+                assert looks.wait_for(lambda: count[0] > seen, timeout=30), "the watcher never looked"  # noqa: B023 - waited for before the loop moves on
                 seen = count[0]
             report_path.apply_report(1, {"id": mj_id, **report})
 

@@ -107,7 +107,8 @@ def test_5xx_is_unavailable(status):
     assert info.value.status == status
 
 
-@pytest.mark.parametrize("exc", [httpx.ConnectError, httpx.ReadTimeout, httpx.ConnectTimeout, httpx.RemoteProtocolError])
+@pytest.mark.parametrize("exc", [httpx.ConnectError, httpx.ReadTimeout, httpx.ConnectTimeout,
+                                 httpx.RemoteProtocolError])
 def test_transport_failures_are_unavailable_and_never_show_the_secret(exc):
     def handler(request):
         raise exc(f"failed while sending {SECRET}", request=request)

@@ -298,7 +298,7 @@ def test_a_failing_cache_disk_is_one_log_line_and_the_image_is_still_served(stor
 
         def temp_file(self):
             full.symlink_to("/dev/full")  # anew each time: the failed download removes it
-            return open(full, "wb", buffering=(1 << 20) if fails == "at close" else 0), full  # noqa: SIM115
+            return open(full, "wb", buffering=(1 << 20) if fails == "at close" else 0), full
 
         monkeypatch.setattr(ImageCache, "temp_file", temp_file)
     else:

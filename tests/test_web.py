@@ -105,8 +105,8 @@ def seed(site: Site) -> None:
 @pytest.fixture
 def site(tmp_path):
     from mjctl.db import open_store
-    from mjctl.server import create_app
     from mjctl.httpserver import ServerThread
+    from mjctl.server import create_app
 
     settings = make_settings(tmp_path, images__forward=False)
     open_store(settings)
@@ -151,8 +151,8 @@ def test_serves_only_its_own_files(site, path):
 
 def test_the_page_needs_no_database(tmp_path):
     """The page loads (and can say the server is unhappy) even when the store is down."""
-    from mjctl.server import create_app
     from mjctl.httpserver import ServerThread
+    from mjctl.server import create_app
 
     settings = make_settings(tmp_path, database__url="sqlite:////nonexistent/dir/x.db")
     with ServerThread(create_app(settings), threads=2) as server:

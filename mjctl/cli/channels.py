@@ -57,7 +57,8 @@ def list_(ctx: typer.Context, json_out: bool = JSON) -> None:
 
 
 @app.command("show")
-def show(ctx: typer.Context, name: str = typer.Argument(..., help="Channel name or id."), json_out: bool = JSON) -> None:
+def show(ctx: typer.Context, name: str = typer.Argument(..., help="Channel name or id."),
+         json_out: bool = JSON) -> None:
     """One channel, with its count of unfinished tasks."""
     from mjctl import channels
     from mjctl.cli.output import print_json, table
@@ -86,19 +87,22 @@ def _toggle(ctx: typer.Context, name: str, enabled: bool, json_out: bool) -> Non
 
 
 @app.command("enable")
-def enable(ctx: typer.Context, name: str = typer.Argument(..., help="Channel name or id."), json_out: bool = JSON) -> None:
+def enable(ctx: typer.Context, name: str = typer.Argument(..., help="Channel name or id."),
+           json_out: bool = JSON) -> None:
     """Enable a channel: new submissions may use it."""
     _toggle(ctx, name, True, json_out)
 
 
 @app.command("disable")
-def disable(ctx: typer.Context, name: str = typer.Argument(..., help="Channel name or id."), json_out: bool = JSON) -> None:
+def disable(ctx: typer.Context, name: str = typer.Argument(..., help="Channel name or id."),
+            json_out: bool = JSON) -> None:
     """Disable a channel: no new submissions; its tasks are still polled."""
     _toggle(ctx, name, False, json_out)
 
 
 @app.command("remove")
-def remove(ctx: typer.Context, name: str = typer.Argument(..., help="Channel name or id."), json_out: bool = JSON) -> None:
+def remove(ctx: typer.Context, name: str = typer.Argument(..., help="Channel name or id."),
+           json_out: bool = JSON) -> None:
     """Remove a channel. Its unfinished tasks are failed and refunded by the next poll."""
     from mjctl import channels
     from mjctl.cli.output import print_json

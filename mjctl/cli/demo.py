@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -36,8 +35,8 @@ FAILING = 1  # index in PROMPTS
 
 def demo(
     ctx: typer.Context,
-    directory: Optional[Path] = typer.Option(None, "--dir", help="Folder for the database and secret "
-                                             "(created; default: a new temporary folder)."),
+    directory: Path | None = typer.Option(None, "--dir", help="Folder for the database and secret "
+                                          "(created; default: a new temporary folder)."),
     port: int = typer.Option(8080, "--port", "-p", help="Port of the web page and API (0 picks a free one)."),
     sim_port: int = typer.Option(0, "--sim-port", help="Port of the simulated upstream (0 picks a free one)."),
 ) -> None:
@@ -61,9 +60,9 @@ def demo(
     import threading
 
     from mjctl import accounts, channels
+    from mjctl.httpserver import serve_forever
     from mjctl.server import make_bridge
     from mjctl.simulator import run_simulator_in_thread
-    from mjctl.httpserver import serve_forever
 
     sim_secret = secrets.token_urlsafe(18)
     try:
@@ -99,7 +98,7 @@ def demo(
     sys.stderr.write("mjctl demo stopped.\n")
 
 
-def _prepare_folder(directory: Optional[Path]) -> Path:
+def _prepare_folder(directory: Path | None) -> Path:
     if directory is None:
         import tempfile
 

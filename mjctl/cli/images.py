@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -74,10 +73,10 @@ def stats(ctx: typer.Context, json_out: bool = JSON) -> None:
 def task_image(
     ctx: typer.Context,
     mj_id: str = typer.Argument(..., help="The task id."),
-    row: Optional[int] = typer.Option(None, "--row", min=1,  # noqa: UP007 - Typer needs Optional
-                                      help="The task's row id, to choose one of several tasks that share MJ_ID."),
-    output: Optional[str] = typer.Option(None, "--output", "-o",  # noqa: UP007 - Typer needs Optional
-                                         help="File to write (default: MJ_ID.<ext> here; - for stdout)."),
+    row: int | None = typer.Option(None, "--row", min=1,
+                                   help="The task's row id, to choose one of several tasks that share MJ_ID."),
+    output: str | None = typer.Option(None, "--output", "-o",
+                                      help="File to write (default: MJ_ID.<ext> here; - for stdout)."),
     json_out: bool = JSON,
 ) -> None:
     """Save a task's image, from the cache or fetched from its upstream (and cached when the task succeeded).

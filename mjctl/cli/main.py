@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sys
-from typing import Any, Optional
+from typing import Any
 
 import typer
 from typer._click import exceptions as click_exceptions  # Typer's own copy of Click
@@ -30,7 +30,7 @@ class MjctlGroup(TyperGroup):
             _fail("Interrupted.", 130)
         except KeyboardInterrupt:
             _fail("Interrupted.", 130)
-        except Exception as exc:  # noqa: BLE001 - the one place that maps errors to messages
+        except Exception as exc:  # the one place that maps errors to messages
             if show_traceback:
                 raise
             message, code = describe_exception(exc)
@@ -82,10 +82,12 @@ def _version(value: bool) -> None:
 @app.callback()
 def root(
     ctx: typer.Context,
-    config: Optional[str] = typer.Option(None, "--config", "-c", help="Config file (default: $MJCTL_CONFIG or ./mjctl.toml)."),
-    database: Optional[str] = typer.Option(None, "--database", help="Database URL, overriding [database] url."),
+    config: str | None = typer.Option(None, "--config", "-c",
+                                      help="Config file (default: $MJCTL_CONFIG or ./mjctl.toml)."),
+    database: str | None = typer.Option(None, "--database", help="Database URL, overriding [database] url."),
     traceback: bool = typer.Option(False, "--traceback", help="Show the full traceback of an unexpected error."),
-    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                 help="Print the version and exit."),
 ) -> None:
     """mjctl: a task store, relay, poller, image forwarder, HTTP API, CLI and web page for Midjourney tasks."""
     ctx.obj = CliState(config=config, database_url=database, traceback=traceback)

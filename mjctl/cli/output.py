@@ -6,7 +6,8 @@ import json
 import logging
 import sys
 import time
-from typing import Any, Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import typer
 

@@ -8,7 +8,6 @@ import signal
 import sys
 import threading
 import time
-from typing import Optional
 
 import typer
 
@@ -31,8 +30,9 @@ ROWS = (
 
 def poll(
     ctx: typer.Context,
-    every: Optional[float] = typer.Option(  # noqa: UP007 - Typer needs Optional here
-        None, "--every", min=0.1, help="Poll every SECONDS until SIGTERM or Ctrl-C (the current cycle finishes first)."),
+    every: float | None = typer.Option(
+        None, "--every", min=0.1,
+        help="Poll every SECONDS until SIGTERM or Ctrl-C (the current cycle finishes first)."),
     json_out: bool = typer.Option(False, "--json", help="Print the summary as JSON (one line per cycle with --every)."),
 ) -> None:
     """Run one polling cycle and print its summary, or loop with --every."""

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import sys
 import threading
-from typing import Optional
 
 import typer
 
@@ -20,12 +19,14 @@ from mjctl.cli.state import state
 
 def serve(
     ctx: typer.Context,
-    host: Optional[str] = typer.Option(None, "--host", help="Address to listen on ([server] host, default 127.0.0.1)."),
-    port: Optional[int] = typer.Option(None, "--port", "-p", help="Port to listen on ([server] port, default 8080; 0 picks a free one)."),
-    threads: Optional[int] = typer.Option(None, "--threads", help="API threads per worker ([server] threads, default 16)."),
+    host: str | None = typer.Option(None, "--host", help="Address to listen on ([server] host, default 127.0.0.1)."),
+    port: int | None = typer.Option(None, "--port", "-p",
+                                    help="Port to listen on ([server] port, default 8080; 0 picks a free one)."),
+    threads: int | None = typer.Option(None, "--threads",
+                                       help="API threads per worker ([server] threads, default 16)."),
     no_poll: bool = typer.Option(False, "--no-poll", help="Do not run the poller in this process."),
-    workers: Optional[int] = typer.Option(None, "--workers", "-w", min=1,
-                                          help="Server processes sharing the port ([server] workers, default 1)."),
+    workers: int | None = typer.Option(None, "--workers", "-w", min=1,
+                                       help="Server processes sharing the port ([server] workers, default 1)."),
 ) -> None:
     """Serve the HTTP API (and the poller, unless --no-poll) until Ctrl-C or SIGTERM."""
     st = state(ctx)
@@ -50,7 +51,8 @@ def serve(
     settings.values["server"]["port"] = bound
     crypto.server_secret(settings)
     poll = not no_poll and settings.poller.in_server
-    shape = f"{count} workers x {settings.server.threads} threads" if count > 1 else f"{settings.server.threads} threads"
+    per_worker = f"{settings.server.threads} threads"
+    shape = f"{count} workers x {per_worker}" if count > 1 else per_worker
     sys.stderr.write(f"mjctl serving on {url_for(host_, bound)} ({shape}"
                      f"{', poller running' if poll else ', no poller'}). Press Ctrl-C to stop.\n")
     sys.stderr.flush()

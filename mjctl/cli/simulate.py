@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Optional
-
 import typer
 
 FLAVOR_CHOICES = ("java", "csharp")
@@ -38,7 +36,7 @@ def simulate(
     fail_rate: float = typer.Option(0.0, "--fail-rate", help="Share of tasks (0..1) that end in FAILURE."),
     flavor: str = typer.Option("java", "--flavor", help="Upstream to imitate: java or csharp."),
     image_ttl: float = typer.Option(86400.0, "--image-ttl", help="Seconds before result image links answer 403."),
-    image_bytes: Optional[int] = typer.Option(  # noqa: UP007 - Typer needs Optional here
+    image_bytes: int | None = typer.Option(
         None, "--image-bytes", help="Approximate size of result PNGs in bytes (default: a few KB)."
     ),
     accounts: int = typer.Option(1, "--accounts", help="Number of simulated Discord accounts."),
@@ -48,13 +46,13 @@ def simulate(
         [], "--fault", help="Inject a fault with a rate, e.g. --fault stuck=0.1 (repeatable)."
     ),
     slow_seconds: float = typer.Option(2.0, "--slow-seconds", help="Delay of the 'slow' fault."),
-    notify_hook: Optional[str] = typer.Option(  # noqa: UP007
+    notify_hook: str | None = typer.Option(
         None, "--notify-hook", help="Default notifyHook URL for tasks submitted without one."
     ),
-    public_url: Optional[str] = typer.Option(  # noqa: UP007
+    public_url: str | None = typer.Option(
         None, "--public-url", help="Base URL for image links (default: the request's host)."
     ),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Random seed for reproducible runs."),  # noqa: UP007
+    seed: int | None = typer.Option(None, "--seed", help="Random seed for reproducible runs."),
     threads: int = typer.Option(16, "--threads", help="Server worker threads."),
 ) -> None:
     """Run a simulated midjourney-proxy upstream until Ctrl-C (faults: --fault NAME=RATE; see docs/upstream.md)."""
@@ -79,8 +77,8 @@ def simulate(
         raise typer.BadParameter("the delay cannot be negative.", param_hint="--slow-seconds")
     faults = _parse_faults(fault)
 
-    from mjctl.simulator import Simulator
     from mjctl.httpserver import serve_forever
+    from mjctl.simulator import Simulator
 
     sim = Simulator(
         secret or None,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import sys
-from typing import Optional
 
 import typer
 
@@ -48,16 +47,17 @@ def build_filter(*, mine: bool, user: str | None, channel: str | None, mj_id: st
 def list_(
     ctx: typer.Context,
     mine: bool = typer.Option(False, "--mine", help="Only the tasks of the user whose token is in $MJCTL_TOKEN."),
-    user: Optional[str] = typer.Option(None, "--user", help="Only this user's tasks."),
-    channel: Optional[str] = typer.Option(None, "--channel", help="Only this channel's tasks (id or name)."),
-    mj_id: Optional[str] = typer.Option(None, "--mj-id", help="Exact task id."),
-    status: Optional[str] = typer.Option(None, "--status", help="Exact status, e.g. SUCCESS."),
-    action: Optional[str] = typer.Option(None, "--action", help="Exact action, e.g. IMAGINE."),
-    since: Optional[str] = typer.Option(None, "--since", help="Submitted at or after: epoch, ISO-8601, or an age like 2h."),
-    until: Optional[str] = typer.Option(None, "--until", help="Submitted at or before: epoch, ISO-8601, or an age."),
+    user: str | None = typer.Option(None, "--user", help="Only this user's tasks."),
+    channel: str | None = typer.Option(None, "--channel", help="Only this channel's tasks (id or name)."),
+    mj_id: str | None = typer.Option(None, "--mj-id", help="Exact task id."),
+    status: str | None = typer.Option(None, "--status", help="Exact status, e.g. SUCCESS."),
+    action: str | None = typer.Option(None, "--action", help="Exact action, e.g. IMAGINE."),
+    since: str | None = typer.Option(None, "--since",
+                                     help="Submitted at or after: epoch, ISO-8601, or an age like 2h."),
+    until: str | None = typer.Option(None, "--until", help="Submitted at or before: epoch, ISO-8601, or an age."),
     page: int = typer.Option(1, "--page", "-p", help="Page number, from 1."),
     page_size: int = typer.Option(20, "--page-size", "-n", help="Tasks per page (at most 100)."),
-    server: Optional[str] = typer.Option(None, "--server", help="Read a remote mjctl over HTTP ($MJCTL_SERVER)."),
+    server: str | None = typer.Option(None, "--server", help="Read a remote mjctl over HTTP ($MJCTL_SERVER)."),
     json_out: bool = JSON,
 ) -> None:
     """List tasks, newest first, as a table (or tab-separated lines in a pipe, or --json)."""
@@ -116,7 +116,7 @@ def tasks_named(mj_id: str, row: int | None) -> list:
 
 @app.command("show")
 def show(ctx: typer.Context, mj_id: str = typer.Argument(..., help="The task id."),
-         row: Optional[int] = ROW, json_out: bool = JSON) -> None:  # noqa: UP007 - Typer needs Optional
+         row: int | None = ROW, json_out: bool = JSON) -> None:
     """One task in full: every field, buttons and properties. When several tasks share the id (upstreams
     on different channels can give the same one), each of them, with a note saying so."""
     from mjctl.cli.output import human_time, info, print_json, table

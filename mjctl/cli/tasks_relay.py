@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import List, Optional
 
 import typer
 
@@ -20,7 +19,7 @@ def submit(
     ctx: typer.Context,
     prompt: str = typer.Argument(..., help="The imagine prompt."),
     user: str = typer.Option(..., "--user", "-u", help="The user who submits (and pays)."),
-    speed: Optional[str] = typer.Option(None, "--speed", help="fast, relax or turbo: the upstream's speed prefix."),
+    speed: str | None = typer.Option(None, "--speed", help="fast, relax or turbo: the upstream's speed prefix."),
     json_out: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Submit an imagine task for a user through the relay (the user is charged). Exit 1 when refused."""
@@ -75,13 +74,13 @@ def _percent(status: str, progress: str) -> float:
 
 def watch(
     ctx: typer.Context,
-    mj_ids: List[str] = typer.Argument(..., help="Task ids to watch."),
+    mj_ids: list[str] = typer.Argument(..., help="Task ids to watch."),
     interval: float = typer.Option(1.0, "--interval", min=0.01, help="Seconds between looks at the store."),
 ) -> None:
     """Follow tasks until every one is finished: progress bars on a terminal, one line per change otherwise.
     Exit 1 if any failed."""
-    from mjctl.errors import NotFound, UsageError
     from mjctl.db import connection
+    from mjctl.errors import NotFound, UsageError
 
     state(ctx).open_store()
     ids = list(dict.fromkeys(mj_ids))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import sys
-from typing import Optional
 
 import typer
 
@@ -75,7 +74,8 @@ def show(ctx: typer.Context, name: str = typer.Argument(..., help="User name."),
     if json_out:
         print_json(data)
         return
-    table(["FIELD", "VALUE"], [(k, data[k]) for k in ("id", "name", "role", "enabled", "quota", "used_quota", "tokens")])
+    fields = ("id", "name", "role", "enabled", "quota", "used_quota", "tokens")
+    table(["FIELD", "VALUE"], [(k, data[k]) for k in fields])
     if data["ledger"]:
         table(["WHEN", "KIND", "AMOUNT", "BALANCE", "TASK", "REASON"],
               [(human_time(e["created_at"]), e["kind"], e["amount"], e["balance_after"], e["task_id"] or "",
@@ -86,9 +86,9 @@ def show(ctx: typer.Context, name: str = typer.Argument(..., help="User name."),
 def set_(
     ctx: typer.Context,
     name: str = typer.Argument(..., help="User name."),
-    quota: Optional[str] = typer.Option(None, "--quota", help="New balance (recorded in the ledger)."),
-    role: Optional[str] = typer.Option(None, "--role", help="user, admin or root."),
-    enable: Optional[bool] = typer.Option(None, "--enable/--disable", help="Enable or disable the user."),
+    quota: str | None = typer.Option(None, "--quota", help="New balance (recorded in the ledger)."),
+    role: str | None = typer.Option(None, "--role", help="user, admin or root."),
+    enable: bool | None = typer.Option(None, "--enable/--disable", help="Enable or disable the user."),
     json_out: bool = JSON,
 ) -> None:
     """Change a user's balance, role or enabled state. A disabled user's tokens stop working at once."""

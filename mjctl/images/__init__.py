@@ -20,10 +20,29 @@ upstream link has died.
 This module knows nothing of the web framework or the CLI.
 """
 
-from mjctl.images.common import (EXTENSIONS, IMMUTABLE, MJ_ID_RE, PURPOSE, REVALIDATE, ROUTE, ROW_PARAM, TASK_PURPOSE,
-                                 ImageTooLarge, ImageTruncated, ImageUnavailable)
-from mjctl.images.urls import (ImageSource, etag_matches, image_url_for, public_base, sign_image, sign_task_image,
-                               verify_image, verify_task_image)
+from mjctl.images.common import (
+    EXTENSIONS,
+    IMMUTABLE,
+    MJ_ID_RE,
+    PURPOSE,
+    REVALIDATE,
+    ROUTE,
+    ROW_PARAM,
+    TASK_PURPOSE,
+    ImageTooLarge,
+    ImageTruncated,
+    ImageUnavailable,
+)
+from mjctl.images.urls import (
+    ImageSource,
+    etag_matches,
+    image_url_for,
+    public_base,
+    sign_image,
+    sign_task_image,
+    verify_image,
+    verify_task_image,
+)
 
 #: Names whose modules import httpx and friends, loaded on first use so that listing tasks (which only
 #: signs URLs) does not pay for them at start-up.

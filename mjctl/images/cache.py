@@ -15,9 +15,10 @@ import os
 import re
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Iterator
+from typing import IO, TYPE_CHECKING
 
 from mjctl.images.common import _CACHE_NAME, EXTENSIONS, STALE_TEMP_SECONDS, TEMP_DIR, TYPES_BY_EXTENSION
 

@@ -25,9 +25,10 @@ import mmap
 import os
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Callable, Iterator
+from typing import IO, TYPE_CHECKING
 
 import httpx
 
@@ -36,8 +37,16 @@ from mjctl.images.cache import CachedImage, ImageCache, _unlink
 from mjctl.images.common import IMMUTABLE, READ_CHUNK, REVALIDATE, ImageTooLarge, ImageTruncated, ImageUnavailable
 from mjctl.images.urls import ImageSource
 from mjctl.textsafe import visible
-from mjctl.upstream import (Deadline, DeadlineExceeded, FetchPolicy, FetchRefused, bounded_by, deadline_transport,
-                            guarded_by, shared_ssl_context)
+from mjctl.upstream import (
+    Deadline,
+    DeadlineExceeded,
+    FetchPolicy,
+    FetchRefused,
+    bounded_by,
+    deadline_transport,
+    guarded_by,
+    shared_ssl_context,
+)
 
 if TYPE_CHECKING:
     from mjctl.config import Settings
@@ -106,7 +115,7 @@ class ImageStream:
         while self._cleanup:
             try:
                 self._cleanup.pop()()
-            except Exception:  # noqa: BLE001 - cleanup must not mask the response's own outcome
+            except Exception:  # cleanup must not mask the response's own outcome
                 log.debug("image stream cleanup failed", exc_info=True)
 
     @property
@@ -375,7 +384,7 @@ class ImageForwarder:
                      delete: bool = False) -> ImageStream | None:
         """Stream a file opened now (a concurrent prune cannot pull it away); None if it is gone."""
         try:
-            fh = open(path, "rb")  # noqa: SIM115 - closed by the stream
+            fh = open(path, "rb")  # closed by the stream
         except FileNotFoundError:
             return None
         except OSError as exc:  # an unreadable cache file is a miss: the upstream is asked instead

@@ -6,7 +6,8 @@ import logging
 import queue
 import threading
 import time
-from typing import TYPE_CHECKING, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from mjctl.images.common import ImageUnavailable
 from mjctl.images.forward import ImageForwarder
@@ -102,7 +103,7 @@ class ImagePrefetcher:
                 self._pending.discard(key)
             try:
                 self._handle(item)
-            except Exception:  # noqa: BLE001 - a worker must survive anything one task does
+            except Exception:  # a worker must survive anything one task does
                 self.counts["failed"] += 1
                 log.exception("image prefetch of %s failed", key)
             finally:

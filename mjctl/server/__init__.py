@@ -88,7 +88,7 @@ def _end_without_finalizing() -> None:
         for stream in (sys.stdout, sys.stderr):
             try:
                 stream.flush()
-            except Exception:  # noqa: BLE001
+            except Exception:  # noqa: BLE001 - as above
                 pass
         os._exit(0)
 

@@ -17,8 +17,18 @@ from mjctl import __version__
 from mjctl.server.app import ApiError, AppContext, json_error, ok
 from mjctl.server.auth import authenticate_request, require_admin
 from mjctl.server.openapi import error_responses, json_response, query_param
-from mjctl.tasks import (ADMIN_FIELDS, DEFAULT_PAGE_SIZE, MAX_FILTER_LEN, MAX_PAGE_SIZE, USER_FIELDS, TaskFilter,
-                         clamp_page, list_tasks, normalize_seconds, page_envelope)
+from mjctl.tasks import (
+    ADMIN_FIELDS,
+    DEFAULT_PAGE_SIZE,
+    MAX_FILTER_LEN,
+    MAX_PAGE_SIZE,
+    USER_FIELDS,
+    TaskFilter,
+    clamp_page,
+    list_tasks,
+    normalize_seconds,
+    page_envelope,
+)
 
 log = logging.getLogger("mjctl.server")
 

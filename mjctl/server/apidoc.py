@@ -214,7 +214,8 @@ def _render_operation(method: str, path: str, op: dict, spec: dict, aliases: lis
     if params:
         lines += ["", "Parameters:", "", "| name | in | type | required | description |", "|---|---|---|---|---|"]
         for param in params:
-            lines.append(f"| `{_cell(param.get('name'))}` | {param.get('in', '')} | {_cell(type_of(param.get('schema')))} "
+            lines.append(f"| `{_cell(param.get('name'))}` | {param.get('in', '')} "
+                         f"| {_cell(type_of(param.get('schema')))} "
                          f"| {'yes' if param.get('required') else 'no'} | {_cell(param.get('description'))} |")
     body = op.get("requestBody")
     if body:
@@ -226,7 +227,8 @@ def _render_operation(method: str, path: str, op: dict, spec: dict, aliases: lis
         lines += ["", "Responses:", "", "| status | description | body |", "|---|---|---|"]
         for status in sorted(responses, key=_status_key):
             response = responses[status] or {}
-            lines.append(f"| {status} | {_cell(response.get('description'))} | {_cell(_body_of(response.get('content')))} |")
+            lines.append(f"| {status} | {_cell(response.get('description'))} "
+                         f"| {_cell(_body_of(response.get('content')))} |")
     return lines + [""]
 
 

@@ -23,9 +23,10 @@ import json
 import logging
 import threading
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any, Callable, Iterable
+from typing import Any
 from urllib.parse import parse_qsl, urlencode
 
 import bottle
@@ -114,7 +115,7 @@ class ErrorPlugin:
                 raise
             except MjctlError as exc:
                 return json_error(exc.http_status, exc.message, getattr(exc, "headers", None))
-            except Exception as exc:  # noqa: BLE001 - the one place a route's crash becomes a 500
+            except Exception as exc:  # the one place a route's crash becomes a 500
                 busy = busy_error(exc)  # a full pool is a ValueError, raised wherever a connection is taken
                 if busy is not None:
                     log.error("%s %s: database busy: %s", route.method, route.rule, _first_line(exc))

@@ -186,7 +186,7 @@ def install(app: bottle.Bottle, ctx: AppContext) -> None:
                                  request.query.get(images.ROW_PARAM))
         except bottle.HTTPResponse:
             raise
-        except Exception as exc:  # noqa: BLE001 - sorted below: the database's failures, or a bug
+        except Exception as exc:  # sorted below: the database's failures, or a bug
             busy = busy_error(exc)  # a lock or pool timeout, a lost connection (a full pool is a ValueError)
             if busy is None and not isinstance(exc, peewee.PeeweeException):
                 raise

@@ -64,7 +64,7 @@ def enveloped(callback, *, reads_only: bool = False):
                 return failure(exc.http_status, 9, BUSY if busy_error(exc) is not None else exc.message)
             code = 3 if exc.http_status == 404 else 4
             return failure(exc.http_status, code, exc.message)
-        except Exception as exc:  # noqa: BLE001 - the relay's one place where a crash becomes a 500
+        except Exception as exc:  # the relay's one place where a crash becomes a 500
             detail = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             if busy_error(exc) is not None:  # a full pool is a ValueError, not a PeeweeException
                 log.error("%s %s: database busy: %s", bottle.request.method, bottle.request.path, detail)
@@ -261,9 +261,9 @@ def _document(ctx: AppContext) -> None:
                         "The price of the action ([prices]) is held before the upstream is called and charged "
                         "when it accepts (codes 1, 21, 22); a rejection is recorded as a FAILURE task and charges "
                         "nothing. action/modal/change/simple-change go to the channel of the earlier task, which "
-                        "must be the caller's. An upstream rejection is answered with the upstream's status. The server "
-                        "itself answers a body over [server] max_body_bytes 413 unread, and one that does not "
-                        "arrive within [server] body_timeout 408, both as {\"success\": false, \"message\"}.",
+                        "must be the caller's. An upstream rejection is answered with the upstream's status. "
+                        "The server itself answers a body over [server] max_body_bytes 413 unread, and one that "
+                        "does not arrive within [server] body_timeout 408, both as {\"success\": false, \"message\"}.",
             responses={200: json_response(envelope, "The upstream's SubmitResult."),
                        **errors(400, 401, 403, 404, 429, 500, 502, 503)})
         api.operation(

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import bottle
@@ -45,7 +45,7 @@ class StaticFile:
     etag: str
 
 
-@lru_cache(maxsize=None)
+@cache
 def load_static(name: str) -> StaticFile:
     """A packaged file, read once per process."""
     body = (STATIC_DIR / name).read_bytes()

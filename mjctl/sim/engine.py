@@ -142,7 +142,10 @@ class Engine:
 
     def task_json(self, task: SimTask, now: float, base_url: str | None = None) -> dict[str, Any]:
         phase = phase_at(task, now)
-        ms = lambda t: None if t is None else int(t * 1000)  # noqa: E731
+
+        def ms(t: float | None) -> int | None:
+            return None if t is None else int(t * 1000)
+
         image_url = None
         if phase.status == "SUCCESS":
             image_url = self.image_url(task, base_url or task.base_url, phase.finish_time or now)
