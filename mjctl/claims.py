@@ -1,4 +1,4 @@
-"""Per-channel poll claims: how several pollers share one cycle's work (issue 8).
+"""Per-channel poll claims: how several pollers share one cycle's work.
 
 Every channel with unfinished tasks has a ``poll_claim`` row. A poller polls a channel only while it holds
 that row's claim, so however many pollers run (several ``mjctl serve`` processes, cron on several hosts),

@@ -413,8 +413,8 @@ MJ_ID_CHARS = 64  # Task.mj_id
 def _m6_task_identity(db: peewee.Database) -> None:
     """Make (channel_id, mj_id) unique, keeping every row.
 
-    An upstream's task id is unique only among that upstream's tasks, and nothing used to stop one channel
-    from holding two tasks with the same id (an upstream repeating an id). Such rows are all kept: on each
+    An upstream's task id is unique only among that upstream's tasks, and without this index nothing stops one
+    channel from holding two tasks with the same id (an upstream repeating an id). Such rows are all kept: on each
     channel the oldest keeps its mj_id and every newer one is renamed ``<mj_id>~<row id>``, the original
     part cut short so that the whole fits 64 characters. Upstream ids are digits and row ids are unique, so
     a renamed id meets no other; should one be taken all the same, ``.<n>`` is added until it is free. How
@@ -569,7 +569,7 @@ def retry_transaction(fn: Callable[[], T], *, attempts: int = 8, what: str = "tr
     The database rolled the failed attempt back whole, so running it again is safe. MariaDB answers
     concurrent inserts that fire the task-count trigger with occasional deadlocks (error 1213);
     PostgreSQL and SQLite can fail the same way under contention. Those fail fast and are worth
-    retrying. An attempt that failed after waiting out a lock timeout is not: retrying it used to wait
+    retrying. An attempt that failed after waiting out a lock timeout is not: retrying it would wait
     the whole timeout again, eight times over (80 s of a server thread behind a locked SQLite file).
     So all attempts together get budget seconds (default: the busy timeout); once spent, the failure is
     raised as DatabaseBusy when it is one.

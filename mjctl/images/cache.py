@@ -62,7 +62,7 @@ class ImageCache:
 
     @staticmethod
     def legacy_key(mj_id: str) -> str:
-        """The file name earlier versions gave the image of upstream id mj_id, whichever task it was."""
+        """The legacy file name: the image of upstream id mj_id keyed by that id alone, whichever task it was."""
         return _hashed(mj_id)
 
     def path_for(self, source: ImageSource, content_type: str) -> Path | None:
@@ -76,7 +76,7 @@ class ImageCache:
         return self.directory / key[:2] / f"{key}{ext}"
 
     def find(self, source: ImageSource | str) -> CachedImage | None:
-        """The cached image of source; given a bare upstream id, the file earlier versions cached under it."""
+        """The cached image of source; given a bare upstream id, its legacy file."""
         return self._find_key(self.legacy_key(source) if isinstance(source, str) else self.key_for(source))
 
     def _find_key(self, key: str) -> CachedImage | None:
@@ -195,7 +195,7 @@ def _unlink(path: Path) -> bool:
 
 
 def claim_legacy_file(cache: ImageCache, source: ImageSource) -> CachedImage | None:
-    """On a miss under source's own key, the file earlier versions cached under its bare upstream id,
+    """On a miss under source's own key, the legacy file keyed by its bare upstream id,
     moved under source's key — but only when source's task is the one task with that upstream id (else
     nothing says whose image the file is, and it is left alone). None when there is nothing to claim.
 

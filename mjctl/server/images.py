@@ -2,7 +2,7 @@
 
 A task is its row: upstream ids repeat across channels, so the links mjctl hands out name the row
 (``?t=<row id>&sig=…``, the signature over row id and upstream id). Access: such a link; a legacy link
-(``?sig=…`` over the upstream id alone, handed out by earlier versions), which opens the image only while
+(``?sig=…`` over the upstream id alone), which opens the image only while
 exactly one task has that id; or the token of the task's owner (their own task with that id) or an admin;
 ``[images] sign = false`` makes images public.
 
