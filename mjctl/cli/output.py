@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import sys
 import time
 from collections.abc import Iterable, Sequence
@@ -11,7 +10,8 @@ from typing import Any
 
 import typer
 
-from mjctl.textsafe import VisibleFormatter, json_visible, visible
+from mjctl.logs import configure_logging  # noqa: F401 - the commands import it from here
+from mjctl.textsafe import json_visible, visible
 
 STATUS_STYLES = {
     "SUCCESS": "green",
@@ -140,27 +140,3 @@ def _shorten(text: str, width: int) -> str:
 def abort(message: str, code: int = 1) -> None:
     error(message)
     raise typer.Exit(code)
-
-
-
-class _StderrHandler(logging.StreamHandler):
-    """Writes to whatever sys.stderr is at the time (test runners swap it)."""
-
-    @property
-    def stream(self):
-        return sys.stderr
-
-    @stream.setter
-    def stream(self, _value) -> None:
-        pass
-
-
-def configure_logging(level: str) -> None:
-    """mjctl's log lines (the access log, poller faults) to stderr at level; stdout stays data. The lines
-    quote request paths and upstream messages, so they are escaped (VisibleFormatter)."""
-    logger = logging.getLogger("mjctl")
-    if not any(isinstance(h, _StderrHandler) for h in logger.handlers):
-        handler = _StderrHandler()
-        handler.setFormatter(VisibleFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-        logger.addHandler(handler)
-    logger.setLevel(getattr(logging, level.upper(), logging.INFO))

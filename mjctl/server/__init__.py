@@ -39,8 +39,8 @@ def make_bridge(settings: Settings, app=None, *, multiprocess: bool = False) -> 
 
 def load_worker(settings: Settings) -> WSGIBridge:
     """One `mjctl serve` worker process: logging, its own database connections, the app behind its bridge."""
-    from mjctl.cli.output import configure_logging
     from mjctl.db import open_store
+    from mjctl.logs import configure_logging
 
     _die_with_parent()
     _end_without_finalizing()
