@@ -42,15 +42,20 @@ SIM_SECRET = "bench-sim"
 # --- the attack (runs in its own process) ----------------------------------------------------------------
 
 
-async def _idle(host: str, port: int, stats: dict) -> None:
-    """A connection that never sends a byte; re-opened whenever the server closes it."""
+async def _connect(host: str, port: int, stats: dict):
+    """A new connection, retried (and counted) until the server accepts one."""
     while True:
         try:
-            reader, writer = await asyncio.open_connection(host, port)
+            return await asyncio.open_connection(host, port)
         except OSError:
             stats["connect_errors"] += 1
             await asyncio.sleep(0.2)
-            continue
+
+
+async def _idle(host: str, port: int, stats: dict) -> None:
+    """A connection that never sends a byte; re-opened whenever the server closes it."""
+    while True:
+        reader, writer = await _connect(host, port, stats)
         stats["idle_opened"] += 1
         try:
             await reader.read(65536)  # returns once the server closes (or sends anything)
@@ -64,12 +69,7 @@ async def _idle(host: str, port: int, stats: dict) -> None:
 async def _drip(host: str, port: int, every: float, stats: dict) -> None:
     """A request whose head never ends: one header line every `every` seconds; re-opened when cut off."""
     while True:
-        try:
-            reader, writer = await asyncio.open_connection(host, port)
-        except OSError:
-            stats["connect_errors"] += 1
-            await asyncio.sleep(0.2)
-            continue
+        reader, writer = await _connect(host, port, stats)
         stats["drip_opened"] += 1
         closed = asyncio.ensure_future(reader.read(65536))
         try:

@@ -11,7 +11,7 @@
 4. One poll cycle (`poll_once`): wall time as a ratio to the floor, and its upstream request count
    against ceil(tasks / batch_size).
 5. The idle cycle on a seeded store of --idle-tasks finished tasks (bench/seed.py): median of 200.
-6. Work sharing (issue 8): one round of 1 and of 3 pollers started at once over the same unfinished tasks
+6. Work sharing: one round of 1 and of 3 pollers started at once over the same unfinished tasks
    (`run_pollers`, also used by bench/scale.py): upstream requests, which must not grow with the pollers.
 """
 

@@ -1,4 +1,4 @@
-"""Work sharing between pollers (issue 8): each channel is polled by one of them per round, and a claim
+"""Work sharing between pollers: each channel is polled by one of them per round, and a claim
 whose holder died expires so its channel is polled again."""
 
 from __future__ import annotations

@@ -78,14 +78,10 @@ def _constraints(schema: dict) -> list[str]:
     for key, word in (("minimum", "≥"), ("exclusiveMinimum", ">"), ("maximum", "≤"), ("exclusiveMaximum", "<")):
         if key in schema:
             notes.append(f"{word} {schema[key]}")
-    if "minLength" in schema:
-        notes.append(f"at least {schema['minLength']} characters")
-    if "maxLength" in schema:
-        notes.append(f"at most {schema['maxLength']} characters")
-    if "minItems" in schema:
-        notes.append(f"at least {schema['minItems']} items")
-    if "maxItems" in schema:
-        notes.append(f"at most {schema['maxItems']} items")
+    for key, text in (("minLength", "at least {} characters"), ("maxLength", "at most {} characters"),
+                      ("minItems", "at least {} items"), ("maxItems", "at most {} items")):
+        if key in schema:
+            notes.append(text.format(schema[key]))
     if "format" in schema:
         notes.append(f"format {schema['format']}")
     if "default" in schema:

@@ -285,10 +285,11 @@ def _document(ctx: AppContext) -> None:
             summary="The seed of one of the caller's tasks, asked of its upstream (free).",
             responses={200: json_response(envelope, "The seed in result."),
                        **errors(401, 403, 404, 429, 500, 502, 503)})
+    notify_sig = [query_param("sig", {"type": "string"}, "The signature mjctl put into the hook it forwarded.",
+                              required=True)]
     api.operation(
         "/mj/notify/<channel_id:int>/<nonce>", "post", tags=["relay"], secured=False, request_body=body,
-        parameters=[query_param("sig", {"type": "string"}, "The signature mjctl put into the hook it forwarded.",
-                                required=True)],
+        parameters=notify_sig,
         summary="notifyHook callbacks from an upstream (a task JSON) about the one task the link was made for.",
         description="Each submission is forwarded with its own link; a push through it is applied, like a poll "
                     "report, only to that task (its id must be the report's id) and only while the task is "
@@ -298,8 +299,7 @@ def _document(ctx: AppContext) -> None:
                    **errors(400, 403, 500, e403="Missing or wrong signature, or a report about another task.")})
     api.operation(
         "/mj/notify/<channel_id:int>", "post", tags=["relay"], secured=False, request_body=body,
-        parameters=[query_param("sig", {"type": "string"}, "The signature mjctl put into the hook it forwarded.",
-                                required=True)],
+        parameters=notify_sig,
         summary="The per-channel notify link of tasks submitted before links were per task.",
         description="Applied only to tasks of the channel that have no per-task link; a report about any other "
                     "task is refused. A task mjctl does not know is answered 200 with a note.",
