@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from urllib.parse import urlparse
 
+import httpx
 import peewee
 
 from mjctl import crypto
@@ -11,6 +12,7 @@ from mjctl.accounts import validate_name
 from mjctl.db import write_tx
 from mjctl.errors import Conflict, NotFound, UsageError
 from mjctl.models import Channel
+from mjctl.upstream import UpstreamClient
 
 
 def validate_base_url(url: str) -> str:
@@ -75,6 +77,14 @@ def channel_secret(settings, channel: Channel) -> str:
     if not channel.secret_sealed:
         return ""
     return crypto.unseal(crypto.server_secret(settings), channel.secret_sealed)
+
+
+def client_for(settings, channel: Channel, *, timeout: float, transport: httpx.BaseTransport | None = None
+               ) -> UpstreamClient:
+    """The one way to talk to a channel: its URL and decrypted secret, a total deadline of ``timeout`` seconds
+    per call, and at most 5 s (or the deadline, if shorter) to connect."""
+    return UpstreamClient(channel.base_url, channel_secret(settings, channel), timeout=timeout,
+                          connect_timeout=min(5.0, timeout), transport=transport)
 
 
 def channel_dict(channel: Channel) -> dict:

@@ -28,7 +28,7 @@ import peewee
 from playhouse.pool import PooledMySQLDatabase
 
 from mjctl.config import SCHEMA, Settings, redact_url
-from mjctl.errors import ConfigError, DatabaseUnavailable
+from mjctl.errors import ConfigError, DatabaseUnavailable, first_line
 from mjctl.models import ALL_MODELS, SchemaVersion, database
 
 log = logging.getLogger("mjctl.db")
@@ -210,9 +210,9 @@ def bind(url: str, settings: Settings | None = None) -> peewee.Database:
     try:
         database.connect(reuse_if_open=True)
     except peewee.OperationalError as exc:
-        raise DatabaseUnavailable(f"Cannot connect to the database at {redact_url(url)}: {_first_line(exc)}.") from None
+        raise DatabaseUnavailable(f"Cannot connect to the database at {redact_url(url)}: {first_line(exc)}.") from None
     except peewee.DatabaseError as exc:
-        raise DatabaseUnavailable(f"Cannot open the database at {redact_url(url)}: {_first_line(exc)}.") from None
+        raise DatabaseUnavailable(f"Cannot open the database at {redact_url(url)}: {first_line(exc)}.") from None
     return database.obj
 
 
@@ -236,11 +236,6 @@ def open_store(settings: Settings, *, migrate_now: bool = True) -> peewee.Databa
     if migrate_now:
         migrate()
     return db
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0].rstrip(".") if text else exc.__class__.__name__
 
 
 #: Errors after which a connection cannot be trusted: the server went away, killed it or restarted.
@@ -319,7 +314,7 @@ def call_with_connection(fn: Callable, *args, retry: bool = False, **kwargs):
             if (not retry or attempt == READ_RETRIES or database.in_transaction()
                     or time.monotonic() - started >= lock_wait_budget()):
                 raise
-            log.warning("database connection lost (%s); retrying on a new connection", _first_line(exc))
+            log.warning("database connection lost (%s); retrying on a new connection", first_line(exc))
     raise AssertionError("unreachable")
 
 
@@ -588,9 +583,9 @@ def retry_transaction(fn: Callable[[], T], *, attempts: int = 8, what: str = "tr
             if attempt == attempts or time.monotonic() - started + pause >= budget:
                 busy = busy_error(exc)
                 if busy is not None:
-                    log.warning("%s: gave up after %.1f s: %s", what, time.monotonic() - started, _first_line(exc))
+                    log.warning("%s: gave up after %.1f s: %s", what, time.monotonic() - started, first_line(exc))
                     raise busy from exc
                 raise
-            log.info("%s: database conflict (%s); retrying", what, _first_line(exc))
+            log.info("%s: database conflict (%s); retrying", what, first_line(exc))
             time.sleep(pause)
     raise AssertionError("unreachable")

@@ -41,3 +41,10 @@ class InsufficientQuota(MjctlError):
 
 class DatabaseUnavailable(MjctlError):
     http_status = 503
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's text without its final full stop (the class name when it has none):
+    what a log line or a one-sentence message quotes of a driver's or a library's error."""
+    lines = str(exc).strip().splitlines()
+    return (lines[0] if lines else type(exc).__name__).rstrip(".")

@@ -18,13 +18,13 @@ from peewee import (
     TextField,
 )
 
+from mjctl.protocol import FINISHED_STATUSES
+
 database = DatabaseProxy()
 
 ROLE_USER, ROLE_ADMIN, ROLE_ROOT = 1, 10, 100
 ROLES = {"user": ROLE_USER, "admin": ROLE_ADMIN, "root": ROLE_ROOT}
 ROLE_NAMES = {v: k for k, v in ROLES.items()}
-
-FINISHED_STATUSES = ("SUCCESS", "FAILURE", "CANCEL")
 
 
 def now() -> int:

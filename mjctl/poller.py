@@ -224,13 +224,10 @@ class _Cycle:
     def _client(self, channel: Channel):
         if channel.id in self.clients:
             return self.clients[channel.id], False
-        from mjctl.channels import channel_secret
-        from mjctl.upstream import UpstreamClient
+        from mjctl.channels import client_for
 
         transport = self.transport if self.transport is not None else _transport()
-        client = UpstreamClient(channel.base_url, channel_secret(self.settings, channel),
-                                timeout=self.request_timeout, connect_timeout=min(self.request_timeout, 5.0),
-                                transport=transport)
+        client = client_for(self.settings, channel, timeout=self.request_timeout, transport=transport)
         return client, True
 
     def poll_channel(self, channel: Channel, tasks: list[_Pending]) -> CycleSummary:

@@ -43,7 +43,7 @@ from typing import Any
 import peewee
 
 from mjctl import crypto, pending, tasks, upstream_text
-from mjctl.channels import channel_secret
+from mjctl.channels import client_for
 from mjctl.db import retry_transaction, write_tx
 from mjctl.errors import MjctlError
 from mjctl.images.common import ROUTE as IMAGE_ROUTE
@@ -232,9 +232,7 @@ def reservation_ttl(settings, channels: int) -> float:
 
 
 def _client(settings, channel: Channel) -> UpstreamClient:
-    timeout = submit_deadline(settings)
-    return UpstreamClient(channel.base_url, channel_secret(settings, channel), timeout=timeout,
-                          connect_timeout=min(5.0, timeout))
+    return client_for(settings, channel, timeout=submit_deadline(settings))
 
 
 def _owned_parent(user: User, kind: str, body: dict) -> Task:
@@ -242,8 +240,7 @@ def _owned_parent(user: User, kind: str, body: dict) -> Task:
     if not parent_id:
         field = "content" if kind == "simple-change" else "taskId"
         raise _Refusal(400, 4, f"{field} is required")
-    parent = Task.select().where((Task.mj_id == parent_id) & (Task.user_id == user.id)).order_by(
-        Task.id.desc()).first()
+    parent = tasks.owned_task(user.id, parent_id)
     if parent is None:
         # Someone else's task reads exactly like a missing one: ids of others are not disclosed.
         raise _Refusal(404, 3, f"task {parent_id} not found")

@@ -321,7 +321,7 @@ def page_envelope(page: TaskPage, *, admin: bool, image_url: Callable[[Task], st
 
 # A listing row holds LISTING_COLUMNS, all NOT NULL, so an item is the row under the fields' names. Spelt
 # out (the dict display of an unpacked row) it costs half of dict(zip(...)): ~0.7 us an item instead of 1.5.
-# tests/test_tasks.py checks these against USER_FIELDS, ADMIN_FIELDS and task_item.
+# tests/test_api.py checks these against USER_FIELDS, ADMIN_FIELDS and task_item.
 
 def _user_items(rows: list[TaskRow]) -> list[dict]:
     return [

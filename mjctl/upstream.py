@@ -40,6 +40,7 @@ import httpcore
 import httpx
 
 from mjctl import jsontext, upstream_text
+from mjctl.protocol import ACCEPTED_CODES, FINISHED_STATUSES, PREFIXES, SUBMIT_KINDS
 
 __all__ = [
     "ACCEPTED_CODES",
@@ -66,10 +67,6 @@ __all__ = [
     "task_is_finished",
 ]
 
-SUBMIT_KINDS = ("imagine", "action", "modal", "change", "simple-change", "describe", "blend", "shorten")
-PREFIXES = ("", "/mj-fast", "/mj-relax", "/mj-turbo")
-ACCEPTED_CODES = frozenset({1, 21, 22})
-FINISHED_STATUSES = frozenset({"SUCCESS", "FAILURE", "CANCEL"})
 
 
 class UpstreamError(Exception):

@@ -31,6 +31,8 @@ import re
 import threading
 from typing import Any
 
+from mjctl.protocol import STATUSES
+
 __all__ = [
     "CleanReport", "ID_RE", "MAX_ID_CHARS", "MAX_TEXT_CHARS", "MAX_PROMPT_CHARS", "MAX_URL_CHARS", "STATUSES",
     "UpstreamTextError", "clean_properties", "clean_report", "clean_text", "clean_url", "remember_secret",
@@ -47,7 +49,6 @@ MAX_URL_CHARS = 2048
 MAX_PROGRESS_CHARS = 32
 MAX_ACTION_CHARS = 32  # Task.action
 ACTION_RE = re.compile(r"[A-Za-z0-9_]{1,32}")
-STATUSES = frozenset({"NOT_START", "SUBMITTED", "MODAL", "IN_PROGRESS", "SUCCESS", "FAILURE", "CANCEL"})
 MAX_BUTTONS = 32
 MAX_CUSTOM_ID_CHARS = 256  # what a submission's customId may be, so a button can be pressed again
 MAX_VIDEO_URLS = 16

@@ -17,13 +17,11 @@ def test(
     """Probe a channel: reachable or not, secret accepted or not, round-trip time. Exit 1 when it is not usable."""
     from mjctl import channels
     from mjctl.cli.output import print_json
-    from mjctl.upstream import UpstreamClient
 
     settings = state(ctx).open_store()
     channel = channels.get_channel(name)
     timeout = float(settings.poller.request_timeout)
-    with UpstreamClient(channel.base_url, channels.channel_secret(settings, channel), timeout=timeout,
-                        connect_timeout=min(5.0, timeout)) as client:
+    with channels.client_for(settings, channel, timeout=timeout) as client:
         probe = client.probe()
     usable = probe.reachable and probe.authorized is True
     if json_out:

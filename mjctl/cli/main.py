@@ -11,6 +11,7 @@ from typer.core import TyperGroup
 
 from mjctl import __version__
 from mjctl.cli.state import CliState, state
+from mjctl.errors import first_line
 
 
 class MjctlGroup(TyperGroup):
@@ -45,7 +46,7 @@ def describe_exception(exc: BaseException) -> tuple[str, int]:
         return exc.message, exc.exit_code
     module = type(exc).__module__ or ""
     if module.startswith("peewee") or module.startswith("playhouse"):
-        detail = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        detail = first_line(exc)
         return f"Database error: {detail}.", 1
     if isinstance(exc, OSError):
         return f"{exc.strerror or exc}.", 1

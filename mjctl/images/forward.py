@@ -33,6 +33,7 @@ from typing import IO, TYPE_CHECKING
 import httpx
 
 from mjctl import __version__
+from mjctl.errors import first_line
 from mjctl.images.cache import CachedImage, ImageCache, _unlink
 from mjctl.images.common import IMMUTABLE, READ_CHUNK, REVALIDATE, ImageTooLarge, ImageTruncated, ImageUnavailable
 from mjctl.images.urls import ImageSource
@@ -247,7 +248,7 @@ class ImageForwarder:
                 f"The upstream did not deliver the image of task {source.mj_id} within {self.timeout:g} s.") from None
         except (httpx.HTTPError, httpx.InvalidURL, ValueError) as exc:
             log.info("channel %s: cannot fetch the image of task %s: %s", _label(policy), source.mj_id,
-                     visible(_reason(exc)[:200]))
+                     visible(first_line(exc)[:200]))
             raise ImageUnavailable(unreachable) from None
         finally:
             allowance.spent += time.monotonic() - began
@@ -304,7 +305,7 @@ class ImageForwarder:
                                      f"{length} bytes in {allowance.spent:.1f} s.") from None
             except httpx.HTTPError as exc:
                 raise ImageTruncated(f"The upstream broke off the image of task {source.mj_id} after "
-                                     f"{received} of {length} bytes: {_reason(exc)}.") from None
+                                     f"{received} of {length} bytes: {first_line(exc)}.") from None
             if received != length:
                 raise ImageTruncated(f"The upstream broke off the image of task {source.mj_id} after "
                                      f"{received} of {length} bytes.")
@@ -359,7 +360,7 @@ class ImageForwarder:
         except httpx.HTTPError as exc:
             _discard(temp, temp_path)
             raise ImageUnavailable(
-                f"The upstream broke off the image of task {source.mj_id}: {_reason(exc)}.") from None
+                f"The upstream broke off the image of task {source.mj_id}: {first_line(exc)}.") from None
         except BaseException:
             _discard(temp, temp_path)
             raise
@@ -455,8 +456,3 @@ def _target(exc: FetchRefused) -> str:
     """host:port of a refused fetch, shortened and escaped: it is the upstream's text, not a full URL."""
     host = exc.host if len(exc.host) <= 80 else exc.host[:77] + "..."
     return visible(f"{host}:{exc.port}" if exc.port else host)
-
-
-def _reason(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return (text[0] if text else type(exc).__name__).rstrip(".")

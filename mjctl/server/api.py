@@ -14,6 +14,7 @@ import re
 import bottle
 
 from mjctl import __version__
+from mjctl.errors import first_line
 from mjctl.server.app import ApiError, AppContext, json_error, ok
 from mjctl.server.auth import authenticate_request, require_admin
 from mjctl.server.openapi import error_responses, json_response, query_param
@@ -129,7 +130,7 @@ def install(app: bottle.Bottle, ctx: AppContext) -> None:
             with connection():
                 database.execute_sql("SELECT 1")
         except Exception as exc:  # noqa: BLE001 - any failure means "not reachable"
-            detail = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            detail = first_line(exc)
             log.warning("health check: the database is not reachable: %s", detail)
             return json_error(503, "The database is not reachable.")
         return ok({"database": "ok", "version": __version__})

@@ -34,7 +34,7 @@ import orjson
 import peewee
 
 from mjctl.config import Settings
-from mjctl.errors import MjctlError
+from mjctl.errors import MjctlError, first_line
 from mjctl.server.openapi import OpenAPI
 
 log = logging.getLogger("mjctl.server")
@@ -118,7 +118,7 @@ class ErrorPlugin:
             except Exception as exc:  # the one place a route's crash becomes a 500
                 busy = busy_error(exc)  # a full pool is a ValueError, raised wherever a connection is taken
                 if busy is not None:
-                    log.error("%s %s: database busy: %s", route.method, route.rule, _first_line(exc))
+                    log.error("%s %s: database busy: %s", route.method, route.rule, first_line(exc))
                     return json_error(busy.http_status, busy.message, busy.headers)
                 log.exception("unhandled error in %s %s", route.method, route.rule)
                 return json_error(500, "Internal server error.")
@@ -170,9 +170,9 @@ class StorePlugin:
             except peewee.PeeweeException as exc:
                 busy = busy_error(exc)
                 if busy is not None:
-                    log.error("%s %s: database busy: %s", route.method, route.rule, _first_line(exc))
+                    log.error("%s %s: database busy: %s", route.method, route.rule, first_line(exc))
                     return json_error(busy.http_status, busy.message, busy.headers)
-                log.error("%s %s: database error: %s", route.method, route.rule, _first_line(exc))
+                log.error("%s %s: database error: %s", route.method, route.rule, first_line(exc))
                 return json_error(500, message)
 
         return wrapper
@@ -183,10 +183,6 @@ def busy_error(exc: BaseException):
     from mjctl.db import busy_error as classify
 
     return classify(exc)
-
-
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
 ERROR_MESSAGES = {

@@ -22,6 +22,7 @@ import bottle
 import peewee
 
 from mjctl import images
+from mjctl.errors import first_line
 from mjctl.images import ImageForwarder, ImageSource, ImageStream, ImageTruncated, ImageUnavailable
 from mjctl.server.app import AppContext, busy_error, json_error
 from mjctl.server.auth import request_token
@@ -190,7 +191,7 @@ def install(app: bottle.Bottle, ctx: AppContext) -> None:
             busy = busy_error(exc)  # a lock or pool timeout, a lost connection (a full pool is a ValueError)
             if busy is None and not isinstance(exc, peewee.PeeweeException):
                 raise
-            log.error("GET /mj/image: database error: %s", (str(exc).strip().splitlines() or [type(exc).__name__])[0])
+            log.error("GET /mj/image: database error: %s", first_line(exc))
             return json_error(503, busy.message if busy is not None else "The database failed; try again shortly.",
                               {"Retry-After": "2"})
         if images.etag_matches(request.get_header("If-None-Match"), source.etag):

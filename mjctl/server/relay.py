@@ -20,7 +20,7 @@ import bottle
 import peewee
 
 from mjctl import crypto, jsontext, relay
-from mjctl.errors import MjctlError
+from mjctl.errors import MjctlError, first_line
 from mjctl.server.app import AppContext
 from mjctl.server.auth import authenticate_request
 from mjctl.server.capacity import UserGate
@@ -65,7 +65,7 @@ def enveloped(callback, *, reads_only: bool = False):
             code = 3 if exc.http_status == 404 else 4
             return failure(exc.http_status, code, exc.message)
         except Exception as exc:  # the relay's one place where a crash becomes a 500
-            detail = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            detail = first_line(exc)
             if busy_error(exc) is not None:  # a full pool is a ValueError, not a PeeweeException
                 log.error("%s %s: database busy: %s", bottle.request.method, bottle.request.path, detail)
                 return failure(503, 9, BUSY)

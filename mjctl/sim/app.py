@@ -12,7 +12,8 @@ from typing import Any
 
 import bottle
 
-from mjctl.sim.engine import PREFIX_MODES, SUBMIT_KINDS, Engine, Reply, Settings, envelope
+from mjctl.protocol import ACCEPTED_CODES, SUBMIT_KINDS
+from mjctl.sim.engine import PREFIX_MODES, Engine, Reply, SimSettings, envelope
 from mjctl.sim.push import Pusher
 
 #: Named faults, each injected at a rate (0..1). Besides real upstreams' faults, two that attack a client's timeouts:
@@ -59,7 +60,7 @@ class Simulator:
         if accounts < 1 or concurrency < 1 or queue_size < 0 or step_seconds <= 0:
             raise ValueError("accounts and concurrency must be >= 1, queue_size >= 0 and step_seconds > 0")
         self.secret = secret
-        self.settings = Settings(
+        self.settings = SimSettings(
             flavor=flavor, step_seconds=step_seconds, fail_rate=fail_rate, queue_size=queue_size,
             image_ttl=image_ttl, image_bytes=image_bytes, slow_seconds=slow_seconds,
             banned_words=list(banned_words), notify_hook=notify_hook, public_url=public_url,
@@ -90,7 +91,7 @@ class Simulator:
         faults = dict(self.settings.faults)
         settings: dict[str, Any] = {}
         reshape: dict[str, int] = {}
-        known = {f.name for f in fields(Settings)} - {"faults"}
+        known = {f.name for f in fields(SimSettings)} - {"faults"}
         for key, value in changes.items():
             if key == "faults" and isinstance(value, dict):
                 for name, rate in value.items():
@@ -116,7 +117,7 @@ class Simulator:
         return self.describe()
 
     def describe(self) -> dict[str, Any]:
-        state = {f.name: getattr(self.settings, f.name) for f in fields(Settings)}
+        state = {f.name: getattr(self.settings, f.name) for f in fields(SimSettings)}
         state["faults"] = {name: self.settings.faults.get(name, 0.0) for name in FAULTS}
         return state
 
@@ -296,7 +297,7 @@ class Simulator:
                 properties = reply.body.setdefault("properties", {})
                 properties["notifyHook"] = hook
                 properties["upstream"] = {"notifyHook": hook, "via": [{"notifyHook": hook}]}
-        if submitted and settings.submit_result is not None and reply.body.get("code") in (1, 21, 22):
+        if submitted and settings.submit_result is not None and reply.body.get("code") in ACCEPTED_CODES:
             reply.body["result"] = settings.submit_result
         return reply
 

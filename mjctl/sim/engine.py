@@ -19,9 +19,9 @@ from dataclasses import dataclass, field
 from random import Random
 from typing import Any
 
+from mjctl.protocol import FINISHED_STATUSES
 from mjctl.sim.png import make_png
 from mjctl.sim.tasks import (
-    FINISHED,
     Account,
     SimTask,
     buttons_for,
@@ -29,7 +29,6 @@ from mjctl.sim.tasks import (
     phase_at,
 )
 
-SUBMIT_KINDS = ("imagine", "action", "modal", "change", "simple-change", "describe", "blend", "shorten")
 PREFIX_MODES = {"": "FAST", "/mj-fast": "FAST", "/mj-relax": "RELAX", "/mj-turbo": "TURBO"}
 DIMENSIONS = ("PORTRAIT", "SQUARE", "LANDSCAPE")
 FAIL_REASONS = ("[Invalid parameter] Invalid value", "Job failed: internal error", "执行超时 5 分钟")
@@ -37,7 +36,7 @@ IMAGE_CACHE_BYTES = 512 * 1024 * 1024
 
 
 @dataclass
-class Settings:
+class SimSettings:
     """Everything that can change at run time (``Simulator.update``), shared by engine and web layer."""
 
     flavor: str = "java"
@@ -78,7 +77,7 @@ def envelope(code: int, description: str, result: str | None = None, **propertie
 
 
 class Engine:
-    def __init__(self, settings: Settings, *, accounts: int, concurrency: int, rng: Random):
+    def __init__(self, settings: SimSettings, *, accounts: int, concurrency: int, rng: Random):
         self.settings = settings
         self.rng = rng
         self.lock = threading.RLock()
@@ -486,7 +485,7 @@ class Engine:
                 snapshot = self.task_json(task, now)
                 out.append((task.notify_hook, snapshot, task.pushed_snapshot))
                 task.pushed_key, task.pushed_snapshot = key, snapshot
-                task.push_done = phase.status in FINISHED
+                task.push_done = phase.status in FINISHED_STATUSES
         return out
 
 

@@ -12,12 +12,13 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from mjctl.protocol import FINISHED_STATUSES
+
 PERCENTAGES = ("15%", "31%", "46%", "62%", "78%", "93%")
 # Actions that finish after about one step, without percentages.
 QUICK_ACTIONS = frozenset({"UPSCALE", "UPSCALE_HD", "DESCRIBE", "SHORTEN"})
 # Actions whose result is a 2x2 grid, answered with U1-U4, reroll and V1-V4 buttons.
 GRID_ACTIONS = frozenset({"IMAGINE", "VARIATION", "REROLL", "BLEND", "ZOOM", "PAN", "INPAINT"})
-FINISHED = frozenset({"SUCCESS", "FAILURE", "CANCEL"})
 
 
 @dataclass
@@ -95,7 +96,7 @@ class Phase:
 
     @property
     def finished(self) -> bool:
-        return self.status in FINISHED
+        return self.status in FINISHED_STATUSES
 
 
 def phase_at(task: SimTask, now: float) -> Phase:
