@@ -227,7 +227,7 @@ def main() -> None:
     from mjctl import accounts, channels
     from mjctl.db import unbind
     from mjctl.server import create_app
-    from mjctl.simulator import run_simulator_in_thread
+    from mjctl.sim import run_simulator_in_thread
 
     servers.raise_fd_limit()
     args.db = args.db or api.default_db(args.tasks)

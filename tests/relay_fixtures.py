@@ -39,7 +39,7 @@ def start_relay(settings, *, users=(("alice", 10_000), ("bob", 10_000)), **sim_o
     from mjctl import accounts, channels
     from mjctl.httpserver import ServerThread
     from mjctl.server import make_bridge
-    from mjctl.simulator import run_simulator_in_thread
+    from mjctl.sim import run_simulator_in_thread
 
     opts = dict(secret=SIM_SECRET, step_seconds=0.02, queue_size=1000)
     opts.update(sim_opts)

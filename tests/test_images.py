@@ -17,7 +17,7 @@ from mjctl import accounts, crypto, images
 from mjctl.httpserver import ServerThread
 from mjctl.images import ImageCache, ImageForwarder, ImagePrefetcher, ImageSource, prefetch_hook
 from mjctl.models import Task
-from mjctl.simulator import run_simulator_in_thread
+from mjctl.sim import run_simulator_in_thread
 from tests.conftest import make_settings
 from tests.helpers import wait_until
 

@@ -18,7 +18,7 @@ from tests.poller_helpers import PRICE, add_channel, book_problems, sim_submit, 
 
 @pytest.fixture
 def sim():
-    from mjctl.simulator import run_simulator_in_thread
+    from mjctl.sim import run_simulator_in_thread
 
     handle = run_simulator_in_thread(secret="sim-secret", step_seconds=0.01, seed=5)
     handle.sim.update({"accounts": 4, "concurrency": 10, "queue_size": 1000})

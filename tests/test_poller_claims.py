@@ -16,7 +16,7 @@ from tests.poller_helpers import PRICE, add_channel, book_problems, sim_submit, 
 
 
 def _simulator(**opts):
-    from mjctl.simulator import run_simulator_in_thread
+    from mjctl.sim import run_simulator_in_thread
 
     handle = run_simulator_in_thread(secret="sim-secret", threads=32, **opts)
     handle.sim.update({"accounts": 50, "concurrency": 50, "queue_size": 10000})

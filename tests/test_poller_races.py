@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def _simulator(**opts):
-    from mjctl.simulator import run_simulator_in_thread
+    from mjctl.sim import run_simulator_in_thread
 
     handle = run_simulator_in_thread(secret="sim-secret", threads=32, **opts)
     handle.sim.update({"accounts": 50, "concurrency": 20, "queue_size": 10000})

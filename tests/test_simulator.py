@@ -12,8 +12,8 @@ import httpx
 import pytest
 
 from mjctl.httpserver import ServerThread
+from mjctl.sim import Simulator, run_simulator_in_thread
 from mjctl.sim.tasks import PERCENTAGES, phase_at
-from mjctl.simulator import Simulator, run_simulator_in_thread
 from tests.helpers import wait_until
 
 SECRET = "sim-secret"

@@ -254,7 +254,7 @@ def test_a_server_killed_between_forwarding_and_recording_leaves_nothing_lost_or
     from mjctl.models import PendingSubmission, Reservation, Task
     from mjctl.poller import poll_once
     from mjctl.relay import available_quota, reservation_ttl
-    from mjctl.simulator import run_simulator_in_thread
+    from mjctl.sim import run_simulator_in_thread
 
     settings = make_settings(tmp_path, database_url)
     open_store(settings)

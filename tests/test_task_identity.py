@@ -27,7 +27,7 @@ UNKNOWN = "1799999999999999"
 @pytest.fixture
 def two_channels(relay_env):
     """relay_env plus a second simulator as a second channel (tried after the first)."""
-    from mjctl.simulator import run_simulator_in_thread
+    from mjctl.sim import run_simulator_in_thread
 
     second = run_simulator_in_thread(secret=SIM_SECRET, step_seconds=0.02, queue_size=1000)
     channel = channels.add_channel(relay_env.settings, "sim-b", second.url, SIM_SECRET, priority=-1)

@@ -13,7 +13,7 @@ from tests.relay_fixtures import SIM_SECRET, assert_books_balance, balance, clos
 @pytest.fixture
 def sim(store):
     from mjctl import accounts, channels
-    from mjctl.simulator import run_simulator_in_thread
+    from mjctl.sim import run_simulator_in_thread
 
     handle = run_simulator_in_thread(secret=SIM_SECRET, step_seconds=0.02, queue_size=1000)
     channels.add_channel(store, "sim", handle.url, SIM_SECRET)
@@ -81,11 +81,11 @@ def _drive(reports, monkeypatch):
     the watcher has looked at the store since the previous one, so every change is seen, however slow
     the machine."""
     from mjctl import reports as report_path
-    from mjctl.cli import tasks_relay
+    from mjctl.cli import tasks as tasks_cli
 
     looks = threading.Condition()
     count = [0]
-    original = tasks_relay._snapshot
+    original = tasks_cli._snapshot
 
     def counting_snapshot(*args):
         result = original(*args)
@@ -94,7 +94,7 @@ def _drive(reports, monkeypatch):
             looks.notify_all()
         return result
 
-    monkeypatch.setattr(tasks_relay, "_snapshot", counting_snapshot)
+    monkeypatch.setattr(tasks_cli, "_snapshot", counting_snapshot)
 
     def run():
         seen = 0

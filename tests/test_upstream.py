@@ -7,7 +7,7 @@ import json
 import httpx
 import pytest
 
-from mjctl.simulator import run_simulator_in_thread
+from mjctl.sim import run_simulator_in_thread
 from mjctl.upstream import (
     SubmitResult,
     UpstreamClient,

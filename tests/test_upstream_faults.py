@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from mjctl import crypto, images
-from mjctl.simulator import run_simulator_in_thread
+from mjctl.sim import run_simulator_in_thread
 from mjctl.upstream import UpstreamClient, UpstreamUnavailable
 from tests.helpers import temp_database, wait_until
 from tests.relay_fixtures import SIM_SECRET, assert_books_balance, balance, ledger_total, start_relay

@@ -1,18 +1,24 @@
-"""`mjctl channels …`: the upstream midjourney-proxy deployments."""
+"""`mjctl channels …`: the upstream midjourney-proxy deployments.
+
+The core (peewee underneath) and the upstream client (httpx) are imported inside each command, so that
+`mjctl --help` does not load them.
+"""
 
 from __future__ import annotations
 
 import sys
+from typing import Annotated
 
 import typer
 
+from mjctl.cli.output import Group, JsonOut, print_json, table
 from mjctl.cli.state import state
 from mjctl.textsafe import visible
 
-app = typer.Typer(no_args_is_help=True)
+app = typer.Typer(cls=Group, no_args_is_help=True, help="Manage upstream midjourney-proxy channels.")
 
-JSON = typer.Option(False, "--json", help="Print JSON.")
 COLUMNS = ["ID", "NAME", "BASE_URL", "ENABLED", "PRIORITY", "SECRET"]
+ChannelRef = Annotated[str, typer.Argument(help="Channel name or id.")]
 
 
 def _row(c: dict):
@@ -22,16 +28,16 @@ def _row(c: dict):
 @app.command("add")
 def add(
     ctx: typer.Context,
-    name: str = typer.Argument(..., help="Channel name."),
-    base_url: str = typer.Option(..., "--base-url", help="The upstream's base URL, e.g. http://127.0.0.1:8090."),
-    secret: str = typer.Option("", "--secret", help="The upstream's mj-api-secret (stored sealed)."),
-    priority: int = typer.Option(0, "--priority", help="Higher is tried first."),
-    disabled: bool = typer.Option(False, "--disabled", help="Add it disabled."),
-    json_out: bool = JSON,
+    name: Annotated[str, typer.Argument(help="Channel name.")],
+    base_url: Annotated[str, typer.Option("--base-url",
+                                          help="The upstream's base URL, e.g. http://127.0.0.1:8090.")],
+    secret: Annotated[str, typer.Option("--secret", help="The upstream's mj-api-secret (stored sealed).")] = "",
+    priority: Annotated[int, typer.Option("--priority", help="Higher is tried first.")] = 0,
+    disabled: Annotated[bool, typer.Option("--disabled", help="Add it disabled.")] = False,
+    json_out: JsonOut = False,
 ) -> None:
     """Add an upstream channel."""
     from mjctl import channels
-    from mjctl.cli.output import print_json
 
     settings = state(ctx).open_store()
     channel = channels.add_channel(settings, name, base_url, secret, priority=priority, enabled=not disabled)
@@ -43,10 +49,9 @@ def add(
 
 
 @app.command("list")
-def list_(ctx: typer.Context, json_out: bool = JSON) -> None:
+def list_(ctx: typer.Context, json_out: JsonOut = False) -> None:
     """List channels, highest priority first."""
     from mjctl import channels
-    from mjctl.cli.output import print_json, table
 
     state(ctx).open_store()
     rows = [channels.channel_dict(c) for c in channels.list_channels()]
@@ -57,11 +62,9 @@ def list_(ctx: typer.Context, json_out: bool = JSON) -> None:
 
 
 @app.command("show")
-def show(ctx: typer.Context, name: str = typer.Argument(..., help="Channel name or id."),
-         json_out: bool = JSON) -> None:
+def show(ctx: typer.Context, name: ChannelRef, json_out: JsonOut = False) -> None:
     """One channel, with its count of unfinished tasks."""
     from mjctl import channels
-    from mjctl.cli.output import print_json, table
     from mjctl.models import Task
 
     state(ctx).open_store()
@@ -74,9 +77,33 @@ def show(ctx: typer.Context, name: str = typer.Argument(..., help="Channel name 
     table(["FIELD", "VALUE"], list(data.items()))
 
 
+@app.command("test")
+def test(ctx: typer.Context, name: ChannelRef, json_out: JsonOut = False) -> None:
+    """Probe a channel: reachable or not, secret accepted or not, round-trip time. Exit 1 when it is not usable."""
+    from mjctl import channels
+
+    settings = state(ctx).open_store()
+    channel = channels.get_channel(name)
+    timeout = float(settings.poller.request_timeout)
+    with channels.client_for(settings, channel, timeout=timeout) as client:
+        probe = client.probe()
+    usable = probe.reachable and probe.authorized is True
+    if json_out:
+        print_json({"channel": channel.name, "base_url": channel.base_url, "reachable": probe.reachable,
+                    "authorized": probe.authorized, "rtt_ms": probe.rtt_ms, "ok": usable, "message": probe.message})
+    else:
+        secret = {True: "accepted", False: "REFUSED", None: "unknown"}[probe.authorized]
+        sys.stdout.write(f"Channel {channel.name!r} at {channel.base_url}: "
+                         f"{'reachable' if probe.reachable else 'UNREACHABLE'}, secret {secret}, "
+                         f"{probe.rtt_ms:.0f} ms.\n")
+        if not usable:
+            sys.stderr.write(f"{probe.message}\n")
+    if not usable:
+        raise typer.Exit(1)
+
+
 def _toggle(ctx: typer.Context, name: str, enabled: bool, json_out: bool) -> None:
     from mjctl import channels
-    from mjctl.cli.output import print_json
 
     state(ctx).open_store()
     channel = channels.set_enabled(name, enabled)
@@ -87,25 +114,21 @@ def _toggle(ctx: typer.Context, name: str, enabled: bool, json_out: bool) -> Non
 
 
 @app.command("enable")
-def enable(ctx: typer.Context, name: str = typer.Argument(..., help="Channel name or id."),
-           json_out: bool = JSON) -> None:
+def enable(ctx: typer.Context, name: ChannelRef, json_out: JsonOut = False) -> None:
     """Enable a channel: new submissions may use it."""
     _toggle(ctx, name, True, json_out)
 
 
 @app.command("disable")
-def disable(ctx: typer.Context, name: str = typer.Argument(..., help="Channel name or id."),
-            json_out: bool = JSON) -> None:
+def disable(ctx: typer.Context, name: ChannelRef, json_out: JsonOut = False) -> None:
     """Disable a channel: no new submissions; its tasks are still polled."""
     _toggle(ctx, name, False, json_out)
 
 
 @app.command("remove")
-def remove(ctx: typer.Context, name: str = typer.Argument(..., help="Channel name or id."),
-           json_out: bool = JSON) -> None:
+def remove(ctx: typer.Context, name: ChannelRef, json_out: JsonOut = False) -> None:
     """Remove a channel. Its unfinished tasks are failed and refunded by the next poll."""
     from mjctl import channels
-    from mjctl.cli.output import print_json
 
     state(ctx).open_store()
     channel = channels.remove_channel(name)
@@ -113,14 +136,3 @@ def remove(ctx: typer.Context, name: str = typer.Argument(..., help="Channel nam
         print_json({"removed": channels.channel_dict(channel)})
         return
     sys.stdout.write(f"Removed channel {channel.name!r}.\n")
-
-
-
-def _register_test_command() -> None:
-    """`channels test` lives with the upstream client's CLI code."""
-    from mjctl.cli.channels_test import test
-
-    app.command("test")(test)
-
-
-_register_test_command()

@@ -1,20 +1,26 @@
-"""The root command: global options, the central error handler, and the command groups."""
+"""The root command: global options, the central error handler, `mjctl init`, and the command groups.
+
+Each command group is a module of its own (users, channels, tasks, images, config) and so is each
+top-level command (serve, poll, simulate, demo). Those modules import only typer and the CLI's own helpers
+at load time, so `mjctl --help` stays as fast as Typer itself.
+"""
 
 from __future__ import annotations
 
 import sys
-from typing import Any
+from typing import Annotated, Any
 
 import typer
-from typer._click import exceptions as click_exceptions  # Typer's own copy of Click
-from typer.core import TyperGroup
 
 from mjctl import __version__
+from mjctl.cli import channels, config_cmd, demo, images, poll, serve, simulate, tasks, users
+from mjctl.cli.output import Group, JsonOut, info, print_json
 from mjctl.cli.state import CliState, state
-from mjctl.errors import first_line
+from mjctl.errors import MjctlError, first_line
+from mjctl.textsafe import visible
 
 
-class MjctlGroup(TyperGroup):
+class MjctlGroup(Group):
     """Turns every error into one sentence on stderr and an exit code (1 failed, 2 usage)."""
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
@@ -22,14 +28,12 @@ class MjctlGroup(TyperGroup):
         show_traceback = "--traceback" in argv
         try:
             rv = super().main(argv, prog_name or "mjctl", complete_var, standalone_mode=False, **extra)
-        except click_exceptions.NoArgsIsHelpError as exc:  # bare `mjctl users`: show its help
-            exc.ctx.get_help()  # Rich help prints itself
-            sys.exit(0)
-        except click_exceptions.ClickException as exc:
+        except typer.TyperException as exc:  # Typer's usage errors (bad option, missing argument, …)
+            if type(exc).__name__ == "NoArgsIsHelpError":  # a bare `mjctl users`: its help, as for --help
+                sys.stdout.write(exc.format_message().rstrip("\n") + "\n")
+                sys.exit(0)
             _fail(exc.format_message(), exc.exit_code)
-        except typer.Abort:
-            _fail("Interrupted.", 130)
-        except KeyboardInterrupt:
+        except (typer.Abort, KeyboardInterrupt):
             _fail("Interrupted.", 130)
         except Exception as exc:  # the one place that maps errors to messages
             if show_traceback:
@@ -40,8 +44,6 @@ class MjctlGroup(TyperGroup):
 
 
 def describe_exception(exc: BaseException) -> tuple[str, int]:
-    from mjctl.errors import MjctlError
-
     if isinstance(exc, MjctlError):
         return exc.message, exc.exit_code
     module = type(exc).__module__ or ""
@@ -54,8 +56,6 @@ def describe_exception(exc: BaseException) -> tuple[str, int]:
 
 
 def _fail(message: str, code: int) -> None:
-    from mjctl.textsafe import visible
-
     message = visible(message.strip())  # it may quote a remote server's or an upstream's text
     if message and message[-1] not in ".!?":
         message += "."
@@ -72,6 +72,15 @@ app = typer.Typer(
     add_completion=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
+app.add_typer(users.app, name="users")
+app.add_typer(channels.app, name="channels")
+app.add_typer(tasks.app, name="tasks")
+app.add_typer(images.app, name="images")
+app.add_typer(config_cmd.app, name="config")
+app.add_typer(serve.app)
+app.add_typer(poll.app)
+app.add_typer(simulate.app)
+app.add_typer(demo.app)
 
 
 def _version(value: bool) -> None:
@@ -83,25 +92,23 @@ def _version(value: bool) -> None:
 @app.callback()
 def root(
     ctx: typer.Context,
-    config: str | None = typer.Option(None, "--config", "-c",
-                                      help="Config file (default: $MJCTL_CONFIG or ./mjctl.toml)."),
-    database: str | None = typer.Option(None, "--database", help="Database URL, overriding [database] url."),
-    traceback: bool = typer.Option(False, "--traceback", help="Show the full traceback of an unexpected error."),
-    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
-                                 help="Print the version and exit."),
+    config: Annotated[str | None, typer.Option("--config", "-c",
+                                               help="Config file (default: $MJCTL_CONFIG or ./mjctl.toml).")] = None,
+    database: Annotated[str | None, typer.Option("--database",
+                                                 help="Database URL, overriding [database] url.")] = None,
+    traceback: Annotated[bool, typer.Option("--traceback",
+                                            help="Show the full traceback of an unexpected error.")] = False,
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                          help="Print the version and exit.")] = False,
 ) -> None:
     """mjctl: a task store, relay, poller, image forwarder, HTTP API, CLI and web page for Midjourney tasks."""
     ctx.obj = CliState(config=config, database_url=database, traceback=traceback)
 
 
 @app.command("init")
-def init_cmd(
-    ctx: typer.Context,
-    json_out: bool = typer.Option(False, "--json", help="Print JSON."),
-) -> None:
+def init_cmd(ctx: typer.Context, json_out: JsonOut = False) -> None:
     """Create or upgrade the database schema and, when no root user exists, create `root` and print its token once."""
     from mjctl import accounts
-    from mjctl.cli.output import info, print_json
     from mjctl.db import current_version
     from mjctl.models import ROLE_ROOT, User
 
@@ -123,25 +130,6 @@ def init_cmd(
         sys.stdout.write(result["token"] + "\n")
     else:
         info("A root user already exists; no token was created.")
-
-
-def _register() -> None:
-    """Every command group and command, each from its own module (cheap to import: the core and the heavy
-    libraries are imported inside the commands)."""
-    from mjctl.cli import channels, config_cmd, demo, images, poll, serve, simulate, tasks, users
-
-    app.add_typer(users.app, name="users", help="Manage users, their quota and their tokens.")
-    app.add_typer(channels.app, name="channels", help="Manage upstream midjourney-proxy channels.")
-    app.add_typer(tasks.app, name="tasks", help="List, show, submit, watch and save tasks.")
-    app.add_typer(images.app, name="images", help="Manage the image cache.")
-    app.add_typer(config_cmd.app, name="config", help="Show the effective configuration.")
-    app.command("serve")(serve.serve)
-    app.command("poll")(poll.poll)
-    app.command("simulate")(simulate.simulate)
-    app.command("demo")(demo.demo)
-
-
-_register()
 
 
 def main() -> None:

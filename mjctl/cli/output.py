@@ -6,12 +6,16 @@ import json
 import sys
 import time
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import Annotated, Any
 
 import typer
+from typer.core import TyperGroup
 
 from mjctl.logs import configure_logging  # noqa: F401 - the commands import it from here
 from mjctl.textsafe import json_visible, visible
+
+#: The --json flag every command that prints data takes.
+JsonOut = Annotated[bool, typer.Option("--json", help="Print JSON.")]
 
 STATUS_STYLES = {
     "SUCCESS": "green",
@@ -47,6 +51,32 @@ def console():
 
     e = env()
     return Console(no_color=not e.color, highlight=False, soft_wrap=False)
+
+
+class Group(TyperGroup):
+    """A command group whose listing shows each command's first sentence whole, wrapped rather than cut."""
+
+    def get_command(self, ctx, cmd_name):
+        command = super().get_command(ctx, cmd_name)
+        if command is not None and not command.short_help and command.help:
+            command.short_help = first_sentence(command.help)
+        return command
+
+
+def first_sentence(text: str) -> str:
+    """The first sentence of a help text (up to the first period followed by a space or the end)."""
+    flat = " ".join(text.split())
+    end = flat.find(". ")
+    return flat if end < 0 else flat[: end + 1]
+
+
+def human_size(n: int) -> str:
+    value = float(n)
+    for unit in ("bytes", "KB", "MB", "GB"):
+        if value < 1024 or unit == "GB":
+            return f"{int(value)} bytes" if unit == "bytes" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{n} bytes"
 
 
 def human_time(epoch: int | None) -> str:

@@ -1,4 +1,7 @@
-"""`mjctl poll`: one polling cycle for cron, or a loop with --every until SIGTERM or Ctrl-C."""
+"""`mjctl poll`: one polling cycle for cron, or a loop with --every until SIGTERM or Ctrl-C.
+
+The poller (peewee and httpx underneath) is imported inside the command, so that `mjctl --help` does not load it.
+"""
 
 from __future__ import annotations
 
@@ -8,11 +11,14 @@ import signal
 import sys
 import threading
 import time
+from typing import Annotated
 
 import typer
 
-from mjctl.cli.output import configure_logging
+from mjctl.cli.output import configure_logging, info, print_json, table
 from mjctl.cli.state import state
+
+app = typer.Typer()
 
 ROWS = (
     ("checked", "tasks checked"),
@@ -28,17 +34,19 @@ ROWS = (
 )
 
 
+@app.command("poll")
 def poll(
     ctx: typer.Context,
-    every: float | None = typer.Option(
-        None, "--every", min=0.1,
-        help="Poll every SECONDS until SIGTERM or Ctrl-C (the current cycle finishes first)."),
-    json_out: bool = typer.Option(False, "--json", help="Print the summary as JSON (one line per cycle with --every)."),
+    every: Annotated[float | None, typer.Option("--every", min=0.1, help="Poll every SECONDS until SIGTERM or "
+                                                "Ctrl-C (the current cycle finishes first).")] = None,
+    json_out: Annotated[bool, typer.Option(
+        "--json", help="Print the summary as JSON (one line per cycle with --every).")] = False,
 ) -> None:
     """Run one polling cycle and print its summary, or loop with --every."""
+    from mjctl.poller import drain_prefetch, poll_once, run_loop
+
     settings = state(ctx).open_store()
     configure_logging(settings.log.level)
-    from mjctl.poller import drain_prefetch, poll_once, run_loop
 
     if every is None:
         summary = poll_once(settings)
@@ -46,8 +54,6 @@ def poll(
             logging.getLogger("mjctl.poller").warning(
                 "some images of the tasks that just succeeded were not cached within %s s", settings.images.timeout)
         if json_out:
-            from mjctl.cli.output import print_json
-
             print_json(summary.to_dict())
         else:
             _render(summary.to_dict())
@@ -69,8 +75,6 @@ def poll(
 
 
 def _render(data: dict) -> None:
-    from mjctl.cli.output import info, table
-
     if not data["ran"]:
         info(f"Other pollers have this round's work ({data['message']}); nothing to do.")
         return
@@ -98,7 +102,3 @@ def _cycle_line(data: dict, json_out: bool) -> None:
 
 def _clock() -> str:
     return time.strftime("%H:%M:%S")
-
-
-
-

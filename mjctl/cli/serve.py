@@ -3,30 +3,37 @@
 The server is granian (see mjctl.httpserver): connections live in its Rust event loop, so idle or slow
 clients hold no Python thread. This process supervises ``[server] workers`` worker processes (fresh
 interpreters, each with its own database connections; a worker that dies is replaced) and runs the one
-in-server poller of this ``serve``, however many workers answer requests.
+in-server poller of this ``serve``, however many workers answer requests. The server, the poller and the
+core are imported inside the command, so that `mjctl --help` does not load them.
 """
 
 from __future__ import annotations
 
 import sys
 import threading
+from typing import Annotated
 
 import typer
 
 from mjctl.cli.output import configure_logging
 from mjctl.cli.state import state
+from mjctl.errors import MjctlError
+
+app = typer.Typer()
 
 
+@app.command("serve")
 def serve(
     ctx: typer.Context,
-    host: str | None = typer.Option(None, "--host", help="Address to listen on ([server] host, default 127.0.0.1)."),
-    port: int | None = typer.Option(None, "--port", "-p",
-                                    help="Port to listen on ([server] port, default 8080; 0 picks a free one)."),
-    threads: int | None = typer.Option(None, "--threads",
-                                       help="API threads per worker ([server] threads, default 16)."),
-    no_poll: bool = typer.Option(False, "--no-poll", help="Do not run the poller in this process."),
-    workers: int | None = typer.Option(None, "--workers", "-w", min=1,
-                                       help="Server processes sharing the port ([server] workers, default 1)."),
+    host: Annotated[str | None, typer.Option(
+        "--host", help="Address to listen on ([server] host, default 127.0.0.1).")] = None,
+    port: Annotated[int | None, typer.Option(
+        "--port", "-p", help="Port to listen on ([server] port, default 8080; 0 picks a free one).")] = None,
+    threads: Annotated[int | None, typer.Option(
+        "--threads", help="API threads per worker ([server] threads, default 16).")] = None,
+    no_poll: Annotated[bool, typer.Option("--no-poll", help="Do not run the poller in this process.")] = False,
+    workers: Annotated[int | None, typer.Option(
+        "--workers", "-w", min=1, help="Server processes sharing the port ([server] workers, default 1).")] = None,
 ) -> None:
     """Serve the HTTP API (and the poller, unless --no-poll) until Ctrl-C or SIGTERM."""
     st = state(ctx)
@@ -38,7 +45,6 @@ def serve(
     configure_logging(settings.log.level)
 
     from mjctl import crypto
-    from mjctl.errors import MjctlError
     from mjctl.httpserver import Limits, probe_port, serve_processes, url_for
     from mjctl.server import load_worker
 

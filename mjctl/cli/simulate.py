@@ -1,14 +1,22 @@
-"""``mjctl simulate``: a local simulated midjourney-proxy upstream for demos, tests and benchmarks."""
+"""``mjctl simulate``: a local simulated midjourney-proxy upstream for demos, tests and benchmarks.
+
+The simulator (bottle) and the server (granian) are imported inside the command, so that `mjctl --help`
+does not load them.
+"""
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import typer
+
+app = typer.Typer()
 
 FLAVOR_CHOICES = ("java", "csharp")
 
 
 def _parse_faults(values: list[str]) -> dict[str, float]:
-    from mjctl.simulator import FAULTS
+    from mjctl.sim import FAULTS
 
     faults: dict[str, float] = {}
     for item in values:
@@ -28,32 +36,32 @@ def _parse_faults(values: list[str]) -> dict[str, float]:
     return faults
 
 
+@app.command("simulate")
 def simulate(
-    port: int = typer.Option(8090, "--port", "-p", help="Port to listen on (0 picks a free one)."),
-    host: str = typer.Option("127.0.0.1", "--host", help="Address to bind."),
-    secret: str = typer.Option("sim-secret", "--secret", help="Expected mj-api-secret; empty disables auth."),
-    step_seconds: float = typer.Option(1.0, "--step-seconds", help="Seconds between progress steps."),
-    fail_rate: float = typer.Option(0.0, "--fail-rate", help="Share of tasks (0..1) that end in FAILURE."),
-    flavor: str = typer.Option("java", "--flavor", help="Upstream to imitate: java or csharp."),
-    image_ttl: float = typer.Option(86400.0, "--image-ttl", help="Seconds before result image links answer 403."),
-    image_bytes: int | None = typer.Option(
-        None, "--image-bytes", help="Approximate size of result PNGs in bytes (default: a few KB)."
-    ),
-    accounts: int = typer.Option(1, "--accounts", help="Number of simulated Discord accounts."),
-    concurrency: int = typer.Option(3, "--concurrency", help="Tasks running at once per account."),
-    queue_size: int = typer.Option(10, "--queue-size", help="Tasks waiting per account before the queue is full."),
-    fault: list[str] = typer.Option(
-        [], "--fault", help="Inject a fault with a rate, e.g. --fault stuck=0.1 (repeatable)."
-    ),
-    slow_seconds: float = typer.Option(2.0, "--slow-seconds", help="Delay of the 'slow' fault."),
-    notify_hook: str | None = typer.Option(
-        None, "--notify-hook", help="Default notifyHook URL for tasks submitted without one."
-    ),
-    public_url: str | None = typer.Option(
-        None, "--public-url", help="Base URL for image links (default: the request's host)."
-    ),
-    seed: int | None = typer.Option(None, "--seed", help="Random seed for reproducible runs."),
-    threads: int = typer.Option(16, "--threads", help="Server worker threads."),
+    port: Annotated[int, typer.Option("--port", "-p", help="Port to listen on (0 picks a free one).")] = 8090,
+    host: Annotated[str, typer.Option("--host", help="Address to bind.")] = "127.0.0.1",
+    secret: Annotated[str, typer.Option(
+        "--secret", help="Expected mj-api-secret; empty disables auth.")] = "sim-secret",
+    step_seconds: Annotated[float, typer.Option("--step-seconds", help="Seconds between progress steps.")] = 1.0,
+    fail_rate: Annotated[float, typer.Option("--fail-rate", help="Share of tasks (0..1) that end in FAILURE.")] = 0.0,
+    flavor: Annotated[str, typer.Option("--flavor", help="Upstream to imitate: java or csharp.")] = "java",
+    image_ttl: Annotated[float, typer.Option(
+        "--image-ttl", help="Seconds before result image links answer 403.")] = 86400.0,
+    image_bytes: Annotated[int | None, typer.Option(
+        "--image-bytes", help="Approximate size of result PNGs in bytes (default: a few KB).")] = None,
+    accounts: Annotated[int, typer.Option("--accounts", help="Number of simulated Discord accounts.")] = 1,
+    concurrency: Annotated[int, typer.Option("--concurrency", help="Tasks running at once per account.")] = 3,
+    queue_size: Annotated[int, typer.Option(
+        "--queue-size", help="Tasks waiting per account before the queue is full.")] = 10,
+    fault: Annotated[list[str] | None, typer.Option(
+        "--fault", help="Inject a fault with a rate, e.g. --fault stuck=0.1 (repeatable).")] = None,
+    slow_seconds: Annotated[float, typer.Option("--slow-seconds", help="Delay of the 'slow' fault.")] = 2.0,
+    notify_hook: Annotated[str | None, typer.Option(
+        "--notify-hook", help="Default notifyHook URL for tasks submitted without one.")] = None,
+    public_url: Annotated[str | None, typer.Option(
+        "--public-url", help="Base URL for image links (default: the request's host).")] = None,
+    seed: Annotated[int | None, typer.Option("--seed", help="Random seed for reproducible runs.")] = None,
+    threads: Annotated[int, typer.Option("--threads", help="Server worker threads.")] = 16,
 ) -> None:
     """Run a simulated midjourney-proxy upstream until Ctrl-C (faults: --fault NAME=RATE; see docs/upstream.md)."""
     if not 0 <= port <= 65535:
@@ -75,10 +83,10 @@ def simulate(
         raise typer.BadParameter("the queue size cannot be negative.", param_hint="--queue-size")
     if slow_seconds < 0:
         raise typer.BadParameter("the delay cannot be negative.", param_hint="--slow-seconds")
-    faults = _parse_faults(fault)
+    faults = _parse_faults(fault or [])
 
     from mjctl.httpserver import serve_forever
-    from mjctl.simulator import Simulator
+    from mjctl.sim import Simulator
 
     sim = Simulator(
         secret or None,

@@ -1,36 +1,39 @@
-"""`mjctl users …`: accounts, balances and tokens."""
+"""`mjctl users …`: accounts, balances and tokens.
+
+The core (peewee underneath) is imported inside each command, so that `mjctl --help` does not load it.
+"""
 
 from __future__ import annotations
 
 import sys
+from typing import Annotated
 
 import typer
 
+from mjctl.cli.output import Group, JsonOut, human_time, print_json, table
 from mjctl.cli.state import state
+from mjctl.errors import UsageError
 
-app = typer.Typer(no_args_is_help=True)
+app = typer.Typer(cls=Group, no_args_is_help=True, help="Manage users, their quota and their tokens.")
 
-JSON = typer.Option(False, "--json", help="Print JSON.")
+USER_COLUMNS = ["ID", "NAME", "ROLE", "ENABLED", "QUOTA", "USED"]
+UserName = Annotated[str, typer.Argument(help="User name.")]
 
 
 def _user_rows(users):
     return [(u["id"], u["name"], u["role"], u["enabled"], u["quota"], u["used_quota"]) for u in users]
 
 
-USER_COLUMNS = ["ID", "NAME", "ROLE", "ENABLED", "QUOTA", "USED"]
-
-
 @app.command("add")
 def add(
     ctx: typer.Context,
-    name: str = typer.Argument(..., help="The new user's name."),
-    role: str = typer.Option("user", "--role", help="user, admin or root."),
-    quota: str = typer.Option("0", "--quota", help="Opening balance."),
-    json_out: bool = JSON,
+    name: Annotated[str, typer.Argument(help="The new user's name.")],
+    role: Annotated[str, typer.Option("--role", help="user, admin or root.")] = "user",
+    quota: Annotated[str, typer.Option("--quota", help="Opening balance.")] = "0",
+    json_out: JsonOut = False,
 ) -> None:
     """Create a user and print a new access token (shown only once)."""
     from mjctl import accounts
-    from mjctl.cli.output import print_json
 
     state(ctx).open_store()
     user, token = accounts.create_user(name, role=role, quota=quota)
@@ -43,10 +46,9 @@ def add(
 
 
 @app.command("list")
-def list_(ctx: typer.Context, json_out: bool = JSON) -> None:
+def list_(ctx: typer.Context, json_out: JsonOut = False) -> None:
     """List every user with role, state and balance."""
     from mjctl import accounts
-    from mjctl.cli.output import print_json, table
 
     state(ctx).open_store()
     users = [accounts.user_dict(u) for u in accounts.list_users()]
@@ -57,10 +59,9 @@ def list_(ctx: typer.Context, json_out: bool = JSON) -> None:
 
 
 @app.command("show")
-def show(ctx: typer.Context, name: str = typer.Argument(..., help="User name."), json_out: bool = JSON) -> None:
+def show(ctx: typer.Context, name: UserName, json_out: JsonOut = False) -> None:
     """One user: balance (`quota`), `used_quota`, tokens and the latest ledger entries."""
     from mjctl import accounts
-    from mjctl.cli.output import human_time, print_json, table
 
     state(ctx).open_store()
     user = accounts.get_user(name)
@@ -85,16 +86,14 @@ def show(ctx: typer.Context, name: str = typer.Argument(..., help="User name."),
 @app.command("set")
 def set_(
     ctx: typer.Context,
-    name: str = typer.Argument(..., help="User name."),
-    quota: str | None = typer.Option(None, "--quota", help="New balance (recorded in the ledger)."),
-    role: str | None = typer.Option(None, "--role", help="user, admin or root."),
-    enable: bool | None = typer.Option(None, "--enable/--disable", help="Enable or disable the user."),
-    json_out: bool = JSON,
+    name: UserName,
+    quota: Annotated[str | None, typer.Option("--quota", help="New balance (recorded in the ledger).")] = None,
+    role: Annotated[str | None, typer.Option("--role", help="user, admin or root.")] = None,
+    enable: Annotated[bool | None, typer.Option("--enable/--disable", help="Enable or disable the user.")] = None,
+    json_out: JsonOut = False,
 ) -> None:
     """Change a user's balance, role or enabled state. A disabled user's tokens stop working at once."""
     from mjctl import accounts
-    from mjctl.cli.output import print_json
-    from mjctl.errors import UsageError
 
     if quota is None and role is None and enable is None:
         raise UsageError("Nothing to change; give --quota, --role, --enable or --disable.")
@@ -111,14 +110,13 @@ def set_(
 @app.command("topup")
 def topup(
     ctx: typer.Context,
-    name: str = typer.Argument(..., help="User name."),
-    amount: str = typer.Argument(..., help="Quota to add (a whole number > 0)."),
-    reason: str = typer.Option("top-up", "--reason", help="Recorded in the ledger."),
-    json_out: bool = JSON,
+    name: UserName,
+    amount: Annotated[str, typer.Argument(help="Quota to add (a whole number > 0).")],
+    reason: Annotated[str, typer.Option("--reason", help="Recorded in the ledger.")] = "top-up",
+    json_out: JsonOut = False,
 ) -> None:
     """Add quota to a user's balance (one transaction, one ledger entry)."""
     from mjctl import accounts
-    from mjctl.cli.output import print_json
 
     state(ctx).open_store()
     user = accounts.topup(name, amount, reason)
@@ -131,13 +129,12 @@ def topup(
 @app.command("token")
 def token(
     ctx: typer.Context,
-    name: str = typer.Argument(..., help="User name."),
-    revoke: bool = typer.Option(False, "--revoke", help="Revoke all of the user's tokens instead."),
-    json_out: bool = JSON,
+    name: UserName,
+    revoke: Annotated[bool, typer.Option("--revoke", help="Revoke all of the user's tokens instead.")] = False,
+    json_out: JsonOut = False,
 ) -> None:
     """Issue a further token (shown once), or revoke all of the user's tokens."""
     from mjctl import accounts
-    from mjctl.cli.output import print_json
 
     state(ctx).open_store()
     if revoke:
