@@ -77,10 +77,13 @@ def refund(user_id: int, amount: int, *, task_id: int | None, reason: str) -> in
     return move_quota(user_id, amount, "refund", reason, task_id=task_id, used_delta=-amount)
 
 
-def get_user(name: str) -> User:
-    user = User.get_or_none(User.name == name)
+def get_user(ref: str) -> User:
+    """A user by name or, when ref is all digits and no user has that name, by id."""
+    user = User.get_or_none(User.name == ref)
+    if user is None and str(ref).isdigit():
+        user = User.get_or_none(User.id == int(ref))
     if user is None:
-        raise NotFound(f"No user named {name!r}.")
+        raise NotFound(f"No user named {ref!r}." if not str(ref).isdigit() else f"No user with name or id {ref!r}.")
     return user
 
 
@@ -149,11 +152,18 @@ def _token_query(digest: str) -> peewee.Query:
             .join(Token, on=(Token.user_id == User.id)).where(Token.token_hash == digest).limit(1))
 
 
-def topup(name: str, amount, reason: str = "top-up") -> User:
-    amount = validate_amount(amount, "amount", allow_zero=False)
+def topup(name: str, amount, reason: str | None = None) -> User:
+    """Add amount to a balance ("topup" in the ledger). A negative amount ("-5") is a deduction, recorded
+    as an "adjust" entry and refused (InsufficientQuota) when the balance does not cover it."""
+    text = str(amount).strip()
+    deduction = text.startswith("-")
+    value = validate_amount(text[1:] if deduction else text, "amount", allow_zero=False)
     user = get_user(name)
     with write_tx():
-        move_quota(user.id, amount, "topup", reason)
+        if deduction:
+            move_quota(user.id, -value, "adjust", reason or "deduction")
+        else:
+            move_quota(user.id, value, "topup", reason or "top-up")
     return User.get_by_id(user.id)
 
 

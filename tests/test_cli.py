@@ -182,7 +182,9 @@ def test_tasks_list_plain_lines_when_piped(cli):
     lines = cli("tasks", "list", "--user", "bob").stdout.splitlines()
     assert lines[0].split("\t") == ["ID", "MJ_ID", "USER", "CHANNEL", "ACTION", "STATUS", "PROGRESS", "SUBMITTED",
                                     "QUOTA", "PROMPT"]
-    assert lines[1].split("\t") == ["4", "bob-1", "2", "2", "IMAGINE", "IN_PROGRESS", "40%", "1700000100", "5", "dog"]
+    # USER and CHANNEL are names; channel 2 does not exist (any more), so its id is shown
+    assert lines[1].split("\t") == ["4", "bob-1", "bob", "2", "IMAGINE", "IN_PROGRESS", "40%", "1700000100", "5",
+                                    "dog"]
 
 
 def test_tasks_list_table_on_a_terminal(cli, monkeypatch):
@@ -219,4 +221,15 @@ def test_every_command_has_help():
 
     walk(root, [])
     assert not missing, f"commands without help: {missing}"
+    without_example = []
+
+    def examples(cmd, path):
+        for name, sub in getattr(cmd, "commands", {}).items():
+            if getattr(sub, "commands", None):
+                examples(sub, path + [name])
+            elif "mjctl " + " ".join(path + [name]) not in (sub.epilog or ""):
+                without_example.append(" ".join(path + [name]))
+
+    examples(root, [])
+    assert not without_example, f"commands whose --help has no example: {without_example}"
     assert {"init", "users", "channels", "tasks", "config"} <= set(root.commands)

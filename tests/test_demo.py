@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import queue
 import re
@@ -103,6 +104,19 @@ def test_demo_runs_tasks_to_success_and_stops_cleanly_on_sigterm(demo, tmp_path)
         everything = client.get("/api/mj/", headers={"Authorization": f"Bearer {admin_token}"}).json()["data"]
         assert everything["total"] == first["total"]
 
+        # The printed hint works from any other folder: the demo's store, secret and links, nothing new there.
+        hint = next(re.search(r"MJCTL_CONFIG=(\S+) mjctl tasks list", line) for line in demo.seen
+                    if "MJCTL_CONFIG=" in line)
+        elsewhere = tmp_path / "elsewhere"
+        elsewhere.mkdir()
+        listed = run_mjctl(elsewhere, hint.group(1), "tasks", "list", "--json")
+        assert listed.returncode == 0, listed.stderr
+        links = [i["image_url"] for i in json.loads(listed.stdout)["items"] if i["status"] == "SUCCESS"]
+        assert links and client.get(links[0]).status_code == 200
+        probe = run_mjctl(elsewhere, hint.group(1), "channels", "test", "demo-simulator")
+        assert probe.returncode == 0 and "secret accepted" in probe.stdout, probe.stderr
+        assert list(elsewhere.iterdir()) == []
+
     code, stderr = demo.stop(signal.SIGTERM)
     assert code == 0, stderr
     assert "Traceback" not in stderr
@@ -114,6 +128,33 @@ def test_demo_stops_cleanly_on_ctrl_c(demo):
     code, stderr = demo.stop(signal.SIGINT)
     assert code == 0, stderr
     assert "Traceback" not in stderr
+
+
+def run_mjctl(cwd, config: str, *args: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MJCTL_")} | {"MJCTL_CONFIG": config}
+    return subprocess.run([sys.executable, "-m", "mjctl", *args], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=60)
+
+
+def test_a_busy_port_is_one_sentence_and_a_failed_start_leaves_no_folder(tmp_path):
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MJCTL_")} | {"TMPDIR": str(temp)}
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = str(busy.getsockname()[1])
+        result = subprocess.run([sys.executable, "-m", "mjctl", "demo", "--port", port], capture_output=True,
+                                text=True, timeout=60, env=env)
+        assert result.returncode == 1
+        assert result.stderr.count("\n") == 1 and "in use" in result.stderr and "--port" in result.stderr
+        assert "Traceback" not in result.stderr
+        assert list(temp.iterdir()) == []
+        # a start that fails after its folder was made (the simulator's port is taken) takes the folder away
+        result = subprocess.run([sys.executable, "-m", "mjctl", "demo", "--dir", str(tmp_path / "new"), "--port", "0",
+                                 "--sim-port", port], capture_output=True, text=True, timeout=60, env=env)
+    assert result.returncode == 1 and "--sim-port" in result.stderr, result.stderr
+    assert not (tmp_path / "new").exists()
 
 
 def test_demo_refuses_a_folder_that_already_holds_one(tmp_path):

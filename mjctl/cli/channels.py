@@ -11,7 +11,7 @@ from typing import Annotated
 
 import typer
 
-from mjctl.cli.output import Group, JsonOut, print_json, table
+from mjctl.cli.output import Group, JsonOut, examples, human_time, print_json, table
 from mjctl.cli.state import state
 from mjctl.textsafe import visible
 
@@ -25,7 +25,9 @@ def _row(c: dict):
     return (c["id"], c["name"], c["base_url"], c["enabled"], c["priority"], "set" if c["has_secret"] else "none")
 
 
-@app.command("add")
+@app.command("add", epilog=examples(
+    'mjctl channels add up1 --base-url http://127.0.0.1:8090 --secret S --priority 10',
+))
 def add(
     ctx: typer.Context,
     name: Annotated[str, typer.Argument(help="Channel name.")],
@@ -39,7 +41,7 @@ def add(
     """Add an upstream channel."""
     from mjctl import channels
 
-    settings = state(ctx).open_store()
+    settings = state(ctx).open_store(create=True)
     channel = channels.add_channel(settings, name, base_url, secret, priority=priority, enabled=not disabled)
     if json_out:
         print_json(channels.channel_dict(channel))
@@ -48,7 +50,7 @@ def add(
     sys.stdout.write(f"Added channel {channel.name!r} (id {channel.id}) at {visible(channel.base_url)}.\n")
 
 
-@app.command("list")
+@app.command("list", epilog=examples('mjctl channels list', 'mjctl channels list --json'))
 def list_(ctx: typer.Context, json_out: JsonOut = False) -> None:
     """List channels, highest priority first."""
     from mjctl import channels
@@ -61,7 +63,7 @@ def list_(ctx: typer.Context, json_out: JsonOut = False) -> None:
     table(COLUMNS, [_row(c) for c in rows])
 
 
-@app.command("show")
+@app.command("show", epilog=examples('mjctl channels show up1', 'mjctl channels show 2 --json'))
 def show(ctx: typer.Context, name: ChannelRef, json_out: JsonOut = False) -> None:
     """One channel, with its count of unfinished tasks."""
     from mjctl import channels
@@ -74,16 +76,19 @@ def show(ctx: typer.Context, name: ChannelRef, json_out: JsonOut = False) -> Non
     if json_out:
         print_json(data)
         return
-    table(["FIELD", "VALUE"], list(data.items()))
+    table(["FIELD", "VALUE"], [(k, human_time(v) if k == "created_at" else v) for k, v in data.items()])
 
 
-@app.command("test")
+@app.command("test", epilog=examples('mjctl channels test up1'))
 def test(ctx: typer.Context, name: ChannelRef, json_out: JsonOut = False) -> None:
     """Probe a channel: reachable or not, secret accepted or not, round-trip time. Exit 1 when it is not usable."""
     from mjctl import channels
 
-    settings = state(ctx).open_store()
+    st = state(ctx)
+    settings = st.open_store()
     channel = channels.get_channel(name)
+    if channel.secret_sealed:
+        st.require_secret(f"the secret of channel {channel.name!r} cannot be opened")
     timeout = float(settings.poller.request_timeout)
     with channels.client_for(settings, channel, timeout=timeout) as client:
         probe = client.probe()
@@ -113,19 +118,19 @@ def _toggle(ctx: typer.Context, name: str, enabled: bool, json_out: bool) -> Non
     sys.stdout.write(f"Channel {channel.name!r} is {'enabled' if enabled else 'disabled'}.\n")
 
 
-@app.command("enable")
+@app.command("enable", epilog=examples('mjctl channels enable up1'))
 def enable(ctx: typer.Context, name: ChannelRef, json_out: JsonOut = False) -> None:
     """Enable a channel: new submissions may use it."""
     _toggle(ctx, name, True, json_out)
 
 
-@app.command("disable")
+@app.command("disable", epilog=examples('mjctl channels disable up1'))
 def disable(ctx: typer.Context, name: ChannelRef, json_out: JsonOut = False) -> None:
     """Disable a channel: no new submissions; its tasks are still polled."""
     _toggle(ctx, name, False, json_out)
 
 
-@app.command("remove")
+@app.command("remove", epilog=examples('mjctl channels remove up1'))
 def remove(ctx: typer.Context, name: ChannelRef, json_out: JsonOut = False) -> None:
     """Remove a channel. Its unfinished tasks are failed and refunded by the next poll."""
     from mjctl import channels

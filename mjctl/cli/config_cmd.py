@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import typer
 
-from mjctl.cli.output import Group, JsonOut, print_json, table
+from mjctl.cli.output import Group, JsonOut, examples, print_json, table
 from mjctl.cli.state import state
 
 app = typer.Typer(cls=Group, no_args_is_help=True, help="Show the effective configuration.")
 
 
-@app.command("show")
+@app.command("show", epilog=examples(
+    'mjctl config show',
+    'MJCTL_CONFIG=/srv/mjctl/mjctl.toml mjctl config show --json',
+))
 def show(ctx: typer.Context, json_out: JsonOut = False) -> None:
     """Print the effective settings and where each came from (secrets redacted)."""
     from mjctl.config import describe_settings  # tomllib and dataclasses: 10 ms of `mjctl --help` at the top

@@ -11,14 +11,14 @@ from typing import Annotated
 
 import typer
 
-from mjctl.cli.output import Group, JsonOut, human_size, human_time, print_json, table
+from mjctl.cli.output import Group, JsonOut, examples, human_size, human_time, print_json, table
 from mjctl.cli.state import state
 from mjctl.textsafe import visible
 
 app = typer.Typer(cls=Group, no_args_is_help=True, help="Manage the image cache.")
 
 
-@app.command("prune")
+@app.command("prune", epilog=examples('mjctl images prune --older-than 7d'))
 def prune(
     ctx: typer.Context,
     older_than: Annotated[str, typer.Option("--older-than", help="Remove images cached longer ago than this "
@@ -41,7 +41,7 @@ def prune(
                              f"({human_size(result['kept_bytes'])}) kept.") + "\n")  # a folder name is data
 
 
-@app.command("stats")
+@app.command("stats", epilog=examples('mjctl images stats --json'))
 def stats(ctx: typer.Context, json_out: JsonOut = False) -> None:
     """How many images the cache holds, their total size and age."""
     from mjctl.images import ImageCache

@@ -14,7 +14,7 @@ import typer
 
 from mjctl import __version__
 from mjctl.cli import channels, config_cmd, demo, images, poll, serve, simulate, tasks, users
-from mjctl.cli.output import Group, JsonOut, info, print_json
+from mjctl.cli.output import Group, JsonOut, examples, info, print_json
 from mjctl.cli.state import CliState, state
 from mjctl.errors import MjctlError, first_line
 from mjctl.textsafe import visible
@@ -51,7 +51,8 @@ def describe_exception(exc: BaseException) -> tuple[str, int]:
         detail = first_line(exc)
         return f"Database error: {detail}.", 1
     if isinstance(exc, OSError):
-        return f"{exc.strerror or exc}.", 1
+        where = f": {exc.filename}" if exc.filename else ""
+        return f"{exc.strerror or exc}{where}.", 1
     return f"Unexpected {type(exc).__name__}: {exc} (run with --traceback for details).", 1
 
 
@@ -69,8 +70,9 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
-    add_completion=False,
-    context_settings={"help_option_names": ["-h", "--help"]},
+    add_completion=True,
+    # help as wide as the terminal: command summaries are not cut at 80 columns on a wide one
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 200},
 )
 app.add_typer(users.app, name="users")
 app.add_typer(channels.app, name="channels")
@@ -105,14 +107,17 @@ def root(
     ctx.obj = CliState(config=config, database_url=database, traceback=traceback)
 
 
-@app.command("init")
+@app.command("init", epilog=examples(
+    'mjctl init',
+    'mjctl --database postgresql://mjctl@db:5432/mjctl init --json',
+))
 def init_cmd(ctx: typer.Context, json_out: JsonOut = False) -> None:
     """Create or upgrade the database schema and, when no root user exists, create `root` and print its token once."""
     from mjctl import accounts
     from mjctl.db import current_version
     from mjctl.models import ROLE_ROOT, User
 
-    settings = state(ctx).open_store()
+    settings = state(ctx).open_store(create=True)
     result: dict[str, Any] = {"database": settings.redacted()["database"]["url"], "schema_version": current_version()}
     if not User.select().where(User.role >= ROLE_ROOT).exists():
         name = "root"

@@ -63,6 +63,11 @@ class Group(TyperGroup):
         return command
 
 
+def examples(*lines: str) -> str:
+    """A command's epilog: example command lines, printed as written below its options."""
+    return "Examples:\n\n\b\n" + "\n".join(f"  {line}" for line in lines)
+
+
 def first_sentence(text: str) -> str:
     """The first sentence of a help text (up to the first period followed by a space or the end)."""
     flat = " ".join(text.split())
@@ -136,35 +141,103 @@ def _plain(value: Any) -> str:
     return visible(str(value))
 
 
-def render_tasks(envelope: dict, *, admin: bool) -> None:
-    """The task list: status coloured with its word, progress as a bar, times human-readable."""
-    items = envelope["items"]
+def render_tasks(envelope: dict, *, admin: bool, names: dict[str, dict[int, str]] | None = None) -> None:
+    """The task list: a table fitted to the terminal's width, or tab-separated lines in a pipe.
+
+    names maps "user" and "channel" to {id: name}; an id without a name is shown as the id. On a terminal
+    the upstream id and the status are never cut: the prompt gives way first (one line, with an ellipsis),
+    then the progress bar and the date become shorter, then the least needed columns are hidden, which
+    the line on stderr says."""
     from mjctl.cli.state import env
 
-    tty = env().stdout_isatty
-    columns = ["ID", "MJ_ID", "ACTION", "STATUS", "PROGRESS", "SUBMITTED", "QUOTA", "PROMPT"]
-    if admin:
-        columns[2:2] = ["USER", "CHANNEL"]
-    rows = []
+    items = envelope["items"]
+    users, channels = (names or {}).get("user", {}), (names or {}).get("channel", {})
+    cells = []
     for item in items:
-        row = [item["id"], item["mj_id"], item["action"], item["status"],
-               progress_bar(item["progress"]) if tty else item["progress"],
-               human_time(item["submit_time"]) if tty else item["submit_time"],
-               item["quota"], _shorten(item["prompt"], 48) if tty else item["prompt"]]
+        cell = {"ID": str(item["id"]), "MJ_ID": item["mj_id"], "ACTION": item["action"], "STATUS": item["status"],
+                "PROGRESS": item["progress"], "SUBMITTED": item["submit_time"], "QUOTA": str(item["quota"]),
+                "PROMPT": item["prompt"]}
         if admin:
-            row[2:2] = [item.get("user_id", ""), item.get("channel_id", "")]
-        rows.append(row)
-    status_col = columns.index("STATUS")
-    table(columns, rows, styles={status_col: lambda v: STATUS_STYLES.get(str(v), "")})
-    if tty:
-        start = (envelope["page"] - 1) * envelope["page_size"] + (1 if items else 0)
-        end = start + len(items) - (1 if items else 0)
-        info(f"{start}-{end} of {envelope['total']} (page {envelope['page']}, {envelope['page_size']} per page)")
+            cell["USER"] = users.get(item.get("user_id"), item.get("user_id", ""))
+            cell["CHANNEL"] = channels.get(item.get("channel_id"), item.get("channel_id", ""))
+        cells.append(cell)
+    columns = ["ID", "MJ_ID", "USER", "CHANNEL", "ACTION", "STATUS", "PROGRESS", "SUBMITTED", "QUOTA", "PROMPT"]
+    if not admin:
+        columns = [c for c in columns if c not in ("USER", "CHANNEL")]
+    if not env().stdout_isatty:
+        table(columns, [[cell[c] for c in columns] for cell in cells])
+        return
+    hidden = _task_table(columns, cells)
+    start = (envelope["page"] - 1) * envelope["page_size"] + (1 if items else 0)
+    end = start + len(items) - (1 if items else 0)
+    note = f"; not shown at this width: {', '.join(hidden)}" if hidden else ""
+    info(f"{start}-{end} of {envelope['total']} (page {envelope['page']}, {envelope['page_size']} per page){note}")
 
 
-def _shorten(text: str, width: int) -> str:
-    text = (text or "").replace("\n", " ")
-    return text if len(text) <= width else text[: width - 1] + "…"
+#: The task table's ways of fitting a narrower terminal, tried in order: (short progress and date, hidden).
+TASK_LAYOUTS = (
+    (False, ()),
+    (True, ()),
+    (True, ("QUOTA",)),
+    (True, ("QUOTA", "ACTION")),
+    (True, ("QUOTA", "ACTION", "CHANNEL")),
+    (True, ("QUOTA", "ACTION", "CHANNEL", "SUBMITTED")),
+    (True, ("QUOTA", "ACTION", "CHANNEL", "SUBMITTED", "USER")),
+)
+NAME_WIDTH = 16  # user and channel names longer than this end in an ellipsis
+PROMPT_MIN_WIDTH = 16
+COLUMN_GAP = 2
+
+
+def _task_table(columns: list[str], cells: list[dict]) -> list[str]:
+    """Print the task table in the first layout that fits the console; returns the columns it hid."""
+    from rich import box
+    from rich.cells import cell_len
+    from rich.table import Table
+    from rich.text import Text
+
+    out = console()
+
+    def shown(column: str, value, short: bool) -> str:
+        if column == "PROGRESS":
+            return _percent_text(value) if short else progress_bar(value)
+        if column == "SUBMITTED":
+            return (time.strftime("%m-%d %H:%M", time.localtime(int(value))) if value else "-") if short \
+                else human_time(value)
+        text = _plain(value)
+        if column in ("USER", "CHANNEL") and cell_len(text) > NAME_WIDTH:
+            text = text[: NAME_WIDTH - 1] + "…"
+        return text
+
+    for short, hidden in TASK_LAYOUTS:
+        visible_columns = [c for c in columns if c not in hidden]
+        rows = [[shown(c, cell[c], short) for c in visible_columns] for cell in cells]
+        widths = [max([cell_len(c)] + [cell_len(row[i]) for row in rows]) for i, c in enumerate(visible_columns)]
+        fixed = sum(widths[:-1]) + COLUMN_GAP * (len(widths) - 1)
+        prompt_width = min(widths[-1], max(PROMPT_MIN_WIDTH, out.width - fixed))
+        if fixed + prompt_width <= out.width:
+            break
+    t = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, padding=(0, 1), collapse_padding=True,
+              header_style="bold")
+    for column, width in zip(visible_columns, widths):
+        if column == "PROMPT":
+            t.add_column(Text(column), width=max(1, min(prompt_width, out.width - fixed)), no_wrap=True,
+                         overflow="ellipsis")
+        else:
+            t.add_column(Text(column), width=width, no_wrap=True)
+    status_at = visible_columns.index("STATUS")
+    for row in rows:
+        t.add_row(*[Text(value, style=STATUS_STYLES.get(value, "") if i == status_at else "")
+                    for i, value in enumerate(row)])
+    out.print(t)
+    return list(hidden)
+
+
+def _percent_text(progress: str) -> str:
+    try:
+        return f"{max(0, min(100, int(float((progress or '0').rstrip('%')))))}%"
+    except ValueError:
+        return _plain(progress)
 
 
 def abort(message: str, code: int = 1) -> None:

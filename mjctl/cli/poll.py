@@ -15,7 +15,7 @@ from typing import Annotated
 
 import typer
 
-from mjctl.cli.output import configure_logging, info, print_json, table
+from mjctl.cli.output import configure_logging, examples, info, print_json, table
 from mjctl.cli.state import state
 
 app = typer.Typer()
@@ -34,7 +34,7 @@ ROWS = (
 )
 
 
-@app.command("poll")
+@app.command("poll", epilog=examples('mjctl poll', 'mjctl poll --every 15 --json'))
 def poll(
     ctx: typer.Context,
     every: Annotated[float | None, typer.Option("--every", min=0.1, help="Poll every SECONDS until SIGTERM or "
@@ -43,9 +43,13 @@ def poll(
         "--json", help="Print the summary as JSON (one line per cycle with --every).")] = False,
 ) -> None:
     """Run one polling cycle and print its summary, or loop with --every."""
+    from mjctl.channels import list_channels
     from mjctl.poller import drain_prefetch, poll_once, run_loop
 
-    settings = state(ctx).open_store()
+    st = state(ctx)
+    settings = st.open_store()
+    if any(channel.secret_sealed for channel in list_channels()):
+        st.require_secret("the channels' secrets cannot be opened")
     configure_logging(settings.log.level)
 
     if every is None:

@@ -7,14 +7,13 @@ envelope the local listing renders, so the table and --json are identical in bot
 from __future__ import annotations
 
 from mjctl.errors import MjctlError, UsageError
-from mjctl.timeparse import parse_time
 
 TIMEOUT_SECONDS = 30.0
 CONNECT_TIMEOUT_SECONDS = 5.0
 
 
 def remote_list(settings, *, mine: bool, user: str | None, channel: str | None, mj_id: str | None,
-                status: str | None, action: str | None, since: str | None, until: str | None, page: int,
+                status: str | None, action: str | None, start: int | None, end: int | None, page: int,
                 page_size: int) -> tuple[dict, bool]:
     """One page from the server in [client] server; returns (envelope data, whether admin fields are in it)."""
     import httpx
@@ -40,10 +39,10 @@ def remote_list(settings, *, mine: bool, user: str | None, channel: str | None, 
         params["status"] = status.upper()
     if action:
         params["action"] = action.upper()
-    if since:
-        params["start_timestamp"] = parse_time(since, option="--since")
-    if until:
-        params["end_timestamp"] = parse_time(until, option="--until")
+    if start is not None:
+        params["start_timestamp"] = start
+    if end is not None:
+        params["end_timestamp"] = end
     url = server + ("/api/mj/self" if mine else "/api/mj/")
     headers = {"Authorization": f"Bearer {token}", "Accept": "application/json"}
     try:
@@ -57,6 +56,9 @@ def remote_list(settings, *, mine: bool, user: str | None, channel: str | None, 
     if response.status_code == 401:
         raise MjctlError(f"The server at {server} rejected the token in $MJCTL_TOKEN or [client] token: {message}")
     if response.status_code == 403:
+        if not mine:  # a user's token asking for everyone's tasks
+            raise MjctlError(f"The server at {server} refused ({message.rstrip('.')}); add --mine to list your "
+                             "own tasks.")
         raise MjctlError(f"The server at {server} refused: {message}")
     if response.status_code == 400:
         raise UsageError(f"The server at {server} rejected the request: {message}")

@@ -15,14 +15,14 @@ from typing import Annotated
 
 import typer
 
-from mjctl.cli.output import configure_logging
+from mjctl.cli.output import configure_logging, examples
 from mjctl.cli.state import state
 from mjctl.errors import MjctlError
 
 app = typer.Typer()
 
 
-@app.command("serve")
+@app.command("serve", epilog=examples('mjctl serve --port 8080 --workers 2', 'mjctl serve --no-poll'))
 def serve(
     ctx: typer.Context,
     host: Annotated[str | None, typer.Option(
@@ -41,7 +41,7 @@ def serve(
     st.override("server", "port", port)
     st.override("server", "threads", threads)
     st.override("server", "workers", workers)
-    settings = st.open_store()
+    settings = st.open_store(create=True)
     configure_logging(settings.log.level)
 
     from mjctl import crypto

@@ -10,6 +10,8 @@ from typing import Annotated
 
 import typer
 
+from mjctl.cli.output import examples
+
 app = typer.Typer()
 
 FLAVOR_CHOICES = ("java", "csharp")
@@ -36,7 +38,7 @@ def _parse_faults(values: list[str]) -> dict[str, float]:
     return faults
 
 
-@app.command("simulate")
+@app.command("simulate", epilog=examples('mjctl simulate --port 8090 --fail-rate 0.1 --fault stuck=0.05'))
 def simulate(
     port: Annotated[int, typer.Option("--port", "-p", help="Port to listen on (0 picks a free one).")] = 8090,
     host: Annotated[str, typer.Option("--host", help="Address to bind.")] = "127.0.0.1",

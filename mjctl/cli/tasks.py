@@ -20,6 +20,7 @@ from mjctl.cli.output import (
     Group,
     JsonOut,
     console,
+    examples,
     human_size,
     human_time,
     info,
@@ -29,30 +30,27 @@ from mjctl.cli.output import (
 )
 from mjctl.cli.state import state
 from mjctl.errors import NotFound, UsageError
-from mjctl.protocol import ACCEPTED_CODES
+from mjctl.messages import to_english
+from mjctl.protocol import ACCEPTED_CODES, FINISHED_STATUSES, STATUSES
 from mjctl.textsafe import visible
 
 app = typer.Typer(cls=Group, no_args_is_help=True, help="List, show, submit, watch and save tasks.")
 
 SPEEDS = {"fast": "/mj-fast", "relax": "/mj-relax", "turbo": "/mj-turbo"}
-TaskId = Annotated[str, typer.Argument(help="The task id.")]
+TaskId = Annotated[str, typer.Argument(help="The task's upstream id (mj_id), or its row id.")]
+Raw = Annotated[bool, typer.Option("--raw", help="Show the upstream's messages as sent, untranslated.")]
 Row = Annotated[int | None, typer.Option("--row", min=1, help="The task's row id (the id column of tasks list "
                                          "--json), to choose one of several tasks that share MJ_ID.")]
 
 
 def build_filter(*, mine: bool, user: str | None, channel: str | None, mj_id: str | None, status: str | None,
-                 action: str | None, since: str | None, until: str | None, token: str | None):
+                 action: str | None, start: int | None, end: int | None, token: str | None):
     """The TaskFilter for these options, resolved against the local store. Returns (filter, admin_view)."""
     from mjctl import accounts, channels
     from mjctl.tasks import TaskFilter
-    from mjctl.timeparse import parse_time
 
     f = TaskFilter(mj_id=mj_id or None, status=status.upper() if status else None,
-                   action=action.upper() if action else None)
-    if since:
-        f.start = parse_time(since, option="--since")
-    if until:
-        f.end = parse_time(until, option="--until")
+                   action=action.upper() if action else None, start=start, end=end)
     if mine:
         if not token:
             raise UsageError("--mine needs your token in $MJCTL_TOKEN or [client] token.")
@@ -69,7 +67,11 @@ def build_filter(*, mine: bool, user: str | None, channel: str | None, mj_id: st
     return f, not mine
 
 
-@app.command("list")
+@app.command("list", epilog=examples(
+    'mjctl tasks list --status FAILURE --since 2h',
+    'mjctl tasks list --user alice --channel up1 --page 2',
+    'MJCTL_TOKEN=mjk-… mjctl tasks list --mine --server https://mj.example.com',
+))
 def list_(
     ctx: typer.Context,
     mine: Annotated[bool, typer.Option("--mine", help="Only the tasks of the user whose token is in "
@@ -89,62 +91,101 @@ def list_(
                                                "($MJCTL_SERVER).")] = None,
     json_out: JsonOut = False,
 ) -> None:
-    """List tasks, newest first, as a table (or tab-separated lines in a pipe, or --json)."""
+    """List tasks, newest first, as a table (or tab-separated lines in a pipe, or --json). USER and CHANNEL
+    show names (--json has their ids); an unknown status, a range that ends before it starts and a page
+    past the end are errors, not empty lists."""
     from mjctl.tasks import clamp_page
+    from mjctl.timeparse import parse_time
 
     st = state(ctx)
     st.override("client", "server", server)
     page, page_size = clamp_page(page, page_size)
+    if status and status.upper() not in STATUSES:
+        raise UsageError(f"Unknown status {status!r}; use one of {', '.join(sorted(STATUSES))}.")
+    start = parse_time(since, option="--since") if since else None
+    end = parse_time(until, option="--until") if until else None
+    if start is not None and end is not None and start > end:
+        raise UsageError(f"--since {since} is later than --until {until}; no task can match.")
     settings = st.settings()
+    names = None
     if settings.client.server:
         from mjctl.cli.remote import remote_list
 
         envelope, admin = remote_list(settings, mine=mine, user=user, channel=channel, mj_id=mj_id, status=status,
-                                      action=action, since=since, until=until, page=page, page_size=page_size)
+                                      action=action, start=start, end=end, page=page, page_size=page_size)
     else:
         from mjctl.tasks import list_tasks, page_envelope
 
         settings = st.open_store()
         f, admin = build_filter(mine=mine, user=user, channel=channel, mj_id=mj_id, status=status, action=action,
-                                since=since, until=until, token=settings.client.token)
-        envelope = page_envelope(list_tasks(f, page, page_size), admin=admin, image_url=_image_url(settings))
+                                start=start, end=end, token=settings.client.token)
+        envelope = page_envelope(list_tasks(f, page, page_size), admin=admin, image_url=_image_url(st))
+        names = _names(envelope["items"]) if admin and not json_out else None
+    if page > 1 and not envelope["items"]:
+        total = envelope["total"]
+        pages = -(-total // page_size)
+        raise UsageError(f"Page {page} is past the end: no task matches." if not total else
+                         f"Page {page} is past the end: {total} task(s) make {pages} page(s) of {page_size}.")
     if json_out:
         print_json(envelope)
         return
-    render_tasks(envelope, admin=admin)
+    render_tasks(envelope, admin=admin, names=names)
 
 
-def _image_url(settings):
-    """The forwarded image URL of a task (None when [images] forward is off)."""
+def _names(items: list[dict]) -> dict[str, dict[int, str]]:
+    """The names of the users and channels of these items, by id."""
+    from mjctl.models import Channel, User
+
+    def lookup(model, ids: set) -> dict[int, str]:
+        return dict(model.select(model.id, model.name).where(model.id.in_(list(ids))).tuples()) if ids else {}
+
+    return {"user": lookup(User, {i["user_id"] for i in items}),
+            "channel": lookup(Channel, {i["channel_id"] for i in items})}
+
+
+def _image_url(st):
+    """The forwarded image URL of a task (None when [images] forward is off). Reading tasks never creates a
+    server secret: without one, links are left out (one made here would not be the server's)."""
     from mjctl.images import image_url_for
 
+    settings = st.settings()
+    if settings.images.forward and not st.secret_exists():
+        info(f"No server secret at {settings.server.secret_file}: image links are left out (run with the "
+             "server's configuration, MJCTL_CONFIG=…/mjctl.toml, or set [server] secret).")
+        return lambda _task: ""
     return image_url_for(settings)
 
 
-def tasks_named(mj_id: str, row: int | None) -> list:
-    """The tasks MJ_ID names: every task with that upstream id (one per channel may share it), oldest
-    first, or with --row only that row. Raises NotFound when there is none."""
+def tasks_named(ref: str, row: int | None) -> list:
+    """The tasks REF names: every task with that upstream id (one per channel may share it), oldest first,
+    or with --row only that row; else, when REF is a number no upstream id matches, the task with that row
+    id. Raises NotFound when there is none."""
+    from mjctl.models import Task
     from mjctl.tasks import get_task_by_row, tasks_with_mj_id
 
     if row is not None:
         task = get_task_by_row(row)
-        if task.mj_id != mj_id:
-            raise NotFound(f"Row {row} is task {task.mj_id!r}, not {mj_id!r}.")
+        if task.mj_id != ref:
+            raise NotFound(f"Row {row} is task {task.mj_id!r}, not {ref!r}.")
         return [task]
-    found = tasks_with_mj_id(mj_id)
+    found = tasks_with_mj_id(ref)
+    if not found and ref.isdigit():
+        found = list(Task.select().where(Task.id == int(ref)))
     if not found:
-        raise NotFound(f"No task with id {mj_id!r}.")
+        raise NotFound(f"No task with the upstream id or row id {ref!r}.")
     return found
 
 
-@app.command("show")
-def show(ctx: typer.Context, mj_id: TaskId, row: Row = None, json_out: JsonOut = False) -> None:
+@app.command("show", epilog=examples('mjctl tasks show 1730000000000123', 'mjctl tasks show 42 --raw'))
+def show(ctx: typer.Context, mj_id: TaskId, row: Row = None, raw: Raw = False, json_out: JsonOut = False) -> None:
     """One task in full: every field, buttons and properties. When several tasks share the id (upstreams
-    on different channels can give the same one), each of them, with a note saying so."""
+    on different channels can give the same one), each of them, with a note saying so. The upstream's
+    description and failure reason are shown in English (--raw: as sent; --json: always as sent)."""
     from mjctl.tasks import task_detail
 
-    settings = state(ctx).open_store()
-    image_url = _image_url(settings)
+    st = state(ctx)
+    st.open_store()
+    image_url = _image_url(st)
     details = [task_detail(task, image_url=image_url) for task in tasks_named(mj_id, row)]
     _hide_push_links(details)
     if json_out:  # one task: its object, as always; several: a list of them, never one picked silently
@@ -158,6 +199,8 @@ def show(ctx: typer.Context, mj_id: TaskId, row: Row = None, json_out: JsonOut =
         for key, value in detail.items():
             if key.endswith("_time"):
                 value = human_time(value)
+            elif key in ("description", "fail_reason") and not raw:
+                value = to_english(value)
             elif key == "buttons":
                 value = " ".join(_button_text(b) for b in value) if isinstance(value, list) else str(value)
                 value = value or "-"
@@ -188,13 +231,16 @@ def _button_text(button) -> str:
     return str(button.get("label") or button.get("emoji") or button.get("customId") or "")
 
 
-@app.command("submit")
+@app.command("submit", epilog=examples(
+    'mjctl tasks submit "a red fox in the snow" --user alice --speed relax',
+))
 def submit(
     ctx: typer.Context,
     prompt: Annotated[str, typer.Argument(help="The imagine prompt.")],
     user: Annotated[str, typer.Option("--user", "-u", help="The user who submits (and pays).")],
     speed: Annotated[str | None, typer.Option("--speed", help="fast, relax or turbo: the upstream's speed "
                                               "prefix.")] = None,
+    raw: Raw = False,
     json_out: JsonOut = False,
 ) -> None:
     """Submit an imagine task for a user through the relay (the user is charged). Exit 1 when refused."""
@@ -202,23 +248,25 @@ def submit(
 
     if speed is not None and speed.lower() not in SPEEDS:
         raise UsageError(f"Unknown speed {speed!r}; use fast, relax or turbo.")
-    settings = state(ctx).open_store()
+    st = state(ctx)
+    settings = st.open_store()
+    st.require_secret("the channels' secrets cannot be opened and the upstream's pushes could not be checked")
     owner = accounts.get_user(user)
     if not owner.enabled:
         raise UsageError(f"User {user!r} is disabled.")
     status, answer = relay.submit(settings, owner, "imagine", {"prompt": prompt},
                                   SPEEDS[speed.lower()] if speed else "")
     accepted = status == 200 and answer.get("code") in ACCEPTED_CODES
+    description = answer.get("description") if raw else to_english(answer.get("description") or "")
     if json_out:
         print_json({"http_status": status, **answer})
     elif accepted:  # the result and description are the upstream's words: shown escaped
-        balance = accounts.get_user(user).quota
+        balance = accounts.get_user(owner.name).quota
         sys.stdout.write(f"{visible(str(answer['result']))}\n")
-        sys.stderr.write(visible(f"Submitted task {answer['result']} for {user} (code {answer['code']}: "
-                                 f"{answer['description']}); balance now {balance}.") + "\n")
+        sys.stderr.write(visible(f"Submitted task {answer['result']} for {owner.name} (code {answer['code']}: "
+                                 f"{description}); balance now {balance}.") + "\n")
     else:
-        sys.stderr.write(visible(f"Error: not submitted (code {answer.get('code')}): {answer.get('description')}")
-                         + "\n")
+        sys.stderr.write(visible(f"Error: not submitted (code {answer.get('code')}): {description}") + "\n")
     if not accepted:
         raise typer.Exit(1)
 
@@ -245,17 +293,17 @@ def _percent(status: str, progress: str) -> float:
         return 0.0
 
 
-@app.command("watch")
+@app.command("watch", epilog=examples('mjctl tasks watch 1730000000000123 1730000000000124'))
 def watch(
     ctx: typer.Context,
     mj_ids: Annotated[list[str], typer.Argument(help="Task ids to watch.")],
     interval: Annotated[float, typer.Option("--interval", min=0.01, help="Seconds between looks at the "
                                             "store.")] = 1.0,
+    raw: Raw = False,
 ) -> None:
     """Follow tasks until every one is finished: progress bars on a terminal, one line per change otherwise.
-    Exit 1 if any failed."""
+    Exit 1 if any failed. A failure reason is shown in English (--raw: as the upstream sent it)."""
     from mjctl.db import connection
-    from mjctl.protocol import FINISHED_STATUSES
 
     state(ctx).open_store()
     ids = list(dict.fromkeys(mj_ids))
@@ -283,30 +331,30 @@ def watch(
     if cli_state.env().stdout_isatty:
         _watch_bars(ids, current, poll, finished)
     else:
-        _watch_lines(ids, current, poll, finished)
+        _watch_lines(ids, current, poll, finished, raw)
     failed = [i for i in ids if current[i][0] != "SUCCESS"]
     if failed:
         sys.stderr.write(f"Error: {len(failed)} of {len(ids)} task(s) did not succeed: {', '.join(failed)}.\n")
         raise typer.Exit(1)
 
 
-def _line(mj_id: str, snap: tuple[str, str, str]) -> str:
+def _line(mj_id: str, snap: tuple[str, str, str], raw: bool) -> str:
     """One tab-separated line; each field escaped, as the upstream wrote the status, progress and reason."""
     status, progress, reason = snap
     text = f"{visible(mj_id)}\t{visible(status)}\t{visible(progress or '-')}"
-    return text + (f"\t{visible(reason)}" if status == "FAILURE" and reason else "")
+    return text + (f"\t{visible(reason if raw else to_english(reason))}" if status == "FAILURE" and reason else "")
 
 
-def _watch_lines(ids, current, poll, finished) -> None:
+def _watch_lines(ids, current, poll, finished, raw: bool) -> None:
     for mj_id in ids:
-        sys.stdout.write(_line(mj_id, current[mj_id]) + "\n")
+        sys.stdout.write(_line(mj_id, current[mj_id], raw) + "\n")
     sys.stdout.flush()
     while not finished():
         fresh = poll()
         for mj_id in ids:
             if fresh.get(mj_id, current[mj_id]) != current[mj_id]:
                 current[mj_id] = fresh[mj_id]
-                sys.stdout.write(_line(mj_id, current[mj_id]) + "\n")
+                sys.stdout.write(_line(mj_id, current[mj_id], raw) + "\n")
         sys.stdout.flush()
 
 
@@ -329,7 +377,10 @@ def _watch_bars(ids, current, poll, finished) -> None:
                             completed=_percent(*current[mj_id][:2]))
 
 
-@app.command("image")
+@app.command("image", epilog=examples(
+    'mjctl tasks image 1730000000000123 -o fox.png',
+    'mjctl tasks image 42 -o - | display',
+))
 def image(
     ctx: typer.Context,
     mj_id: TaskId,
@@ -354,6 +405,8 @@ def image(
         raise NotFound(f"Task {mj_id} has no image (status {task.status}).")
     if output == "-" and json_out:
         raise UsageError("--json cannot be combined with -o - (both write to stdout).")
+    if output and output != "-" and not Path(output).parent.is_dir():
+        raise UsageError(f"Cannot write {output}: the folder {Path(output).parent} does not exist.")
     source = ImageSource.from_task(task)
     with ImageForwarder(settings) as forwarder:
         claim_legacy_file(forwarder.cache, source)  # a file cached under the bare id by an earlier version

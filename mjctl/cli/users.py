@@ -10,21 +10,24 @@ from typing import Annotated
 
 import typer
 
-from mjctl.cli.output import Group, JsonOut, human_time, print_json, table
+from mjctl.cli.output import Group, JsonOut, examples, human_time, print_json, table
 from mjctl.cli.state import state
 from mjctl.errors import UsageError
 
 app = typer.Typer(cls=Group, no_args_is_help=True, help="Manage users, their quota and their tokens.")
 
 USER_COLUMNS = ["ID", "NAME", "ROLE", "ENABLED", "QUOTA", "USED"]
-UserName = Annotated[str, typer.Argument(help="User name.")]
+UserName = Annotated[str, typer.Argument(help="User name, or id.")]
 
 
 def _user_rows(users):
     return [(u["id"], u["name"], u["role"], u["enabled"], u["quota"], u["used_quota"]) for u in users]
 
 
-@app.command("add")
+@app.command("add", epilog=examples(
+    'mjctl users add alice --quota 10000',
+    'mjctl users add ops --role admin --json',
+))
 def add(
     ctx: typer.Context,
     name: Annotated[str, typer.Argument(help="The new user's name.")],
@@ -35,7 +38,7 @@ def add(
     """Create a user and print a new access token (shown only once)."""
     from mjctl import accounts
 
-    state(ctx).open_store()
+    state(ctx).open_store(create=True)
     user, token = accounts.create_user(name, role=role, quota=quota)
     data = accounts.user_dict(user) | {"token": token}
     if json_out:
@@ -45,7 +48,7 @@ def add(
     sys.stdout.write(f"Token (shown only this once):\n{token}\n")
 
 
-@app.command("list")
+@app.command("list", epilog=examples('mjctl users list', 'mjctl users list --json'))
 def list_(ctx: typer.Context, json_out: JsonOut = False) -> None:
     """List every user with role, state and balance."""
     from mjctl import accounts
@@ -58,7 +61,7 @@ def list_(ctx: typer.Context, json_out: JsonOut = False) -> None:
     table(USER_COLUMNS, _user_rows(users))
 
 
-@app.command("show")
+@app.command("show", epilog=examples('mjctl users show alice', 'mjctl users show 3 --json'))
 def show(ctx: typer.Context, name: UserName, json_out: JsonOut = False) -> None:
     """One user: balance (`quota`), `used_quota`, tokens and the latest ledger entries."""
     from mjctl import accounts
@@ -83,7 +86,10 @@ def show(ctx: typer.Context, name: UserName, json_out: JsonOut = False) -> None:
                 e["reason"]) for e in data["ledger"]], title="latest ledger entries")
 
 
-@app.command("set")
+@app.command("set", epilog=examples(
+    'mjctl users set alice --quota 500',
+    'mjctl users set alice --role admin --disable',
+))
 def set_(
     ctx: typer.Context,
     name: UserName,
@@ -107,15 +113,20 @@ def set_(
                      f"quota {data['quota']}.\n")
 
 
-@app.command("topup")
+@app.command("topup", context_settings={"ignore_unknown_options": True}, epilog=examples(
+    'mjctl users topup alice 5000',
+    'mjctl users topup alice -500 --reason "refund to card"',
+))
 def topup(
     ctx: typer.Context,
     name: UserName,
-    amount: Annotated[str, typer.Argument(help="Quota to add (a whole number > 0).")],
-    reason: Annotated[str, typer.Option("--reason", help="Recorded in the ledger.")] = "top-up",
+    amount: Annotated[str, typer.Argument(help="Quota to add, a whole number; a negative one (-500) is deducted.")],
+    reason: Annotated[str | None, typer.Option("--reason", help="Recorded in the ledger (default: top-up, or "
+                                               "deduction).")] = None,
     json_out: JsonOut = False,
 ) -> None:
-    """Add quota to a user's balance (one transaction, one ledger entry)."""
+    """Add quota to a user's balance, or deduct it with a negative amount; one transaction, one ledger entry.
+    A deduction is recorded as an adjustment and refused when the balance does not cover it."""
     from mjctl import accounts
 
     state(ctx).open_store()
@@ -126,7 +137,7 @@ def topup(
     sys.stdout.write(f"User {user.name!r} now has quota {user.quota}.\n")
 
 
-@app.command("token")
+@app.command("token", epilog=examples('mjctl users token alice', 'mjctl users token alice --revoke'))
 def token(
     ctx: typer.Context,
     name: UserName,
