@@ -59,6 +59,16 @@ SCHEMA: dict[str, dict[str, tuple[Any, type, str]]] = {
         "allow_hosts": ("", str, "comma-separated host names, IPs or CIDRs image fetches may reach although "
                                  "they are not public (an internal object store); a channel's own origin "
                                  "is always allowed"),
+        "store": ("local", str, "where finished images are kept: local (cache_dir) or s3://BUCKET/PREFIX, shared by every host"),
+        "s3_endpoint_url": ("", str, "S3 endpoint for MinIO, Ceph, R2 and other S3-compatible stores; empty = AWS"),
+        "s3_region": ("", str, "the bucket's region; empty = AWS_REGION, the AWS config file, else us-east-1"),
+        "s3_access_key_id": ("", str, "only if the standard AWS variables and files cannot be used"),
+        "s3_secret_access_key": ("", str, "only if the standard AWS variables and files cannot be used"),
+        "s3_connect_timeout": (3.0, float, "seconds to open a connection to the store"),
+        "s3_read_timeout": (10.0, float, "seconds the store may stay silent during a call before it is given up"),
+        "s3_attempts": (2, int, "attempts per store call (the first included) before it fails"),
+        "redirect": (False, bool, "answer images kept in an S3 store with a redirect to a short-lived presigned link"),
+        "redirect_seconds": (300, int, "how long a presigned link of [images] redirect stays valid"),
     },
     "relay": {
         "max_prompt_chars": (8000, int, "longest prompt a submission may carry"),
@@ -87,7 +97,8 @@ SCHEMA: dict[str, dict[str, tuple[Any, type, str]]] = {
     },
 }
 
-SECRET_KEYS = {("server", "secret"), ("client", "token")}
+SECRET_KEYS = {("server", "secret"), ("client", "token"), ("images", "s3_access_key_id"),
+               ("images", "s3_secret_access_key")}
 PATH_KEYS = {("images", "cache_dir"), ("server", "secret_file")}
 #: Variables the contract names outside the MJCTL_<SECTION>_<KEY> scheme.
 ALIASES = {"MJCTL_TOKEN": ("client", "token"), "MJCTL_SERVER": ("client", "server")}
@@ -142,7 +153,7 @@ class Settings:
             for key, value in values.items():
                 if (section, key) in SECRET_KEYS and value:
                     value = "********"
-                elif section == "database" and key == "url":
+                elif (section, key) in {("database", "url"), ("images", "s3_endpoint_url")}:
                     value = redact_url(value)
                 out[section][key] = value
         return out
@@ -206,13 +217,22 @@ def _validate(section: str, key: str, value: Any, where: str) -> None:
         raise ConfigError(f"{problem} must be a port between 0 and 65535.")
     positive = {("server", "threads"), ("server", "workers"), ("poller", "batch_size"), ("poller", "interval"),
                 ("poller", "request_timeout"), ("poller", "task_timeout"), ("poller", "concurrency"),
-                ("images", "max_bytes"), ("images", "timeout")}
+                ("images", "max_bytes"), ("images", "timeout"), ("images", "s3_connect_timeout"),
+                ("images", "s3_read_timeout"), ("images", "s3_attempts"), ("images", "redirect_seconds")}
     if (section, key) in positive and value <= 0:
         raise ConfigError(f"{problem} must be greater than zero.")
     if (section, key) == ("database", "pool_size") and value < 0:
         raise ConfigError(f"{problem} must be 0 (sized to the threads) or more.")
     if (section, key) == ("log", "level") and value.lower() not in ("debug", "info", "warning", "error"):
         raise ConfigError(f"{problem} must be debug, info, warning or error.")
+    if (section, key) == ("images", "store") and value != "local":
+        from mjctl.images.store import parse_store_url
+
+        problem_text = parse_store_url(value)[2]
+        if problem_text:
+            raise ConfigError(f"{problem}: {problem_text}")
+    if (section, key) == ("images", "redirect_seconds") and value > 604800:
+        raise ConfigError(f"{problem} must be at most 604800 (7 days, the longest a presigned link lives).")
     if (section, key) == ("images", "allow_hosts"):
         for entry in split_list(value):
             if not _HOST_OR_CIDR.match(entry):

@@ -490,5 +490,5 @@ def test_forwarder_open_from_python(tmp_path, sim):
         finally:
             stream.close()
         assert stream.content_type == "image/png" and stream.length == len(body) and not stream.cached
-        assert forwarder.cache.find(ImageSource(task_id, url, final=True)) is None  # a preview is never cached
+        assert forwarder.store.find(ImageSource(task_id, url, final=True)) is None  # a preview is never cached
         assert images.etag_matches(f'W/{stream.etag}, "x"', stream.etag)

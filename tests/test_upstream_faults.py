@@ -255,7 +255,7 @@ def test_a_trickled_image_is_cut_at_its_allowance_and_never_cached(tmp_path, tri
         outcome, took = timed(lambda: forwarder.fetch_to_cache(source))
     assert isinstance(outcome, ImageUnavailable) and "too slowly" in outcome.message
     assert took <= 1.0 + SLACK
-    assert forwarder.cache.find(mj_id) is None
+    assert forwarder.store.find(mj_id) is None
 
 
 def test_a_hanging_image_upstream_is_a_502_within_the_timeout(store, tmp_path):

@@ -409,7 +409,7 @@ def image(
         raise UsageError(f"Cannot write {output}: the folder {Path(output).parent} does not exist.")
     source = ImageSource.from_task(task)
     with ImageForwarder(settings) as forwarder:
-        claim_legacy_file(forwarder.cache, source)  # a file cached under the bare id by an earlier version
+        claim_legacy_file(forwarder.store, source)  # a file cached under the bare id by an earlier version
         if output == "-":
             forwarder.save(source, sys.stdout.buffer)
             sys.stdout.buffer.flush()

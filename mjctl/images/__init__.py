@@ -47,7 +47,8 @@ from mjctl.images.urls import (
 #: Names whose modules import httpx and friends, loaded on first use so that listing tasks (which only
 #: signs URLs) does not pay for them at start-up.
 _LAZY = {
-    "CachedImage": "cache", "ImageCache": "cache", "ImageForwarder": "forward", "ImageStream": "forward",
+    "StoredImage": "store", "ResultStore": "store", "StoreUnavailable": "store", "result_store": "store",
+    "ImageCache": "cache", "ImageForwarder": "forward", "ImageStream": "forward",
     "ImagePrefetcher": "prefetch", "prefetch_hook": "prefetch", "shared_prefetcher": "prefetch",
     "stop_shared_prefetchers": "prefetch",
 }
@@ -66,6 +67,7 @@ def __getattr__(name: str):
 
 __all__ = ["EXTENSIONS", "IMMUTABLE", "MJ_ID_RE", "PURPOSE", "REVALIDATE", "ROUTE", "ROW_PARAM", "TASK_PURPOSE",
            "ImageTooLarge", "ImageTruncated", "ImageUnavailable", "ImageSource", "etag_matches", "image_url_for",
-           "public_base", "sign_image", "sign_task_image", "verify_image", "verify_task_image", "CachedImage",
+           "public_base", "sign_image", "sign_task_image", "verify_image", "verify_task_image", "StoredImage",
+           "ResultStore", "StoreUnavailable", "result_store",
            "ImageCache", "ImageForwarder", "ImageStream", "ImagePrefetcher", "prefetch_hook", "shared_prefetcher",
            "stop_shared_prefetchers"]

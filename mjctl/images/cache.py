@@ -9,18 +9,25 @@ expired, but with several tasks sharing the id nothing says whose image it is.
 
 from __future__ import annotations
 
-import hashlib
 import logging
+import mmap
 import os
 import re
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, TYPE_CHECKING
 
-from mjctl.images.common import _CACHE_NAME, EXTENSIONS, STALE_TEMP_SECONDS, TEMP_DIR, TYPES_BY_EXTENSION
+from mjctl.images.common import (
+    _CACHE_NAME,
+    EXTENSIONS,
+    READ_CHUNK,
+    STALE_TEMP_SECONDS,
+    TEMP_DIR,
+    TYPES_BY_EXTENSION,
+)
+from mjctl.images.store import ByteRange, StoredBody, StoredImage, hashed, row_key
 
 if TYPE_CHECKING:
     from mjctl.images.urls import ImageSource
@@ -31,39 +38,32 @@ log = logging.getLogger("mjctl.images")
 # -- the cache ---------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class CachedImage:
-    path: Path
-    content_type: str
-    size: int
-    mtime: float
-
-
-def _hashed(material: str) -> str:
-    return hashlib.sha256(material.encode("utf-8")).hexdigest()[:40]
-
-
 class ImageCache:
-    """Finished images on disk: ``<dir>/<h[:2]>/<h>.<ext>`` with h a hash of the task's row (key_for)."""
+    """The local result store: finished images on disk, ``<dir>/<h[:2]>/<h>.<ext>`` with h a hash of the
+    task's row (key_for). Its ``.tmp`` folder also receives the downloads an S3 store uploads."""
+
+    kind = "local"
 
     def __init__(self, directory: str | os.PathLike):
         self.directory = Path(directory)
 
+    @property
+    def location(self) -> str:
+        return str(self.directory)
+
     @staticmethod
     def key_for(source: ImageSource) -> str:
-        """The file name (without extension) of a source's image: a hash of its row id and upstream id.
-
-        The upstream id is part of the key so that a database recreated from scratch, whose row ids start
-        again at 1, never meets the files of the old one. A source without a row (made by hand for a URL)
-        is keyed by its URL, which no other task's image has."""
-        if source.task_id is not None:
-            return _hashed(f"task\0{int(source.task_id)}\0{source.mj_id}")
-        return _hashed(f"url\0{source.mj_id}\0{source.url}")
+        """The file name (without extension) of a source's image: see mjctl.images.store.row_key."""
+        return row_key(source)
 
     @staticmethod
     def legacy_key(mj_id: str) -> str:
         """The legacy file name: the image of upstream id mj_id keyed by that id alone, whichever task it was."""
-        return _hashed(mj_id)
+        return hashed(mj_id)
+
+    @staticmethod
+    def accepts(content_type: str) -> bool:
+        return content_type in EXTENSIONS
 
     def path_for(self, source: ImageSource, content_type: str) -> Path | None:
         """Where the image of source with this content type lives; None for a type the cache does not keep."""
@@ -75,11 +75,11 @@ class ImageCache:
             return None
         return self.directory / key[:2] / f"{key}{ext}"
 
-    def find(self, source: ImageSource | str) -> CachedImage | None:
+    def find(self, source: ImageSource | str) -> StoredImage | None:
         """The cached image of source; given a bare upstream id, its legacy file."""
         return self._find_key(self.legacy_key(source) if isinstance(source, str) else self.key_for(source))
 
-    def _find_key(self, key: str) -> CachedImage | None:
+    def _find_key(self, key: str) -> StoredImage | None:
         folder = self.directory / key[:2]
         for ext, content_type in TYPES_BY_EXTENSION.items():
             path = folder / f"{key}{ext}"
@@ -87,10 +87,10 @@ class ImageCache:
                 st = path.stat()
             except OSError:
                 continue
-            return CachedImage(path, content_type, st.st_size, st.st_mtime)
+            return StoredImage(key, content_type, st.st_size, st.st_mtime, path)
         return None
 
-    def adopt(self, legacy: CachedImage, source: ImageSource) -> CachedImage | None:
+    def adopt(self, legacy: StoredImage, source: ImageSource) -> StoredImage | None:
         """Move a legacy file under source's key (an atomic rename); the file now there, or None when the
         move failed. Only for a source whose upstream id belongs to it alone: see claim_legacy_file."""
         target = self.path_for(source, legacy.content_type)
@@ -120,6 +120,37 @@ class ImageCache:
         os.replace(temp, target)
         return target
 
+    def put_file(self, path: Path, source: ImageSource, content_type: str) -> Path | None:
+        """Keep a complete temp file (of this folder) as source's image: renamed into place, whole or not at
+        all. Returns the file now there; raises StoreUnavailable when the disk refuses."""
+        from mjctl.images.store import StoreUnavailable
+
+        target = self.path_for(source, content_type)
+        if target is None:
+            return None
+        try:
+            return self.commit(path, target)
+        except OSError as exc:
+            raise StoreUnavailable(f"cannot write {self.directory}: {exc.strerror or exc}") from None
+
+    def open_image(self, source: ImageSource, byte_range: ByteRange | None = None) -> StoredBody | None:
+        """Source's image (or one range of it), opened now so that a concurrent prune cannot pull it away;
+        None when there is none or it cannot be read (an unreadable file is a miss, with a log line)."""
+        found = self.find(source)
+        return open_file(found.path, found.content_type, byte_range) if found is not None and found.path else None
+
+    @staticmethod
+    def presign(source: ImageSource, seconds: int) -> str | None:
+        """Files have no links of their own: images are always served through mjctl."""
+        return None
+
+    def entries(self) -> Iterator[StoredImage]:
+        """Every image kept here (temp files left out), for `mjctl images migrate`."""
+        for path, st, temp in self._entries():
+            if not temp:
+                key, ext = path.name.split(".", 1)
+                yield StoredImage(key, TYPES_BY_EXTENSION["." + ext], st.st_size, st.st_mtime, path)
+
     def _entries(self) -> Iterator[tuple[Path, os.stat_result, bool]]:
         """(path, stat, is_temp) for every file mjctl wrote here; anything else in the folder is left alone."""
         if not self.directory.is_dir():
@@ -144,8 +175,9 @@ class ImageCache:
                         except FileNotFoundError:
                             continue
 
-    def prune(self, older_than_seconds: float, *, now: float | None = None) -> dict:
-        """Delete images cached more than older_than_seconds ago, and temp files left by dead downloads.
+    def prune(self, older_than_seconds: float, *, now: float | None = None, temp_only: bool = False) -> dict:
+        """Delete images cached more than older_than_seconds ago, and temp files left by dead downloads
+        (temp_only: only those, as when this folder only spools for an S3 store).
 
         Returns ``{"removed", "removed_bytes", "kept", "kept_bytes", "temp_removed"}``.
         """
@@ -157,6 +189,8 @@ class ImageCache:
                 if age > max(STALE_TEMP_SECONDS, older_than_seconds):
                     if _unlink(path):
                         result["temp_removed"] += 1
+                continue
+            if temp_only:
                 continue
             if age > older_than_seconds:
                 if _unlink(path):
@@ -186,6 +220,54 @@ class ImageCache:
         return out
 
 
+def open_file(path: Path, content_type: str, byte_range: ByteRange | None = None, *,
+              delete: bool = False) -> StoredBody | None:
+    """A file's bytes (all, or one range) as a StoredBody, or None when it cannot be opened. delete: the
+    name is removed at once (the open handle keeps the bytes until closed). Raises RangeNotSatisfiable."""
+    try:
+        fh = open(path, "rb")  # closed by the body's close()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:  # an unreadable cache file is a miss: the upstream is asked instead
+        log.warning("cannot read the cached image %s: %s", path.name, exc)
+        return None
+    if delete:
+        _unlink(path)
+    size = os.fstat(fh.fileno()).st_size
+    try:
+        start, end = byte_range.resolve(size) if byte_range is not None else (0, size - 1)
+    except BaseException:
+        fh.close()
+        raise
+    # Slicing a memory map copies from the page cache without a read() call per chunk: each call gives the
+    # GIL away and, with many concurrent downloads, waits to get it back.
+    try:
+        mapped = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) if size else None
+    except (OSError, ValueError):  # a file system without mmap: plain reads
+        mapped = None
+
+    def chunks() -> Iterator[bytes]:
+        try:
+            if mapped is None:
+                fh.seek(start)
+                left = end + 1 - start
+                while left > 0 and (block := fh.read(min(READ_CHUNK, left))):
+                    left -= len(block)
+                    yield block
+                return
+            for at in range(start, end + 1, READ_CHUNK):
+                yield mapped[at:min(at + READ_CHUNK, end + 1)]
+        finally:
+            release()
+
+    def release() -> None:
+        if mapped is not None and not mapped.closed:
+            mapped.close()
+        fh.close()
+
+    return StoredBody(content_type, size, start, end, chunks(), release)
+
+
 def _unlink(path: Path) -> bool:
     try:
         path.unlink()
@@ -194,14 +276,17 @@ def _unlink(path: Path) -> bool:
         return False
 
 
-def claim_legacy_file(cache: ImageCache, source: ImageSource) -> CachedImage | None:
+def claim_legacy_file(cache: object, source: ImageSource) -> StoredImage | None:
     """On a miss under source's own key, the legacy file keyed by its bare upstream id,
     moved under source's key — but only when source's task is the one task with that upstream id (else
     nothing says whose image the file is, and it is left alone). None when there is nothing to claim.
 
     Reads the database (mjctl.tasks.sole_task) only when such a file exists: call it inside a connection,
-    before any upstream is contacted."""
-    if not source.final or source.task_id is None or cache.find(source) is not None:
+    before any upstream is contacted. Only the local store has such files (an S3 store: nothing, and no
+    request is made)."""
+    if not isinstance(cache, ImageCache) or not source.final or source.task_id is None:
+        return None
+    if cache.find(source) is not None:
         return None
     legacy = cache.find(source.mj_id)
     if legacy is None:

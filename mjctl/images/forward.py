@@ -8,8 +8,11 @@ image on a steady link is never cut, while a trickle (a byte every few seconds) 
 Every socket read is capped at what is left of that allowance (``mjctl.upstream.bounded_by``), so a
 stalled upstream is cut at the allowance, not a read timeout later. Prefetching runs the same code.
 
-Faults of the server's own disk (the cache folder unusable, full, read-only) never fail a response whose
-length the upstream declared: the image is passed on uncached, with one log line.
+Finished images are read from the result store (``[images] store``: the local folder or an S3 bucket,
+mjctl.images.store) and written there as they pass. Faults of the store (a folder unusable, full or
+read-only; a bucket unreachable, missing or refusing the credentials) never fail a response the upstream
+can give: the image is passed on without being kept, with one log line. Only when the upstream cannot give
+it either is it a 502, whose message names both.
 
 Where an image may come from is the upstream's choice, so it is checked: only the task's channel's own
 origin, a host of ``[images] allow_hosts``, or public addresses (``mjctl.upstream.FetchPolicy``, enforced
@@ -21,7 +24,6 @@ no detail about the target, so image links cannot be used to probe mjctl's own n
 from __future__ import annotations
 
 import logging
-import mmap
 import os
 import tempfile
 import time
@@ -34,8 +36,9 @@ import httpx
 
 from mjctl import __version__
 from mjctl.errors import first_line
-from mjctl.images.cache import CachedImage, ImageCache, _unlink
-from mjctl.images.common import IMMUTABLE, READ_CHUNK, REVALIDATE, ImageTooLarge, ImageTruncated, ImageUnavailable
+from mjctl.images.cache import open_file
+from mjctl.images.common import IMMUTABLE, REVALIDATE, ImageTooLarge, ImageTruncated, ImageUnavailable
+from mjctl.images.store import ByteRange, ResultStore, StoredBody, StoredImage, StoreUnavailable, result_store
 from mjctl.images.urls import ImageSource
 from mjctl.textsafe import visible
 from mjctl.upstream import (
@@ -101,10 +104,12 @@ class ImageStream:
     content_type: str
     length: int | None
     etag: str
-    cached: bool  # served from the cache
+    cached: bool  # served from the result store
     final: bool
     chunks: Iterator[bytes]
     _cleanup: list[Callable[[], None]] = field(default_factory=list)
+    #: One range of a stored image: "bytes first-last/size" (the answer is then a 206); None for all of it.
+    content_range: str | None = None
 
     def __iter__(self) -> Iterator[bytes]:
         return iter(self.chunks)
@@ -124,14 +129,30 @@ class ImageStream:
         return IMMUTABLE if self.final else REVALIDATE
 
 
-class ImageForwarder:
-    """Opens task images from the cache or the upstream; one shared httpx client, safe across threads."""
+@dataclass
+class _Keeping:
+    """How writing an image into the store went, for the caller of a tee or spool."""
 
-    def __init__(self, settings: Settings, *, transport: httpx.BaseTransport | None = None):
+    quiet: bool = False  # a background fetch: the caller reports store faults, not the tee
+    problem: str = ""
+
+    def failed(self, message: str, *args: object) -> None:
+        self.problem = message % args
+        if not self.quiet:
+            log.warning(message, *args)
+
+
+class ImageForwarder:
+    """Opens task images from the result store or the upstream; one shared httpx client, safe across
+    threads."""
+
+    def __init__(self, settings: Settings, *, transport: httpx.BaseTransport | None = None,
+                 store: ResultStore | None = None):
         images = settings.images
         self.max_bytes = int(images.max_bytes)
         self.timeout = float(images.timeout)
-        self.cache = ImageCache(images.cache_dir)
+        self.redirect_seconds = int(images.get("redirect_seconds", 300))
+        self.store: ResultStore = store if store is not None else result_store(settings)
         from mjctl.config import split_list
 
         self.allow_hosts = tuple(split_list(images.get("allow_hosts", "")))
@@ -156,17 +177,45 @@ class ImageForwarder:
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
-    def open(self, source: ImageSource) -> ImageStream:
-        """The image's bytes from the cache, or from the upstream (filling the cache when final).
+    def open(self, source: ImageSource, byte_range: ByteRange | None = None) -> ImageStream:
+        """The image's bytes from the store (one byte_range of them, when given), or all of them from the
+        upstream (keeping them in the store when final).
 
-        Raises ImageUnavailable before anything is read when the upstream cannot give a usable image.
+        Raises ImageUnavailable before anything is read when neither can give a usable image, and
+        RangeNotSatisfiable when byte_range starts past the end of a stored image.
         """
+        problem = ""
         if source.final:
-            cached = self.cache.find(source)
-            if cached is not None:
-                stream = self._file_stream(cached.path, cached.content_type, source, cached=True)
-                if stream is not None:
-                    return stream
+            try:
+                body = self.store.open_image(source, byte_range)
+            except StoreUnavailable as exc:
+                problem = exc.message
+            else:
+                if body is not None:
+                    return _stored_stream(body, source, cached=True)
+        try:
+            stream = self._from_upstream(source, _Keeping(), keep=not problem)
+        except ImageUnavailable as exc:
+            if problem:
+                raise ImageUnavailable(f"{exc.message} The image store could not be read either: {problem}.") from None
+            raise
+        if problem:
+            log.warning("%s; serving the image of task %s from its upstream", problem, source.mj_id)
+        return stream
+
+    def presigned_url(self, source: ImageSource) -> str | None:
+        """A short-lived link straight to a finished image in the store (an S3 bucket), for ``[images]
+        redirect``; None when the store has no such links, does not hold the image, or cannot be reached
+        (the image is then proxied, which says why when it fails)."""
+        if not source.final:
+            return None
+        try:
+            return self.store.presign(source, self.redirect_seconds)
+        except StoreUnavailable:
+            return None
+
+    def _from_upstream(self, source: ImageSource, keeping: _Keeping, *, keep: bool = True) -> ImageStream:
+        """The image's bytes from its upstream, kept in the store as they pass when final and keep."""
         if not source.url:
             raise ImageUnavailable(f"Task {source.mj_id} has no image.")
         allowance = _Allowance(self.timeout)
@@ -177,28 +226,34 @@ class ImageForwarder:
         except BaseException:
             response.close()
             raise
+        keep = keep and source.final and self.store.accepts(content_type)
         if length is None:
-            return self._spool(response, source, content_type, allowance)
-        chunks = self._tee(response, source, content_type, length, allowance)
+            return self._spool(response, source, content_type, allowance, keeping, keep)
+        chunks = self._tee(response, source, content_type, length, allowance, keeping, keep)
         return ImageStream(content_type=response.headers.get("content-type", content_type), length=length,
                            etag=source.etag, cached=False, final=source.final, chunks=chunks,
                            _cleanup=[response.close])
 
-    def fetch_to_cache(self, source: ImageSource) -> CachedImage | None:
-        """Make sure a finished task's image is in the cache; returns it (None when it cannot be kept:
-        the task is not finished or the type is not one the cache keeps). Raises ImageUnavailable."""
+    def fetch_to_cache(self, source: ImageSource) -> StoredImage | None:
+        """Make sure a finished task's image is in the store; returns it (None when it cannot be kept: the
+        task is not finished or the type is not one the store keeps). Raises ImageUnavailable when the
+        upstream cannot give it, StoreUnavailable when the store cannot be read or written (without
+        logging: the caller decides when to try again)."""
         if not source.final:
             return None
-        cached = self.cache.find(source)
-        if cached is not None:
-            return cached
-        stream = self.open(source)
+        found = self.store.find(source)
+        if found is not None:
+            return found
+        keeping = _Keeping(quiet=True)
+        stream = self._from_upstream(source, keeping)
         try:
             for _chunk in stream:
                 pass
         finally:
             stream.close()
-        return self.cache.find(source)
+        if keeping.problem:
+            raise StoreUnavailable(keeping.problem)
+        return self.store.find(source)
 
     def save(self, source: ImageSource, out: IO[bytes]) -> ImageStream:
         """Write the image to out; returns the (closed) stream describing it."""
@@ -271,21 +326,20 @@ class ImageForwarder:
         return f"The image of task {source.mj_id} is larger than the limit of {self.max_bytes} bytes."
 
     def _tee(self, response: httpx.Response, source: ImageSource, content_type: str,
-             length: int, allowance: _Allowance) -> Iterator[bytes]:
-        """Pass the body on chunk by chunk, copying it into a temp file that becomes the cache entry
-        only when exactly `length` bytes arrived. A failed cache write (no folder, a full or read-only
-        disk: at creation, on a write, on the flush of close, on the rename) never disturbs the client:
-        one log line, and the image goes on uncached."""
-        target = self.cache.path_for(source, content_type) if source.final else None
+             length: int, allowance: _Allowance, keeping: _Keeping, keep: bool) -> Iterator[bytes]:
+        """Pass the body on chunk by chunk, copying it into a temp file that is put into the store only
+        when exactly `length` bytes arrived. A failed store write (no folder, a full or read-only disk: at
+        creation, on a write, on the flush of close, on the rename; an unreachable bucket) never disturbs
+        the client: one log line, and the image goes on without being kept."""
         temp: IO[bytes] | None = None
         temp_path: Path | None = None
         received = 0
         try:
-            if target is not None:
+            if keep:
                 try:
-                    temp, temp_path = self.cache.temp_file()
+                    temp, temp_path = self.store.temp_file()
                 except OSError as exc:
-                    log.warning("image cache unavailable (%s); forwarding %s without caching", exc, source.mj_id)
+                    keeping.failed("image cache unavailable (%s); forwarding %s without caching", exc, source.mj_id)
             try:
                 for chunk in allowance.paced(response.iter_raw()):
                     received += len(chunk)
@@ -296,7 +350,7 @@ class ImageForwarder:
                         try:
                             temp.write(chunk)
                         except OSError as exc:
-                            log.warning("cannot write the image cache (%s); %s stays uncached", exc, source.mj_id)
+                            keeping.failed("cannot write the image cache (%s); %s stays uncached", exc, source.mj_id)
                             temp, temp_path = _discard(temp, temp_path), None
                     yield chunk
             except httpx.TimeoutException as exc:
@@ -309,37 +363,38 @@ class ImageForwarder:
             if received != length:
                 raise ImageTruncated(f"The upstream broke off the image of task {source.mj_id} after "
                                      f"{received} of {length} bytes.")
-            if temp is not None and target is not None and temp_path is not None:
+            if temp is not None and temp_path is not None:
                 try:
                     temp.close()  # the buffered tail is written here: a full disk can fail this too
                     temp = None
-                    self.cache.commit(temp_path, target)
-                    temp_path = None
+                    if self.store.put_file(temp_path, source, content_type) is not None:
+                        temp_path = None  # moved into place
                 except OSError as exc:
-                    log.warning("cannot store the image of %s in the cache: %s", source.mj_id, exc)
+                    keeping.failed("cannot store the image of %s in the cache: %s", source.mj_id, exc)
+                except StoreUnavailable as exc:
+                    keeping.failed("cannot store the image of %s: %s", source.mj_id, exc.message)
         finally:
             response.close()
             _discard(temp, temp_path)
 
     def _spool(self, response: httpx.Response, source: ImageSource, content_type: str,
-               allowance: _Allowance) -> ImageStream:
+               allowance: _Allowance, keeping: _Keeping, keep: bool) -> ImageStream:
         """A body of unknown length: download it to a temp file (at most max_bytes), then serve that.
 
-        The temp file is the cache's, or one in the system's temp folder when the cache folder cannot hold
-        one; a write that fails (a full disk) fails this image with a 502 and one log line: without the
-        whole body its length cannot be declared."""
-        cacheable = source.final
+        The temp file is the store's, or one in the system's temp folder when the store's folder cannot
+        hold one; a write that fails (a full disk) fails this image with a 502 and one log line: without
+        the whole body its length cannot be declared."""
         try:
-            temp, temp_path = self.cache.temp_file()
+            temp, temp_path = self.store.temp_file()
         except OSError as exc:
-            log.warning("image cache unavailable (%s); spooling %s elsewhere, uncached", exc, source.mj_id)
+            keeping.failed("image cache unavailable (%s); spooling %s elsewhere, uncached", exc, source.mj_id)
             try:
                 fd, name = tempfile.mkstemp(prefix="mjctl-img-", suffix=".part")
             except OSError as exc2:
                 response.close()
                 raise ImageUnavailable(f"No room to receive the image of task {source.mj_id}: {exc2}.") from None
             temp, temp_path = os.fdopen(fd, "wb"), Path(name)
-            cacheable = False  # another file system: no atomic rename into the cache
+            keep = False  # another file system: no atomic rename into the cache
         size = 0
         try:
             for chunk in allowance.paced(response.iter_bytes()):
@@ -366,59 +421,27 @@ class ImageForwarder:
             raise
         finally:
             response.close()
-        target = self.cache.path_for(source, content_type) if cacheable else None
-        if target is not None:
+        if keep:
             try:
-                path = self.cache.commit(temp_path, target)
-            except OSError as exc:
-                log.warning("cannot store the image of %s in the cache: %s", source.mj_id, exc)
+                kept = self.store.put_file(temp_path, source, content_type)
+            except StoreUnavailable as exc:
+                keeping.failed("cannot store the image of %s: %s", source.mj_id, exc.message)
             else:
-                stream = self._file_stream(path, content_type, source, cached=False)
-                if stream is not None:
-                    return stream
-        stream = self._file_stream(temp_path, content_type, source, cached=False, delete=True)
-        if stream is None:
+                body = open_file(kept, content_type) if kept is not None else None
+                if body is not None:
+                    return _stored_stream(body, source, cached=False)
+        body = open_file(temp_path, content_type, delete=True)
+        if body is None:
             raise ImageUnavailable(f"The image of task {source.mj_id} vanished while it was being served.")
-        return stream
+        return _stored_stream(body, source, cached=False)
 
-    def _file_stream(self, path: Path, content_type: str, source: ImageSource, *, cached: bool,
-                     delete: bool = False) -> ImageStream | None:
-        """Stream a file opened now (a concurrent prune cannot pull it away); None if it is gone."""
-        try:
-            fh = open(path, "rb")  # closed by the stream
-        except FileNotFoundError:
-            return None
-        except OSError as exc:  # an unreadable cache file is a miss: the upstream is asked instead
-            log.warning("cannot read the cached image %s: %s", path.name, exc)
-            return None
-        if delete:
-            _unlink(path)  # the open handle keeps the bytes until it is closed
-        size = os.fstat(fh.fileno()).st_size
-        # Slicing a memory map copies from the page cache without a read() call per chunk: each call
-        # gives the GIL away and, with many concurrent downloads, waits to get it back.
-        try:
-            mapped = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) if size else None
-        except (OSError, ValueError):  # a file system without mmap: plain reads
-            mapped = None
 
-        def chunks() -> Iterator[bytes]:
-            try:
-                if mapped is None:
-                    while block := fh.read(READ_CHUNK):
-                        yield block
-                    return
-                for start in range(0, size, READ_CHUNK):
-                    yield mapped[start:start + READ_CHUNK]
-            finally:
-                release()
-
-        def release() -> None:
-            if mapped is not None and not mapped.closed:
-                mapped.close()
-            fh.close()
-
-        return ImageStream(content_type=content_type, length=size, etag=source.etag, cached=cached,
-                           final=source.final, chunks=chunks(), _cleanup=[release])
+def _stored_stream(body: StoredBody, source: ImageSource, *, cached: bool) -> ImageStream:
+    """An ImageStream over a body opened in the store (or a spooled file)."""
+    length = body.end + 1 - body.start
+    return ImageStream(content_type=body.content_type, length=length, etag=source.etag, cached=cached,
+                       final=source.final, chunks=body.chunks, _cleanup=[body.close],
+                       content_range=f"bytes {body.start}-{body.end}/{body.size}" if body.partial else None)
 
 
 def _declared_length(response: httpx.Response) -> int | None:

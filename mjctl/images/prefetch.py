@@ -1,7 +1,9 @@
-"""Fetching finished images into the cache in the background, without ever blocking the caller."""
+"""Fetching finished images into the result store in the background, without ever blocking the caller."""
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import logging
 import queue
 import threading
@@ -11,6 +13,7 @@ from typing import TYPE_CHECKING
 
 from mjctl.images.common import ImageUnavailable
 from mjctl.images.forward import ImageForwarder
+from mjctl.images.store import StoreUnavailable
 from mjctl.images.urls import ImageSource
 
 if TYPE_CHECKING:
@@ -18,6 +21,10 @@ if TYPE_CHECKING:
     from mjctl.models import Task
 
 log = logging.getLogger("mjctl.images")
+
+#: Seconds before each new attempt at an image the store could not take (about 40 minutes in all, well
+#: within the day an upstream's link lives); then it is left to the first request for it.
+RETRY_DELAYS = (10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 600.0, 600.0)
 
 
 # -- prefetching -----------------------------------------------------------------------------------
@@ -29,11 +36,15 @@ class ImagePrefetcher:
     ``submit`` never blocks: it puts the task on a bounded queue and returns False (with a log line) when
     the queue is full. Worker threads (daemons, started on first use) look a task up by its row id (or by
     an mj_id that exactly one task has) in a connection of their own, or take a Task / ImageSource as
-    given, and skip images already cached, under the task's key or (claimed) under its bare mj_id.
+    given, and skip images already stored, under the task's key or (claimed) under its bare mj_id.
+
+    When the store cannot be read or written (down, slow, refusing), the image is tried again later
+    (``retry_delays``, one log line each time) by the same workers, with nothing blocked meanwhile; at most
+    queue_size such retries wait at once. An upstream that cannot give the image is not retried.
     """
 
     def __init__(self, settings: Settings, *, workers: int = 2, queue_size: int = 1000,
-                 forwarder: ImageForwarder | None = None):
+                 forwarder: ImageForwarder | None = None, retry_delays: tuple[float, ...] = RETRY_DELAYS):
         self._forwarder = forwarder or ImageForwarder(settings)
         self._own_forwarder = forwarder is None
         self._queue: queue.Queue = queue.Queue(maxsize=queue_size)
@@ -44,7 +55,10 @@ class ImagePrefetcher:
         self._stop = threading.Event()
         self._idle = threading.Condition(self._lock)
         self._busy = 0
-        self.counts = {"fetched": 0, "cached": 0, "skipped": 0, "failed": 0, "dropped": 0}
+        self._retry_delays = tuple(retry_delays)
+        self._retries: list[tuple[float, int, ImageSource, int]] = []  # (due, order, source, attempts so far)
+        self._order = itertools.count()
+        self.counts = {"fetched": 0, "cached": 0, "skipped": 0, "failed": 0, "dropped": 0, "retried": 0}
 
     def submit(self, item: int | str | Task | ImageSource) -> bool:
         """Queue a task (its row id, mj_id, Task or ImageSource) for prefetching; False when dropped."""
@@ -91,18 +105,31 @@ class ImagePrefetcher:
         if self._own_forwarder:
             self._forwarder.close()
 
+    def _next(self) -> tuple[int | str | ImageSource, int] | None:
+        """The next item and how many attempts it has had: a retry that is due, else a queued item."""
+        with self._lock:
+            if self._retries and self._retries[0][0] <= time.monotonic():
+                _due, _order, source, attempts = heapq.heappop(self._retries)
+                self._busy += 1
+                return source, attempts
+        try:
+            item = self._queue.get(timeout=0.2)
+        except queue.Empty:
+            return None
+        with self._lock:
+            self._busy += 1
+            self._pending.discard(self._key(item))
+        return item, 0
+
     def _run(self) -> None:
         while not self._stop.is_set():
-            try:
-                item = self._queue.get(timeout=0.2)
-            except queue.Empty:
+            got = self._next()
+            if got is None:
                 continue
+            item, attempts = got
             key = self._key(item)
-            with self._lock:
-                self._busy += 1
-                self._pending.discard(key)
             try:
-                self._handle(item)
+                self._handle(item, attempts)
             except Exception:  # a worker must survive anything one task does
                 self.counts["failed"] += 1
                 log.exception("image prefetch of %s failed", key)
@@ -112,29 +139,54 @@ class ImagePrefetcher:
                     self._idle.notify_all()
 
     def _key(self, item: int | str | ImageSource) -> str:
-        """What makes two queued items the same download: a source's cache key (its task row), else the
+        """What makes two queued items the same download: a source's store key (its task row), else the
         row id or mj_id it was queued by."""
-        return self._forwarder.cache.key_for(item) if isinstance(item, ImageSource) else repr(item)
+        return self._forwarder.store.key_for(item) if isinstance(item, ImageSource) else repr(item)
 
-    def _handle(self, item: int | str | ImageSource) -> None:
+    def _handle(self, item: int | str | ImageSource, attempts: int = 0) -> None:
         source = item if isinstance(item, ImageSource) else _lookup_source(item)
         if source is None or not source.final or not source.url:
             self.counts["skipped"] += 1
             return
-        cache = self._forwarder.cache
-        if cache.find(source) is not None or (cache.find(source.mj_id) is not None and _claim(cache, source)):
-            self.counts["cached"] += 1
-            return
+        store = self._forwarder.store
         try:
+            if store.find(source) is not None or (store.find(source.mj_id) is not None and _claim(store, source)):
+                self.counts["cached"] += 1
+                return
             got = self._forwarder.fetch_to_cache(source)
+        except StoreUnavailable as exc:
+            self._retry(source, attempts, exc.message)
+            return
         except ImageUnavailable as exc:
             self.counts["failed"] += 1
             log.warning("image prefetch of %s failed: %s", source.mj_id, exc.message)
             return
         self.counts["fetched" if got is not None else "skipped"] += 1
 
+    def _retry(self, source: ImageSource, attempts: int, reason: str) -> None:
+        """Try source again after the next delay, or give up (one log line either way)."""
+        if attempts >= len(self._retry_delays):
+            self.counts["failed"] += 1
+            log.warning("image prefetch of %s given up after %d attempts: %s", source.mj_id, attempts + 1, reason)
+            return
+        delay = self._retry_delays[attempts]
+        with self._lock:
+            if len(self._retries) >= self._queue.maxsize:
+                self.counts["dropped"] += 1
+                log.warning("image prefetch of %s dropped (%d retries already waiting): %s", source.mj_id,
+                            len(self._retries), reason)
+                return
+            heapq.heappush(self._retries, (time.monotonic() + delay, next(self._order), source, attempts + 1))
+            self.counts["retried"] += 1
+        log.warning("image prefetch of %s: %s; trying again in %g s", source.mj_id, reason, delay)
 
-def _claim(cache, source: ImageSource) -> bool:
+    def retries_waiting(self) -> int:
+        """Images waiting to be tried again because the store could not take them."""
+        with self._lock:
+            return len(self._retries)
+
+
+def _claim(cache: object, source: ImageSource) -> bool:
     """Whether a file cached under source's bare mj_id (by an earlier version) is now source's own: it is
     moved under source's key when source's task is the only one with that id (claim_legacy_file)."""
     from mjctl.db import connection
@@ -161,8 +213,8 @@ _shared_lock = threading.Lock()
 
 
 def shared_prefetcher(settings: Settings) -> ImagePrefetcher:
-    """The process's prefetcher for this cache folder (created on first use)."""
-    key = str(settings.images.cache_dir)
+    """The process's prefetcher for this store and cache folder (created on first use)."""
+    key = f"{settings.images.get('store', 'local')}\0{settings.images.cache_dir}"
     with _shared_lock:
         prefetcher = _shared.get(key)
         if prefetcher is None or prefetcher._stop.is_set():

@@ -1,4 +1,4 @@
-"""GET /mj/image/<mj_id>: a task's image, streamed from the upstream or served from the cache (docs/api.md).
+"""GET /mj/image/<mj_id>: a task's image, streamed from the result store or the upstream (docs/api.md).
 
 A task is its row: upstream ids repeat across channels, so the links mjctl hands out name the row
 (``?t=<row id>&sig=…``, the signature over row id and upstream id). Access: such a link; a legacy link
@@ -11,6 +11,10 @@ another row or id are all the same 404 (status and body). The task row is read (
 a database connection that is closed before the upstream is contacted, so a slow upstream or a slow client
 never holds a connection, and the streamed body touches no database; a database that fails that read is a
 503, to be retried.
+
+An image from the store answers one byte range when asked (``Range: bytes=…``, 206; 416 past its end);
+with ``[images] redirect`` and an S3 store, a stored image is answered with a redirect to a short-lived
+presigned link instead, so its bytes do not pass through mjctl.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import peewee
 from mjctl import images
 from mjctl.errors import first_line
 from mjctl.images import ImageForwarder, ImageSource, ImageStream, ImageTruncated, ImageUnavailable
+from mjctl.images.store import RangeNotSatisfiable, parse_range
 from mjctl.server.app import AppContext, busy_error, json_error
 from mjctl.server.auth import request_token
 from mjctl.server.openapi import error_responses, header_param, query_param
@@ -105,7 +110,7 @@ def find_source(ctx: AppContext, mj_id: str, sig: str | None, token: str | None,
         source = ImageSource.from_task(task)
         # A file an earlier version cached under the bare mj_id becomes this task's, when it is the only
         # task with that id; the check reads the database only when such a file exists.
-        claim_legacy_file(forwarder(ctx).cache, source)
+        claim_legacy_file(forwarder(ctx).store, source)
         return source
 
 
@@ -168,14 +173,23 @@ def install(app: bottle.Bottle, ctx: AppContext) -> None:
         parameters=[query_param(images.ROW_PARAM, {"type": "integer"},
                                 "The task's row id, from the forwarded image URL."),
                     query_param("sig", {"type": "string"}, "The signature from the forwarded image URL."),
-                    header_param("If-None-Match", "An ETag from an earlier answer; 304 when it still matches.")],
+                    header_param("If-None-Match", "An ETag from an earlier answer; 304 when it still matches."),
+                    header_param("Range", "One byte range (`bytes=0-1023`, `bytes=1024-`, `bytes=-512`) of an "
+                                          "image served from the store; other images are sent whole."),
+                    header_param("If-Range", "The ETag the Range was meant for; another ETag gets the whole image.")],
         responses={200: {"description": "The image.", "content": {"image/*": {"schema": {"type": "string",
                                                                                           "format": "binary"}}}},
+                   206: {"description": "The requested byte range of a stored image (`Content-Range`).",
+                         "content": {"image/*": {"schema": {"type": "string", "format": "binary"}}}},
+                   302: {"description": "With `[images] redirect` and an S3 store: a short-lived presigned link "
+                                        "to the stored image (`Location`)."},
                    304: {"description": "Not modified."},
-                   **error_responses(401, 403, 404, 409, 502, 503, 500,
+                   **error_responses(401, 403, 404, 409, 416, 502, 503, 500,
                                      e403="The user is disabled.",
                                      e409="An admin named an id several tasks share, without `t`.",
-                                     e502="The upstream failed, timed out, sent no image or one too large.",
+                                     e416="The range starts past the end of the image (`Content-Range: bytes */size`).",
+                                     e502="The upstream failed, timed out, sent no image or one too large, and the "
+                                          "store does not hold it or cannot be reached.",
                                      e503="The database is busy or unreachable; try again shortly.")},
     )
 
@@ -197,14 +211,27 @@ def install(app: bottle.Bottle, ctx: AppContext) -> None:
         if images.etag_matches(request.get_header("If-None-Match"), source.etag):
             return bottle.HTTPResponse(status=304, headers={
                 "ETag": source.etag, "Cache-Control": images.IMMUTABLE if source.final else images.REVALIDATE})
+        fw = forwarder(ctx)
+        if ctx.settings.images.get("redirect") and (link := fw.presigned_url(source)) is not None:
+            return bottle.HTTPResponse(status=302, headers={"Location": link, "Cache-Control": "no-store",
+                                                            "ETag": source.etag, **SAFE_HEADERS})
+        if_range = request.get_header("If-Range")
+        byte_range = parse_range(request.get_header("Range")) if if_range in (None, source.etag) else None
         try:
-            stream = forwarder(ctx).open(source)
+            stream = fw.open(source, byte_range)
+        except RangeNotSatisfiable as exc:
+            return json_error(416, f"The range starts past the end of the image ({exc.size} bytes).",
+                              {"Content-Range": f"bytes */{exc.size}"})
         except ImageUnavailable as exc:
             log.warning("image %s: %s", source.mj_id, exc.message)
             return json_error(502, exc.message)
         headers = {"Content-Type": stream.content_type, "ETag": stream.etag,
                    "Cache-Control": stream.cache_control, "X-Cache": "HIT" if stream.cached else "MISS",
                    **SAFE_HEADERS}
+        if stream.cached:
+            headers["Accept-Ranges"] = "bytes"
+        if stream.content_range is not None:
+            headers["Content-Range"] = stream.content_range
         if stream.length is not None:
             headers["Content-Length"] = str(stream.length)
-        return bottle.HTTPResponse(StreamBody(stream), status=200, headers=headers)
+        return bottle.HTTPResponse(StreamBody(stream), status=206 if stream.content_range else 200, headers=headers)
