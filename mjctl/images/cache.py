@@ -202,10 +202,10 @@ class ImageCache:
         return result
 
     def stats(self) -> dict:
-        """``{"directory", "files", "bytes", "oldest", "newest", "temp_files", "temp_bytes"}`` (times in
-        epoch seconds, 0 when empty)."""
-        out = {"directory": str(self.directory), "files": 0, "bytes": 0, "oldest": 0, "newest": 0,
-               "temp_files": 0, "temp_bytes": 0}
+        """``{"store", "directory", "files", "bytes", "oldest", "newest", "temp_files", "temp_bytes"}`` (times
+        in epoch seconds, 0 when empty)."""
+        out = {"store": self.location, "directory": str(self.directory), "files": 0, "bytes": 0, "oldest": 0,
+               "newest": 0, "temp_files": 0, "temp_bytes": 0}
         oldest = newest = None
         for _path, st, temp in self._entries():
             if temp:

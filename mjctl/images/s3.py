@@ -142,7 +142,7 @@ class S3Store:
         config = Config(
             connect_timeout=self.connect_timeout, read_timeout=self.read_timeout,
             retries={"max_attempts": self.attempts, "mode": "standard"},
-            max_pool_connections=POOL_CONNECTIONS,
+            max_pool_connections=POOL_CONNECTIONS, signature_version="s3v4",  # presigned links too
             # S3-compatible services (MinIO, Ceph, R2) are reached by path, AWS by virtual host.
             s3={"addressing_style": "path" if self.endpoint_url else "auto"},
             # Checksums only where S3 requires them: several S3-compatible services refuse the others.

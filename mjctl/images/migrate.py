@@ -1,0 +1,43 @@
+"""Copying a local image folder into an S3 store (`mjctl images migrate --to s3://…`).
+
+Resumable: the bucket is listed one two-hex folder at a time and only the images it does not hold yet are
+uploaded, each by one PUT (whole or not at all), so a migration stopped part-way (Ctrl-C, the store going
+down) picks up where it stopped when run again. The local files are left in place.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable
+
+from mjctl.images.cache import ImageCache
+from mjctl.images.s3 import S3Store
+
+#: progress(done, total, bytes copied so far), called after each image.
+Progress = Callable[[int, int, int], None]
+
+
+def migrate(local: ImageCache, target: S3Store, progress: Progress | None = None) -> dict:
+    """Upload every image of local that target lacks. Returns ``{"from", "to", "total", "copied",
+    "copied_bytes", "skipped", "vanished"}`` (skipped: already in the bucket; vanished: removed locally
+    while the migration ran). Raises StoreUnavailable when the bucket cannot be listed or written: what
+    was copied stays copied."""
+    total = sum(1 for _ in local.entries())
+    result = {"from": local.location, "to": target.location, "total": total, "copied": 0, "copied_bytes": 0,
+              "skipped": 0, "vanished": 0}
+    done = 0
+    for folder, images in itertools.groupby(local.entries(), key=lambda image: image.key[:2]):
+        there = target.names_in(folder)
+        for image in images:
+            if image.key in there:
+                result["skipped"] += 1
+            elif image.path is None or not image.path.exists():
+                result["vanished"] += 1
+            else:
+                target.put_named(image.path, image.key, image.content_type)
+                result["copied"] += 1
+                result["copied_bytes"] += image.size
+            done += 1
+            if progress is not None:
+                progress(done, total, result["copied_bytes"])
+    return result
