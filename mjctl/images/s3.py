@@ -29,7 +29,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from mjctl.images.common import EXTENSIONS, READ_CHUNK, STALE_TEMP_SECONDS, ImageTruncated
+from mjctl.images.common import EXTENSIONS, STALE_TEMP_SECONDS, ImageTruncated
 from mjctl.images.store import (
     ByteRange,
     RangeNotSatisfiable,
@@ -48,6 +48,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("mjctl.images")
 
 DOWN_SECONDS = 5.0
+#: Bytes read from the store per chunk passed on: fewer, larger chunks cost the server less per byte.
+STREAM_CHUNK = 1024 * 1024
 POOL_CONNECTIONS = 64  # kept-alive connections to the store per process (server threads share them)
 _OUR_KEY = re.compile(r"^[0-9a-f]{2}/[0-9a-f]{40}$")
 _MISSING = {"NoSuchKey", "404", "NotFound"}
@@ -250,7 +252,7 @@ class S3Store:
         """The body's chunks; a failure part-way (the store breaks off or stalls) is ImageTruncated."""
         received = 0
         try:
-            for chunk in body.iter_chunks(READ_CHUNK):
+            for chunk in body.iter_chunks(STREAM_CHUNK):
                 received += len(chunk)
                 yield chunk
         except Exception as exc:  # noqa: BLE001 - botocore's and urllib3's read errors share no base class
