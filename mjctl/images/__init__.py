@@ -1,14 +1,15 @@
-"""Image forwarding: signed image URLs, the on-disk cache, and streaming a task's image from its upstream.
+"""Image forwarding: signed image URLs, the result store, and streaming a task's image from its upstream.
 
 Upstream image links (Discord's CDN) expire after about a day. mjctl hands out its own URLs instead
 (``<public_url>/mj/image/<mj_id>?t=<row id>&sig=…``, bound to the task's row: upstream ids repeat
 across channels), streams the upstream body through in chunks (memory stays flat whatever the size) and
-keeps a finished task's image on disk the first time it passes, so the URL keeps working after the
-upstream link has died.
+keeps a finished task's image in the result store (a local folder, or an S3 bucket every host shares: see
+``store``) the first time it passes, so the URL keeps working after the upstream link has died.
 
-- The cache file of a task is named from a hash of its row (row id and upstream id; never the upstream id
-  alone, nor the id itself), one file per image, written to a temp file and renamed into place only when
-  complete: a reader sees a whole image or none, and two concurrent first downloads leave one complete file.
+- A task's image is named from a hash of its row (row id and upstream id; never the upstream id alone, nor
+  the id itself), one file or object per image, written to a temp file and renamed into place (or uploaded
+  in one PUT) only when complete: a reader sees a whole image or none, and two concurrent first downloads
+  leave one complete image.
 - Only finished (SUCCESS) images are cached and served as immutable; a preview of a running task is
   forwarded live.
 - Every upstream failure before the first byte is an ``ImageUnavailable`` (502). A failure after the
