@@ -237,6 +237,33 @@ def test_cached_image_is_still_served_after_the_upstream_link_expired(live, sim)
         sim.sim.update({"image_ttl": 86400.0})
 
 
+def test_a_cached_image_answers_one_byte_range(live, sim):
+    task_id, url = finished_image_url(sim)
+    live.add_task(task_id, url)
+    first = live.image(task_id, headers={"Range": "bytes=0-9"})  # from the upstream: always whole
+    whole = first.content
+    assert first.status_code == 200 and len(whole) > 1000 and "accept-ranges" not in first.headers
+    wait_until(lambda: len(cache_files(live.settings)) == 1, message="the image is cached")
+    size = len(whole)
+    cases = (("bytes=0-9", (0, 9)), ("bytes=1000-", (1000, size - 1)), ("bytes=-16", (size - 16, size - 1)),
+             (f"bytes=5-{size + 99}", (5, size - 1)))
+    for asked, (first_byte, last_byte) in cases:
+        part = live.image(task_id, headers={"Range": asked})
+        assert part.status_code == 206, asked
+        assert part.content == whole[first_byte:last_byte + 1]
+        assert part.headers["content-range"] == f"bytes {first_byte}-{last_byte}/{size}"
+        assert part.headers["content-length"] == str(last_byte + 1 - first_byte)
+    for ignored in ("bytes=0-1,5-9", "bytes=9-0", "items=0-9", "bytes=-"):  # several ranges or nonsense: all of it
+        answer = live.image(task_id, headers={"Range": ignored})
+        assert (answer.status_code, answer.content) == (200, whole), ignored
+    past = live.image(task_id, headers={"Range": f"bytes={size}-"})
+    assert past.status_code == 416 and past.headers["content-range"] == f"bytes */{size}"
+    assert past.json()["success"] is False
+    etag = first.headers["etag"]
+    assert live.image(task_id, headers={"Range": "bytes=0-9", "If-Range": etag}).status_code == 206
+    assert live.image(task_id, headers={"Range": "bytes=0-9", "If-Range": '"old"'}).status_code == 200
+
+
 def test_if_none_match_gets_304(live, sim):
     task_id, url = finished_image_url(sim)
     live.add_task(task_id, url)

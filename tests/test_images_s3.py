@@ -260,6 +260,39 @@ def test_a_store_that_cannot_be_used_costs_one_log_line_and_a_quick_502(tmp_path
         server.stop()
 
 
+def test_a_full_spool_disk_serves_the_image_unkept_and_the_prefetch_tries_again(tmp_path, moto, bucket, sim,
+                                                                                monkeypatch, caplog):
+    full = tmp_path / "full.part"
+
+    def temp_file(self):  # a real ENOSPC on the first write: the spool file is /dev/full
+        full.unlink(missing_ok=True)
+        full.symlink_to("/dev/full")
+        return open(full, "wb", buffering=0), full
+
+    server, live = make_live(tmp_path, **s3_overrides(moto.url, bucket))
+    prefetcher = ImagePrefetcher(live.settings, workers=1, retry_delays=(0.2,) * 50)
+    caplog.set_level(logging.INFO)
+    try:
+        task_id, url = finished_image_url(sim)
+        task = live.add_task(task_id, url)
+        with monkeypatch.context() as patched:
+            patched.setattr(ImageCache, "temp_file", temp_file)
+            served = live.image(task_id)
+            assert served.status_code == 200 and served.content == httpx.get(url).content
+            wait_until(lambda: mjctl_warnings(caplog), message="the full disk is logged")
+            assert len(mjctl_warnings(caplog)) == 1 and "No space" in mjctl_warnings(caplog)[0]
+            assert moto.keys(bucket) == {}
+
+            prefetcher.submit(ImageSource.from_task(task))
+            wait_until(lambda: prefetcher.counts["retried"] >= 1, message="the prefetch is tried again later")
+        wait_until(lambda: prefetcher.counts["fetched"] == 1, message="stored once the disk has room")
+        assert list(moto.keys(bucket).values()) == [served.content]
+    finally:
+        prefetcher.stop()
+        live.http.close()
+        server.stop()
+
+
 def test_prefetch_retries_while_the_store_is_down_without_blocking(tmp_path, sim, caplog):
     down = MotoServer()
     port = down.port
@@ -299,13 +332,26 @@ def test_migrate_copies_the_local_folder_into_the_bucket_and_resumes(tmp_path, m
     blobs = {row_key(s): os.urandom(1000 + i) for i, s in enumerate(sources)}
     for source in sources[:3]:
         write_image(local, source, blobs[row_key(source)])
+    # A file an early version cached under the bare upstream id of the one task that has it.
+    from mjctl import accounts
+    from mjctl.db import open_store
+
+    open_store(make_settings(tmp_path))
+    user, _ = accounts.create_user("erin")
+    legacy_task = Task.create(user_id=user.id, channel_id=1, mj_id="1700000000000099", status="SUCCESS",
+                              image_url="http://img.example/99.png", unfinished=0)
+    legacy_name = local.legacy_key("1700000000000099")
+    legacy = local.directory / legacy_name[:2] / f"{legacy_name}.png"
+    legacy.parent.mkdir(parents=True, exist_ok=True)
+    legacy.write_bytes(b"an early version's file")
+    blobs[row_key(ImageSource.from_task(legacy_task))] = b"an early version's file"
     env = {"MJCTL_IMAGES_S3_ENDPOINT_URL": moto.url, "MJCTL_IMAGES_S3_REGION": "us-east-1"}
     to = f"s3://{bucket}/migrated"
 
     first = cli("images", "migrate", "--to", to, "--json", env=env)
     assert first.exit_code == 0, first.output
-    assert {k: json.loads(first.stdout)[k] for k in ("total", "copied", "skipped")} == {
-        "total": 3, "copied": 3, "skipped": 0}
+    assert {k: json.loads(first.stdout)[k] for k in ("total", "copied", "skipped", "claimed")} == {
+        "total": 4, "copied": 4, "skipped": 0, "claimed": 1}
 
     # Interrupted half-way, say: one object never arrived, and a fourth image was cached since.
     name = row_key(sources[0])
@@ -313,15 +359,15 @@ def test_migrate_copies_the_local_folder_into_the_bucket_and_resumes(tmp_path, m
     write_image(local, sources[3], blobs[row_key(sources[3])])
     again = cli("images", "migrate", "--to", to, env=env)
     assert again.exit_code == 0, again.output
-    assert "Copied 2 image(s)" in again.stderr and "2 were there already" in again.stderr
+    assert "Copied 2 image(s)" in again.stderr and "3 were there already" in again.stderr
     assert moto.keys(bucket) == {f"migrated/{n[:2]}/{n}": data for n, data in blobs.items()}
-    assert len(cache_files(make_settings(tmp_path))) == 4  # the local files stay
+    assert len(cache_files(make_settings(tmp_path))) == 5  # the local files stay
 
     s3_env = {**env, "MJCTL_IMAGES_STORE": to}
     stats = json.loads(cli("images", "stats", "--json", env=s3_env).stdout)
-    assert (stats["files"], stats["bytes"]) == (4, sum(len(b) for b in blobs.values()))
+    assert (stats["files"], stats["bytes"]) == (5, sum(len(b) for b in blobs.values()))
     pruned = json.loads(cli("images", "prune", "--older-than", "1d", "--json", env=s3_env).stdout)
-    assert (pruned["store"], pruned["removed"], pruned["kept"]) == (to, 0, 4)
+    assert (pruned["store"], pruned["removed"], pruned["kept"]) == (to, 0, 5)
     assert "s3://" in cli("images", "stats", env=s3_env).stdout
 
     bad = cli("images", "migrate", "--to", "ftp://elsewhere", env=env)

@@ -83,9 +83,10 @@ class S3Store:
         self._down_reason = ""
 
     @classmethod
-    def from_settings(cls, settings: Settings, spool: ImageCache) -> S3Store:
+    def from_settings(cls, settings: Settings, spool: ImageCache, *, url: str | None = None) -> S3Store:
+        """The store of ``[images] store`` (or of url, another bucket reached with the same settings)."""
         images = settings.images
-        bucket, prefix, problem = parse_store_url(images.store)
+        bucket, prefix, problem = parse_store_url(url or images.store)
         if problem:
             raise StoreUnavailable(f"[images] store {problem}")
         return cls(bucket, prefix, spool, endpoint_url=images.s3_endpoint_url, region=images.s3_region,
