@@ -17,7 +17,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, TYPE_CHECKING
+from typing import IO, TYPE_CHECKING, Any
 
 from mjctl.images.common import (
     _CACHE_NAME,
@@ -94,7 +94,7 @@ class ImageCache:
         """Move a legacy file under source's key (an atomic rename); the file now there, or None when the
         move failed. Only for a source whose upstream id belongs to it alone: see claim_legacy_file."""
         target = self.path_for(source, legacy.content_type)
-        if target is None:
+        if target is None or legacy.path is None:
             return None
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -204,8 +204,8 @@ class ImageCache:
     def stats(self) -> dict:
         """``{"store", "directory", "files", "bytes", "oldest", "newest", "temp_files", "temp_bytes"}`` (times
         in epoch seconds, 0 when empty)."""
-        out = {"store": self.location, "directory": str(self.directory), "files": 0, "bytes": 0, "oldest": 0,
-               "newest": 0, "temp_files": 0, "temp_bytes": 0}
+        out: dict[str, Any] = {"store": self.location, "directory": str(self.directory), "files": 0, "bytes": 0,
+                               "oldest": 0, "newest": 0, "temp_files": 0, "temp_bytes": 0}
         oldest = newest = None
         for _path, st, temp in self._entries():
             if temp:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable
+from typing import Any
 
 from mjctl.images.cache import ImageCache, claim_legacy_file
 from mjctl.images.s3 import S3Store
@@ -47,8 +48,8 @@ def migrate(local: ImageCache, target: S3Store, progress: Progress | None = None
     Raises StoreUnavailable when the bucket cannot be listed or written: what was copied stays copied."""
     claimed = claim_legacy_files(local)
     total = sum(1 for _ in local.entries())
-    result = {"from": local.location, "to": target.location, "total": total, "copied": 0, "copied_bytes": 0,
-              "skipped": 0, "vanished": 0, "claimed": claimed}
+    result: dict[str, Any] = {"from": local.location, "to": target.location, "total": total, "copied": 0,
+                              "copied_bytes": 0, "skipped": 0, "vanished": 0, "claimed": claimed}
     done = 0
     for folder, images in itertools.groupby(local.entries(), key=lambda image: image.key[:2]):
         there = target.names_in(folder)

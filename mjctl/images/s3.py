@@ -313,7 +313,7 @@ class S3Store:
     def stats(self) -> dict:
         """``{"store", "files", "bytes", "oldest", "newest", "temp_files", "temp_bytes"}``: the bucket's images
         and the unfinished downloads in the local spool folder."""
-        out = {"store": self.location, "files": 0, "bytes": 0, "oldest": 0, "newest": 0}
+        out: dict[str, Any] = {"store": self.location, "files": 0, "bytes": 0, "oldest": 0, "newest": 0}
         stamps = []
         for item in self.objects():
             out["files"] += 1

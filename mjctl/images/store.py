@@ -112,13 +112,16 @@ class ResultStore(Protocol):
     """What the forwarder, the prefetcher and ``mjctl images`` need of a store."""
 
     kind: str  # "local" or "s3"
-    location: str  # for people: the folder, or s3://bucket/prefix
+
+    @property
+    def location(self) -> str:
+        """For people: the folder, or s3://bucket/prefix."""
 
     def key_for(self, source: ImageSource) -> str: ...
 
     def accepts(self, content_type: str) -> bool: ...
 
-    def find(self, source: ImageSource) -> StoredImage | None: ...
+    def find(self, source: ImageSource | str) -> StoredImage | None: ...
 
     def open_image(self, source: ImageSource, byte_range: ByteRange | None = None) -> StoredBody | None: ...
 
