@@ -153,6 +153,17 @@ def rate(urls: list[str], concurrency: int) -> float:
     return nbytes / seconds / 1024 / 1024
 
 
+def heading(title: str, header: str) -> None:
+    print(title)
+    print(header)
+    print("-" * len(header))
+
+
+def labels(args: argparse.Namespace) -> tuple[tuple[str, str], ...]:
+    """The two cases, by key and as printed."""
+    return ("big", f"1 x {args.big_mb:g} MB"), ("small", f"{args.concurrency} concurrent x {args.small_mb:g} MB")
+
+
 def empty_cache(cache_dir: Path) -> None:
     if cache_dir.exists():
         shutil.rmtree(cache_dir)
@@ -279,12 +290,10 @@ def local_part(args: argparse.Namespace, proxied: Callable[[str], str], tasks: T
             cached.append(rate(proxy_urls, concurrency))  # the uncached pass filled the cache
         results[key] = (max(direct), max(uncached), max(cached))
 
-    print(f"image forwarding, local store: simulator and mjctl serve in separate processes, best of {args.rounds}")
-    header = f"{'case':38} {'direct MB/s':>11} {'uncached':>9} {'ratio':>6} {'cached':>9} {'ratio':>6}"
-    print(header)
-    print("-" * len(header))
+    heading(f"image forwarding, local store: simulator and mjctl serve in separate processes, best of {args.rounds}",
+            f"{'case':38} {'direct MB/s':>11} {'uncached':>9} {'ratio':>6} {'cached':>9} {'ratio':>6}")
     failures = []
-    for key, label in (("big", f"1 x {args.big_mb:g} MB"), ("small", f"{conc} concurrent x {args.small_mb:g} MB")):
+    for key, label in labels(args):
         direct, uncached, cached = results[key]
         r_un, r_ca = uncached / direct, cached / direct
         print(f"{label:38} {direct:11.0f} {uncached:9.0f} {r_un:6.2f} {cached:9.0f} {r_ca:6.2f}")
@@ -336,13 +345,10 @@ def s3_part(args: argparse.Namespace, env: dict, serve: Callable[[dict], Callabl
         "big": ([presigned(tasks.big[0])], [proxied(tasks.big[0])], 1),
         "small": ([presigned(t) for t, _ in tasks.small], [proxied(t) for t, _ in tasks.small], conc),
     }
-    print(f"image forwarding, S3 store on moto: served from the bucket through mjctl against a direct download "
-          f"from the bucket, best of {args.rounds}")
-    header = f"{'case':38} {'direct MB/s':>11} {'via mjctl':>9} {'ratio':>6}"
-    print(header)
-    print("-" * len(header))
+    heading(f"image forwarding, S3 store on moto: served from the bucket through mjctl against a direct download "
+            f"from the bucket, best of {args.rounds}", f"{'case':38} {'direct MB/s':>11} {'via mjctl':>9} {'ratio':>6}")
     failures = []
-    for key, label in (("big", f"1 x {args.big_mb:g} MB"), ("small", f"{conc} concurrent x {args.small_mb:g} MB")):
+    for key, label in labels(args):
         direct_urls, proxy_urls, concurrency = cases[key]
         direct, served = [], []
         for _ in range(args.rounds):
