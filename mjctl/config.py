@@ -231,6 +231,8 @@ def _validate(section: str, key: str, value: Any, where: str) -> None:
         problem_text = parse_store_url(value)[2]
         if problem_text:
             raise ConfigError(f"{problem}: {problem_text}")
+    if (section, key) == ("images", "s3_endpoint_url") and value and not re.match(r"^https?://[^/\s]+(/\S*)?$", value):
+        raise ConfigError(f"{problem} must be an http:// or https:// URL, not {value!r}.")
     if (section, key) == ("images", "redirect_seconds") and value > 604800:
         raise ConfigError(f"{problem} must be at most 604800 (7 days, the longest a presigned link lives).")
     if (section, key) == ("images", "allow_hosts"):

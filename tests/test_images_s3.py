@@ -384,6 +384,8 @@ def test_config_shows_s3_credentials_redacted_and_refuses_a_bad_store(cli):
     assert shown.exit_code == 0 and "very-secret" not in shown.stdout and "AKIDEXAMPLE" not in shown.stdout
     bad = cli("config", "show", env={"MJCTL_IMAGES_STORE": "s3://No_Such Bucket"})
     assert bad.exit_code == 2 and "[images] store" in bad.stderr and "Traceback" not in bad.output
+    endpoint = cli("config", "show", env={"MJCTL_IMAGES_S3_ENDPOINT_URL": "minio.internal:9000"})
+    assert endpoint.exit_code == 2 and "[images] s3_endpoint_url" in endpoint.stderr
 
 
 # -- two hosts -------------------------------------------------------------------------------------------

@@ -151,8 +151,11 @@ class S3Store:
             # Checksums only where S3 requires them: several S3-compatible services refuse the others.
             request_checksum_calculation="when_required", response_checksum_validation="when_required",
         )
-        return session.client("s3", endpoint_url=self.endpoint_url or None,
-                              region_name=session.region_name or "us-east-1", config=config)
+        try:
+            return session.client("s3", endpoint_url=self.endpoint_url or None,
+                                  region_name=session.region_name or "us-east-1", config=config)
+        except Exception as exc:  # noqa: BLE001 - botocore refuses a setting with errors of many kinds
+            raise StoreUnavailable(f"cannot set up the S3 client for {self.location}: {exc}") from None
 
     def _ensure_up(self) -> None:
         if time.monotonic() < self._down_until:
