@@ -78,6 +78,19 @@ def rss_kb(pid: int, key: str = "VmRSS") -> int:
     return total
 
 
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user + system) of pid and its child processes so far."""
+    total = 0
+    for one in [pid, *children(pid)]:
+        try:
+            with open(f"/proc/{one}/stat") as fh:
+                fields = fh.read().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])  # utime, stime
+        except (OSError, IndexError, ValueError):
+            continue
+    return total / os.sysconf("SC_CLK_TCK")
+
+
 def children(pid: int) -> list[int]:
     found = []
     try:
@@ -351,11 +364,18 @@ def s3_part(args: argparse.Namespace, env: dict, serve: Callable[[dict], Callabl
     for key, label in labels(args):
         direct_urls, proxy_urls, concurrency = cases[key]
         direct, served = [], []
+        cpu = {"direct": [0.0, 0.0, 0.0], "via mjctl": [0.0, 0.0, 0.0]}  # moto, mjctl, this client
         for _ in range(args.rounds):
-            direct.append(rate(direct_urls, concurrency))
-            served.append(rate(proxy_urls, concurrency))
+            for way, urls, rates in (("direct", direct_urls, direct), ("via mjctl", proxy_urls, served)):
+                began = (cpu_seconds(moto.proc.pid), cpu_seconds(pid), sum(os.times()[:2]))
+                rates.append(rate(urls, concurrency))
+                ended = (cpu_seconds(moto.proc.pid), cpu_seconds(pid), sum(os.times()[:2]))
+                cpu[way] = [total + e - b for total, b, e in zip(cpu[way], began, ended)]
         ratio = max(served) / max(direct)
         print(f"{label:38} {max(direct):11.0f} {max(served):9.0f} {ratio:6.2f}")
+        gigabytes = args.rounds * (args.big_mb if key == "big" else args.small_mb * conc) / 1024
+        print("  CPU s per GB (moto, mjctl, client): " + "; ".join(
+            f"{way} {' + '.join(f'{c / gigabytes:.1f}' for c in spent)}" for way, spent in cpu.items()))
         if ratio < 0.8:
             failures.append(f"S3 {label} {ratio:.2f} < 0.8")
     print(f"server RSS growth with {args.big_mb:g} MB: {uncached_mb:.1f} MB proxied from the upstream into the "
