@@ -58,7 +58,7 @@ def bucket(moto) -> str:
 
 @pytest.fixture(scope="module")
 def sim():
-    from mjctl.simulator import run_simulator_in_thread
+    from mjctl.sim import run_simulator_in_thread
 
     handle = run_simulator_in_thread(step_seconds=0.01, seed=11, secret="sim-secret", image_bytes=300_000)
     yield handle
