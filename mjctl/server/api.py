@@ -98,6 +98,7 @@ def read_listing(*, admin: bool) -> tuple[TaskFilter, int, int]:
     )
     if admin:
         filters.channel_id = query_int(query, "channel_id", minimum=0, meaning="a channel id (a whole number)")
+        filters.user_id = query_int(query, "user_id", minimum=0, meaning="a user id (a whole number)")
     page, page_size = clamp_page(page or 1, page_size or DEFAULT_PAGE_SIZE)
     return filters, page, page_size
 
@@ -203,7 +204,8 @@ def _document(ctx: AppContext) -> None:
     failures = error_responses(400, 401, 403, 500, e500=f"The store failed: \"{LIST_FAILED}\".")
     api.operation("/api/mj/self", "get", summary="The caller's own tasks, newest first.", tags=["tasks"],
                   parameters=common, responses={200: json_response("TaskPage", "One page of tasks."), **failures})
-    admin_params = common + [query_param("channel_id", {"type": "integer", "minimum": 0}, "Exact channel id.")]
+    admin_params = common + [query_param("channel_id", {"type": "integer", "minimum": 0}, "Exact channel id."),
+                             query_param("user_id", {"type": "integer", "minimum": 0}, "Exact user id (the owner).")]
     for rule in ("/api/mj/", "/api/mj"):
         api.operation(rule, "get", summary="All tasks, newest first (admin and root only).", tags=["tasks"],
                       parameters=admin_params,

@@ -43,6 +43,7 @@ access_log = logging.getLogger("mjctl.access")
 #: Modules with an ``install(app, ctx)`` function, installed in this order.
 ROUTE_MODULES = [
     "mjctl.server.api",
+    "mjctl.server.directory",
     "mjctl.server.relay",
     "mjctl.server.images",
     "mjctl.server.openapi",
