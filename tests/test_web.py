@@ -3,125 +3,23 @@
 Browser tests run a real server on a free port over a seeded SQLite store, and change tasks the way the
 poller does (mjctl.reports.apply_report with upstream camelCase fields) to watch the page follow without
 reloading. Screenshots land in test-output/; the README's docs/screenshot.png is written when missing or
-when MJCTL_UPDATE_SCREENSHOT=1 (so ordinary runs do not churn a committed file).
+when MJCTL_TEST_UPDATE_SCREENSHOT=1 (so ordinary runs do not churn a committed file).
 """
 
 from __future__ import annotations
 
 import os
-import socket
 import time
-from dataclasses import dataclass, field
-from pathlib import Path
 
 import httpx
 import pytest
 
-from mjctl import accounts
-from mjctl.models import Task
 from mjctl.reports import apply_report
-from mjctl.sim.png import make_png
 from tests.conftest import make_settings
 from tests.helpers import wait_until
+from tests.webpage import NOW, PROMPTS, REPO, add_task, by, shot, sign_in
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync", "--no-first-run"]
-REPO = Path(__file__).resolve().parent.parent
-OUTPUT = REPO / "test-output"
-NOW = int(time.time()) - 60  # seeded submit times count back from here; date filters use the same base
-
-PROMPTS = [
-    "a lighthouse on a cliff at dusk, oil painting", "isometric tiny city on a floating island, pastel colours",
-    "portrait of an astronaut cat, studio lighting", "foggy pine forest, morning light, 35mm film",
-    "a steampunk owl made of brass gears", "minimal poster of a red bicycle, swiss design",
-    "underwater temple with glowing jellyfish", "watercolour map of an imaginary archipelago",
-]
-
-
-def _static_app(app, ctx):
-    """Test images served by the same server, standing in for the upstream's image host."""
-    import bottle
-
-    @app.get("/test-images/<name>.png", db=False)
-    def image(name):
-        return bottle.HTTPResponse(body=make_png(name), headers={"Content-Type": "image/png"})
-
-
-@dataclass
-class Site:
-    settings: object
-    app: object
-    server: object
-    tokens: dict[str, str]
-    users: dict[str, int] = field(default_factory=dict)
-
-    @property
-    def url(self) -> str:
-        return self.server.url
-
-    def image(self, name: str) -> str:
-        return f"{self.url}/test-images/{name}.png"
-
-    def restart(self, *, stopped_check=None) -> None:
-        from mjctl.httpserver import ServerThread
-
-        port = self.server.port
-        self.server.stop()
-        if stopped_check is not None:
-            stopped_check()
-        self.server = ServerThread(self.app, port=port, threads=4).start()
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def add_task(user: int, mj_id: str, *, channel: int = 1, age: int = 0, **fields) -> Task:
-    submit = NOW - age
-    return Task.create(user_id=user, channel_id=channel, mj_id=mj_id, submit_time=submit, **fields)
-
-
-def seed(site: Site) -> None:
-    """alice: 25 finished tasks of mixed outcomes; bob: 3 on channel 2; carol: nothing yet."""
-    alice, bob = site.users["alice"], site.users["bob"]
-    for n in reversed(range(25)):  # oldest first, so ids grow with submit time
-        mj_id = f"17500{n:05d}"
-        fields = dict(prompt=PROMPTS[n % len(PROMPTS)], action="IMAGINE" if n % 5 else "UPSCALE", quota=1000)
-        if n % 7 == 3:
-            fields.update(status="FAILURE", progress="", fail_reason="Banned prompt detected", quota=0,
-                          start_time=NOW - n * 600 + 5, finish_time=NOW - n * 600 + 9)
-        else:
-            fields.update(status="SUCCESS", progress="100%", image_url=site.image(mj_id),
-                          start_time=NOW - n * 600 + 4, finish_time=NOW - n * 600 + 58 + n)
-        add_task(alice, mj_id, age=n * 600, **fields)
-    for n in reversed(range(3)):
-        add_task(bob, f"bob-{n}", channel=2, age=n * 60 + 30, prompt=f"bob's picture {n}", status="SUCCESS",
-                 progress="100%", image_url=site.image(f"bob-{n}"), start_time=NOW, finish_time=NOW + 50)
-
-
-@pytest.fixture
-def site(tmp_path):
-    from mjctl.db import open_store
-    from mjctl.httpserver import ServerThread
-    from mjctl.server import create_app
-
-    settings = make_settings(tmp_path, images__forward=False)
-    open_store(settings)
-    tokens, users = {}, {}
-    for name, role in (("alice", "user"), ("bob", "user"), ("carol", "user"), ("admin", "admin")):
-        user, tokens[name] = accounts.create_user(name, role=role, quota=100_000)
-        users[name] = user.id
-    app = create_app(settings, extra=[_static_app])
-    # An explicit port, not 0: cheroot sets SO_REUSEADDR only then, and the restart test rebinds it.
-    server = ServerThread(app, port=free_port(), threads=4).start()
-    site = Site(settings, app, server, tokens, users)
-    seed(site)
-    yield site
-    site.server.stop()
-
+pytest_plugins = ["tests.webfixtures"]  # the site, browser and page fixtures
 
 # --- the static files, over plain HTTP ---------------------------------------------------------------
 
@@ -163,51 +61,6 @@ def test_the_page_needs_no_database(tmp_path):
 # --- in the browser ----------------------------------------------------------------------------------
 
 
-def _playwright():
-    if not os.path.exists(CHROMIUM):
-        pytest.skip(f"browser tests need Debian's Chromium at {CHROMIUM} (apt-get install chromium)")
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        pytest.skip("browser tests need the playwright Python package (pip install playwright)")
-    return sync_playwright
-
-
-@pytest.fixture(scope="module")
-def browser():
-    sync_playwright = _playwright()
-    with sync_playwright() as p:
-        chromium = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        yield chromium
-        chromium.close()
-
-
-@pytest.fixture
-def page(browser, site):
-    context = browser.new_context(viewport={"width": 1366, "height": 900}, base_url=site.url)
-    tab = context.new_page()
-    tab.set_default_timeout(10_000)
-    yield tab
-    context.close()
-
-
-def shot(page, name: str) -> Path:
-    OUTPUT.mkdir(exist_ok=True)
-    path = OUTPUT / f"{name}.png"
-    page.screenshot(path=str(path), full_page=True)
-    return path
-
-
-def by(page, testid: str):
-    return page.get_by_test_id(testid)
-
-
-def sign_in(page, token: str) -> None:
-    page.goto("/")
-    by(page, "token").fill(token)
-    by(page, "sign-in").click()
-
-
 browser_test = pytest.mark.browser
 
 
@@ -247,16 +100,23 @@ def test_a_user_signs_in_sees_own_tasks_and_signs_out(page, site):
 def test_an_admin_sees_every_task_and_the_channel_column(page, site):
     from playwright.sync_api import expect
 
-    # one task in flight, as a realistic picture for the README
-    add_task(site.users["carol"], "1750009999", channel=2, age=-50, prompt=PROMPTS[6], status="IN_PROGRESS",
-             progress="45%", start_time=NOW + 40)
+    # a realistic picture for the README: one task in flight, one queued with a Chinese prompt, one that
+    # timed out upstream after a long wait
+    now = int(time.time())
+    add_task(site.users["carol"], "1750009997", age=NOW - now + 1500, prompt="a storm over a harbour, 35mm",
+             status="FAILURE", progress="", fail_reason="任务超时", start_time=now - 1400, finish_time=now - 800)
+    add_task(site.users["carol"], "1750009998", channel=2, age=NOW - now + 41, prompt="一只红色的狐狸，油画风格",
+             prompt_en="a red fox, oil painting style", status="SUBMITTED", progress="0%")
+    add_task(site.users["carol"], "1750009999", channel=2, age=NOW - now + 95, prompt=PROMPTS[6],
+             status="IN_PROGRESS", progress="45%", start_time=now - 22, quota=1000)
     sign_in(page, site.tokens["admin"])
     expect(by(page, "role")).to_have_text("Admin · all tasks")
-    expect(by(page, "page-info")).to_have_text("Page 1 of 2 · 29 tasks")
+    expect(by(page, "page-info")).to_have_text("Page 1 of 2 · 31 tasks")
     expect(by(page, "channel-header")).to_be_visible()
     expect(by(page, "channel")).to_have_count(20)
     expect(by(page, "live")).to_be_visible()
     expect(by(page, "task-row").first.get_by_test_id("progress-label")).to_have_text("45%")
+    expect(by(page, "task-row").nth(2).get_by_test_id("fail-reason")).to_have_text("Task timed out")
     # Polled from here, not with page.wait_for_function: its in-page polling compiles the predicate with
     # eval, which the page's CSP (script-src 'self') refuses whenever the first check comes out false.
     wait_until(lambda: page.evaluate("[...document.querySelectorAll('[data-testid=thumbnail] img')]"
@@ -264,14 +124,14 @@ def test_an_admin_sees_every_task_and_the_channel_column(page, site):
                timeout=10, message="the first six thumbnails loaded")
     shot(page, "admin-desktop")
     readme_shot = REPO / "docs" / "screenshot.png"
-    if os.environ.get("MJCTL_UPDATE_SCREENSHOT") or not readme_shot.exists():  # committed; refresh on demand
+    if os.environ.get("MJCTL_TEST_UPDATE_SCREENSHOT") or not readme_shot.exists():  # committed; refresh on demand
         readme_shot.parent.mkdir(exist_ok=True)
         page.screenshot(path=str(readme_shot))
 
-    by(page, "filter-channel").fill("2")
+    by(page, "filter-channel").select_option(label="relax-pool")
     by(page, "apply-filters").click()
-    expect(by(page, "page-info")).to_have_text("Page 1 of 1 · 4 tasks")
-    expect(by(page, "channel")).to_have_text(["2", "2", "2", "2"])
+    expect(by(page, "page-info")).to_have_text("Page 1 of 1 · 5 tasks")
+    expect(by(page, "channel")).to_have_text(["relax-pool"] * 5)
 
 
 @browser_test
@@ -425,33 +285,6 @@ def test_task_text_is_shown_as_text(page, site):
     expect(row.get_by_test_id("thumbnail")).to_have_count(0)  # not an http(s) URL: no image, no link
     assert row.locator("img, b, i, script").count() == 0
     assert page.evaluate("window.__pwned") is None
-
-
-@browser_test
-def test_works_on_a_375_pixel_wide_phone(browser, site):
-    from playwright.sync_api import expect
-
-    context = browser.new_context(viewport={"width": 375, "height": 812}, base_url=site.url, is_mobile=True,
-                                  has_touch=True, device_scale_factor=2)
-    page = context.new_page()
-    try:
-        sign_in(page, site.tokens["admin"])
-        expect(by(page, "page-info")).to_have_text("Page 1 of 2 · 28 tasks")
-        # the page itself never scrolls sideways; the table does, inside its frame
-        assert page.evaluate("document.documentElement.scrollWidth") <= 375
-        wrap = by(page, "table-wrap")
-        assert wrap.evaluate("w => w.scrollWidth > w.clientWidth")
-        for testid in ("filter-mj-id", "filter-status", "apply-filters", "next", "page-size", "sign-out"):
-            box = by(page, testid).bounding_box()
-            assert box and box["x"] >= 0 and box["x"] + box["width"] <= 375, testid
-        wrap.evaluate("w => w.scrollLeft = w.scrollWidth")
-        expect(by(page, "fail-reason").first).to_be_in_viewport()
-        wrap.evaluate("w => w.scrollLeft = 0")
-        by(page, "next").click()
-        expect(by(page, "page-info")).to_have_text("Page 2 of 2 · 28 tasks")
-        shot(page, "phone-375")
-    finally:
-        context.close()
 
 
 @browser_test

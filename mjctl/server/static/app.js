@@ -1,30 +1,66 @@
-// mjctl's task page. Talks only to GET /api/mj/ (admin) and GET /api/mj/self; every piece of task text
-// reaches the page through textContent or a checked URL, never through innerHTML.
+// mjctl's task page. Reads GET /api/user/self (who is signed in, the balance), GET /api/mj/self or, for
+// admins, GET /api/mj/ with GET /api/admin/users and /api/admin/channels for the names behind the ids.
+// Every piece of task text reaches the page through textContent or a checked URL, never through innerHTML.
 "use strict";
 
 (function () {
   const TOKEN_KEY = "mjctl.token";
   const PAGE_SIZE_KEY = "mjctl.pageSize";
+  const PAGE_SIZES = [10, 20, 50, 100];
+  const DEFAULT_PAGE_SIZE = 20;
   const REFRESH_MS = 3000;
+  const LONG_SECONDS = 300; // a task taking longer than this is marked: Midjourney jobs take a minute or two
   const FINISHED = new Set(["SUCCESS", "FAILURE", "CANCEL"]);
+  // The listing's parameters that live in the page's address, so reload and back/forward keep them.
+  const URL_FILTERS = ["mj_id", "user_id", "channel_id", "status", "action", "start_timestamp", "end_timestamp"];
+  const NUMBER = new Intl.NumberFormat("en-US");
+
+  // Upstream messages (midjourney-proxy answers in Chinese), shown in English; the original stays in the
+  // API and in the element's title. [pattern, English text or a function of the match].
+  const MESSAGES = [
+    [/^任务超时$/, "Task timed out"],
+    [/^执行超时\s*(\d+)\s*分钟$/, (m) => `Timed out after ${m[1]} minutes`],
+    [/^排队中，前面还有(\d+)个任务$/, (m) => `Queued, ${m[1]} task${m[1] === "1" ? "" : "s"} ahead`],
+    [/^队列已满$/, "Queue full"],
+    [/^队列已满，请稍后尝试$/, "Queue full, try again later"],
+    [/^可能包含敏感词$/, "May contain banned words"],
+    [/^提交成功$/, "Submitted"],
+    [/^成功$/, "Success"],
+    [/^窗口等待$/, "Waiting for the modal's input"],
+    [/^任务不存在$/, "Task not found"],
+    [/^关联任务不存在或已失效$/, "The related task does not exist or has expired"],
+    [/^任务状态错误$/, "The task is in the wrong state"],
+    [/^关联任务状态错误$/, "The related task is in the wrong state"],
+    [/^base64格式错误$/, "Malformed base64"],
+    [/^([A-Za-z0-9]+)不能为空$/, (m) => `${m[1]} must not be empty`],
+    [/^([A-Za-z0-9]+)参数错误$/, (m) => `Invalid ${m[1]} parameter`],
+    [/^请求体必须是JSON对象$/, "The request body must be a JSON object"],
+  ];
 
   const $ = (id) => document.querySelector(`[data-testid="${id}"]`);
   const el = {
-    who: $("who"), role: $("role"), signOut: $("sign-out"), signin: $("signin"), signinForm: $("signin-form"),
-    token: $("token"), message: $("message"), tasks: $("tasks"), filters: $("filters"), rows: $("task-rows"),
-    prev: $("prev"), next: $("next"), pageInfo: $("page-info"), pageSize: $("page-size"), live: $("live"),
-    refresh: $("refresh"), lightbox: $("lightbox"), lightboxImage: $("lightbox-image"),
-    lightboxLink: $("lightbox-link"), lightboxClose: $("lightbox-close"),
+    who: $("who"), accountName: $("account-name"), balance: $("balance"), role: $("role"), signOut: $("sign-out"),
+    signin: $("signin"), signinForm: $("signin-form"), token: $("token"), message: $("message"),
+    announce: $("announce"), tasks: $("tasks"), filtersToggle: $("filters-toggle"), filters: $("filters"),
+    userFilter: $("filter-user"), userError: $("user-error"), userSuggestions: $("user-suggestions"), channelFilter: $("filter-channel"),
+    rows: $("task-rows"), prev: $("prev"), next: $("next"), pageInfo: $("page-info"), pageSize: $("page-size"),
+    live: $("live"), lightbox: $("lightbox"), lightboxImage: $("lightbox-image"),
+    lightboxPrompt: $("lightbox-prompt"), lightboxId: $("lightbox-id"), lightboxLink: $("lightbox-link"),
+    lightboxClose: $("lightbox-close"),
   };
 
   const state = {
     token: null,
+    account: null, // GET /api/user/self
     role: null, // "admin" | "user" once the server said which
     page: 1,
-    pageSize: 20,
+    pageSize: DEFAULT_PAGE_SIZE,
     filters: {},
     timer: null,
-    request: null, // the AbortController of the load in flight
+    request: null, // the AbortController of the listing in flight
+    channels: null, // Map id -> {name, enabled}, admins only
+    users: new Map(), // id -> name, admins only
+    opener: null, // what opened the lightbox, to give focus back
   };
 
   // --- talking to the server -------------------------------------------------------------------------
@@ -33,27 +69,31 @@
     constructor(status, message) { super(message); this.status = status; }
   }
   class NetworkError extends Error {}
+  class FilterError extends Error {}
 
-  async function getJSON(path, params) {
+  // The listing request is the one a newer one replaces (abortable); the small look-ups run beside it.
+  async function getJSON(path, params = {}, { abortable = false } = {}) {
     const query = new URLSearchParams();
     for (const [key, value] of Object.entries(params)) {
       if (value !== undefined && value !== null && value !== "") query.set(key, String(value));
     }
-    if (state.request) state.request.abort();
-    const controller = new AbortController();
-    state.request = controller;
+    let controller = null;
+    if (abortable) {
+      if (state.request) state.request.abort();
+      controller = state.request = new AbortController();
+    }
     let response;
     try {
-      response = await fetch(`${path}?${query}`, {
+      response = await fetch(query.size ? `${path}?${query}` : path, {
         headers: { Authorization: `Bearer ${state.token}`, Accept: "application/json" },
         cache: "no-store",
-        signal: controller.signal,
+        signal: controller ? controller.signal : undefined,
       });
     } catch (err) {
       if (err.name === "AbortError") throw err;
       throw new NetworkError("The server cannot be reached.");
     } finally {
-      if (state.request === controller) state.request = null;
+      if (controller && state.request === controller) state.request = null;
     }
     let body = null;
     try { body = await response.json(); } catch (err) { body = null; }
@@ -67,24 +107,33 @@
 
   function listingParams() {
     const params = { p: state.page, page_size: state.pageSize, ...state.filters };
-    if (state.role !== "admin") delete params.channel_id;
+    if (state.role !== "admin") { delete params.channel_id; delete params.user_id; }
     return params;
   }
 
-  // The role is not known until the server answers: try the admin listing first, a 403 means "user".
-  async function fetchPage() {
-    if (state.role !== "user") {
-      try {
-        const data = await getJSON("api/mj/", listingParams());
-        setRole("admin");
-        return data;
-      } catch (err) {
-        if (!(err instanceof HttpError && err.status === 403 && state.role === null)) throw err;
-      }
+  async function fetchAccount() {
+    const account = await getJSON("api/user/self");
+    state.account = account;
+    setRole(account.role === "admin" || account.role === "root" ? "admin" : "user");
+    return account;
+  }
+
+  async function fetchChannels() {
+    const data = await getJSON("api/admin/channels");
+    state.channels = new Map(data.items.map((c) => [c.id, c]));
+    fillChannelFilter();
+  }
+
+  // Names for the user ids on the page that are not known yet; a failure leaves them shown as ids.
+  async function fetchUserNames(ids) {
+    const missing = [...new Set(ids)].filter((id) => !state.users.has(id));
+    if (missing.length === 0) return;
+    try {
+      const data = await getJSON("api/admin/users", { ids: missing.join(",") });
+      for (const user of data.items) state.users.set(user.id, user.name);
+    } catch (err) {
+      if (err.name === "AbortError") throw err;
     }
-    const data = await getJSON("api/mj/self", listingParams());
-    setRole("user");
-    return data;
   }
 
   // --- loading and refreshing ------------------------------------------------------------------------
@@ -94,7 +143,18 @@
     if (!state.token) return;
     let data;
     try {
-      data = await fetchPage();
+      if (!state.account) await fetchAccount();
+      else fetchAccount().catch(() => {}); // the balance moves as tasks are charged and refunded
+      if (state.role === "admin" && !state.channels) await fetchChannels();
+      const path = state.role === "admin" ? "api/mj/" : "api/mj/self";
+      data = await getJSON(path, listingParams(), { abortable: true });
+      if (state.role === "admin") {
+        const ids = data.items.map((item) => item.user_id);
+        if (state.filters.user_id) ids.push(Number(state.filters.user_id));
+        await fetchUserNames(ids);
+        const id = state.filters.user_id;
+        if (id && el.userFilter.value === `#${id}` && state.users.has(Number(id))) showUserFilter();
+      }
     } catch (err) {
       if (err.name === "AbortError") return;
       handleFailure(err);
@@ -103,6 +163,7 @@
     const lastPage = Math.max(1, Math.ceil(data.total / data.page_size));
     if (data.items.length === 0 && data.total > 0 && state.page > lastPage) {
       state.page = lastPage; // the list shrank under us
+      writeUrl(false);
       return load();
     }
     state.page = data.page;
@@ -113,7 +174,7 @@
   }
 
   function handleFailure(err) {
-    if (err instanceof HttpError && (err.status === 401 || (err.status === 403 && state.role === null))) {
+    if (err instanceof HttpError && (err.status === 401 || (err.status === 403 && !state.account))) {
       // This token will not work however often we retry: back to the sign-in form.
       const stored = state.token;
       signOut();
@@ -148,10 +209,13 @@
     el.role.textContent = role === "admin" ? "Admin · all tasks" : "User · your tasks";
     el.role.classList.toggle("admin", role === "admin");
     for (const node of document.querySelectorAll(".admin-only")) node.hidden = role !== "admin";
+    el.accountName.textContent = state.account ? state.account.name : "";
+    el.balance.textContent = state.account ? `Balance ${NUMBER.format(state.account.quota)}` : "";
+    el.balance.hidden = !state.account;
   }
 
   function render(data) {
-    const columns = state.role === "admin" ? 10 : 9;
+    const columns = el.rows.closest("table").querySelectorAll("thead th:not([hidden])").length;
     const rows = data.items.map(taskRow);
     if (rows.length === 0) {
       const filtered = Object.keys(state.filters).length > 0;
@@ -166,7 +230,7 @@
     } else {
       hideMessage();
     }
-    el.rows.replaceChildren(...rows);
+    keepFocus(() => el.rows.replaceChildren(...rows));
 
     const pages = Math.max(1, Math.ceil(data.total / data.page_size));
     el.pageInfo.textContent = `Page ${data.page} of ${pages} · ${data.total} task${data.total === 1 ? "" : "s"}`;
@@ -174,47 +238,100 @@
     el.next.disabled = data.page >= pages;
   }
 
+  // Live refreshes rebuild the rows: put the keyboard focus back on the same control of the same task.
+  function keepFocus(rebuild) {
+    const active = document.activeElement;
+    const row = active && el.rows.contains(active) ? active.closest("tr") : null;
+    rebuild();
+    if (!row || !active.dataset.testid) return;
+    const again = el.rows.querySelector(`tr[data-row-id="${row.dataset.rowId}"] [data-testid="${active.dataset.testid}"]`);
+    if (again) again.focus();
+  }
+
   function taskRow(item) {
     const tr = document.createElement("tr");
     tr.dataset.testid = "task-row";
     tr.dataset.mjId = item.mj_id;
-    tr.append(cell("td", formatTime(item.submit_time), "time"));
-    tr.append(cell("td", formatDuration(item), "duration"));
-    if (state.role === "admin") tr.append(cell("td", String(item.channel_id), "mono", "channel"));
-    tr.append(cell("td", item.action || ""));
-    tr.append(cell("td", item.mj_id, "mono", "mj-id"));
-
-    const status = cell("span", item.status || "", `status s-${safeClass(item.status)}`, "status");
-    const statusCell = document.createElement("td");
-    statusCell.append(status);
-    tr.append(statusCell);
-
-    tr.append(progressCell(item));
+    tr.dataset.rowId = String(item.id);
+    tr.append(timeCell(item.submit_time));
+    tr.append(durationCell(item));
+    if (state.role === "admin") {
+      const user = cell("td", state.users.get(item.user_id) || `#${item.user_id}`, "user", "user", "User");
+      user.dataset.userId = String(item.user_id);
+      const channel = state.channels && state.channels.get(item.channel_id);
+      tr.append(user, cell("td", channel ? channel.name : `#${item.channel_id}`, "channel", "channel", "Channel"));
+    }
+    tr.append(cell("td", item.action || "", "action", "action", "Action"));
+    tr.append(idCell(item));
+    tr.append(statusCell(item));
     tr.append(imageCell(item));
-    const prompt = cell("td", item.prompt || item.prompt_en || "", "prompt", "prompt");
-    prompt.title = item.prompt_en && item.prompt_en !== item.prompt ? item.prompt_en : "";
-    tr.append(prompt);
-    tr.append(cell("td", item.fail_reason || "", "reason", "fail-reason"));
+    tr.append(cell("td", item.prompt || "", "prompt", "prompt", "Prompt"));
+    const english = item.prompt_en && item.prompt_en !== item.prompt ? item.prompt_en : "";
+    const promptEn = cell("td", english || (item.prompt_en ? "same" : "—"), "prompt-en", "prompt-en", "English");
+    if (!english) promptEn.classList.add("muted");
+    tr.append(promptEn);
+    tr.append(cell("td", NUMBER.format(Number(item.quota) || 0), "number cost", "cost", "Cost"));
+    tr.append(reasonCell(item.fail_reason));
     return tr;
   }
 
-  function cell(tag, text, className, testid) {
+  function cell(tag, text, className, testid, label) {
     const node = document.createElement(tag);
     node.textContent = text;
     if (className) node.className = className;
     if (testid) node.dataset.testid = testid;
+    if (label) node.dataset.label = label;
     return node;
   }
 
-  function progressCell(item) {
+  function timeCell(seconds) {
+    const td = cell("td", "", "time", "submitted", "Submitted");
+    if (!seconds) { td.textContent = "—"; return td; }
+    const [day, clock] = formatTime(seconds).split(" ");
+    const time = document.createElement("time");
+    time.dateTime = new Date(seconds * 1000).toISOString();
+    time.append(cell("span", day, "day"), " ", cell("span", clock, "clock"));
+    td.append(time);
+    return td;
+  }
+
+  function durationCell(item) {
+    const spans = durations(item, Math.floor(Date.now() / 1000));
+    const td = cell("td", "", "duration", "duration-cell", "Duration");
+    const value = cell("span", spans ? formatSeconds(spans.total) : "—", "value", "duration");
+    td.append(value);
+    if (!spans) return td;
+    td.title = spans.detail;
+    td.append(cell("span", spans.detail, "detail", "duration-detail"));
+    if (spans.total >= LONG_SECONDS) {
+      td.classList.add("long");
+      td.dataset.long = "true";
+      value.prepend(cell("span", "slow", "tag"), " ");
+    }
+    return td;
+  }
+
+  function idCell(item) {
+    const td = cell("td", "", "mj", null, "Task id");
+    const copy = cell("button", "Copy", "secondary copy", "copy-id");
+    copy.type = "button";
+    copy.setAttribute("aria-label", `Copy task id ${item.mj_id}`);
+    copy.addEventListener("click", () => copyId(item.mj_id, copy));
+    td.append(cell("code", item.mj_id, "mono", "mj-id"), copy);
+    return td;
+  }
+
+  function statusCell(item) {
+    const td = cell("td", "", "state", null, "Status");
     const percent = item.status === "SUCCESS" ? 100 : parsePercent(item.progress);
-    const td = document.createElement("td");
+    td.append(cell("span", item.status || "", `status s-${safeClass(item.status)}`, "status"));
     const wrap = document.createElement("div");
     wrap.className = "progress";
     wrap.dataset.testid = "progress";
     const track = document.createElement("div");
     track.className = "track";
     track.setAttribute("role", "progressbar");
+    track.setAttribute("aria-label", `Progress of task ${item.mj_id}`);
     track.setAttribute("aria-valuemin", "0");
     track.setAttribute("aria-valuemax", "100");
     track.setAttribute("aria-valuenow", String(percent));
@@ -230,10 +347,11 @@
   }
 
   function imageCell(item) {
-    const td = document.createElement("td");
+    const td = cell("td", "", "image", null, "Image");
     const url = safeUrl(item.image_url);
     if (!url) {
-      td.append(cell("span", "—", "noimage"));
+      td.classList.add("none");
+      td.append(cell("span", "no image", "noimage"));
       return td;
     }
     const button = document.createElement("button");
@@ -247,8 +365,21 @@
     img.src = url;
     img.addEventListener("error", () => button.replaceWith(cell("span", "unavailable", "noimage")));
     button.append(img);
-    button.addEventListener("click", () => openLightbox(url, item.mj_id));
+    button.addEventListener("click", () => openLightbox(url, item, button));
     td.append(button);
+    return td;
+  }
+
+  function reasonCell(reason) {
+    const td = cell("td", "", reason ? "reason" : "reason none", null, reason ? "Failure" : "");
+    const { text, original } = translate(reason || "");
+    td.append(cell("span", text, "text", "fail-reason"));
+    if (original) {
+      td.title = original;
+      const source = cell("span", original, "original", "fail-reason-original");
+      source.lang = "zh";
+      td.append(source);
+    }
     return td;
   }
 
@@ -264,19 +395,89 @@
     el.message.textContent = "";
   }
 
-  function openLightbox(url, mjId) {
+  function announce(text) {
+    el.announce.textContent = text;
+  }
+
+  // --- the lightbox: a modal dialog that keeps the focus until it closes -----------------------------
+
+  function openLightbox(url, item, opener) {
+    state.opener = { rowId: String(item.id), node: opener };
     el.lightboxImage.src = url;
-    el.lightboxImage.alt = `Image of task ${mjId}`;
+    el.lightboxImage.alt = `Image of task ${item.mj_id}`;
+    el.lightboxPrompt.textContent = item.prompt || item.prompt_en || "(no prompt)";
+    el.lightboxId.textContent = item.mj_id;
     el.lightboxLink.href = url;
-    el.lightbox.hidden = false;
+    el.lightbox.showModal();
+    el.lightboxClose.focus();
   }
 
   function closeLightbox() {
-    el.lightbox.hidden = true;
+    if (el.lightbox.open) el.lightbox.close();
+  }
+
+  function lightboxClosed() {
     el.lightboxImage.removeAttribute("src");
+    const opener = state.opener;
+    state.opener = null;
+    if (!opener) return;
+    // The rows may have been rebuilt by a refresh while the dialog was open: find the same task's thumbnail.
+    const node = opener.node.isConnected ? opener.node
+      : el.rows.querySelector(`tr[data-row-id="${opener.rowId}"] [data-testid="thumbnail"]`);
+    if (node) node.focus();
+  }
+
+  function trapFocus(event) {
+    if (event.key !== "Tab") return;
+    const focusable = [...el.lightbox.querySelectorAll("a[href], button:not([disabled])")];
+    if (focusable.length === 0) return;
+    const first = focusable[0], last = focusable[focusable.length - 1];
+    const inside = el.lightbox.contains(document.activeElement);
+    if (event.shiftKey && (document.activeElement === first || !inside)) {
+      event.preventDefault();
+      last.focus();
+    } else if (!event.shiftKey && (document.activeElement === last || !inside)) {
+      event.preventDefault();
+      first.focus();
+    }
+  }
+
+  async function copyId(mjId, button) {
+    let copied = false;
+    try {
+      await navigator.clipboard.writeText(mjId);
+      copied = true;
+    } catch (err) {
+      copied = copyBySelection(mjId); // plain http on another host: no Clipboard API
+    }
+    button.textContent = copied ? "Copied" : "Copy failed";
+    announce(copied ? `Copied task id ${mjId}` : `Could not copy task id ${mjId}`);
+    setTimeout(() => { if (button.isConnected) button.textContent = "Copy"; }, 1500);
+  }
+
+  function copyBySelection(text) {
+    const area = document.createElement("textarea");
+    area.value = text;
+    area.setAttribute("readonly", "");
+    area.className = "visually-hidden";
+    document.body.append(area);
+    area.select();
+    let done = false;
+    try { done = document.execCommand("copy"); } catch (err) { done = false; }
+    area.remove();
+    return done;
   }
 
   // --- formatting ------------------------------------------------------------------------------------
+
+  function translate(text) {
+    const trimmed = text.trim();
+    for (const [pattern, english] of MESSAGES) {
+      const match = pattern.exec(trimmed);
+      if (match) return { text: typeof english === "function" ? english(match) : english, original: text };
+    }
+    return { text, original: null };
+  }
 
   function parsePercent(progress) {
     const value = parseFloat(String(progress || "").replace("%", ""));
@@ -302,55 +503,193 @@
   const pad = (n) => String(n).padStart(2, "0");
 
   function formatTime(seconds) {
-    if (!seconds) return "—";
     const d = new Date(seconds * 1000);
     return `${d.getFullYear()}-${pad(d.getMonth() + 1)}-${pad(d.getDate())} `
       + `${pad(d.getHours())}:${pad(d.getMinutes())}:${pad(d.getSeconds())}`;
   }
 
-  function formatDuration(item) {
-    const begin = item.start_time || item.submit_time;
-    if (!begin) return "—";
-    let end = item.finish_time;
-    if (!end) {
-      if (FINISHED.has(item.status)) return "—";
-      end = Math.floor(Date.now() / 1000); // still running: time so far
-    }
-    const total = Math.max(0, end - begin);
+  function formatSeconds(total) {
     const h = Math.floor(total / 3600), m = Math.floor((total % 3600) / 60), s = total % 60;
     if (h) return `${h}h ${pad(m)}m`;
     if (m) return `${m}m ${pad(s)}s`;
     return `${s}s`;
   }
 
-  // --- filters, paging, sign-in ----------------------------------------------------------------------
+  // A task's time counts from its submission, so it never jumps back when the task leaves the queue:
+  // total = finish (or now, while unfinished) - submit; the queue and run parts go in the detail.
+  function durations(item, now) {
+    const submit = item.submit_time, start = item.start_time, finish = item.finish_time;
+    if (!submit) return null;
+    const finished = FINISHED.has(item.status);
+    const end = finish || (finished ? 0 : now);
+    if (!end) return null;
+    const total = Math.max(0, end - submit);
+    let detail;
+    if (start) {
+      const queued = formatSeconds(Math.max(0, start - submit)), ran = formatSeconds(Math.max(0, end - start));
+      detail = finish ? `queued ${queued}, ran ${ran}` : `queued ${queued}, running for ${ran}`;
+    } else {
+      detail = finish ? `finished ${formatSeconds(total)} after submission` : `queued for ${formatSeconds(total)}`;
+    }
+    return { total, detail };
+  }
 
-  function readFilters() {
+  function localInput(ms) {
+    return formatTime(Math.floor(ms / 1000)).replace(" ", "T");
+  }
+
+  // --- filters, the address, paging, sign-in ---------------------------------------------------------
+
+  function fillChannelFilter() {
+    const wanted = state.filters.channel_id || "";
+    const options = [cell("option", "any")];
+    options[0].value = "";
+    for (const channel of [...state.channels.values()]) {
+      const option = cell("option", channel.enabled ? channel.name : `${channel.name} (disabled)`);
+      option.value = String(channel.id);
+      options.push(option);
+    }
+    if (wanted && !state.channels.has(Number(wanted))) { // a removed channel named in the address
+      const option = cell("option", `#${wanted} (removed)`);
+      option.value = wanted;
+      options.push(option);
+    }
+    el.channelFilter.replaceChildren(...options);
+    el.channelFilter.value = wanted;
+  }
+
+  // The user filter shows the applied filter's name ("#12" until the name is known); what an admin is
+  // typing is left alone.
+  function showUserFilter() {
+    const id = state.filters.user_id;
+    el.userFilter.value = id ? state.users.get(Number(id)) || `#${id}` : "";
+  }
+
+  let suggestTimer = null;
+  function suggestUsers() {
+    clearTimeout(suggestTimer);
+    const text = el.userFilter.value.trim();
+    if (!text || text.startsWith("#")) return;
+    suggestTimer = setTimeout(async () => {
+      try {
+        const data = await getJSON("api/admin/users", { q: text });
+        el.userSuggestions.replaceChildren(...data.items.map((user) => {
+          const option = document.createElement("option");
+          option.value = user.name;
+          return option;
+        }));
+      } catch (err) { /* suggestions are a convenience */ }
+    }, 200);
+  }
+
+  // The user filter names a user; the listing wants the id. "#12" is taken as the id itself.
+  async function resolveUser(text) {
+    if (!text) return null;
+    const byId = /^#(\d+)$/.exec(text);
+    if (byId) return byId[1];
+    for (const [id, name] of state.users) if (name === text) return String(id);
+    const data = await getJSON("api/admin/users", { q: text });
+    const user = data.items.find((u) => u.name === text);
+    if (!user) throw new FilterError(`No user is named "${text}".`);
+    state.users.set(user.id, user.name);
+    return String(user.id);
+  }
+
+  async function readFilters() {
     const form = new FormData(el.filters);
     const filters = {};
     for (const name of ["mj_id", "status", "action"]) {
       const value = String(form.get(name) || "").trim();
       if (value) filters[name] = value;
     }
-    const channel = String(form.get("channel_id") || "").trim();
-    if (channel && state.role === "admin") filters.channel_id = channel;
+    if (state.role === "admin") {
+      const channel = String(form.get("channel_id") || "");
+      if (channel) filters.channel_id = channel;
+      const user = await resolveUser(String(form.get("user") || "").trim());
+      if (user) filters.user_id = user;
+    }
     // datetime-local is local time; the API takes milliseconds as well as seconds.
     const start = String(form.get("start") || "");
     const end = String(form.get("end") || "");
-    if (start) filters.start_timestamp = new Date(start).getTime();
-    if (end) filters.end_timestamp = new Date(end).getTime() + (end.length <= 16 ? 59999 : 999);
+    if (start) filters.start_timestamp = String(new Date(start).getTime());
+    if (end) filters.end_timestamp = String(new Date(end).getTime() + (end.length <= 16 ? 59999 : 999));
     return filters;
+  }
+
+  // The form shows state.filters (after a reload, or back and forward).
+  function showFilters() {
+    const f = state.filters;
+    el.filters.elements.mj_id.value = f.mj_id || "";
+    for (const name of ["status", "action"]) {
+      const select = el.filters.elements[name];
+      if (f[name] && ![...select.options].some((o) => o.value === f[name])) select.append(cell("option", f[name]));
+      select.value = f[name] || "";
+    }
+    el.filters.elements.start.value = f.start_timestamp ? localInput(Number(f.start_timestamp)) : "";
+    el.filters.elements.end.value = f.end_timestamp ? localInput(Number(f.end_timestamp)) : "";
+    if (state.channels) fillChannelFilter();
+    showUserFilter();
+    const active = Object.keys(f).length;
+    el.filtersToggle.textContent = active ? `Filters (${active})` : "Filters";
+  }
+
+  function readUrl() {
+    const query = new URLSearchParams(window.location.search);
+    const filters = {};
+    for (const name of URL_FILTERS) {
+      const value = (query.get(name) || "").trim();
+      if (value) filters[name] = value;
+    }
+    state.filters = filters;
+    const page = Number(query.get("p"));
+    state.page = Number.isInteger(page) && page > 0 ? page : 1;
+    const size = Number(query.get("page_size")) || Number(localStorage.getItem(PAGE_SIZE_KEY));
+    state.pageSize = PAGE_SIZES.includes(size) ? size : DEFAULT_PAGE_SIZE;
+    el.pageSize.value = String(state.pageSize);
+    showFilters();
+  }
+
+  // Filters, page and page size go into the address: a new history entry for each change the user makes.
+  function writeUrl(push = true) {
+    const query = new URLSearchParams();
+    for (const name of URL_FILTERS) if (state.filters[name]) query.set(name, state.filters[name]);
+    if (state.page > 1) query.set("p", String(state.page));
+    if (state.pageSize !== DEFAULT_PAGE_SIZE) query.set("page_size", String(state.pageSize));
+    const search = query.toString() ? `?${query}` : "";
+    if (search === window.location.search) return;
+    const url = window.location.pathname + search;
+    if (push) history.pushState(null, "", url); else history.replaceState(null, "", url);
+  }
+
+  function go(changes) {
+    Object.assign(state, changes);
+    writeUrl();
+    showFilters();
+    load();
+  }
+
+  function narrow() {
+    return window.matchMedia("(max-width: 640px)").matches;
+  }
+
+  function setFiltersOpen(open) {
+    el.filters.classList.toggle("expanded", open);
+    el.filtersToggle.setAttribute("aria-expanded", String(open));
   }
 
   function signIn(token) {
     state.token = token;
+    state.account = null;
     state.role = null;
-    state.page = 1;
+    state.channels = null;
+    state.users = new Map();
     localStorage.setItem(TOKEN_KEY, token);
     el.signin.hidden = true;
     el.tasks.hidden = false;
     el.who.hidden = false;
     el.role.textContent = "Signing in…";
+    el.accountName.textContent = "";
+    el.balance.hidden = true;
     el.rows.replaceChildren();
     hideMessage();
     load();
@@ -361,6 +700,7 @@
     if (state.request) state.request.abort();
     localStorage.removeItem(TOKEN_KEY);
     state.token = null;
+    state.account = null;
     state.role = null;
     el.tasks.hidden = true;
     el.who.hidden = true;
@@ -377,33 +717,51 @@
     if (token) signIn(token);
   });
   el.signOut.addEventListener("click", () => { signOut(); el.token.focus(); });
-  el.filters.addEventListener("submit", (event) => {
+  el.filters.addEventListener("submit", async (event) => {
     event.preventDefault();
-    state.filters = readFilters();
-    state.page = 1;
-    load();
+    let filters;
+    try {
+      filters = await readFilters();
+    } catch (err) {
+      if (!(err instanceof FilterError)) {
+        showMessage("error", `The filters could not be read: ${err.message}`);
+        return;
+      }
+      el.userError.textContent = err.message;
+      el.userError.hidden = false;
+      el.userFilter.setAttribute("aria-invalid", "true");
+      el.userFilter.focus();
+      return;
+    }
+    if (narrow()) setFiltersOpen(false);
+    go({ filters, page: 1 });
   });
   el.filters.addEventListener("reset", () => {
-    setTimeout(() => { state.filters = {}; state.page = 1; load(); }, 0); // after the form has cleared
+    setTimeout(() => go({ filters: {}, page: 1 }), 0); // after the form has cleared
   });
-  el.refresh.addEventListener("click", () => load());
-  el.prev.addEventListener("click", () => { if (state.page > 1) { state.page -= 1; load(); } });
-  el.next.addEventListener("click", () => { state.page += 1; load(); });
+  el.filtersToggle.addEventListener("click", () => {
+    setFiltersOpen(el.filtersToggle.getAttribute("aria-expanded") !== "true");
+  });
+  el.userFilter.addEventListener("input", () => {
+    el.userError.hidden = true;
+    el.userFilter.removeAttribute("aria-invalid");
+    suggestUsers();
+  });
+  for (const button of document.querySelectorAll('[data-testid="refresh"]')) button.addEventListener("click", load);
+  el.prev.addEventListener("click", () => { if (state.page > 1) go({ page: state.page - 1 }); });
+  el.next.addEventListener("click", () => go({ page: state.page + 1 }));
   el.pageSize.addEventListener("change", () => {
-    state.pageSize = Number(el.pageSize.value);
-    localStorage.setItem(PAGE_SIZE_KEY, String(state.pageSize));
-    state.page = 1;
-    load();
+    const size = Number(el.pageSize.value);
+    localStorage.setItem(PAGE_SIZE_KEY, String(size));
+    go({ pageSize: size, page: 1 });
   });
+  window.addEventListener("popstate", () => { readUrl(); load(); });
   el.lightboxClose.addEventListener("click", closeLightbox);
   el.lightbox.addEventListener("click", (event) => { if (event.target === el.lightbox) closeLightbox(); });
-  document.addEventListener("keydown", (event) => { if (event.key === "Escape") closeLightbox(); });
+  el.lightbox.addEventListener("keydown", trapFocus);
+  el.lightbox.addEventListener("close", lightboxClosed);
 
-  const savedSize = Number(localStorage.getItem(PAGE_SIZE_KEY));
-  if ([10, 20, 50, 100].includes(savedSize)) {
-    state.pageSize = savedSize;
-    el.pageSize.value = String(savedSize);
-  }
+  readUrl();
   const saved = localStorage.getItem(TOKEN_KEY);
   if (saved) signIn(saved); else signOut();
 })();
