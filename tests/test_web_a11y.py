@@ -11,21 +11,20 @@ from playwright.sync_api import expect
 
 from mjctl.models import Task
 from tests.helpers import wait_until
-from tests.webpage import by, row, shot, sign_in
+from tests.webpage import axe_violations, by, require_axe, row, shot, sign_in
 
 pytest_plugins = ["tests.webfixtures"]  # site, browser, screen_page
 pytestmark = pytest.mark.browser
 
 
 def assert_no_violations(page, where: str) -> None:
-    from tests.webpage import axe_violations
-
     found = axe_violations(page)
     assert not found, f"{where} ({page.screen}): " + "; ".join(
         f"{v['id']} ({v['impact']}): {v['help']} at {[n['target'] for n in v['nodes'][:3]]}" for v in found)
 
 
 def test_axe_finds_nothing_serious_in_any_state_of_the_page(screen_page, site):
+    require_axe()
     page = screen_page
     Task.create(user_id=site.users["carol"], channel_id=1, mj_id="queued-1", prompt="一只红色的狐狸",
                 prompt_en="a red fox", status="SUBMITTED", progress="0%", submit_time=int(time.time()) - 30)

@@ -146,17 +146,22 @@ def sign_in(page, token: str, path: str = "/") -> None:
     by(page, "sign-in").click()
 
 
-def axe_violations(page, *, impacts=("serious", "critical")) -> list[dict]:
-    """axe-core's violations of the page as it stands, of the given impacts: each rule with its nodes.
-
-    axe runs inside the page (evaluated through the DevTools protocol, which the page's CSP does not
-    govern). Skips when axe-core is not installed, except under CI, where a missing copy fails."""
+def require_axe() -> None:
+    """Skip the test when axe-core is not installed, saying how to get it; under CI a missing copy fails."""
     if not AXE_JS.exists():
         reason = (f"the accessibility check needs axe-core at {AXE_JS} "
                   "(npm install --prefix .cache/npm axe-core, as .ci/run does; or set $MJCTL_TEST_AXE_JS)")
         if os.environ.get("CI"):
             pytest.fail(reason)
         pytest.skip(reason)
+
+
+def axe_violations(page, *, impacts=("serious", "critical")) -> list[dict]:
+    """axe-core's violations of the page as it stands, of the given impacts: each rule with its nodes.
+
+    axe runs inside the page (evaluated through the DevTools protocol, which the page's CSP does not
+    govern)."""
+    require_axe()
     if not page.evaluate("typeof window.axe === 'object'"):
         page.evaluate(AXE_JS.read_text(encoding="utf-8"))
     result = page.evaluate("""async () => {

@@ -58,6 +58,7 @@
     filters: {},
     timer: null,
     request: null, // the AbortController of the listing in flight
+    generation: 0, // counts loads, so only the latest one renders
     channels: null, // Map id -> {name, enabled}, admins only
     users: new Map(), // id -> name, admins only
     opener: null, // what opened the lightbox, to give focus back
@@ -141,6 +142,7 @@
   async function load() {
     stopTimer();
     if (!state.token) return;
+    const generation = ++state.generation; // a newer load (a click, a refresh) makes this one stale
     let data;
     try {
       if (!state.account) await fetchAccount();
@@ -156,10 +158,11 @@
         if (id && el.userFilter.value === `#${id}` && state.users.has(Number(id))) showUserFilter();
       }
     } catch (err) {
-      if (err.name === "AbortError") return;
+      if (err.name === "AbortError" || generation !== state.generation) return;
       handleFailure(err);
       return;
     }
+    if (generation !== state.generation) return;
     const lastPage = Math.max(1, Math.ceil(data.total / data.page_size));
     if (data.items.length === 0 && data.total > 0 && state.page > lastPage) {
       state.page = lastPage; // the list shrank under us
@@ -244,7 +247,8 @@
     const row = active && el.rows.contains(active) ? active.closest("tr") : null;
     rebuild();
     if (!row || !active.dataset.testid) return;
-    const again = el.rows.querySelector(`tr[data-row-id="${row.dataset.rowId}"] [data-testid="${active.dataset.testid}"]`);
+    const selector = `tr[data-row-id="${row.dataset.rowId}"] [data-testid="${active.dataset.testid}"]`;
+    const again = el.rows.querySelector(selector);
     if (again) again.focus();
   }
 
@@ -697,6 +701,7 @@
 
   function signOut() {
     stopTimer();
+    state.generation += 1;
     if (state.request) state.request.abort();
     localStorage.removeItem(TOKEN_KEY);
     state.token = null;
