@@ -2,8 +2,9 @@
 
 SQLite (the default) runs in WAL mode with a busy timeout, and every write transaction is opened
 IMMEDIATE so that a server and a poller wait for each other instead of failing. PostgreSQL and
-MySQL/MariaDB go through peewee's connection pools. Migrations are numbered functions, each applied in
-its own transaction together with the row recording it, under a lock so two processes may start at once.
+MySQL/MariaDB go through peewee's connection pools. Migrations are numbered steps (mjctl.migrations), each
+applied in its own transaction together with the row recording it, under a lock so two processes may start
+at once.
 
 Every wait on the database is bounded by ``[database] busy_timeout`` (a lock: SQLite's busy timeout,
 PostgreSQL's lock_timeout, MySQL's lock wait timeouts), ``pool_timeout`` (a free pooled connection) and
@@ -29,7 +30,11 @@ from playhouse.pool import PooledMySQLDatabase
 
 from mjctl.config import SCHEMA, Settings, redact_url
 from mjctl.errors import ConfigError, DatabaseUnavailable, first_line
-from mjctl.models import ALL_MODELS, SchemaVersion, database
+from mjctl.migrations import MIGRATIONS as MIGRATIONS  # re-exported: the steps and their registration
+from mjctl.migrations import TASK_IDENTITY_INDEX as TASK_IDENTITY_INDEX
+from mjctl.migrations import create_version_table
+from mjctl.migrations import migration as migration
+from mjctl.models import SchemaVersion, database
 
 log = logging.getLogger("mjctl.db")
 T = TypeVar("T")
@@ -318,161 +323,7 @@ def call_with_connection(fn: Callable, *args, retry: bool = False, **kwargs):
     raise AssertionError("unreachable")
 
 
-# --- migrations --------------------------------------------------------------------------------
-
-MIGRATIONS: list[tuple[int, str, Callable[[peewee.Database], None]]] = []
-
-
-def migration(version: int, name: str):
-    def register(fn):
-        MIGRATIONS.append((version, name, fn))
-        MIGRATIONS.sort(key=lambda m: m[0])
-        return fn
-
-    return register
-
-
-@migration(1, "initial schema")
-def _m1_initial(db: peewee.Database) -> None:
-    db.create_tables([m for m in ALL_MODELS if m is not SchemaVersion], safe=True)
-
-
-@migration(2, "exact task counts per channel, kept by triggers")
-def _m2_task_counts(db: peewee.Database) -> None:
-    from mjctl.models import TaskCount
-
-    db.create_tables([TaskCount], safe=True)
-    db.execute_sql("DELETE FROM task_count")
-    db.execute_sql("INSERT INTO task_count (channel_id, n) SELECT 0, COUNT(*) FROM task")
-    db.execute_sql("INSERT INTO task_count (channel_id, n) SELECT channel_id, COUNT(*) FROM task "
-                   "WHERE channel_id <> 0 GROUP BY channel_id")
-    if isinstance(db, peewee.SqliteDatabase):
-        db.execute_sql(
-            "CREATE TRIGGER IF NOT EXISTS task_count_insert AFTER INSERT ON task BEGIN "
-            "INSERT OR IGNORE INTO task_count (channel_id, n) VALUES (0, 0), (NEW.channel_id, 0); "
-            "UPDATE task_count SET n = n + 1 WHERE channel_id IN (0, NEW.channel_id); END")
-        db.execute_sql(
-            "CREATE TRIGGER IF NOT EXISTS task_count_delete AFTER DELETE ON task BEGIN "
-            "UPDATE task_count SET n = n - 1 WHERE channel_id IN (0, OLD.channel_id); END")
-    elif isinstance(db, peewee.PostgresqlDatabase):
-        db.execute_sql(
-            "CREATE OR REPLACE FUNCTION mjctl_task_count() RETURNS trigger AS $$ BEGIN "
-            "IF TG_OP = 'INSERT' THEN "
-            "INSERT INTO task_count (channel_id, n) VALUES (0, 1) "
-            "ON CONFLICT (channel_id) DO UPDATE SET n = task_count.n + 1; "
-            "IF NEW.channel_id <> 0 THEN INSERT INTO task_count (channel_id, n) VALUES (NEW.channel_id, 1) "
-            "ON CONFLICT (channel_id) DO UPDATE SET n = task_count.n + 1; END IF; RETURN NEW; "
-            "ELSE UPDATE task_count SET n = n - 1 WHERE channel_id IN (0, OLD.channel_id); RETURN OLD; END IF; "
-            "END $$ LANGUAGE plpgsql")
-        db.execute_sql("DROP TRIGGER IF EXISTS task_count_trigger ON task")
-        db.execute_sql("CREATE TRIGGER task_count_trigger AFTER INSERT OR DELETE ON task "
-                       "FOR EACH ROW EXECUTE FUNCTION mjctl_task_count()")
-    else:
-        db.execute_sql("DROP TRIGGER IF EXISTS task_count_insert")
-        db.execute_sql(
-            "CREATE TRIGGER task_count_insert AFTER INSERT ON task FOR EACH ROW BEGIN "
-            "INSERT INTO task_count (channel_id, n) VALUES (0, 1) ON DUPLICATE KEY UPDATE n = n + 1; "
-            "IF NEW.channel_id <> 0 THEN INSERT INTO task_count (channel_id, n) VALUES (NEW.channel_id, 1) "
-            "ON DUPLICATE KEY UPDATE n = n + 1; END IF; END")
-        db.execute_sql("DROP TRIGGER IF EXISTS task_count_delete")
-        db.execute_sql(
-            "CREATE TRIGGER task_count_delete AFTER DELETE ON task FOR EACH ROW "
-            "UPDATE task_count SET n = n - 1 WHERE channel_id IN (0, OLD.channel_id)")
-
-
-@migration(3, "quota reservations held while a submission is relayed")
-def _m3_reservations(db: peewee.Database) -> None:
-    from mjctl.models import Reservation
-
-    db.create_tables([Reservation], safe=True)
-
-
-@migration(4, "per-channel poll claims, so several pollers share a cycle's work")
-def _m4_poll_claims(db: peewee.Database) -> None:
-    from mjctl.models import PollClaim
-
-    db.create_tables([PollClaim], safe=True)
-
-
-@migration(5, "drop the single poller lease, replaced by the per-channel claims of migration 4")
-def _m5_drop_lease(db: peewee.Database) -> None:
-    db.execute_sql('DROP TABLE IF EXISTS lease')
-
-
-#: The unique index of migration 6, named as peewee names the model's (channel_id, mj_id) index.
-TASK_IDENTITY_INDEX = "task_channel_id_mj_id"
-MJ_ID_CHARS = 64  # Task.mj_id
-
-
-@migration(6, "a task is (channel, upstream id): unique (channel_id, mj_id)")
-def _m6_task_identity(db: peewee.Database) -> None:
-    """Make (channel_id, mj_id) unique, keeping every row.
-
-    An upstream's task id is unique only among that upstream's tasks, and without this index nothing stops one
-    channel from holding two tasks with the same id (an upstream repeating an id). Such rows are all kept: on each
-    channel the oldest keeps its mj_id and every newer one is renamed ``<mj_id>~<row id>``, the original
-    part cut short so that the whole fits 64 characters. Upstream ids are digits and row ids are unique, so
-    a renamed id meets no other; should one be taken all the same, ``.<n>`` is added until it is free. How
-    many were renamed is logged as a warning, and each shared id is recorded in mjctl_meta
-    (``mjctl.tasks.shared_id_marker``): what named a task by that id alone (a legacy image link, a file
-    cached under the id) cannot say which of the tasks it was for, and must not now be taken for the one
-    left with the id. A renamed task is no longer known to its upstream under its new id: the image it
-    already has stays (its image_url is untouched), and one still unfinished times out and is refunded
-    after ``[poller] task_timeout``, like any task an upstream forgot.
-
-    The index is this migration's one DDL statement, after the renames: MySQL commits DDL at once, and a
-    run interrupted before it is recorded finds nothing left to rename and only creates the index. The
-    plain mj_id index stays, for lookups by the upstream's id alone."""
-    import json
-
-    from mjctl.models import Meta_, Task
-    from mjctl.tasks import shared_id_marker
-
-    groups = list(Task.select(Task.channel_id, Task.mj_id).group_by(Task.channel_id, Task.mj_id)
-                  .having(peewee.fn.COUNT(Task.id) > 1).tuples())
-    renamed = 0
-    for channel_id, mj_id in groups:
-        same = (Task.channel_id == channel_id) & (Task.mj_id == mj_id)
-        row_ids = [row_id for (row_id,) in Task.select(Task.id).where(same).order_by(Task.id).tuples()]
-        for row_id in row_ids[1:]:
-            fresh = _free_duplicate_id(channel_id, mj_id, row_id)
-            Task.update(mj_id=fresh, updated_at=time.time()).where(Task.id == row_id).execute()
-            renamed += 1
-        marker = shared_id_marker(mj_id)
-        if not Meta_.select(Meta_.key).where(Meta_.key == marker).exists():
-            Meta_.create(key=marker, value=json.dumps({"mj_id": mj_id, "rows": row_ids}))
-    if renamed:
-        log.warning("migration 6: %d task(s) shared their upstream id with an older task on the same channel; "
-                    "each was renamed <upstream id>~<row id> (%d id(s) affected)", renamed, len(groups))
-    if TASK_IDENTITY_INDEX not in {index.name for index in db.get_indexes("task")}:
-        db.execute_sql(f"CREATE UNIQUE INDEX {TASK_IDENTITY_INDEX} ON task (channel_id, mj_id)")
-
-
-def _free_duplicate_id(channel_id: int, mj_id: str, row_id: int) -> str:
-    """``<mj_id>~<row id>`` cut to MJ_ID_CHARS, with ``.<n>`` added while the channel already has it."""
-    from mjctl.models import Task
-
-    n = 0
-    while True:
-        suffix = f"~{row_id}" + (f".{n}" if n else "")
-        candidate = mj_id[:MJ_ID_CHARS - len(suffix)] + suffix
-        taken = Task.select(Task.id).where((Task.channel_id == channel_id) & (Task.mj_id == candidate)).exists()
-        if not taken:
-            return candidate
-        n += 1
-
-
-@migration(7, "per-submission notify links and write-ahead records of submissions in flight")
-def _m7_write_ahead(db: peewee.Database) -> None:
-    """Each step checks first, so a migration interrupted half-way (MySQL commits each DDL at once)
-    runs again cleanly. The column is added with a constant default, which PostgreSQL 11+, MariaDB 10.3+
-    and SQLite apply without rewriting the task table."""
-    from mjctl.models import PendingSubmission
-
-    if "nonce" not in {c.name for c in db.get_columns("task")}:
-        db.execute_sql("ALTER TABLE task ADD COLUMN nonce VARCHAR(32) NOT NULL DEFAULT ''")
-    db.create_tables([PendingSubmission], safe=True)
-
+# --- migrations (the steps themselves are in mjctl.migrations) ------------------------------------
 
 def current_version() -> int:
     try:
@@ -489,17 +340,19 @@ def latest_version() -> int:
     return MIGRATIONS[-1][0]
 
 
-def migrate() -> list[int]:
-    """Apply every migration not yet applied; returns the versions applied now. Safe to race."""
-    if current_version() >= latest_version():
+def migrate(upto: int | None = None) -> list[int]:
+    """Apply every migration not yet applied, or those up to version upto; returns the versions applied
+    now. Safe to race."""
+    target = latest_version() if upto is None else upto
+    if current_version() >= target:
         return []
     db = database.obj
     applied: list[int] = []
     with _migration_lock(db):
-        db.create_tables([SchemaVersion], safe=True)
+        create_version_table(db)
         done = {row.version for row in SchemaVersion.select(SchemaVersion.version)}
         for version, _name, fn in MIGRATIONS:
-            if version in done:
+            if version in done or version > target:
                 continue
             with write_tx():
                 fn(db)
@@ -534,7 +387,7 @@ def _migration_lock(db: peewee.Database) -> Iterator[None]:
 _sql_cache: dict[tuple, tuple[str, tuple]] = {}
 
 
-def compiled(key: tuple, build: Callable[[], peewee.Query], params: list) -> tuple[str, list] | None:
+def compiled(key: tuple, build: Callable[[], peewee.Query], params: list) -> tuple[str, list]:
     """Peewee builds a query's SQL once per shape (key) and database kind; later calls reuse the text.
 
     build() makes the query with this call's values; params are the same values in the order the query

@@ -1,0 +1,239 @@
+"""The numbered schema steps, each frozen as the step it was.
+
+A step never reads the live classes of :mod:`mjctl.models`: those describe today's schema, and a step run
+against a database of its own time must create exactly what it created then, whatever the models say
+now. So each step declares the tables it makes as snapshots defined inside it (peewee models bound to the
+database being migrated, with only what reaches the DDL: column types, NULL, database defaults, indexes)
+or as explicit SQL. A database built by running every step in order has the same tables, columns and
+indexes as today's models declare; ``tests/test_migrations.py`` checks that on every backend.
+
+A change to the models therefore comes with a new step: ``@migration(N, "what it adds")`` on a function
+taking the database, adding to the schema of step N-1 exactly what the models gained (see
+docs/architecture.md). :func:`mjctl.db.migrate` applies each step in its own write transaction together
+with the row recording it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+
+import peewee
+from peewee import (
+    AutoField,
+    BigIntegerField,
+    BooleanField,
+    CharField,
+    DoubleField,
+    IntegerField,
+    TextField,
+)
+
+log = logging.getLogger("mjctl.db")
+
+MIGRATIONS: list[tuple[int, str, Callable[[peewee.Database], None]]] = []
+
+
+def migration(version: int, name: str):
+    """Register fn as schema step `version`; the steps run in version order."""
+
+    def register(fn):
+        MIGRATIONS.append((version, name, fn))
+        MIGRATIONS.sort(key=lambda m: m[0])
+        return fn
+
+    return register
+
+
+def frozen_table(db: peewee.Database, table_name: str, *, indexes: tuple = (), **columns: peewee.Field
+                 ) -> type[peewee.Model]:
+    """A snapshot of one table as a step knows it: a peewee model bound to db with these columns, in this
+    order. Only what reaches the DDL is declared (types, NULL, uniqueness, indexes, database defaults);
+    Python-side defaults belong to the live models."""
+    meta = type("Meta", (), {"database": db, "table_name": table_name, "indexes": indexes,
+                             "legacy_table_names": False})
+    return type(f"Frozen_{table_name}", (peewee.Model,), {"Meta": meta, **columns})
+
+
+def create_version_table(db: peewee.Database) -> None:
+    """mjctl_schema, the record of applied steps (``mjctl.models.SchemaVersion`` reads and writes it)."""
+    db.create_tables([frozen_table(db, "mjctl_schema", version=IntegerField(primary_key=True),
+                                   applied_at=BigIntegerField())], safe=True)
+
+
+def _meta_table(db: peewee.Database) -> type[peewee.Model]:
+    """mjctl_meta, key/value facts about the database, as step 1 created it."""
+    return frozen_table(db, "mjctl_meta", key=CharField(max_length=64, primary_key=True), value=TextField())
+
+
+@migration(1, "initial schema")
+def _m1_initial(db: peewee.Database) -> None:
+    user = frozen_table(
+        db, "user", id=AutoField(), name=CharField(max_length=64, unique=True), role=IntegerField(),
+        enabled=BooleanField(), quota=BigIntegerField(), used_quota=BigIntegerField(), created_at=BigIntegerField())
+    token = frozen_table(
+        db, "token", id=AutoField(), user_id=IntegerField(index=True), token_hash=CharField(max_length=64, unique=True),
+        hint=CharField(max_length=16), created_at=BigIntegerField())
+    channel = frozen_table(
+        db, "channel", id=AutoField(), name=CharField(max_length=64, unique=True), base_url=CharField(max_length=512),
+        secret_sealed=TextField(), enabled=BooleanField(), priority=IntegerField(), created_at=BigIntegerField())
+    task = frozen_table(
+        db, "task", id=AutoField(), user_id=IntegerField(), channel_id=IntegerField(), mj_id=CharField(max_length=64),
+        action=CharField(max_length=32), prompt=TextField(), prompt_en=TextField(), description=TextField(),
+        state=TextField(), code=IntegerField(), status=CharField(max_length=20), progress=CharField(max_length=32),
+        image_url=TextField(), video_url=TextField(), video_urls=TextField(), submit_time=BigIntegerField(),
+        start_time=BigIntegerField(), finish_time=BigIntegerField(), fail_reason=TextField(),
+        quota=BigIntegerField(), buttons=TextField(), properties=TextField(), unfinished=IntegerField(),
+        updated_at=DoubleField(),
+        indexes=((("user_id", "id"), False), (("user_id", "submit_time"), False), (("channel_id", "id"), False),
+                 (("mj_id",), False), (("submit_time",), False), (("unfinished", "channel_id"), False),
+                 (("status", "id"), False), (("action", "id"), False)))
+    ledger = frozen_table(
+        db, "ledger", id=AutoField(), user_id=IntegerField(index=True), task_id=IntegerField(null=True, index=True),
+        kind=CharField(max_length=16), amount=BigIntegerField(), balance_after=BigIntegerField(), reason=TextField(),
+        created_at=DoubleField())
+    lease = frozen_table(db, "lease", name=CharField(max_length=64, primary_key=True),
+                         holder=CharField(max_length=128), expires_at=DoubleField())
+    db.create_tables([_meta_table(db), user, token, channel, task, ledger, lease], safe=True)
+
+
+@migration(2, "exact task counts per channel, kept by triggers")
+def _m2_task_counts(db: peewee.Database) -> None:
+    task_count = frozen_table(db, "task_count", channel_id=IntegerField(primary_key=True), n=BigIntegerField())
+    db.create_tables([task_count], safe=True)
+    db.execute_sql("DELETE FROM task_count")
+    db.execute_sql("INSERT INTO task_count (channel_id, n) SELECT 0, COUNT(*) FROM task")
+    db.execute_sql("INSERT INTO task_count (channel_id, n) SELECT channel_id, COUNT(*) FROM task "
+                   "WHERE channel_id <> 0 GROUP BY channel_id")
+    if isinstance(db, peewee.SqliteDatabase):
+        db.execute_sql(
+            "CREATE TRIGGER IF NOT EXISTS task_count_insert AFTER INSERT ON task BEGIN "
+            "INSERT OR IGNORE INTO task_count (channel_id, n) VALUES (0, 0), (NEW.channel_id, 0); "
+            "UPDATE task_count SET n = n + 1 WHERE channel_id IN (0, NEW.channel_id); END")
+        db.execute_sql(
+            "CREATE TRIGGER IF NOT EXISTS task_count_delete AFTER DELETE ON task BEGIN "
+            "UPDATE task_count SET n = n - 1 WHERE channel_id IN (0, OLD.channel_id); END")
+    elif isinstance(db, peewee.PostgresqlDatabase):
+        db.execute_sql(
+            "CREATE OR REPLACE FUNCTION mjctl_task_count() RETURNS trigger AS $$ BEGIN "
+            "IF TG_OP = 'INSERT' THEN "
+            "INSERT INTO task_count (channel_id, n) VALUES (0, 1) "
+            "ON CONFLICT (channel_id) DO UPDATE SET n = task_count.n + 1; "
+            "IF NEW.channel_id <> 0 THEN INSERT INTO task_count (channel_id, n) VALUES (NEW.channel_id, 1) "
+            "ON CONFLICT (channel_id) DO UPDATE SET n = task_count.n + 1; END IF; RETURN NEW; "
+            "ELSE UPDATE task_count SET n = n - 1 WHERE channel_id IN (0, OLD.channel_id); RETURN OLD; END IF; "
+            "END $$ LANGUAGE plpgsql")
+        db.execute_sql("DROP TRIGGER IF EXISTS task_count_trigger ON task")
+        db.execute_sql("CREATE TRIGGER task_count_trigger AFTER INSERT OR DELETE ON task "
+                       "FOR EACH ROW EXECUTE FUNCTION mjctl_task_count()")
+    else:
+        db.execute_sql("DROP TRIGGER IF EXISTS task_count_insert")
+        db.execute_sql(
+            "CREATE TRIGGER task_count_insert AFTER INSERT ON task FOR EACH ROW BEGIN "
+            "INSERT INTO task_count (channel_id, n) VALUES (0, 1) ON DUPLICATE KEY UPDATE n = n + 1; "
+            "IF NEW.channel_id <> 0 THEN INSERT INTO task_count (channel_id, n) VALUES (NEW.channel_id, 1) "
+            "ON DUPLICATE KEY UPDATE n = n + 1; END IF; END")
+        db.execute_sql("DROP TRIGGER IF EXISTS task_count_delete")
+        db.execute_sql(
+            "CREATE TRIGGER task_count_delete AFTER DELETE ON task FOR EACH ROW "
+            "UPDATE task_count SET n = n - 1 WHERE channel_id IN (0, OLD.channel_id)")
+
+
+@migration(3, "quota reservations held while a submission is relayed")
+def _m3_reservations(db: peewee.Database) -> None:
+    db.create_tables([frozen_table(db, "reservation", id=AutoField(), user_id=IntegerField(index=True),
+                                   amount=BigIntegerField(), expires_at=DoubleField(), created_at=DoubleField())],
+                     safe=True)
+
+
+@migration(4, "per-channel poll claims, so several pollers share a cycle's work")
+def _m4_poll_claims(db: peewee.Database) -> None:
+    db.create_tables([frozen_table(db, "poll_claim", channel_id=IntegerField(primary_key=True),
+                                   holder=CharField(max_length=128), expires_at=DoubleField(),
+                                   polled_at=DoubleField(), round_started_at=DoubleField())], safe=True)
+
+
+@migration(5, "drop the single poller lease, replaced by the per-channel claims of migration 4")
+def _m5_drop_lease(db: peewee.Database) -> None:
+    db.execute_sql('DROP TABLE IF EXISTS lease')
+
+
+#: The unique index of migration 6, named as peewee names the model's (channel_id, mj_id) index.
+TASK_IDENTITY_INDEX = "task_channel_id_mj_id"
+MJ_ID_CHARS = 64  # task.mj_id
+
+
+@migration(6, "a task is (channel, upstream id): unique (channel_id, mj_id)")
+def _m6_task_identity(db: peewee.Database) -> None:
+    """Make (channel_id, mj_id) unique, keeping every row.
+
+    An upstream's task id is unique only among that upstream's tasks, and without this index nothing stops one
+    channel from holding two tasks with the same id (an upstream repeating an id). Such rows are all kept: on each
+    channel the oldest keeps its mj_id and every newer one is renamed ``<mj_id>~<row id>``, the original
+    part cut short so that the whole fits 64 characters. Upstream ids are digits and row ids are unique, so
+    a renamed id meets no other; should one be taken all the same, ``.<n>`` is added until it is free. How
+    many were renamed is logged as a warning, and each shared id is recorded in mjctl_meta
+    (``mjctl.tasks.shared_id_marker``): what named a task by that id alone (a legacy image link, a file
+    cached under the id) cannot say which of the tasks it was for, and must not be taken for the one
+    left with the id. A renamed task is no longer known to its upstream under its new id: the image it
+    already has stays (its image_url is untouched), and one still unfinished times out and is refunded
+    after ``[poller] task_timeout``, like any task an upstream forgot.
+
+    The index is this migration's one DDL statement, after the renames: MySQL commits DDL at once, and a
+    run interrupted before it is recorded finds nothing left to rename and only creates the index. The
+    plain mj_id index stays, for lookups by the upstream's id alone."""
+    from mjctl.tasks import shared_id_marker
+
+    # the columns of task this step reads and writes
+    task = frozen_table(db, "task", id=AutoField(), channel_id=IntegerField(), mj_id=CharField(max_length=64),
+                    updated_at=DoubleField())
+    meta = _meta_table(db)
+    groups = list(task.select(task.channel_id, task.mj_id).group_by(task.channel_id, task.mj_id)
+                  .having(peewee.fn.COUNT(task.id) > 1).tuples())
+    renamed = 0
+    for channel_id, mj_id in groups:
+        same = (task.channel_id == channel_id) & (task.mj_id == mj_id)
+        row_ids = [row_id for (row_id,) in task.select(task.id).where(same).order_by(task.id).tuples()]
+        for row_id in row_ids[1:]:
+            fresh = _free_duplicate_id(task, channel_id, mj_id, row_id)
+            task.update(mj_id=fresh, updated_at=time.time()).where(task.id == row_id).execute()
+            renamed += 1
+        marker = shared_id_marker(mj_id)
+        if not meta.select(meta.key).where(meta.key == marker).exists():
+            meta.insert(key=marker, value=json.dumps({"mj_id": mj_id, "rows": row_ids})).execute()
+    if renamed:
+        log.warning("migration 6: %d task(s) shared their upstream id with an older task on the same channel; "
+                    "each was renamed <upstream id>~<row id> (%d id(s) affected)", renamed, len(groups))
+    if TASK_IDENTITY_INDEX not in {index.name for index in db.get_indexes("task")}:
+        db.execute_sql(f"CREATE UNIQUE INDEX {TASK_IDENTITY_INDEX} ON task (channel_id, mj_id)")
+
+
+def _free_duplicate_id(task: type[peewee.Model], channel_id: int, mj_id: str, row_id: int) -> str:
+    """``<mj_id>~<row id>`` cut to MJ_ID_CHARS, with ``.<n>`` added while the channel already has it."""
+    n = 0
+    while True:
+        suffix = f"~{row_id}" + (f".{n}" if n else "")
+        candidate = mj_id[:MJ_ID_CHARS - len(suffix)] + suffix
+        same = (task.channel_id == channel_id) & (task.mj_id == candidate)
+        if not task.select(task.id).where(same).exists():
+            return candidate
+        n += 1
+
+
+@migration(7, "per-submission notify links and write-ahead records of submissions in flight")
+def _m7_write_ahead(db: peewee.Database) -> None:
+    """Each step checks first, so a migration interrupted half-way (MySQL commits each DDL at once)
+    runs again cleanly. The column is added with a constant default, which PostgreSQL 11+, MariaDB 10.3+
+    and SQLite apply without rewriting the task table."""
+    pending = frozen_table(
+        db, "pending_submission", id=AutoField(), nonce=CharField(max_length=32, unique=True), user_id=IntegerField(),
+        kind=CharField(max_length=16), action=CharField(max_length=32), price=BigIntegerField(),
+        reservation_id=IntegerField(null=True), channel_ids=CharField(max_length=255),
+        parent_task_id=IntegerField(null=True), state=TextField(), prompt=TextField(), properties=TextField(),
+        created_at=DoubleField(), expires_at=DoubleField(index=True))
+    if "nonce" not in {c.name for c in db.get_columns("task")}:
+        db.execute_sql("ALTER TABLE task ADD COLUMN nonce VARCHAR(32) NOT NULL DEFAULT ''")
+    db.create_tables([pending], safe=True)
+
