@@ -142,9 +142,7 @@ def authenticate(token: str | None) -> User | None:
     row = database.execute_sql(sql, params).fetchone()
     if row is None or not crypto.same(row[0], digest):
         return None
-    user = User(__no_default__=1)
-    user.__data__ = dict(zip(_USER_FIELDS, row[1:]))
-    return user
+    return User(**dict(zip(_USER_FIELDS, row[1:])))
 
 
 def _token_query(digest: str) -> peewee.Query:

@@ -285,7 +285,10 @@ def end_unit_of_work(*, close: bool) -> None:
 
 
 def discard_connection() -> None:
-    """Close this thread's connection without returning it to the pool (it may be dead or half-used)."""
+    """Close this thread's connection without returning it to the pool (it may be dead or half-used).
+
+    A failure to close it is ignored: peewee's close() forgets the thread's connection whatever closing
+    the socket raised, and manual_close takes it out of the pool before that."""
     while database.in_transaction():
         database.pop_transaction()
     if database.is_closed():
@@ -296,8 +299,6 @@ def discard_connection() -> None:
             db.manual_close()
         else:
             db.close()
-    if not database.is_closed():  # manual_close failed half-way: forget the connection anyway
-        db._state.reset()
 
 
 READ_RETRIES = 2  # a read that meets a dead connection is tried again on a fresh one, at most this often
