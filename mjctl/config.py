@@ -10,92 +10,227 @@ from __future__ import annotations
 import os
 import re
 import tomllib
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, get_type_hints
 
 from mjctl.errors import ConfigError
 
-#: section -> key -> (default, type, help). The repository's mjctl.toml documents the same keys.
-SCHEMA: dict[str, dict[str, tuple[Any, type, str]]] = {
-    "database": {
-        "url": ("sqlite:///mjctl.db", str, "sqlite:///PATH, postgresql://USER@HOST:PORT/DB or mysql://USER@HOST:PORT/DB"),
-        "pool_size": (0, int, "connections kept per process (PostgreSQL and MySQL); "
-                              "0 = [server] threads + [poller] concurrency + 2"),
-        "pool_timeout": (5.0, float, "seconds to wait for a free pooled connection"),
-        "connect_timeout": (5, int, "seconds to wait when opening a connection"),
-        "stale_timeout": (300, int, "seconds after which an idle pooled connection is replaced"),
-        "busy_timeout": (5.0, float, "seconds to wait for a lock before failing (SQLite busy timeout, PostgreSQL lock_timeout, MySQL lock waits)"),
-    },
-    "server": {
-        "host": ("127.0.0.1", str, "address to listen on"),
-        "port": (8080, int, "port to listen on"),
-        "public_url": ("", str, "base of every URL mjctl hands out; default http://HOST:PORT"),
-        "threads": (16, int, "worker threads of the HTTP server"),
-        "workers": (1, int, "server processes sharing the port (mjctl serve --workers); PostgreSQL or MariaDB recommended above 1"),
-        "secret": ("", str, "HMAC key for signed URLs and secret storage; generated into secret_file when empty"),
-        "secret_file": ("mjctl.secret", str, "where a generated secret is kept (mode 0600)"),
-        "max_connections": (4096, int, "open client connections per server process; more wait in the listen queue"),
-        "header_timeout": (10.0, float, "seconds a client has to send a request's headers (an idle keep-alive connection is closed after as long)"),
-        "body_timeout": (10.0, float, "seconds a client has to send a request's body before it is answered 408"),
-        "max_header_bytes": (16384, int, "largest request head (request line and headers), in bytes; larger is answered 431"),
-        "max_body_bytes": (33554432, int, "largest request body, in bytes (blend and describe carry base64 images); larger is answered 413 unread"),
-    },
-    "poller": {
-        "interval": (15.0, float, "seconds between polling cycles"),
-        "batch_size": (100, int, "task ids per list-by-condition request"),
-        "request_timeout": (15.0, float, "seconds before an upstream request is given up"),
-        "task_timeout": (3600, int, "seconds after submission when an unfinished task fails"),
-        "in_server": (True, bool, "mjctl serve also runs the poller"),
-        "concurrency": (4, int, "channels polled in parallel"),
-        "lease_seconds": (120.0, float, "how long a poller's claim on a channel lasts without renewal"),
-    },
-    "images": {
-        "forward": (True, bool, "hand out mjctl's own image URLs instead of the upstream's"),
-        "sign": (True, bool, "image URLs need a signature or the owner's token"),
-        "cache_dir": ("", str, "where finished images are kept; default: images/ next to the database"),
-        "max_bytes": (104857600, int, "largest image forwarded, in bytes"),
-        "timeout": (30.0, float, "seconds before an upstream image request is given up"),
-        "allow_hosts": ("", str, "comma-separated host names, IPs or CIDRs image fetches may reach although "
-                                 "they are not public (an internal object store); a channel's own origin "
-                                 "is always allowed"),
-        "store": ("local", str, "where finished images are kept: local (cache_dir) or s3://BUCKET/PREFIX, shared by every host"),
-        "s3_endpoint_url": ("", str, "S3 endpoint for MinIO, Ceph, R2 and other S3-compatible stores; empty = AWS"),
-        "s3_region": ("", str, "the bucket's region; empty = AWS_REGION, the AWS config file, else us-east-1"),
-        "s3_access_key_id": ("", str, "only if the standard AWS variables and files cannot be used"),
-        "s3_secret_access_key": ("", str, "only if the standard AWS variables and files cannot be used"),
-        "s3_connect_timeout": (3.0, float, "seconds to open a connection to the store"),
-        "s3_read_timeout": (10.0, float, "seconds the store may stay silent during a call before it is given up"),
-        "s3_attempts": (2, int, "attempts per store call (the first included) before it fails"),
-        "redirect": (False, bool, "answer images kept in an S3 store with a redirect to a short-lived presigned link"),
-        "redirect_seconds": (300, int, "how long a presigned link of [images] redirect stays valid"),
-    },
-    "relay": {
-        "max_prompt_chars": (8000, int, "longest prompt a submission may carry"),
-        "max_in_flight": (64, int, "upstream-bound requests (submissions, image-seed, image streaming) served at once per process; more are answered 429"),
-        "max_in_flight_per_user": (8, int, "upstream-bound requests one user may have in flight at once per process; more are answered 429"),
-    },
-    "prices": {
-        "default": (1000, int, "quota for an action without its own price"),
-        "IMAGINE": (1000, int, ""),
-        "UPSCALE": (500, int, ""),
-        "VARIATION": (1000, int, ""),
-        "REROLL": (1000, int, ""),
-        "DESCRIBE": (500, int, ""),
-        "BLEND": (1000, int, ""),
-        "SHORTEN": (500, int, ""),
-        "ZOOM": (1000, int, ""),
-        "PAN": (1000, int, ""),
-        "MODAL": (0, int, "the modal step after a code-21 action (the action was charged)"),
-    },
-    "client": {
-        "server": ("", str, "remote mjctl for `tasks list --server` (also $MJCTL_SERVER)"),
-        "token": ("", str, "your access token for --mine and remote mode (also $MJCTL_TOKEN)"),
-    },
-    "log": {
-        "level": ("info", str, "debug, info, warning or error"),
-    },
+Check = Callable[[Any], str | None]
+
+
+def setting(default: Any, help: str, check: Check | None = None) -> Any:
+    """A key of a settings section: its default, the help text `config show` and mjctl.toml share, and an
+    optional check saying what is wrong with a value (the end of the error sentence) or None."""
+    return field(default=default, metadata={"help": help, "check": check})
+
+
+def _positive(value: float) -> str | None:
+    return " must be greater than zero." if value <= 0 else None
+
+
+def _port(value: int) -> str | None:
+    return None if 0 <= value <= 65535 else " must be a port between 0 and 65535."
+
+
+def _pool_size(value: int) -> str | None:
+    return " must be 0 (sized to the threads) or more." if value < 0 else None
+
+
+def _log_level(value: str) -> str | None:
+    return None if value.lower() in ("debug", "info", "warning", "error") else " must be debug, info, warning or error."
+
+
+def _hosts(value: str) -> str | None:
+    for entry in split_list(value):
+        if not _HOST_OR_CIDR.match(entry):
+            return f": {entry!r} is not a host name, an IP address or a CIDR."
+    return None
+
+
+def _quota(value: int) -> str | None:
+    return " must not be negative." if value < 0 else None
+
+
+def _store(value: str) -> str | None:
+    if value == "local":
+        return None
+    from mjctl.images.store import parse_store_url
+
+    problem = parse_store_url(value)[2]
+    return f": {problem}" if problem else None
+
+
+def _http_url(value: str) -> str | None:
+    if value and not re.match(r"^https?://[^/\s]+(/\S*)?$", value):
+        return f" must be an http:// or https:// URL, not {value!r}."
+    return None
+
+
+def _presign_seconds(value: int) -> str | None:
+    if value > 604800:
+        return " must be at most 604800 (7 days, the longest a presigned link lives)."
+    return _positive(value)
+
+
+@dataclass(frozen=True)
+class DatabaseSettings:
+    """[database]: where tasks, users, channels and the ledger live."""
+
+    url: str = setting("sqlite:///mjctl.db", "sqlite:///PATH, postgresql://USER@HOST:PORT/DB or mysql://USER@HOST:PORT/DB")
+    pool_size: int = setting(0, "connections kept per process (PostgreSQL and MySQL); 0 = [server] threads + [poller] concurrency + 2", _pool_size)
+    pool_timeout: float = setting(5.0, "seconds to wait for a free pooled connection")
+    connect_timeout: int = setting(5, "seconds to wait when opening a connection")
+    stale_timeout: int = setting(300, "seconds after which an idle pooled connection is replaced")
+    busy_timeout: float = setting(5.0, "seconds to wait for a lock before failing (SQLite busy timeout, PostgreSQL lock_timeout, MySQL lock waits)")
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """[server]: `mjctl serve`, the HTTP API, the relay, image forwarding and the web page."""
+
+    host: str = setting("127.0.0.1", "address to listen on")
+    port: int = setting(8080, "port to listen on", _port)
+    public_url: str = setting("", "base of every URL mjctl hands out; default http://HOST:PORT")
+    threads: int = setting(16, "worker threads of the HTTP server", _positive)
+    workers: int = setting(1, "server processes sharing the port (mjctl serve --workers); PostgreSQL or MariaDB recommended above 1", _positive)
+    secret: str = setting("", "HMAC key for signed URLs and secret storage; generated into secret_file when empty")
+    secret_file: str = setting("mjctl.secret", "where a generated secret is kept (mode 0600)")
+    max_connections: int = setting(4096, "open client connections per server process; more wait in the listen queue")
+    header_timeout: float = setting(10.0, "seconds a client has to send a request's headers (an idle keep-alive connection is closed after as long)")
+    body_timeout: float = setting(10.0, "seconds a client has to send a request's body before it is answered 408")
+    max_header_bytes: int = setting(16384, "largest request head (request line and headers), in bytes; larger is answered 431")
+    max_body_bytes: int = setting(33554432, "largest request body, in bytes (blend and describe carry base64 images); larger is answered 413 unread")
+
+
+@dataclass(frozen=True)
+class PollerSettings:
+    """[poller]: tracking unfinished tasks (`mjctl poll`, and inside `mjctl serve`)."""
+
+    interval: float = setting(15.0, "seconds between polling cycles", _positive)
+    batch_size: int = setting(100, "task ids per list-by-condition request", _positive)
+    request_timeout: float = setting(15.0, "seconds before an upstream request is given up", _positive)
+    task_timeout: int = setting(3600, "seconds after submission when an unfinished task fails", _positive)
+    in_server: bool = setting(True, "mjctl serve also runs the poller")
+    concurrency: int = setting(4, "channels polled in parallel", _positive)
+    lease_seconds: float = setting(120.0, "how long a poller's claim on a channel lasts without renewal")
+
+
+@dataclass(frozen=True)
+class ImagesSettings:
+    """[images]: result images handed out through mjctl's own signed URLs, and their cache."""
+
+    forward: bool = setting(True, "hand out mjctl's own image URLs instead of the upstream's")
+    sign: bool = setting(True, "image URLs need a signature or the owner's token")
+    cache_dir: str = setting("", "where finished images are kept; default: images/ next to the database")
+    max_bytes: int = setting(104857600, "largest image forwarded, in bytes", _positive)
+    timeout: float = setting(30.0, "seconds before an upstream image request is given up", _positive)
+    allow_hosts: str = setting("", "comma-separated host names, IPs or CIDRs image fetches may reach although they are not public (an internal object store); a channel's own origin is always allowed", _hosts)
+    store: str = setting("local", "where finished images are kept: local (cache_dir) or s3://BUCKET/PREFIX, shared by every host", _store)
+    s3_endpoint_url: str = setting("", "S3 endpoint for MinIO, Ceph, R2 and other S3-compatible stores; empty = AWS", _http_url)
+    s3_region: str = setting("", "the bucket's region; empty = AWS_REGION, the AWS config file, else us-east-1")
+    s3_access_key_id: str = setting("", "only if the standard AWS variables and files cannot be used")
+    s3_secret_access_key: str = setting("", "only if the standard AWS variables and files cannot be used")
+    s3_connect_timeout: float = setting(3.0, "seconds to open a connection to the store", _positive)
+    s3_read_timeout: float = setting(10.0, "seconds the store may stay silent during a call before it is given up", _positive)
+    s3_attempts: int = setting(2, "attempts per store call (the first included) before it fails", _positive)
+    redirect: bool = setting(False, "answer images kept in an S3 store with a redirect to a short-lived presigned link")
+    redirect_seconds: int = setting(300, "how long a presigned link of [images] redirect stays valid", _presign_seconds)
+
+
+@dataclass(frozen=True)
+class RelaySettings:
+    """[relay]: what a submission may carry and how much upstream-bound work runs at once."""
+
+    max_prompt_chars: int = setting(8000, "longest prompt a submission may carry")
+    max_in_flight: int = setting(64, "upstream-bound requests (submissions, image-seed, image streaming) served at once per process; more are answered 429")
+    max_in_flight_per_user: int = setting(8, "upstream-bound requests one user may have in flight at once per process; more are answered 429")
+
+
+@dataclass(frozen=True)
+class ClientSettings:
+    """[client]: the CLI reading a remote mjctl (`tasks list --server`) and `--mine`."""
+
+    server: str = setting("", "remote mjctl for `tasks list --server` (also $MJCTL_SERVER)")
+    token: str = setting("", "your access token for --mine and remote mode (also $MJCTL_TOKEN)")
+
+
+@dataclass(frozen=True)
+class LogSettings:
+    """[log]"""
+
+    level: str = setting("info", "debug, info, warning or error", _log_level)
+
+
+#: [prices] out of the box: action -> (quota, help). The section is open: any action name may have a price.
+DEFAULT_PRICES: dict[str, tuple[int, str]] = {
+    "default": (1000, "quota for an action without its own price"),
+    "IMAGINE": (1000, ""),
+    "UPSCALE": (500, ""),
+    "VARIATION": (1000, ""),
+    "REROLL": (1000, ""),
+    "DESCRIBE": (500, ""),
+    "BLEND": (1000, ""),
+    "SHORTEN": (500, ""),
+    "ZOOM": (1000, ""),
+    "PAN": (1000, ""),
+    "MODAL": (0, "the modal step after a code-21 action (the action was charged)"),
 }
+
+
+class Prices(Mapping[str, int]):
+    """[prices]: the quota charged per action (upper case) when a submission is accepted, read-only. The
+    DEFAULT_PRICES come first, each replaced by the quota given for it; actions given a price of their own
+    follow. ``default`` prices an action without one."""
+
+    __slots__ = ("_quotas",)
+
+    def __init__(self, quotas: Mapping[str, int] | None = None):
+        self._quotas = {action: quota for action, (quota, _help) in DEFAULT_PRICES.items()}
+        self._quotas.update(quotas or {})
+
+    def __getitem__(self, action: str) -> int:
+        return self._quotas[action]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._quotas)
+
+    def __len__(self) -> int:
+        return len(self._quotas)
+
+    def __repr__(self) -> str:
+        return f"Prices({self._quotas!r})"
+
+    def of(self, action: str) -> int:
+        """The quota for an action (any case), or the default price."""
+        return self._quotas.get(action.upper(), self._quotas["default"])
+
+
+#: The sections in the order mjctl.toml and `config show` list them.
+SECTIONS: dict[str, type] = {
+    "database": DatabaseSettings, "server": ServerSettings, "poller": PollerSettings, "images": ImagesSettings,
+    "relay": RelaySettings, "prices": Prices, "client": ClientSettings, "log": LogSettings,
+}
+
+
+def _schema() -> dict[str, dict[str, tuple[Any, type, str]]]:
+    schema: dict[str, dict[str, tuple[Any, type, str]]] = {}
+    for name, cls in SECTIONS.items():
+        if cls is Prices:
+            schema[name] = {action: (quota, int, help) for action, (quota, help) in DEFAULT_PRICES.items()}
+        else:
+            types = get_type_hints(cls)
+            schema[name] = {f.name: (f.default, types[f.name], f.metadata["help"]) for f in fields(cls)}
+    return schema
+
+
+#: section -> key -> (default, type, help), read from the section classes above. The repository's
+#: mjctl.toml documents the same keys.
+SCHEMA: dict[str, dict[str, tuple[Any, type, str]]] = _schema()
+_CHECKS: dict[tuple[str, str], Check] = {
+    (name, f.name): f.metadata["check"] for name, cls in SECTIONS.items() if cls is not Prices
+    for f in fields(cls) if f.metadata["check"] is not None}
 
 SECRET_KEYS = {("server", "secret"), ("client", "token"), ("images", "s3_access_key_id"),
                ("images", "s3_secret_access_key")}
@@ -106,32 +241,35 @@ ALIASES = {"MJCTL_TOKEN": ("client", "token"), "MJCTL_SERVER": ("client", "serve
 OPEN_SECTIONS = {"prices"}
 
 
-class Section(dict):
-    """A section's values, readable as attributes (settings.server.port)."""
-
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return self[name]
-        except KeyError:
-            raise AttributeError(name) from None
-
-
 @dataclass
 class Settings:
-    values: dict[str, Section]
+    """The effective settings: a frozen, typed object per section, where each value came from (sources,
+    keyed by (section, key)), the config file and the folder relative paths are resolved against.
+
+    A section is replaced whole, never changed in place: ``settings.server =
+    dataclasses.replace(settings.server, port=bound)``."""
+
+    database: DatabaseSettings
+    server: ServerSettings
+    poller: PollerSettings
+    images: ImagesSettings
+    relay: RelaySettings
+    prices: Prices
+    client: ClientSettings
+    log: LogSettings
     sources: dict[tuple[str, str], str]
     config_path: Path | None
     base_dir: Path
 
-    def __getattr__(self, name: str) -> Section:
-        try:
-            return self.__dict__["values"][name]
-        except KeyError:
-            raise AttributeError(name) from None
+    def section_values(self, section: str) -> dict[str, Any]:
+        """One section as key -> value, in the documented order."""
+        values = getattr(self, section)
+        if isinstance(values, Prices):
+            return dict(values)
+        return {f.name: getattr(values, f.name) for f in fields(values)}
 
     def price(self, action: str) -> int:
-        prices = self.values["prices"]
-        return int(prices.get(action.upper(), prices["default"]))
+        return self.prices.of(action)
 
     def resolve_path(self, value: str) -> Path:
         path = Path(value).expanduser()
@@ -139,7 +277,7 @@ class Settings:
 
     def database_url(self) -> str:
         """The database URL with a relative SQLite path made absolute against base_dir."""
-        url = self.values["database"]["url"]
+        url = self.database.url
         if url.startswith("sqlite:///") and not url.startswith("sqlite:////"):
             rest = url[len("sqlite:///"):]
             if rest and rest != ":memory:":
@@ -148,9 +286,9 @@ class Settings:
 
     def redacted(self) -> dict[str, dict[str, Any]]:
         out: dict[str, dict[str, Any]] = {}
-        for section, values in self.values.items():
+        for section in SECTIONS:
             out[section] = {}
-            for key, value in values.items():
+            for key, value in self.section_values(section).items():
                 if (section, key) in SECRET_KEYS and value:
                     value = "********"
                 elif (section, key) in {("database", "url"), ("images", "s3_endpoint_url")}:
@@ -210,35 +348,10 @@ def _type_word(typ: type) -> str:
 
 
 def _validate(section: str, key: str, value: Any, where: str) -> None:
-    problem = f"{where}: [{section}] {key}"
-    if section == "prices" and value < 0:
-        raise ConfigError(f"{problem} must not be negative.")
-    if (section, key) in {("server", "port")} and not 0 <= value <= 65535:
-        raise ConfigError(f"{problem} must be a port between 0 and 65535.")
-    positive = {("server", "threads"), ("server", "workers"), ("poller", "batch_size"), ("poller", "interval"),
-                ("poller", "request_timeout"), ("poller", "task_timeout"), ("poller", "concurrency"),
-                ("images", "max_bytes"), ("images", "timeout"), ("images", "s3_connect_timeout"),
-                ("images", "s3_read_timeout"), ("images", "s3_attempts"), ("images", "redirect_seconds")}
-    if (section, key) in positive and value <= 0:
-        raise ConfigError(f"{problem} must be greater than zero.")
-    if (section, key) == ("database", "pool_size") and value < 0:
-        raise ConfigError(f"{problem} must be 0 (sized to the threads) or more.")
-    if (section, key) == ("log", "level") and value.lower() not in ("debug", "info", "warning", "error"):
-        raise ConfigError(f"{problem} must be debug, info, warning or error.")
-    if (section, key) == ("images", "store") and value != "local":
-        from mjctl.images.store import parse_store_url
-
-        problem_text = parse_store_url(value)[2]
-        if problem_text:
-            raise ConfigError(f"{problem}: {problem_text}")
-    if (section, key) == ("images", "s3_endpoint_url") and value and not re.match(r"^https?://[^/\s]+(/\S*)?$", value):
-        raise ConfigError(f"{problem} must be an http:// or https:// URL, not {value!r}.")
-    if (section, key) == ("images", "redirect_seconds") and value > 604800:
-        raise ConfigError(f"{problem} must be at most 604800 (7 days, the longest a presigned link lives).")
-    if (section, key) == ("images", "allow_hosts"):
-        for entry in split_list(value):
-            if not _HOST_OR_CIDR.match(entry):
-                raise ConfigError(f"{problem}: {entry!r} is not a host name, an IP address or a CIDR.")
+    check = _quota if section in OPEN_SECTIONS else _CHECKS.get((section, key))
+    problem = check(value) if check is not None else None
+    if problem:
+        raise ConfigError(f"{where}: [{section}] {key}{problem}")
 
 
 #: An allow_hosts entry: a DNS name, an IPv4/IPv6 address or network (checked exactly where it is used).
@@ -275,7 +388,7 @@ def load_settings(
     """Build the effective settings. Raises ConfigError naming the file, the key and the problem."""
     environ = dict(os.environ if environ is None else environ)
     path = find_config_file(config, environ)
-    values: dict[str, Section] = {s: Section({k: d for k, (d, _, _) in keys.items()}) for s, keys in SCHEMA.items()}
+    values: dict[str, dict[str, Any]] = {s: {k: d for k, (d, _, _) in keys.items()} for s, keys in SCHEMA.items()}
     sources: dict[tuple[str, str], str] = {(s, k): "default" for s, keys in SCHEMA.items() for k in keys}
 
     if path is not None:
@@ -310,13 +423,15 @@ def load_settings(
         _set(values, sources, section, key, raw, "command line", "option")
 
     base_dir = path.parent if path is not None else Path.cwd()
-    settings = Settings(values=values, sources=sources, config_path=path, base_dir=base_dir)
-    images = values["images"]
-    if not images["cache_dir"]:
-        images["cache_dir"] = str(_default_cache_dir(settings))
-    else:
-        images["cache_dir"] = str(settings.resolve_path(images["cache_dir"]))
-    values["server"]["secret_file"] = str(settings.resolve_path(values["server"]["secret_file"]))
+    settings = Settings(
+        database=DatabaseSettings(**values["database"]), server=ServerSettings(**values["server"]),
+        poller=PollerSettings(**values["poller"]), images=ImagesSettings(**values["images"]),
+        relay=RelaySettings(**values["relay"]), prices=Prices(values["prices"]), client=ClientSettings(**values["client"]),
+        log=LogSettings(**values["log"]), sources=sources, config_path=path, base_dir=base_dir)
+    cache_dir = settings.images.cache_dir
+    cache_dir = str(settings.resolve_path(cache_dir) if cache_dir else _default_cache_dir(settings))
+    settings.images = replace(settings.images, cache_dir=cache_dir)
+    settings.server = replace(settings.server, secret_file=str(settings.resolve_path(settings.server.secret_file)))
     return settings
 
 
@@ -334,6 +449,7 @@ def _env_target(name: str) -> tuple[str | None, str | None]:
 
 def _set(values, sources, section: str, key: str, raw: Any, where: str, source: str) -> None:
     schema = SCHEMA[section]
+    typ: type
     if key not in schema:
         if section in OPEN_SECTIONS:
             typ = int

@@ -28,7 +28,7 @@ from urllib.parse import urlparse
 import peewee
 from playhouse.pool import PooledMySQLDatabase
 
-from mjctl.config import SCHEMA, Settings, redact_url
+from mjctl.config import DatabaseSettings, PollerSettings, ServerSettings, Settings, redact_url
 from mjctl.errors import ConfigError, DatabaseUnavailable, first_line
 from mjctl.migrations import MIGRATIONS as MIGRATIONS  # re-exported: the steps and their registration
 from mjctl.migrations import TASK_IDENTITY_INDEX as TASK_IDENTITY_INDEX
@@ -46,7 +46,7 @@ _opened_url: str | None = None
 
 
 SQLITE_MMAP_BYTES = 1 << 30
-DEFAULT_BUSY_TIMEOUT = float(SCHEMA["database"]["busy_timeout"][0])
+DEFAULT_BUSY_TIMEOUT = DatabaseSettings().busy_timeout
 BUSY_MESSAGE = "The database is busy; try again shortly."
 
 
@@ -91,7 +91,7 @@ def busy_error(exc: BaseException) -> DatabaseBusy | None:
 
 def make_database(url: str, settings: Settings | None = None) -> peewee.Database:
     """A peewee Database for url (not yet connected). Raises ConfigError for a URL it cannot use."""
-    db_settings = settings.database if settings is not None else {}
+    db_settings = settings.database if settings is not None else DatabaseSettings()
     parsed = urlparse(url)
     scheme = parsed.scheme.lower()
     if scheme not in SUPPORTED_SCHEMES:
@@ -105,7 +105,7 @@ def make_database(url: str, settings: Settings | None = None) -> peewee.Database
             raise ConfigError(f"Database URL {url!r} names no file; use sqlite:///PATH.")
         if path != ":memory:":
             Path(path).parent.mkdir(parents=True, exist_ok=True)
-        busy = float(db_settings.get("busy_timeout", DEFAULT_BUSY_TIMEOUT))
+        busy = db_settings.busy_timeout
         db = peewee.SqliteDatabase(
             path,
             timeout=busy,
@@ -130,25 +130,25 @@ def make_database(url: str, settings: Settings | None = None) -> peewee.Database
         raise ConfigError(f"Database URL {redact_url(url)!r} names no database.")
     pool = {
         "max_connections": pool_size(settings),
-        "stale_timeout": int(db_settings.get("stale_timeout", 300)),
+        "stale_timeout": db_settings.stale_timeout,
         # peewee's pool truncates the wait to whole seconds and takes 0 for "forever": at least 1.
-        "timeout": max(1, math.ceil(float(db_settings.get("pool_timeout", SCHEMA["database"]["pool_timeout"][0])))),
+        "timeout": max(1, math.ceil(db_settings.pool_timeout)),
     }
-    connect_timeout = int(db_settings.get("connect_timeout", SCHEMA["database"]["connect_timeout"][0]))
-    lock_wait = max(1, math.ceil(float(db_settings.get("busy_timeout", DEFAULT_BUSY_TIMEOUT))))
+    connect_timeout = db_settings.connect_timeout
+    lock_wait = max(1, math.ceil(db_settings.busy_timeout))
     if scheme in ("postgresql", "postgres"):
         # Without lock_timeout a statement waits for a lock forever (an ALTER, a LOCK TABLE elsewhere).
         options = f"-c lock_timeout={lock_wait * 1000}"
         if kwargs.get("options"):
             options = f"{kwargs.pop('options')} {options}"
         db = PooledPostgresqlDatabase(connect_timeout=connect_timeout, options=options, **pool, **kwargs)
-        db._mjctl_busy_timeout = float(db_settings.get("busy_timeout", DEFAULT_BUSY_TIMEOUT))
+        db._mjctl_busy_timeout = db_settings.busy_timeout
         return db
     # READ COMMITTED, as on PostgreSQL: InnoDB's default REPEATABLE READ adds gap locks that turned
     # concurrent submissions into deadlocks, and hides rows other transactions committed meanwhile.
     db = BoundedMySQLDatabase(charset="utf8mb4", connect_timeout=connect_timeout, lock_wait=lock_wait,
                               init_command="SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED", **pool, **kwargs)
-    db._mjctl_busy_timeout = float(db_settings.get("busy_timeout", DEFAULT_BUSY_TIMEOUT))
+    db._mjctl_busy_timeout = db_settings.busy_timeout
     return db
 
 
@@ -181,11 +181,11 @@ def pool_size(settings: Settings | None) -> int:
     connection to the end, relay calls to the upstream included, so a pool smaller than the threads makes
     requests wait for connections while the database idles."""
     if settings is None:
-        threads, concurrency, configured = (SCHEMA["server"]["threads"][0], SCHEMA["poller"]["concurrency"][0], 0)
+        threads, concurrency, configured = ServerSettings().threads, PollerSettings().concurrency, 0
     else:
         threads, concurrency = settings.server.threads, settings.poller.concurrency
-        configured = int(settings.database.get("pool_size", 0) or 0)
-    return configured if configured > 0 else int(threads) + int(concurrency) + 2
+        configured = settings.database.pool_size
+    return configured if configured > 0 else threads + concurrency + 2
 
 
 def is_sqlite(db: peewee.Database | None = None) -> bool:

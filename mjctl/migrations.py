@@ -19,6 +19,7 @@ import json
 import logging
 import time
 from collections.abc import Callable
+from typing import Any
 
 import peewee
 from peewee import (
@@ -47,8 +48,7 @@ def migration(version: int, name: str):
     return register
 
 
-def frozen_table(db: peewee.Database, table_name: str, *, indexes: tuple = (), **columns: peewee.Field
-                 ) -> type[peewee.Model]:
+def frozen_table(db: peewee.Database, table_name: str, *, indexes: tuple = (), **columns: peewee.Field) -> Any:
     """A snapshot of one table as a step knows it: a peewee model bound to db with these columns, in this
     order. Only what reaches the DDL is declared (types, NULL, uniqueness, indexes, database defaults);
     Python-side defaults belong to the live models."""
@@ -63,7 +63,7 @@ def create_version_table(db: peewee.Database) -> None:
                                    applied_at=BigIntegerField())], safe=True)
 
 
-def _meta_table(db: peewee.Database) -> type[peewee.Model]:
+def _meta_table(db: peewee.Database) -> Any:
     """mjctl_meta, key/value facts about the database, as step 1 created it."""
     return frozen_table(db, "mjctl_meta", key=CharField(max_length=64, primary_key=True), value=TextField())
 
@@ -210,7 +210,7 @@ def _m6_task_identity(db: peewee.Database) -> None:
         db.execute_sql(f"CREATE UNIQUE INDEX {TASK_IDENTITY_INDEX} ON task (channel_id, mj_id)")
 
 
-def _free_duplicate_id(task: type[peewee.Model], channel_id: int, mj_id: str, row_id: int) -> str:
+def _free_duplicate_id(task: Any, channel_id: int, mj_id: str, row_id: int) -> str:
     """``<mj_id>~<row id>`` cut to MJ_ID_CHARS, with ``.<n>`` added while the channel already has it."""
     n = 0
     while True:

@@ -423,7 +423,7 @@ def _adopt_interrupted(settings: Settings, summary: CycleSummary, now: float | N
         return client.list_tasks()
 
     try:
-        stats = pending.adopt(cycle_now, RESERVATION_SLACK, float(settings.poller.task_timeout), list_tasks)
+        stats = pending.adopt(cycle_now, RESERVATION_SLACK, settings.poller.task_timeout, list_tasks)
     except Exception as exc:
         log.exception("adopting interrupted submissions failed")
         summary.faults[f"adopt_error_{type(exc).__name__}"] += 1
@@ -481,7 +481,7 @@ def _run_cycle(settings: Settings, summary: CycleSummary, claims: Claims | None,
                         claims.release(channel_id)
         return results
 
-    workers = max(1, min(int(settings.poller.concurrency), len(work)))
+    workers = max(1, min(settings.poller.concurrency, len(work)))
     if workers == 1:
         results = worker()
     else:

@@ -155,7 +155,7 @@ def check_fields(settings, body: dict) -> None:
     """Raise _Refusal (400, code 4) when a known field of body has the wrong type or is too long, so that
     nothing is reserved, stored or forwarded for it. null counts as absent; taskId may be a number, as the
     Java upstream accepts (ids are digits)."""
-    limits = {"prompt": int(settings.relay.max_prompt_chars), **TEXT_FIELDS}
+    limits = {"prompt": settings.relay.max_prompt_chars, **TEXT_FIELDS}
     for name, limit in limits.items():
         value = body.get(name)
         if value is None:
@@ -222,7 +222,7 @@ def notify_hook_url(settings, channel_id: int, nonce: str | None = None) -> str 
 
 def submit_deadline(settings) -> float:
     """Seconds one upstream call may take in all (connect to last byte): ``[poller] request_timeout``."""
-    return float(settings.poller.request_timeout)
+    return settings.poller.request_timeout
 
 
 def reservation_ttl(settings, channels: int) -> float:
@@ -443,7 +443,7 @@ def image_seed(settings, user: User, mj_id: str, prefix: str = "") -> Envelope:
         return refusal.answer()
     try:
         with _client(settings, channel) as client:
-            result = client.image_seed(mj_id, timeout=max(60.0, float(settings.poller.request_timeout)))
+            result = client.image_seed(mj_id, timeout=max(60.0, settings.poller.request_timeout))
     except UpstreamUnavailable:
         return 503, envelope(9, "the upstream of this task is not reachable; try again later")
     except UpstreamUnauthorized:

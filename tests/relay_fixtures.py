@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import httpx
 import pytest
@@ -32,7 +32,7 @@ class Relay:
 
     def push_here(self) -> None:
         """Have forwarded submissions carry mjctl's signed notify hook (the simulator then pushes to us)."""
-        self.settings.server["public_url"] = self.url
+        self.settings.server = replace(self.settings.server, public_url=self.url)
 
 
 def start_relay(settings, *, users=(("alice", 10_000), ("bob", 10_000)), **sim_opts) -> Relay:

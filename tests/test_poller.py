@@ -8,6 +8,7 @@ import sys
 import threading
 import time
 import types
+from dataclasses import replace
 
 import httpx
 import pytest
@@ -196,7 +197,7 @@ def test_each_fault_is_counted_and_never_stops_the_other_channels(store):
              for i, h in enumerate(hosts)}
     ok_ids = [f"170000000000016{n:02d}" for n in range(3)]
     reports.apply_report(channel_ids["ok"], {"id": ok_ids[2], "status": "IN_PROGRESS", "progress": "62%"})
-    store.values["poller"]["concurrency"] = 3
+    store.poller = replace(store.poller, concurrency=3)
     summary = poll_once(store, transport=_fault_transport({ok_ids[1]: "31%", ok_ids[2]: "15%"}))
     faults = summary.faults
     assert (faults["timeout"], faults["unreachable"], faults["http_5xx"], faults["unauthorized"],
@@ -366,7 +367,7 @@ def test_loop_runs_at_once_survives_a_failing_cycle_and_stops_on_the_event(store
 def test_start_background_polls_until_stopped(world):
     from mjctl import poller
 
-    world.settings.values["poller"]["interval"] = 0.05
+    world.settings.poller = replace(world.settings.poller, interval=0.05)
     ids = submit_charged(world.user.id, world.channel.id, sim_submit(world.sim.url, 2))
     stop = threading.Event()
     thread = poller.start_background(world.settings, stop)

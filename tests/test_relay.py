@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+from dataclasses import replace
 
 import httpx
 import pytest
@@ -336,7 +337,7 @@ def _check_exact_charging(env) -> None:
 
 
 def test_fifty_parallel_submissions_with_a_balance_for_thirty(store):
-    store.values["relay"]["max_in_flight_per_user"] = 64  # one user's 50 at once; that cap is tested elsewhere
+    store.relay = replace(store.relay, max_in_flight_per_user=64)  # one user's 50 at once; that cap is tested elsewhere
     env = start_relay(store, users=(("alice", 30_000),))
     try:
         _check_exact_charging(env)

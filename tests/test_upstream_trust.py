@@ -11,6 +11,7 @@ import ipaddress
 import json
 import logging
 import threading
+from dataclasses import replace
 
 import httpx
 import pytest
@@ -149,7 +150,8 @@ def test_a_name_that_resolves_to_a_private_address_is_refused(env, internal, cap
 
 
 def test_a_host_in_allow_hosts_is_fetched(env, internal):
-    env.settings.images["allow_hosts"] = "minio.internal, 127.0.0.0/8"  # before the first image request
+    # before the first image request
+    env.settings.images = replace(env.settings.images, allow_hosts="minio.internal, 127.0.0.0/8")
     env.sim.sim.update({"image_url": f"{internal.url}/bucket/fox.png"})
     task = finished(env)
     answer = image_of(env, task.mj_id)

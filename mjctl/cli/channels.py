@@ -89,7 +89,7 @@ def test(ctx: typer.Context, name: ChannelRef, json_out: JsonOut = False) -> Non
     channel = channels.get_channel(name)
     if channel.secret_sealed:
         st.require_secret(f"the secret of channel {channel.name!r} cannot be opened")
-    timeout = float(settings.poller.request_timeout)
+    timeout = settings.poller.request_timeout
     with channels.client_for(settings, channel, timeout=timeout) as client:
         probe = client.probe()
     usable = probe.reachable and probe.authorized is True

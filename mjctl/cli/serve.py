@@ -9,6 +9,7 @@ core are imported inside the command, so that `mjctl --help` does not load them.
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import threading
 from typing import Annotated
@@ -54,7 +55,7 @@ def serve(
     except OSError as exc:
         raise MjctlError(f"Cannot listen on {host_}:{settings.server.port}: {exc.strerror or exc}") from None
     # Workers must agree on one port and one secret: fix both here, before any worker starts.
-    settings.values["server"]["port"] = bound
+    settings.server = dataclasses.replace(settings.server, port=bound)
     crypto.server_secret(settings)
     poll = not no_poll and settings.poller.in_server
     per_worker = f"{settings.server.threads} threads"

@@ -149,13 +149,13 @@ class ImageForwarder:
     def __init__(self, settings: Settings, *, transport: httpx.BaseTransport | None = None,
                  store: ResultStore | None = None):
         images = settings.images
-        self.max_bytes = int(images.max_bytes)
-        self.timeout = float(images.timeout)
-        self.redirect_seconds = int(images.get("redirect_seconds", 300))
+        self.max_bytes = images.max_bytes
+        self.timeout = images.timeout
+        self.redirect_seconds = images.redirect_seconds
         self.store: ResultStore = store if store is not None else result_store(settings)
         from mjctl.config import split_list
 
-        self.allow_hosts = tuple(split_list(images.get("allow_hosts", "")))
+        self.allow_hosts = tuple(split_list(images.allow_hosts))
         if transport is None:
             # Guarded: connects only where the source's FetchPolicy allows. No kept-alive connections: one
             # opened under a channel's policy (to its private origin) must never carry another's request.

@@ -214,7 +214,7 @@ _shared_lock = threading.Lock()
 
 def shared_prefetcher(settings: Settings) -> ImagePrefetcher:
     """The process's prefetcher for this store and cache folder (created on first use)."""
-    key = f"{settings.images.get('store', 'local')}\0{settings.images.cache_dir}"
+    key = f"{settings.images.store}\0{settings.images.cache_dir}"
     with _shared_lock:
         prefetcher = _shared.get(key)
         if prefetcher is None or prefetcher._stop.is_set():

@@ -91,8 +91,8 @@ class S3Store:
             raise StoreUnavailable(f"[images] store {problem}")
         return cls(bucket, prefix, spool, endpoint_url=images.s3_endpoint_url, region=images.s3_region,
                    access_key_id=images.s3_access_key_id, secret_access_key=images.s3_secret_access_key,
-                   connect_timeout=float(images.s3_connect_timeout), read_timeout=float(images.s3_read_timeout),
-                   attempts=int(images.s3_attempts))
+                   connect_timeout=images.s3_connect_timeout, read_timeout=images.s3_read_timeout,
+                   attempts=images.s3_attempts)
 
     @property
     def location(self) -> str:

@@ -171,7 +171,7 @@ def result_store(settings: Settings) -> ResultStore:
     from mjctl.images.cache import ImageCache
 
     spool = ImageCache(settings.images.cache_dir)
-    where = settings.images.get("store", "local") or "local"
+    where = settings.images.store or "local"
     if where == "local":
         return spool
     from mjctl.images.s3 import S3Store

@@ -212,7 +212,7 @@ def install(app: bottle.Bottle, ctx: AppContext) -> None:
             return bottle.HTTPResponse(status=304, headers={
                 "ETag": source.etag, "Cache-Control": images.IMMUTABLE if source.final else images.REVALIDATE})
         fw = forwarder(ctx)
-        if ctx.settings.images.get("redirect") and (link := fw.presigned_url(source)) is not None:
+        if ctx.settings.images.redirect and (link := fw.presigned_url(source)) is not None:
             return bottle.HTTPResponse(status=302, headers={"Location": link, "Cache-Control": "no-store",
                                                             "ETag": source.etag, **SAFE_HEADERS})
         if_range = request.get_header("If-Range")
