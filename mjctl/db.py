@@ -154,7 +154,10 @@ def make_database(url: str, settings: Settings | None = None) -> peewee.Database
 
 class _LockWaitMySQL(peewee.MySQLDatabase):
     """Sets the session's lock waits on each new connection (once, not on every checkout from the pool):
-    InnoDB's row-lock wait defaults to 50 s and the metadata-lock wait (LOCK TABLES, DDL) to a day."""
+    InnoDB's row-lock wait defaults to 50 s and the metadata-lock wait (LOCK TABLES, DDL) to a day.
+
+    _connect is peewee's private hook for opening a connection (the reason pyproject.toml bounds peewee):
+    the pool's init_command already carries the isolation level, and MySQL takes one statement there."""
 
     _lock_wait = 5
 
