@@ -157,7 +157,7 @@ class _LockWaitMySQL(peewee.MySQLDatabase):
     InnoDB's row-lock wait defaults to 50 s and the metadata-lock wait (LOCK TABLES, DDL) to a day.
 
     _connect is peewee's private hook for opening a connection (the reason pyproject.toml bounds peewee):
-    the pool's init_command already carries the isolation level, and MySQL takes one statement there."""
+    the driver's init_command, the public way, already carries the isolation level and runs one statement."""
 
     _lock_wait = 5
 
