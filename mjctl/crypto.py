@@ -132,7 +132,7 @@ _secret_cache: dict[tuple[str, str], bytes] = {}
 
 def server_secret(settings) -> bytes:
     """The server secret of these settings (configured or generated), read once per process."""
-    key = (settings.server.secret, str(settings.server.secret_file))
+    key = (settings.server.secret, settings.server.secret_file)
     value = _secret_cache.get(key)
     if value is None:
         value = _secret_cache[key] = load_server_secret(*key)
