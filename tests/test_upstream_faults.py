@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import replace
 
 import httpx
 import pytest
@@ -85,7 +86,7 @@ def test_a_trickle_that_ends_within_the_deadline_is_a_normal_answer(trickling_si
 
 @pytest.fixture
 def short_relay(store):
-    store.poller["request_timeout"] = DEADLINE
+    store.poller = replace(store.poller, request_timeout=DEADLINE)
     env = start_relay(store, users=(("alice", 1000),))
     env.sim.sim.update({"trickle_seconds": 0.3})
     yield env
@@ -132,7 +133,7 @@ def test_a_trickling_upstream_costs_nothing_and_holds_the_quota_until_it_is_cut(
 def test_the_reservation_lifetime_covers_every_channel_deadline(store):
     from mjctl import relay
 
-    store.poller["request_timeout"] = 20.0
+    store.poller = replace(store.poller, request_timeout=20.0)
     assert relay.reservation_ttl(store, 3) == 3 * 20.0 + relay.RESERVATION_SLACK
     assert relay.submit_deadline(store) == 20.0
 
@@ -259,7 +260,7 @@ def test_a_trickled_image_is_cut_at_its_allowance_and_never_cached(tmp_path, tri
 
 
 def test_a_hanging_image_upstream_is_a_502_within_the_timeout(store, tmp_path):
-    store.images["timeout"] = 1.0
+    store.images = replace(store.images, timeout=1.0)
     env = start_relay(store)
     try:
         mj_id, url = _finished_image(env.sim)
@@ -303,7 +304,7 @@ def test_a_failing_cache_disk_is_one_log_line_and_the_image_is_still_served(stor
         monkeypatch.setattr(ImageCache, "temp_file", temp_file)
     else:
         (tmp_path / "cache").write_text("a file where the cache folder should be")
-    store.images["cache_dir"] = str(tmp_path / "cache")
+    store.images = replace(store.images, cache_dir=str(tmp_path / "cache"))
     env = start_relay(store)
     try:
         mj_id, url = _finished_image(env.sim)
