@@ -345,8 +345,8 @@ def latest_version() -> int:
 
 
 def migrate(upto: int | None = None) -> list[int]:
-    """Apply every migration not yet applied, or those up to version upto; returns the versions applied
-    now. Safe to race."""
+    """Apply every migration not yet applied, or those up to version upto; returns the versions this call
+    applied. Safe to race."""
     target = latest_version() if upto is None else upto
     if current_version() >= target:
         return []

@@ -1,8 +1,8 @@
 """The numbered schema steps, each frozen as the step it was.
 
 A step never reads the live classes of :mod:`mjctl.models`: those describe today's schema, and a step run
-against a database of its own time must create exactly what it created then, whatever the models say
-now. So each step declares the tables it makes as snapshots defined inside it (peewee models bound to the
+against a database of its own time must create exactly what it created then, whatever the models
+declare. So each step declares the tables it makes as snapshots defined inside it (peewee models bound to the
 database being migrated, with only what reaches the DDL: column types, NULL, database defaults, indexes)
 or as explicit SQL. A database built by running every step in order has the same tables, columns and
 indexes as today's models declare; ``tests/test_migrations.py`` checks that on every backend.
