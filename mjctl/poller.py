@@ -3,7 +3,7 @@
 A cycle (the task lifecycle and what upstreams get wrong: docs/upstream.md, "Lifecycle"):
 
 1. "Is anything unfinished?" is one seek on the ``(unfinished, channel_id)`` index; an idle store of a
-   million finished tasks costs that lookup and nothing else (no lease, no write).
+   million finished tasks costs that lookup and nothing else (no claim, no write).
 2. Several pollers share the work instead of repeating it: each channel with unfinished tasks is polled
    by the one poller holding its claim (:mod:`mjctl.claims`: a compare-and-set on the channel's
    ``poll_claim`` row, picked with ``FOR UPDATE SKIP LOCKED`` where the database has it, renewed as
@@ -11,8 +11,8 @@ A cycle (the task lifecycle and what upstreams get wrong: docs/upstream.md, "Lif
    unclaimed channels until none is left; one that finds nothing to claim says so and does nothing.
 3. Claimed channels are polled in parallel (``concurrency`` threads, each with its own database
    connection) with ``POST /mj/task/list-by-condition`` in batches of ``batch_size`` ids, and each batch's
-   answer is written by :func:`mjctl.reports.apply_reports` in one transaction — the same path push
-   notifications use, which makes every refund exactly-once.
+   answer is written by :func:`mjctl.reports.apply_reports` in one transaction — the one path every change
+   to a task takes (pushes and timeouts too), which makes every refund exactly-once.
 4. Tasks still unfinished ``task_timeout`` seconds after submission fail (and are refunded) with a reason
    that says why: still running, no longer reported, channel failing. A removed channel's tasks fail at
    once; a disabled channel's tasks keep being polled until they finish or time out.
@@ -49,11 +49,12 @@ DB_ATTEMPTS = 4  # a batch's transaction is retried on a deadlock or a lock time
 
 @dataclass
 class CycleSummary:
-    """What one cycle did. ``ran`` is False when another process held the lease (``lease_holder``)."""
+    """What one cycle did. ``ran`` is False when other pollers held or had just polled every channel with
+    work (``claim_holders``: the claims held, each with its holder and expiry)."""
 
     ran: bool = True
     message: str = ""
-    lease_holder: str = ""
+    claim_holders: list[str] = field(default_factory=list)
     started_at: float = 0.0
     duration: float = 0.0
     checked: int = 0
@@ -61,6 +62,7 @@ class CycleSummary:
     finished: int = 0
     succeeded: int = 0
     failed: int = 0
+    cancelled: int = 0
     timed_out: int = 0
     refunded: int = 0
     quota_refunded: int = 0
@@ -74,6 +76,7 @@ class CycleSummary:
         self.finished += stats.finished
         self.succeeded += stats.succeeded
         self.failed += stats.failed
+        self.cancelled += stats.cancelled
         self.refunded += stats.refunded
         self.quota_refunded += stats.quota_refunded
         for name, value in (("unknown_ids", stats.unknown), ("malformed_reports", stats.malformed),
@@ -82,7 +85,7 @@ class CycleSummary:
                 self.faults[name] += value
 
     def merge(self, other: CycleSummary) -> None:
-        for name in ("checked", "updated", "finished", "succeeded", "failed", "timed_out", "refunded",
+        for name in ("checked", "updated", "finished", "succeeded", "failed", "cancelled", "timed_out", "refunded",
                      "quota_refunded", "requests", "channels"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         self.channels_with_errors.extend(other.channels_with_errors)
@@ -92,7 +95,7 @@ class CycleSummary:
         return {
             "ran": self.ran,
             "message": self.message,
-            "lease_holder": self.lease_holder,
+            "claim_holders": self.claim_holders,
             "started_at": round(self.started_at, 3),
             "duration_ms": round(self.duration * 1000, 2),
             "checked": self.checked,
@@ -100,6 +103,7 @@ class CycleSummary:
             "finished": self.finished,
             "succeeded": self.succeeded,
             "failed": self.failed,
+            "cancelled": self.cancelled,
             "timed_out": self.timed_out,
             "refunded": self.refunded,
             "quota_refunded": self.quota_refunded,
@@ -118,7 +122,7 @@ class _Pending:
     id: int
     mj_id: str
     since: int  # submit time (seconds), the start of its timeout
-    version: float  # updated_at when the cycle read it: the row version a ReportMemo entry must match
+    version: float  # updated_at when the cycle read it: the row version a memo entry must match
 
 
 def _has_unfinished() -> bool:
@@ -140,14 +144,6 @@ def _unfinished_of(channel_id: int) -> list[_Pending]:
         .where((Task.unfinished == 1) & (Task.channel_id == channel_id)).order_by(Task.id)), [1, channel_id])
     return [_Pending(task_id, mj_id or "", int(submit_time or updated_at or 0), updated_at)
             for task_id, mj_id, submit_time, updated_at in database.execute_sql(sql, params).fetchall()]
-
-
-def _repeats(memo: reports.ReportMemo, report: Any, versions: Mapping[str, float]) -> bool:
-    """Whether report is one memo holds as having changed nothing against the row version read now."""
-    if not isinstance(report, dict):
-        return False
-    mj_id = str(report.get("id"))
-    return memo.unchanged(mj_id, report, versions.get(mj_id))
 
 
 def _fault_kind(exc: Exception) -> str:
@@ -179,18 +175,52 @@ def _with_db_retries(what: str, fn: Callable[[], reports.ApplyStats], summary: C
     return retry_transaction(fn, attempts=DB_ATTEMPTS, what=what, on_conflict=count)
 
 
-class PollerMemory:
-    """What a long-running poller (``run_loop``: ``mjctl poll --every``, ``mjctl serve``) carries from one
-    cycle to the next: per channel, the reports that changed nothing (:class:`mjctl.reports.ReportMemo`),
-    so a cycle in which most tasks are where they were last time does not work each one out again."""
+class ReportMemo:
+    """The reports of one channel that changed nothing, each with the row version (``updated_at``) it was
+    checked against. The same report against the same row version changes nothing again, so it need not
+    be read against the row or worked out again — and most reports of a cycle repeat the last one (a task
+    in the queue or at the same progress). Any write to the row, by anyone, changes its version and so
+    voids the entry. Entries not met again in a cycle are dropped at its end."""
 
     def __init__(self) -> None:
-        self._memos: dict[int, reports.ReportMemo] = {}
+        self._seen: dict[str, tuple[dict, float]] = {}
+        self._next: dict[str, tuple[dict, float]] = {}
+
+    def repeats(self, report: Any, versions: Mapping[str, float]) -> bool:
+        """Whether report (as the upstream sent it) is one that changed nothing against the row version
+        read now (versions: mj_id -> updated_at, read when the channel was claimed)."""
+        if not isinstance(report, dict):
+            return False
+        mj_id = str(report.get("id"))
+        hit = self._seen.get(mj_id)
+        if hit is not None and hit[1] == versions.get(mj_id) and hit[0] == report:
+            self._next[mj_id] = hit
+            return True
+        return False
+
+    def remember(self, unchanged: list[tuple[str, float]], sent: Mapping[str, dict]) -> None:
+        """Keep the reports applying found unchanged (mj_id and the row version it met), as sent (by id)."""
+        for mj_id, version in unchanged:
+            report = sent.get(mj_id)
+            if report is not None:
+                self._next[mj_id] = (report, version)
+
+    def end_cycle(self) -> None:
+        self._seen, self._next = self._next, {}
+
+
+class PollerMemory:
+    """What a long-running poller (``run_loop``: ``mjctl poll --every``, ``mjctl serve``) carries from one
+    cycle to the next: per channel, the reports that changed nothing (:class:`ReportMemo`), so a cycle in
+    which most tasks are where they were last time does not work each one out again."""
+
+    def __init__(self) -> None:
+        self._memos: dict[int, ReportMemo] = {}
         self._lock = threading.Lock()
 
-    def memo(self, channel_id: int) -> reports.ReportMemo:
+    def memo(self, channel_id: int) -> ReportMemo:
         with self._lock:
-            return self._memos.setdefault(channel_id, reports.ReportMemo())
+            return self._memos.setdefault(channel_id, ReportMemo())
 
 
 class _Cycle:
@@ -256,7 +286,7 @@ class _Cycle:
                 memo.end_cycle()
 
     def _poll_each(self, channel: Channel, client: Any, batches: list[list[_Pending]], summary: CycleSummary,
-                   label: str, memo: reports.ReportMemo | None) -> None:
+                   label: str, memo: ReportMemo | None) -> None:
         from mjctl.upstream import UpstreamError
 
         for index, batch in enumerate(batches):
@@ -288,10 +318,12 @@ class _Cycle:
                 # A report that changed nothing last time, against a row nobody has written since (its version
                 # as read at the start of this cycle), changes nothing now: it is not read or worked out again.
                 versions = {t.mj_id: t.version for t in batch}
-                fresh = [r for r in answer if not _repeats(memo, r, versions)]
+                fresh = [r for r in answer if not memo.repeats(r, versions)]
                 repeated = len(answer) - len(fresh)
             stats = _with_db_retries(label,
-                                     lambda: reports.apply_reports(channel.id, fresh, memo), summary)  # noqa: B023 - called before the loop moves on
+                                     lambda: reports.apply_reports(channel.id, fresh), summary)  # noqa: B023 - called before the loop moves on
+            if memo is not None:
+                memo.remember(stats.unchanged, by_id)
             stats.ignored += repeated
             summary.add_stats(stats)
             if stats.succeeded_ids:
@@ -374,7 +406,7 @@ def drain_prefetch(settings: Settings, timeout: float | None = None) -> bool:
 
 
 def poll_once(settings: Settings, *, clients: Mapping[int, Any] | None = None, now: float | None = None,
-              transport: Any = None, use_lease: bool = True, fresh_for: float = 0.0,
+              transport: Any = None, take_claims: bool = True, fresh_for: float = 0.0,
               memory: PollerMemory | None = None) -> CycleSummary:
     """Run one polling cycle over the channels this poller can claim, and return what it did.
 
@@ -382,7 +414,7 @@ def poll_once(settings: Settings, *, clients: Mapping[int, Any] | None = None, n
     get an :class:`~mjctl.upstream.UpstreamClient`, over ``transport`` when given (tests pass an
     ``httpx.MockTransport``). ``now`` fixes the clock used for timeouts. ``fresh_for`` skips channels
     another poller polled in a round that began less than that many seconds before this one (the loop
-    passes most of its interval). ``use_lease=False`` takes no claims and polls every channel (tests that
+    passes most of its interval). ``take_claims=False`` polls every channel without claiming it (tests that
     race pollers over the same tasks on purpose). ``memory`` is what a loop carries between its cycles
     (:class:`PollerMemory`); a one-shot cycle has none and works out every report.
     """
@@ -393,7 +425,7 @@ def poll_once(settings: Settings, *, clients: Mapping[int, Any] | None = None, n
         summary.message = "nothing unfinished"
         summary.duration = time.perf_counter() - started
         return summary
-    claims = (Claims(settings.poller.lease_seconds, summary.started_at, fresh_for) if use_lease else None)
+    claims = Claims(settings.poller.lease_seconds, summary.started_at, fresh_for) if take_claims else None
     _run_cycle(settings, summary, claims, now, clients, transport, memory)
     if claims is not None and claims.lost:
         summary.message = "a claim was lost during the cycle; that channel stopped early"
@@ -492,8 +524,7 @@ def _run_cycle(settings: Settings, summary: CycleSummary, claims: Claims | None,
         summary.merge(result)
     if claims is not None and not claims.taken and not removed:
         summary.ran = False
-        summary.message, holders = claims.why_none(work)
-        summary.lease_holder = ", ".join(holders)
+        summary.message, summary.claim_holders = claims.why_none(work)
 
 
 def _guarded(cycle: _Cycle, channel: Channel) -> CycleSummary:

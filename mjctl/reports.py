@@ -1,19 +1,23 @@
-"""The one path that changes a task after submission: applying an upstream report, and failing a task.
+"""The one path that changes a task after submission: upstream reports and failing tasks.
 
-Used by the poller (list-by-condition answers), by push notifications (notifyHook) and by timeouts. A push
-comes through a notify link made for one task, and changes that task only (:func:`push_target`,
-:class:`PushScope`).
+Every such change goes through :func:`_apply`: a list-by-condition answer of the poller
+(:func:`apply_reports`), a push through a notify link (:func:`apply_report`, scoped by
+:func:`push_target` and :class:`PushScope` to the one task the link was made for), a report found while
+adopting an interrupted submission, and a timeout or a removed channel (:func:`fail_tasks`, a FAILURE
+report of mjctl's own). A CANCEL status is a report like any other.
 
 Rules (docs/upstream.md, "Lifecycle"):
 - a finished task (SUCCESS, FAILURE, CANCEL) is never changed again;
 - status never moves backwards (an out-of-order push cannot turn IN_PROGRESS into SUBMITTED) and progress
   never goes down while the task runs; SUCCESS always reads "100%";
-- every transition to FAILURE of a charged task refunds its quota exactly once, in the same transaction,
-  with a ledger entry, and the task's quota then reads 0.
+- every transition of a charged task to FAILURE or CANCEL refunds its quota exactly once, in the same
+  transaction, with a ledger entry, and the task's quota then reads 0.
 
-Exactly-once comes from compare-and-set updates: a row is only updated WHERE it still has the state the
-change was computed from (and `unfinished = 1` for a finishing change), so of two racing writers (two
-pollers, a push and a poll) only one changes the row, and only that one refunds.
+Exactly-once comes from compare-and-set updates: a row is only updated WHERE it still has the status,
+progress and quota the change was computed from and is still unfinished, so of two racing writers (two
+pollers, a push and a poll, a timeout and a report) only one changes the row, and only that one refunds.
+Inside a write transaction rows are locked in one order on PostgreSQL/MariaDB: tasks by id, then the
+users a refund may touch, by id (:func:`_read_states_by_id`).
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -29,12 +33,17 @@ from mjctl import accounts, jsontext, upstream_text
 from mjctl.crypto import same
 from mjctl.db import compiled, database, is_sqlite, write_tx
 from mjctl.models import FINISHED_STATUSES, PendingSubmission, Task, User
+from mjctl.tasks import normalize_seconds
 
 log = logging.getLogger("mjctl.reports")
 
 STATUS_RANK = {"NOT_START": 0, "MODAL": 0, "SUBMITTED": 1, "IN_PROGRESS": 2}
 TERMINAL_RANK = 3
-MAX_RETRIES = 3
+REFUNDED_STATUSES = ("FAILURE", "CANCEL")  # a charged task reaching one of these gets its quota back
+MAX_ATTEMPTS = 3  # planned outside the write transaction this many times at most, the last one inside it
+
+_COUNTED = ("updated", "finished", "succeeded", "failed", "cancelled", "refunded", "quota_refunded", "ignored",
+            "unknown", "malformed", "regressions")
 
 
 @dataclass
@@ -45,6 +54,7 @@ class ApplyStats:
     finished: int = 0
     succeeded: int = 0
     failed: int = 0
+    cancelled: int = 0
     refunded: int = 0
     quota_refunded: int = 0
     ignored: int = 0  # duplicate, late (task already finished) or stale reports
@@ -52,12 +62,43 @@ class ApplyStats:
     malformed: int = 0
     regressions: int = 0  # progress or status that would have gone backwards
     succeeded_ids: list[int] = field(default_factory=list)
+    #: (mj_id, row version) of each report that changed and refused nothing on an unfinished task: the
+    #: same report against the same version would change nothing again (the poller's memo keeps them).
+    unchanged: list[tuple[str, float]] = field(default_factory=list)
 
     def add(self, other: ApplyStats) -> None:
-        for name in ("updated", "finished", "succeeded", "failed", "refunded", "quota_refunded", "ignored",
-                     "unknown", "malformed", "regressions"):
+        for name in _COUNTED:
             setattr(self, name, getattr(self, name) + getattr(other, name))
         self.succeeded_ids.extend(other.succeeded_ids)
+        self.unchanged.extend(other.unchanged)
+
+
+class TaskState(NamedTuple):
+    """The columns of a task that applying a report reads, as a plain row (no model instance)."""
+
+    id: int
+    user_id: int
+    mj_id: str
+    status: str
+    progress: str
+    prompt_en: str
+    description: str
+    state: str
+    image_url: str
+    video_url: str
+    video_urls: str
+    fail_reason: str
+    buttons: str
+    properties: str
+    start_time: int
+    finish_time: int
+    quota: int
+    unfinished: int
+    updated_at: float  # the row's version: every writer of a task sets it
+    nonce: str  # the task's notify link (PushScope); never changes
+
+
+# --- working out a report's changes ---------------------------------------------------------------------
 
 
 def _percent(progress: str | None) -> int | None:
@@ -70,15 +111,9 @@ def _percent(progress: str | None) -> int | None:
         return None
 
 
-def _seconds(ms: Any) -> int:
-    """Upstream times are epoch milliseconds (or null); ours are seconds (0 when unknown)."""
-    if ms in (None, "", 0):
-        return 0
-    try:
-        value = int(float(ms))
-    except (TypeError, ValueError):
-        return 0
-    return value // 1000 if value >= 100_000_000_000 else value
+def _seconds(value: Any) -> int:
+    """An upstream time (a cleaned report's epoch milliseconds or seconds, or None) in seconds, 0 when unknown."""
+    return normalize_seconds(int(value)) if value else 0
 
 
 def _video_urls(value: Any) -> str:
@@ -97,21 +132,21 @@ def _rank(status: str) -> int:
     return TERMINAL_RANK if status in FINISHED_STATUSES else STATUS_RANK.get(status, 1)
 
 
-def compute_changes(task: Task | TaskState, report: dict) -> tuple[dict, list[str]]:
-    """The field changes a report asks for, after the monotonicity rules; and notes on what was refused.
+def compute_changes(task: TaskState, report: dict) -> tuple[dict, list[str]]:
+    """The field changes a report asks of a task, after the monotonicity rules; and notes on what was refused.
 
-    ``task`` is a Task or a :class:`TaskState` row. Written in the order of the common case (a report that
-    repeats what is stored) because the poller calls it for every unfinished task in every cycle.
+    Written in the order of the common case (a report that repeats what is stored) because the poller
+    calls it for every unfinished task in every cycle.
     """
     notes: list[str] = []
     old_status = task.status
-    reported = str(report.get("status") or "").upper() or old_status
+    reported_status = str(report.get("status") or "").upper() or old_status
     status = old_status
-    if reported != old_status:
-        if _rank(reported) >= _rank(old_status):
-            status = reported
+    if reported_status != old_status:
+        if _rank(reported_status) >= _rank(old_status):
+            status = reported_status
         else:
-            notes.append(f"status {old_status}->{reported} refused")
+            notes.append(f"status {old_status}->{reported_status} refused")
     changes: dict[str, Any] = {}
     if status != old_status:
         changes["status"] = status
@@ -146,9 +181,9 @@ def compute_changes(task: Task | TaskState, report: dict) -> tuple[dict, list[st
     buttons = report.get("buttons")
     if buttons and not _same_json(task.buttons, buttons):
         changes["buttons"] = jsontext.dumps(buttons)
-    reported = report.get("properties")
-    if reported and isinstance(reported, dict):
-        properties = _merged_properties(task.properties, reported)
+    reported_properties = report.get("properties")
+    if reported_properties and isinstance(reported_properties, dict):
+        properties = _merged_properties(task.properties, reported_properties)
         if properties is not None:
             changes["properties"] = properties
     for name, key in (("start_time", "startTime"), ("finish_time", "finishTime")):
@@ -190,6 +225,8 @@ def _merged_properties(stored: str, reported: dict) -> str | None:
 #: upstream echoes is the tag mjctl forwarded in its place (mjctl.pending.upstream_state).
 _SIMPLE_FIELDS = (("prompt_en", "promptEn"), ("description", "description"),
                   ("image_url", "imageUrl"), ("video_url", "videoUrl"), ("fail_reason", "failReason"))
+
+
 def _same_json(stored: str, value: Any) -> bool:
     """Whether the stored JSON text holds value: decoding and comparing is cheaper than encoding value, and
     an equal value stored with its keys in another order is not a change."""
@@ -201,309 +238,139 @@ def _same_json(stored: str, value: Any) -> bool:
         return False
 
 
-def _compare_and_set(task: Task, changes: dict) -> bool:
-    """Write changes only if the row still has the status and progress they were computed from."""
-    values = dict(changes, updated_at=time.time())
-    finishing = values.get("unfinished") == 0
-    refund = finishing and values.get("status", task.status) == "FAILURE" and task.quota > 0
-    if refund:
-        values["quota"] = 0
-    query = Task.update(**values).where(
-        (Task.id == task.id) & (Task.unfinished == 1) & (Task.status == task.status)
-        & (Task.progress == task.progress) & (Task.quota == task.quota)
-    )
-    if query.execute() != 1:
-        return False
-    if refund:
-        accounts.refund(task.user_id, task.quota, task_id=task.id,
-                        reason=f"task {task.mj_id} failed: {values.get('fail_reason') or task.fail_reason}"[:500])
-    return True
-
-
-def _changes_for(task, report: dict, stats: ApplyStats) -> dict | None:
+def _changes_for(row: TaskState, report: dict, stats: ApplyStats) -> dict | None:
     """The changes a report asks of a task, or None (counted) when there is nothing to write: the task
     is finished, or the report changes nothing after the monotonicity rules."""
-    if task.unfinished == 0 or task.status in FINISHED_STATUSES:
+    if row.unfinished == 0 or row.status in FINISHED_STATUSES:
         stats.ignored += 1
         return None
-    changes, notes = compute_changes(task, report)
+    changes, notes = compute_changes(row, report)
     if notes:
         stats.regressions += 1
-        log.info("task %s: %s", task.mj_id, "; ".join(notes))
+        log.info("task %s: %s", row.mj_id, "; ".join(notes))
     if not changes:
         stats.ignored += 1
+        if not notes:
+            stats.unchanged.append((row.mj_id, row.updated_at))
         return None
     return changes
 
 
-def _apply_one(task: Task, report: dict, stats: ApplyStats) -> None:
-    """Apply one report to one task inside the caller's transaction, retrying on a lost race."""
-    for _ in range(MAX_RETRIES):
-        changes = _changes_for(task, report, stats)
-        if changes is None:
-            return
-        quota_before = task.quota
-        if _compare_and_set(task, changes):
-            stats.updated += 1
-            if changes.get("unfinished") == 0:
-                stats.finished += 1
-                status = changes.get("status", task.status)
-                if status == "SUCCESS":
-                    stats.succeeded += 1
-                    stats.succeeded_ids.append(task.id)
-                elif status == "FAILURE":
-                    stats.failed += 1
-                    if quota_before > 0:
-                        stats.refunded += 1
-                        stats.quota_refunded += quota_before
-            return
-        fresh = Task.get_or_none(Task.id == task.id)
-        if fresh is None:
-            stats.unknown += 1
-            return
-        task = fresh
-    stats.ignored += 1
+def _refund_of(row: TaskState, changes: dict) -> int:
+    """The quota a change gives back: all of it when it finishes a charged task as FAILURE or CANCEL."""
+    finishing = changes.get("unfinished") == 0
+    return row.quota if finishing and changes.get("status", row.status) in REFUNDED_STATUSES else 0
 
 
-def _locked(query) -> list[Task]:
-    """The tasks of query, row-locked on PostgreSQL/MariaDB in one global order: tasks by id, then the users
-    a refund may touch, by id. Without it two batches (or a batch and a push) that refund different users
-    lock task and user rows in opposite orders and deadlock (PostgreSQL then stalls a second and aborts
-    one). SQLite's IMMEDIATE transaction already serialises writers."""
-    if is_sqlite():
-        return list(query)
-    tasks = list(query.order_by(Task.id).for_update())
-    user_ids = sorted({t.user_id for t in tasks if t.unfinished and t.quota > 0})
-    if user_ids:
-        list(User.select(User.id).where(User.id.in_(user_ids)).order_by(User.id).for_update())
-    return tasks
+# --- the one apply path ---------------------------------------------------------------------------------
+
+#: A read of the rows to change, each with the report to apply to it (see :func:`_apply`); a report whose
+#: task is not there comes with None and counts as unknown.
+Targets = Callable[[], list[tuple[TaskState | None, dict]]]
 
 
-def apply_reports(channel_id: int, reports: Iterable[dict], memo: ReportMemo | None = None, *,
-                  scope: PushScope | None = None) -> ApplyStats:
-    """Apply upstream task reports from one channel in one transaction. Reports for ids this channel has no
-    task for, and reports without an id, are counted and skipped. With a scope (a push through a notify
-    link) only the tasks that link may change are considered; the others count as unknown.
+def _apply(read: Targets, stats: ApplyStats) -> ApplyStats:
+    """Apply reports to the rows read() returns, and add what happened to stats.
 
-    The changes are computed from a plain read outside any transaction; a batch with nothing to change
-    opens no write transaction at all. Otherwise the changed rows are read again inside the transaction
-    (row-locked by id, then the refunded users, on PostgreSQL/MariaDB), changes are recomputed for any row
-    that moved in between, plain updates go out grouped by shape with ``executemany`` and every refunding
-    FAILURE transition is applied on its own by :func:`_compare_and_set` with its ledger entry.
+    The changes are worked out from a plain read outside any transaction; a read with nothing to change
+    opens no write transaction at all. The write transaction then checks each row against that read:
+    PostgreSQL/MariaDB lock the rows again (tasks by id, then the users a refund touches, by id) and work
+    out again any row that moved in between; on SQLite, whose IMMEDIATE transaction excludes every other
+    writer, the compare-and-set of a row that moved matches nothing and :class:`_LostRace` rolls the batch
+    back for a fresh read. The last attempt on SQLite reads inside the transaction, where nothing can move.
     """
-    stats = ApplyStats()
-    by_id: dict[str, dict] = {}
-    for report in reports:
-        try:  # upstream text is data: typed, bounded and scrubbed before it can become row values
-            report = upstream_text.clean_report(report)
-        except upstream_text.UpstreamTextError as exc:
-            stats.malformed += 1
-            log.debug("channel %s: report ignored: %s", channel_id, exc)
-            continue
-        by_id[report["id"]] = report
-    if not by_id:
-        return stats
-    for _ in range(MAX_RETRIES):
-        planning, planned = _plan(channel_id, by_id, memo, scope)
+    for attempt in range(1, MAX_ATTEMPTS + 1):
+        planning = ApplyStats()
+        planned = []
+        for row, report in read():
+            if row is None:
+                planning.unknown += 1
+            elif (changes := _changes_for(row, report, planning)) is not None:
+                planned.append((row, report, changes))
         if not planned:
             stats.add(planning)
             return stats
+        reread = attempt == MAX_ATTEMPTS or not is_sqlite()
         try:
             with write_tx():
-                applied = _apply_planned(planned)
+                applied = _write(planned, reread)
         except _LostRace:
-            continue  # rolled back: read again and plan again
+            if reread:
+                raise
+            continue  # rolled back: read and plan again
         stats.add(planning)
         stats.add(applied)
         return stats
-    # Writers kept racing us between the read and the write: fall back to one row at a time.
-    with write_tx():
-        rows = _locked(Task.select().where(Task.id.in_([row.id for row, _, _ in planned])))
-        reports_by_id = {row.id: report for row, report, _ in planned}
-        stats.add(planning)
-        for task in rows:
-            _apply_one(task, reports_by_id[task.id], stats)
-    return stats
-
-
-def _plan(channel_id: int, by_id: dict[str, dict], memo: ReportMemo | None = None,
-          scope: PushScope | None = None) -> tuple[ApplyStats, list[tuple[TaskState, dict, dict]]]:
-    """Outside any transaction: read the tasks of by_id and work out each one's changes. Returns what was
-    skipped (unknown, finished, unchanged, refused regressions) and the (row, report, changes) to write.
-    Reports that change nothing (and refuse nothing) are remembered in memo with the row version they met."""
-    stats = ApplyStats()
-    rows = _read_states_by_mj_id(channel_id, list(by_id))
-    if scope is not None:
-        rows = [row for row in rows if scope.allows(row.id, row.nonce or "")]
-    snapshot = {row.mj_id: row for row in rows}
-    planned: list[tuple[TaskState, dict, dict]] = []
-    for mj_id, report in by_id.items():
-        row = snapshot.get(mj_id)
-        if row is None:
-            stats.unknown += 1
-            continue
-        regressions = stats.regressions
-        changes = _changes_for(row, report, stats)
-        if changes is not None:
-            planned.append((row, report, changes))
-        elif memo is not None and stats.regressions == regressions and row.unfinished:
-            memo.remember(mj_id, report, row.updated_at)
-    return stats, planned
-
-
-class ReportMemo:
-    """The reports of one channel that changed nothing, each with the row version (``updated_at``) it was
-    checked against. A poller keeps one per channel across its cycles: the same report against the same
-    row version changes nothing again, so it need not be read against the row or worked out again — and
-    most reports of a cycle repeat the last one (a task in the queue or at the same progress). Any write to
-    the row, by anyone, changes its version and so voids the entry. Entries not met again in a cycle are
-    dropped at its end."""
-
-    def __init__(self) -> None:
-        self._seen: dict[str, tuple[dict, float]] = {}
-        self._next: dict[str, tuple[dict, float]] = {}
-
-    def unchanged(self, mj_id: str, report: dict, version: float | None) -> bool:
-        hit = self._seen.get(mj_id)
-        if hit is not None and hit[1] == version and hit[0] == report:
-            self._next[mj_id] = hit
-            return True
-        return False
-
-    def remember(self, mj_id: str, report: dict, version: float) -> None:
-        # As the upstream sent it (a cleaned report keeps that in raw): the next cycle's raw answers are
-        # compared with it.
-        self._next[mj_id] = (getattr(report, "raw", report), version)
-
-    def end_cycle(self) -> None:
-        self._seen, self._next = self._next, {}
-
-
-class TaskState(NamedTuple):
-    """The columns of a task that applying a report reads, as a plain row (no model instance)."""
-
-    id: int
-    user_id: int
-    mj_id: str
-    status: str
-    progress: str
-    prompt_en: str
-    description: str
-    state: str
-    image_url: str
-    video_url: str
-    video_urls: str
-    fail_reason: str
-    buttons: str
-    properties: str
-    start_time: int
-    finish_time: int
-    quota: int
-    unfinished: int
-    updated_at: float  # the row's version: every writer of a task sets it
-    nonce: str  # the task's notify link (PushScope); never changes
-
-
-_STATE_COLUMNS = [getattr(Task, name) for name in TaskState._fields] + [Task.channel_id]
-_CHANNEL = len(TaskState._fields)  # the extra column, read to filter by channel
-
-
-class PushScope(NamedTuple):
-    """The tasks a push may change: the one task of a per-task notify link (task_id), or, through the old
-    per-channel link (task_id None), only tasks submitted before links were per task (no nonce)."""
-
-    task_id: int | None
-
-    def allows(self, task_id: int, nonce: str) -> bool:
-        return task_id == self.task_id if self.task_id is not None else not nonce
+    raise AssertionError("unreachable: the last attempt cannot lose a race")
 
 
 class _LostRace(Exception):
-    """A grouped compare-and-set matched fewer rows than it should have; the transaction is rolled back."""
+    """A compare-and-set matched fewer rows than planned; the transaction is rolled back."""
 
 
-def _read_states_by_mj_id(channel_id: int, mj_ids: list[str]) -> list[TaskState]:
-    """The channel's tasks among mj_ids. The query names only mj_id, so every database seeks the mj_id
-    index (with the channel in the WHERE clause SQLite prefers (channel_id, id) and scans the channel's
-    every task, finished ones included); the rare same id on another channel is dropped here."""
-    sql, params = compiled(("report_states", len(mj_ids)),
-                           lambda: Task.select(*_STATE_COLUMNS).where(Task.mj_id.in_(mj_ids)), list(mj_ids))
-    rows = database.execute_sql(sql, params).fetchall()
-    return [TaskState._make(r[:_CHANNEL]) for r in rows if r[_CHANNEL] == channel_id]
+def _write(planned: list[tuple[TaskState, dict, dict]], reread: bool) -> ApplyStats:
+    """Inside the write transaction: (row as read before, report, changes) for each row to change.
 
-
-def _lock_states(ids: list[int]) -> dict[int, TaskState]:
-    """PostgreSQL/MariaDB: the rows by id, read again and locked in id order inside the write transaction,
-    then the users a refund may touch, by id — the one global lock order (see :func:`_locked`)."""
-    sql, params = compiled(("report_states_locked", len(ids)),
-                           lambda: Task.select(*_STATE_COLUMNS).where(Task.id.in_(ids)).order_by(Task.id).for_update(),
-                           list(ids))
-    rows = {r[0]: TaskState._make(r[:_CHANNEL]) for r in database.execute_sql(sql, params).fetchall()}
-    user_ids = sorted({r.user_id for r in rows.values() if r.unfinished and r.quota > 0})
-    if user_ids:
-        list(User.select(User.id).where(User.id.in_(user_ids)).order_by(User.id).for_update().tuples())
-    return rows
-
-
-def _apply_planned(planned: list[tuple[TaskState, dict, dict]]) -> ApplyStats:
-    """Inside the write transaction: planned (row read before, report, changes).
-
-    On PostgreSQL/MariaDB the rows are read again under row locks and the changes recomputed for any row
-    that moved since it was read. SQLite's IMMEDIATE transaction already excludes every other writer, so
-    the rows read before stand in for fresh ones: if one moved in between, the compare-and-set matches
-    fewer rows than planned and :class:`_LostRace` rolls the whole batch back for a fresh read.
+    reread: read the rows again (locked, on PostgreSQL/MariaDB) and work out again any that moved.
+    Updates go out grouped by the columns they set with ``executemany``, each a compare-and-set on the
+    state its changes were worked out from; a refund's ledger entry follows its row's update.
     """
     stats = ApplyStats()
-    if is_sqlite():
-        fresh = {row.id: row for row, _, _ in planned}
+    if reread:
+        fresh = {row.id: row for row in _read_states_by_id(sorted(row.id for row, _, _ in planned),
+                                                           lock=not is_sqlite())}
     else:
-        fresh = _lock_states(sorted(row.id for row, _, _ in planned))
+        fresh = {row.id: row for row, _, _ in planned}
     now = time.time()
     groups: dict[tuple[str, ...], list[tuple]] = {}
-    refunds: list[tuple[TaskState, dict]] = []
-    for seen, report, changes in planned:  # (PostgreSQL/MariaDB rows are already locked, in id order)
+    refunds: list[tuple[TaskState, dict, int]] = []
+    for seen, report, planned_changes in planned:
         row = fresh.get(seen.id)
         if row is None:
             stats.unknown += 1
             continue
-        if row.unfinished == 0 or row.status in FINISHED_STATUSES:
+        changes = planned_changes if row == seen else _changes_for(row, report, ApplyStats())
+        if changes is None:
             stats.ignored += 1
             continue
-        if row != seen:
-            changes = compute_changes(row, report)[0]
-        if not changes:
-            stats.ignored += 1
-            continue
-        finishing = changes.get("unfinished") == 0
-        status = changes.get("status", row.status)
-        if finishing and status == "FAILURE" and row.quota > 0:
-            refunds.append((row, changes))
-            continue
+        refund = _refund_of(row, changes)
+        if refund:
+            changes = dict(changes, quota=0)
+            refunds.append((row, changes, refund))
         columns = tuple(changes)  # compute_changes adds keys in one fixed order: same keys, same tuple
         groups.setdefault(columns, []).append(
             tuple(changes[c] for c in columns) + (now, row.id, row.status, row.progress, row.quota))
-        stats.updated += 1
-        if finishing:
-            stats.finished += 1
-            if status == "SUCCESS":
-                stats.succeeded += 1
-                stats.succeeded_ids.append(row.id)
-            elif status == "FAILURE":
-                stats.failed += 1
+        _count(stats, row, changes, refund)
     for columns, params in groups.items():
         cursor = database.cursor()
         cursor.executemany(_grouped_update_sql(columns), params)
         if cursor.rowcount != len(params):
             raise _LostRace(f"{cursor.rowcount} of {len(params)} rows updated")
-    for row, changes in refunds:
-        if not _compare_and_set(row, changes):
-            raise _LostRace(f"task {row.id} changed since it was read")
-        stats.updated += 1
-        stats.finished += 1
-        stats.failed += 1
-        stats.refunded += 1
-        stats.quota_refunded += row.quota
+    for row, changes, refund in refunds:
+        status = changes.get("status", row.status)
+        reason = changes.get("fail_reason") or row.fail_reason
+        what = "failed" if status == "FAILURE" else "was cancelled"
+        accounts.refund(row.user_id, refund, task_id=row.id,
+                        reason=(f"task {row.mj_id} {what}" + (f": {reason}" if reason else ""))[:500])
     return stats
+
+
+def _count(stats: ApplyStats, row: TaskState, changes: dict, refund: int) -> None:
+    stats.updated += 1
+    if changes.get("unfinished") != 0:
+        return
+    stats.finished += 1
+    status = changes.get("status", row.status)
+    if status == "SUCCESS":
+        stats.succeeded += 1
+        stats.succeeded_ids.append(row.id)
+    elif status == "FAILURE":
+        stats.failed += 1
+    elif status == "CANCEL":
+        stats.cancelled += 1
+    if refund:
+        stats.refunded += 1
+        stats.quota_refunded += refund
 
 
 _update_sql_cache: dict[tuple, str] = {}
@@ -526,9 +393,93 @@ def _grouped_update_sql(columns: tuple[str, ...]) -> str:
     return sql
 
 
+_STATE_COLUMNS = [getattr(Task, name) for name in TaskState._fields]
+_CHANNEL = len(TaskState._fields)  # the extra column of the read by mj_id, to filter by channel
+
+
+def _read_states_by_mj_id(channel_id: int, mj_ids: list[str]) -> list[TaskState]:
+    """The channel's tasks among mj_ids. The query names only mj_id, so every database seeks the mj_id
+    index (with the channel in the WHERE clause SQLite prefers (channel_id, id) and scans the channel's
+    every task, finished ones included); the rare same id on another channel is dropped here."""
+    sql, params = compiled(("report_states", len(mj_ids)),
+                           lambda: Task.select(*_STATE_COLUMNS, Task.channel_id).where(Task.mj_id.in_(mj_ids)),
+                           list(mj_ids))
+    rows = database.execute_sql(sql, params).fetchall()
+    return [TaskState._make(r[:_CHANNEL]) for r in rows if r[_CHANNEL] == channel_id]
+
+
+def _read_states_by_id(ids: list[int], *, lock: bool) -> list[TaskState]:
+    """The rows of ids. lock (PostgreSQL/MariaDB, inside the write transaction): locked in id order, then
+    the users a refund may touch, by id — the one lock order of every writer here. Without it two batches
+    (or a batch and a push) that refund different users lock task and user rows in opposite orders and
+    deadlock (PostgreSQL then stalls one and aborts the other)."""
+    def build():
+        query = Task.select(*_STATE_COLUMNS).where(Task.id.in_(ids))
+        return query.order_by(Task.id).for_update() if lock else query
+
+    sql, params = compiled(("report_states_by_id", lock, len(ids)), build, list(ids))
+    rows = [TaskState._make(r) for r in database.execute_sql(sql, params).fetchall()]
+    user_ids = sorted({r.user_id for r in rows if r.unfinished and r.quota > 0}) if lock else []
+    if user_ids:
+        list(User.select(User.id).where(User.id.in_(user_ids)).order_by(User.id).for_update().tuples())
+    return rows
+
+
+# --- the callers' entry points --------------------------------------------------------------------------
+
+
+def apply_reports(channel_id: int, reports: Iterable[dict], *, scope: PushScope | None = None) -> ApplyStats:
+    """Apply upstream task reports from one channel, in one transaction. Reports for ids this channel has
+    no task for, and reports without an id, are counted and skipped. With a scope (a push through a notify
+    link) only the tasks that link may change are considered; the others count as unknown."""
+    stats = ApplyStats()
+    by_id: dict[str, dict] = {}
+    for report in reports:
+        try:  # upstream text is data: typed, bounded and scrubbed before it can become row values
+            report = upstream_text.clean_report(report)
+        except upstream_text.UpstreamTextError as exc:
+            stats.malformed += 1
+            log.debug("channel %s: report ignored: %s", channel_id, exc)
+            continue
+        by_id[report["id"]] = report
+    if not by_id:
+        return stats
+
+    def read() -> list[tuple[TaskState | None, dict]]:
+        rows = _read_states_by_mj_id(channel_id, list(by_id))
+        if scope is not None:
+            rows = [row for row in rows if scope.allows(row.id, row.nonce or "")]
+        found = {row.mj_id: row for row in rows}
+        return [(found.get(mj_id), report) for mj_id, report in by_id.items()]
+
+    return _apply(read, stats)
+
+
 def apply_report(channel_id: int, report: dict, scope: PushScope | None = None) -> ApplyStats:
     """Apply one report (a push notification), to the tasks scope allows."""
     return apply_reports(channel_id, [report], scope=scope)
+
+
+def fail_tasks(task_ids: Iterable[int], reason: str) -> ApplyStats:
+    """Fail unfinished tasks (timeouts, removed channels) with a reason, refunding each exactly once."""
+    ids = sorted(set(task_ids))
+    if not ids:
+        return ApplyStats()
+    report = {"status": "FAILURE", "failReason": reason, "progress": ""}
+    return _apply(lambda: [(row, report) for row in _read_states_by_id(ids, lock=False)], ApplyStats())
+
+
+# --- pushes ---------------------------------------------------------------------------------------------
+
+
+class PushScope(NamedTuple):
+    """The tasks a push may change: the one task of a per-task notify link (task_id), or, through the old
+    per-channel link (task_id None), only tasks submitted before links were per task (no nonce)."""
+
+    task_id: int | None
+
+    def allows(self, task_id: int, nonce: str) -> bool:
+        return task_id == self.task_id if self.task_id is not None else not nonce
 
 
 class PushTarget(NamedTuple):
@@ -560,16 +511,3 @@ def push_target(channel_id: int, mj_id: str, nonce: str | None) -> PushTarget:
     if PendingSubmission.select(PendingSubmission.id).where(PendingSubmission.nonce == nonce).exists():
         return PushTarget("pending")
     return PushTarget("refused")
-
-
-def fail_tasks(task_ids: Iterable[int], reason: str) -> ApplyStats:
-    """Fail unfinished tasks (timeouts, removed channels) with a reason, refunding each exactly once."""
-    stats = ApplyStats()
-    ids = list(task_ids)
-    if not ids:
-        return stats
-    report = {"status": "FAILURE", "failReason": reason, "progress": ""}
-    with write_tx():
-        for task in _locked(Task.select().where(Task.id.in_(ids))):
-            _apply_one(task, report, stats)
-    return stats

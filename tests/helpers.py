@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -75,3 +76,26 @@ def temp_database(kind: str) -> Iterator[str]:
             unbind()
             admin.cursor().execute(f"DROP DATABASE IF EXISTS `{name}`")
             admin.close()
+
+
+def writers_meet(monkeypatch, parties: int) -> threading.Barrier:
+    """Hold each of the next `parties` writers of task changes (mjctl.reports) after it has worked out its
+    changes and before it opens its write transaction, until all of them have: they then race on rows each
+    of them read unfinished. Returns the barrier (broken, if a writer never came, after 10 s)."""
+    from mjctl import reports
+
+    barrier = threading.Barrier(parties, timeout=10)
+    waited: set[int] = set()
+    lock = threading.Lock()
+    real = reports.write_tx
+
+    def write_tx_when_all_have_planned():
+        with lock:
+            first = threading.get_ident() not in waited and len(waited) < parties
+            waited.add(threading.get_ident())
+        if first:
+            barrier.wait()
+        return real()
+
+    monkeypatch.setattr(reports, "write_tx", write_tx_when_all_have_planned)
+    return barrier

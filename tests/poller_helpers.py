@@ -69,7 +69,7 @@ def book_problems() -> list[str]:
     for task in Task.select():
         if task.id not in charged:
             continue
-        should_refund = task.status == "FAILURE"
+        should_refund = task.status in ("FAILURE", "CANCEL")
         if should_refund != (task.id in refunded):
             problems.append(f"task {task.id} {task.status}: refunded={task.id in refunded}")
         expected_quota = 0 if should_refund else charged[task.id]

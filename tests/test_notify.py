@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import threading
+import time
+
 import httpx
 
 from tests.helpers import wait_until
@@ -126,4 +129,55 @@ def test_simulator_pushes_with_duplicates_and_reordering_drive_tasks_to_the_end(
     # Only repeats that arrive after a task finished are refused: its link is dead by then.
     assert pushes["push_failed"] <= pushes["push_duplicated"] + pushes["push_out_of_order"]
     assert balance("alice") == 9000
+    assert_books_balance("alice")
+
+
+def _race(env, monkeypatch, push_fields: dict, upstream_says: dict, now: float | None = None):
+    """A poll cycle (the upstream answering upstream_says) and a push of push_fields through the task's link,
+    both holding a change worked out against the unfinished task before either writes it."""
+    from mjctl.db import connection
+    from mjctl.poller import poll_once
+    from tests.helpers import writers_meet
+
+    task = local_task(env)
+    url = hook(env)
+    met = writers_meet(monkeypatch, 2)
+    upstream = httpx.MockTransport(lambda request: httpx.Response(200, json=[report(**upstream_says)]))
+    cycles = []
+
+    def poll():
+        with connection():
+            cycles.append(poll_once(env.settings, transport=upstream, now=now))
+
+    poller = threading.Thread(target=poll)
+    poller.start()
+    pushed = httpx.post(url, json=report(**push_fields), timeout=30)
+    poller.join(30)
+    assert pushed.status_code == 200 and len(cycles) == 1 and not met.broken
+    return current(task), cycles[0], pushed.json()["description"]
+
+
+def test_a_push_and_a_poll_report_racing_on_one_task_refund_it_once(relay_env, monkeypatch):
+    done, cycle, pushed = _race(relay_env, monkeypatch, dict(status="CANCEL", progress=""),
+                                dict(status="FAILURE", progress="", failReason="banned"))
+    assert (done.status, done.quota, done.unfinished) == ("CANCEL" if pushed == "applied" else "FAILURE", 0, 0)
+    assert cycle.refunded + (pushed == "applied") == 1 and cycle.updated + (pushed == "applied") == 1
+    assert balance("alice") == 10_000
+    assert_books_balance("alice")
+
+
+def test_a_timeout_and_a_success_push_racing_on_one_task_end_it_once(relay_env, monkeypatch):
+    """The poller times the task out (the upstream still reports it as stored) while a push says it
+    succeeded: whichever writes first wins, and the task is refunded only when it ends as a failure."""
+    from mjctl.models import Ledger
+
+    late = time.time() + relay_env.settings.poller.task_timeout + 1
+    done, cycle, pushed = _race(relay_env, monkeypatch, dict(status="SUCCESS", imageUrl="https://cdn.example/x.png"),
+                                dict(status="SUBMITTED", progress="0%"), now=late)
+    refunds = Ledger.select().where((Ledger.task_id == done.id) & (Ledger.kind == "refund")).count()
+    if pushed == "applied":
+        assert (done.status, done.quota, cycle.timed_out, cycle.refunded, refunds) == ("SUCCESS", 1000, 0, 0, 0)
+    else:
+        assert (done.status, done.quota, cycle.timed_out, cycle.refunded, refunds) == ("FAILURE", 0, 1, 1, 1)
+        assert done.fail_reason.startswith("Timed out: still SUBMITTED")
     assert_books_balance("alice")

@@ -1,4 +1,4 @@
-"""The poller: lifecycles against the simulator, exact fault shapes, the lease, the loop and the CLI."""
+"""The poller: lifecycles against the simulator, exact fault shapes, claims, the loop and the CLI."""
 
 from __future__ import annotations
 
@@ -236,7 +236,7 @@ def test_a_crash_on_one_channel_is_counted_and_the_rest_goes_on(store):
     assert _tasks([good_task])[good_task].status == "SUCCESS"
 
 
-# --- the lease and idle cost --------------------------------------------------------------------------
+# --- claims and idle cost -----------------------------------------------------------------------------
 
 
 def test_second_cycle_while_one_runs_says_nothing_is_left_to_claim(store):
@@ -262,7 +262,7 @@ def test_second_cycle_while_one_runs_says_nothing_is_left_to_claim(store):
     release.set()
     first.join(10)
     assert not second.ran and second.message.startswith("nothing to claim: 1 channel(s) being polled by ")
-    assert socket.gethostname() in second.lease_holder and second.requests == 0
+    assert socket.gethostname() in " ".join(second.claim_holders) and second.requests == 0
     assert results[0].ran and results[0].requests == 1
     assert PollClaim.get_by_id(channel.id).holder == ""  # released
 
@@ -283,7 +283,7 @@ def test_claim_expiry_and_dead_holders(store, holder, expires_in, runs):
     PollClaim.create(channel_id=channel.id, holder=holder, expires_at=time.time() + expires_in, polled_at=1.0)
     summary = poll_once(store, transport=httpx.MockTransport(lambda r: httpx.Response(200, json=[])))
     assert summary.ran is runs and summary.requests == (1 if runs else 0)
-    assert (holder in summary.lease_holder) is (not runs)
+    assert any(holder in held for held in summary.claim_holders) is (not runs)
 
 
 def test_a_channel_polled_in_this_round_or_recently_is_not_polled_again(store):
@@ -405,7 +405,7 @@ def test_cli_poll_exits_zero_when_nothing_is_left_to_claim(cli, tmp_path):
     result = cli("poll", "--json")
     assert result.exit_code == 0
     data = json.loads(result.stdout)
-    assert data["ran"] is False and data["lease_holder"].startswith("elsewhere:1:abc")
+    assert data["ran"] is False and data["claim_holders"][0].startswith("elsewhere:1:abc until ")
 
 
 def test_one_shot_cli_poll_waits_for_the_image_prefetcher_to_drain(cli, monkeypatch):

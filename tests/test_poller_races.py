@@ -66,7 +66,7 @@ def test_four_pollers_and_pushes_racing_over_500_tasks_keep_the_books_exact(kind
                 try:
                     with connection():
                         while not stop.is_set():
-                            cycles.append(poll_once(settings, use_lease=False))
+                            cycles.append(poll_once(settings, take_claims=False))
                 except BaseException as exc:  # noqa: BLE001 - kept for the main thread to report
                     errors.append(exc)
 

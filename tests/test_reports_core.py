@@ -59,6 +59,86 @@ def test_failure_refunds_exactly_once_however_often_reported(any_store):
     assert User.get_by_id(user.id).quota == 1000 and books_balance(user.id)
 
 
+def test_cancel_refunds_like_failure_exactly_once_whoever_reports_it(any_store):
+    user, _ = accounts.create_user("alice", quota=1000)
+    task = charged_task(user)
+    free = Task.create(user_id=user.id, channel_id=1, mj_id="1730000000000002", status="SUBMITTED", quota=0)
+    first = reports.apply_reports(1, [{"id": task.mj_id, "status": "CANCEL", "progress": ""},
+                                      {"id": free.mj_id, "status": "cancel"}])
+    assert (first.cancelled, first.finished, first.refunded, first.quota_refunded, first.failed) == (2, 2, 1, 300, 0)
+    push = reports.apply_report(1, {"id": task.mj_id, "status": "CANCEL"}, reports.PushScope(task.id))
+    failure = reports.apply_report(1, {"id": task.mj_id, "status": "FAILURE", "failReason": "late"})
+    timeout = reports.fail_tasks([task.id, free.id], "timed out")
+    assert (push.refunded, failure.refunded, timeout.refunded) == (0, 0, 0)
+    assert (push.ignored, failure.ignored, timeout.ignored) == (1, 1, 2)
+    cancelled = Task.get_by_id(task.id)
+    assert (cancelled.status, cancelled.quota, cancelled.unfinished, cancelled.fail_reason) == ("CANCEL", 0, 0, "")
+    refunds = list(Ledger.select().where(Ledger.kind == "refund"))
+    assert [(r.task_id, r.amount) for r in refunds] == [(task.id, 300)] and "cancelled" in refunds[0].reason
+    assert Task.get_by_id(free.id).status == "CANCEL"
+    assert User.get_by_id(user.id).quota == 1000 and books_balance(user.id)
+
+
+@pytest.mark.parametrize("ending", ["FAILURE", "CANCEL"])
+def test_a_poll_a_push_and_a_timeout_racing_on_one_task_refund_it_once(any_store, monkeypatch, ending):
+    """All three have read the task unfinished and worked out a refunding change before any of them writes."""
+    from tests.helpers import writers_meet
+
+    user, _ = accounts.create_user("alice", quota=1000)
+    task = charged_task(user)
+    met = writers_meet(monkeypatch, 3)
+    results, errors = {}, []
+
+    def run(name, apply):
+        try:
+            with db.connection():
+                results[name] = apply()
+        except BaseException as exc:  # noqa: BLE001 - kept for the main thread to report
+            errors.append(exc)
+
+    writers = {
+        "poll": lambda: reports.apply_reports(1, [{"id": task.mj_id, "status": ending, "failReason": "poll"}]),
+        "push": lambda: reports.apply_report(1, {"id": task.mj_id, "status": ending, "failReason": "push"},
+                                             reports.PushScope(task.id)),
+        "timeout": lambda: reports.fail_tasks([task.id], "timed out"),
+    }
+    threads = [threading.Thread(target=run, args=item) for item in writers.items()]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert errors == [] and not met.broken
+    assert sum(r.refunded for r in results.values()) == 1 and sum(r.updated for r in results.values()) == 1
+    assert sum(r.ignored for r in results.values()) == 2
+    done = Task.get_by_id(task.id)
+    assert done.status in ("FAILURE", "CANCEL") and done.quota == 0 and done.unfinished == 0
+    assert Ledger.select().where((Ledger.task_id == task.id) & (Ledger.kind == "refund")).count() == 1
+    assert User.get_by_id(user.id).quota == 1000 and books_balance(user.id)
+
+
+def test_a_timeout_planned_against_a_task_that_then_succeeded_changes_nothing(any_store, monkeypatch):
+    """Timeouts take the one path: a failure worked out against a stale row is worked out again against the
+    row as it is, and a task that succeeded in between stays a success, charged."""
+    user, _ = accounts.create_user("alice", quota=1000)
+    task = charged_task(user)
+    real = reports._read_states_by_id
+    reads = []
+
+    def succeed_after_the_first_read(ids, *, lock):
+        rows = real(ids, lock=lock)
+        reads.append(lock)
+        if len(reads) == 1:  # the task succeeds between the timeout's read and its write
+            reports.apply_report(1, {"id": task.mj_id, "status": "SUCCESS", "imageUrl": "http://i/x.png"})
+        return rows
+
+    monkeypatch.setattr(reports, "_read_states_by_id", succeed_after_the_first_read)
+    stats = reports.fail_tasks([task.id], "timed out")
+    assert (stats.updated, stats.failed, stats.refunded, stats.ignored) == (0, 0, 0, 1)
+    done = Task.get_by_id(task.id)
+    assert (done.status, done.quota, done.fail_reason) == ("SUCCESS", 300, "")
+    assert Ledger.select().where(Ledger.kind == "refund").count() == 0 and books_balance(user.id)
+
+
 def test_reports_for_other_channels_and_malformed_reports_are_counted(any_store):
     user, _ = accounts.create_user("alice", quota=1000)
     task = charged_task(user, channel_id=1)

@@ -26,6 +26,7 @@ ROWS = (
     ("finished", "finished"),
     ("succeeded", "succeeded"),
     ("failed", "failed"),
+    ("cancelled", "cancelled"),
     ("timed_out", "timed out"),
     ("refunded", "refunded"),
     ("quota_refunded", "quota refunded"),
