@@ -122,6 +122,12 @@ class Task(BaseModel):
     # The database default too: a fresh schema then matches one migration 7 upgraded, and writers that
     # name their columns (bench/seed.py) need not know this one.
     nonce = CharField(max_length=32, default="", constraints=[SQL("DEFAULT ''")])
+    # The poller's memo (mjctl.poller, migration 8): the digest of the last upstream report found to change
+    # nothing here, and the row version (updated_at) it was checked against. Valid only while updated_at
+    # still equals memo_version; every write of the row moves updated_at (a database trigger moves it for
+    # writers that do not), so any write voids the memo. Database defaults, as for nonce.
+    memo_digest = CharField(max_length=32, default="", constraints=[SQL("DEFAULT ''")])
+    memo_version = DoubleField(default=0.0, constraints=[SQL("DEFAULT 0")])
 
     class Meta:
         indexes = (

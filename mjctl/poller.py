@@ -13,6 +13,12 @@ A cycle (the task lifecycle and what upstreams get wrong: docs/upstream.md, "Lif
    connection) with ``POST /mj/task/list-by-condition`` in batches of ``batch_size`` ids, and each batch's
    answer is written by :func:`mjctl.reports.apply_reports` in one transaction — the one path every change
    to a task takes (pushes and timeouts too), which makes every refund exactly-once.
+   The poller's memo lives on the task rows (``memo_digest``, ``memo_version``): the digest of the last
+   report taken whole, which the same report would not change again, with the row version it met. A
+   report its task's memo holds, while the row is still at that version, is skipped unread — so a one-shot
+   ``mjctl poll`` from cron skips unchanged reports as a looping poller does. Every write of a task moves
+   its version (a database trigger sees to writers that do not), so no write leaves a memo standing; a
+   write during a cycle counts from the next cycle, as the versions are read when a channel is claimed.
 4. Tasks still unfinished ``task_timeout`` seconds after submission fail (and are refunded) with a reason
    that says why: still running, no longer reported, channel failing. A removed channel's tasks fail at
    once; a disabled channel's tasks keep being polled until they finish or time out.
@@ -27,6 +33,8 @@ are none; otherwise the channels they were sent to are asked for their recent ta
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import logging
 import threading
 import time
@@ -35,6 +43,8 @@ from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
+
+import orjson
 
 from mjctl import reports, upstream_text
 from mjctl.claims import Claims
@@ -58,6 +68,7 @@ class CycleSummary:
     started_at: float = 0.0
     duration: float = 0.0
     checked: int = 0
+    skipped: int = 0  # reports the memo held: unchanged, not worked out
     updated: int = 0
     finished: int = 0
     succeeded: int = 0
@@ -85,8 +96,8 @@ class CycleSummary:
                 self.faults[name] += value
 
     def merge(self, other: CycleSummary) -> None:
-        for name in ("checked", "updated", "finished", "succeeded", "failed", "cancelled", "timed_out", "refunded",
-                     "quota_refunded", "requests", "channels"):
+        for name in ("checked", "skipped", "updated", "finished", "succeeded", "failed", "cancelled", "timed_out",
+                     "refunded", "quota_refunded", "requests", "channels"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         self.channels_with_errors.extend(other.channels_with_errors)
         self.faults.update(other.faults)
@@ -99,6 +110,7 @@ class CycleSummary:
             "started_at": round(self.started_at, 3),
             "duration_ms": round(self.duration * 1000, 2),
             "checked": self.checked,
+            "skipped": self.skipped,
             "updated": self.updated,
             "finished": self.finished,
             "succeeded": self.succeeded,
@@ -122,7 +134,9 @@ class _Pending:
     id: int
     mj_id: str
     since: int  # submit time (seconds), the start of its timeout
-    version: float  # updated_at when the cycle read it: the row version a memo entry must match
+    version: float  # updated_at when the channel was claimed: the row version the memo must match
+    memo_digest: str  # the poller's memo (Task.memo_digest, Task.memo_version)
+    memo_version: float
 
 
 def _has_unfinished() -> bool:
@@ -140,10 +154,11 @@ def _channels_with_unfinished() -> list[int]:
 def _unfinished_of(channel_id: int) -> list[_Pending]:
     """One channel's unfinished tasks, read when its claim is taken."""
     sql, params = compiled(("poller_unfinished_of",), lambda: (
-        Task.select(Task.id, Task.mj_id, Task.submit_time, Task.updated_at)
+        Task.select(Task.id, Task.mj_id, Task.submit_time, Task.updated_at, Task.memo_digest, Task.memo_version)
         .where((Task.unfinished == 1) & (Task.channel_id == channel_id)).order_by(Task.id)), [1, channel_id])
-    return [_Pending(task_id, mj_id or "", int(submit_time or updated_at or 0), updated_at)
-            for task_id, mj_id, submit_time, updated_at in database.execute_sql(sql, params).fetchall()]
+    return [_Pending(task_id, mj_id or "", int(submit_time or updated_at or 0), updated_at, digest, memo_version)
+            for task_id, mj_id, submit_time, updated_at, digest, memo_version
+            in database.execute_sql(sql, params).fetchall()]
 
 
 def _fault_kind(exc: Exception) -> str:
@@ -175,59 +190,30 @@ def _with_db_retries(what: str, fn: Callable[[], reports.ApplyStats], summary: C
     return retry_transaction(fn, attempts=DB_ATTEMPTS, what=what, on_conflict=count)
 
 
-class ReportMemo:
-    """The reports of one channel that changed nothing, each with the row version (``updated_at``) it was
-    checked against. The same report against the same row version changes nothing again, so it need not
-    be read against the row or worked out again — and most reports of a cycle repeat the last one (a task
-    in the queue or at the same progress). Any write to the row, by anyone, changes its version and so
-    voids the entry. Entries not met again in a cycle are dropped at its end."""
+def report_digest(report: dict) -> str:
+    """The memo digest of a report as the upstream sent it (128 bits of BLAKE2b over its JSON; key order
+    counts, so a reordered report is only a miss), or "" when it has no JSON form: never remembered."""
+    try:
+        return hashlib.blake2b(orjson.dumps(report), digest_size=16).hexdigest()
+    except TypeError:  # orjson.JSONEncodeError: an integer beyond 64 bits, say
+        return ""
 
-    def __init__(self) -> None:
-        self._seen: dict[str, tuple[dict, float]] = {}
-        self._next: dict[str, tuple[dict, float]] = {}
 
-    def repeats(self, report: Any, versions: Mapping[str, float]) -> bool:
-        """Whether report (as the upstream sent it) is one that changed nothing against the row version
-        read now (versions: mj_id -> updated_at, read when the channel was claimed)."""
-        if not isinstance(report, dict):
-            return False
-        mj_id = str(report.get("id"))
-        hit = self._seen.get(mj_id)
-        if hit is not None and hit[1] == versions.get(mj_id) and hit[0] == report:
-            self._next[mj_id] = hit
-            return True
+def _remembered(report: Any, tasks: Mapping[str, _Pending], digests: Mapping[str, str]) -> bool:
+    """Whether report is the one its task's memo holds, and the row is still at the version the memo was
+    checked against: it changed nothing then and so changes nothing now."""
+    if not isinstance(report, dict):
         return False
-
-    def remember(self, unchanged: list[tuple[str, float]], sent: Mapping[str, dict]) -> None:
-        """Keep the reports applying found unchanged (mj_id and the row version it met), as sent (by id)."""
-        for mj_id, version in unchanged:
-            report = sent.get(mj_id)
-            if report is not None:
-                self._next[mj_id] = (report, version)
-
-    def end_cycle(self) -> None:
-        self._seen, self._next = self._next, {}
-
-
-class PollerMemory:
-    """What a long-running poller (``run_loop``: ``mjctl poll --every``, ``mjctl serve``) carries from one
-    cycle to the next: per channel, the reports that changed nothing (:class:`ReportMemo`), so a cycle in
-    which most tasks are where they were last time does not work each one out again."""
-
-    def __init__(self) -> None:
-        self._memos: dict[int, ReportMemo] = {}
-        self._lock = threading.Lock()
-
-    def memo(self, channel_id: int) -> ReportMemo:
-        with self._lock:
-            return self._memos.setdefault(channel_id, ReportMemo())
+    mj_id = str(report.get("id"))
+    task = tasks.get(mj_id)
+    return (task is not None and task.memo_version == task.version and task.memo_digest != ""
+            and task.memo_digest == digests.get(mj_id))
 
 
 class _Cycle:
     def __init__(self, settings: Settings, claims: Claims | None, now: float | None,
-                 clients: Mapping[int, Any] | None, transport: Any, memory: PollerMemory | None = None):
+                 clients: Mapping[int, Any] | None, transport: Any):
         poller = settings.poller
-        self.memory = memory
         self.settings = settings
         self.claims = claims
         self.fixed_now = now
@@ -278,15 +264,10 @@ class _Cycle:
         if untracked:
             self._time_out(untracked, {}, summary, f"it has no upstream id on {label}")
         batches = [tracked[i:i + self.batch_size] for i in range(0, len(tracked), self.batch_size)]
-        memo = self.memory.memo(channel.id) if self.memory is not None else None
-        try:
-            self._poll_each(channel, client, batches, summary, label, memo)
-        finally:
-            if memo is not None:
-                memo.end_cycle()
+        self._poll_each(channel, client, batches, summary, label)
 
     def _poll_each(self, channel: Channel, client: Any, batches: list[list[_Pending]], summary: CycleSummary,
-                   label: str, memo: ReportMemo | None) -> None:
+                   label: str) -> None:
         from mjctl.upstream import UpstreamError
 
         for index, batch in enumerate(batches):
@@ -308,23 +289,19 @@ class _Cycle:
                 rest = [t for b in batches[index:] for t in b]
                 self._time_out(rest, {}, summary, f"{label} keeps failing ({kind}: {exc})")
                 return
-            requested = {t.mj_id for t in batch}
+            requested = {t.mj_id: t for t in batch}
             by_id = {str(r.get("id")): r for r in answer if isinstance(r, dict)}
-            missing = requested - by_id.keys()
+            missing = requested.keys() - by_id.keys()
             if missing:
                 summary.faults["missing_ids"] += len(missing)
-            fresh, repeated = answer, 0
-            if memo is not None:
-                # A report that changed nothing last time, against a row nobody has written since (its version
-                # as read at the start of this cycle), changes nothing now: it is not read or worked out again.
-                versions = {t.mj_id: t.version for t in batch}
-                fresh = [r for r in answer if not memo.repeats(r, versions)]
-                repeated = len(answer) - len(fresh)
-            stats = _with_db_retries(label,
-                                     lambda: reports.apply_reports(channel.id, fresh), summary)  # noqa: B023 - called before the loop moves on
-            if memo is not None:
-                memo.remember(stats.unchanged, by_id)
-            stats.ignored += repeated
+            # A report its task's memo holds, against a row nobody has written since (its version as read
+            # when the channel was claimed), changes nothing: it is not read against the row or worked out.
+            digests = {mj_id: report_digest(report) for mj_id, report in by_id.items()}
+            fresh = [r for r in answer if not _remembered(r, requested, digests)]
+            stats = _with_db_retries(label, functools.partial(reports.apply_reports, channel.id, fresh,
+                                                              digests=digests), summary)
+            summary.skipped += len(answer) - len(fresh)
+            stats.ignored += len(answer) - len(fresh)
             summary.add_stats(stats)
             if stats.succeeded_ids:
                 self._prefetch(stats.succeeded_ids)
@@ -406,8 +383,7 @@ def drain_prefetch(settings: Settings, timeout: float | None = None) -> bool:
 
 
 def poll_once(settings: Settings, *, clients: Mapping[int, Any] | None = None, now: float | None = None,
-              transport: Any = None, take_claims: bool = True, fresh_for: float = 0.0,
-              memory: PollerMemory | None = None) -> CycleSummary:
+              transport: Any = None, take_claims: bool = True, fresh_for: float = 0.0) -> CycleSummary:
     """Run one polling cycle over the channels this poller can claim, and return what it did.
 
     ``clients`` maps channel ids to ready clients (anything with ``list_by_condition``); other channels
@@ -415,8 +391,7 @@ def poll_once(settings: Settings, *, clients: Mapping[int, Any] | None = None, n
     ``httpx.MockTransport``). ``now`` fixes the clock used for timeouts. ``fresh_for`` skips channels
     another poller polled in a round that began less than that many seconds before this one (the loop
     passes most of its interval). ``take_claims=False`` polls every channel without claiming it (tests that
-    race pollers over the same tasks on purpose). ``memory`` is what a loop carries between its cycles
-    (:class:`PollerMemory`); a one-shot cycle has none and works out every report.
+    race pollers over the same tasks on purpose).
     """
     started = time.perf_counter()
     summary = CycleSummary(started_at=time.time())
@@ -426,7 +401,7 @@ def poll_once(settings: Settings, *, clients: Mapping[int, Any] | None = None, n
         summary.duration = time.perf_counter() - started
         return summary
     claims = Claims(settings.poller.lease_seconds, summary.started_at, fresh_for) if take_claims else None
-    _run_cycle(settings, summary, claims, now, clients, transport, memory)
+    _run_cycle(settings, summary, claims, now, clients, transport)
     if claims is not None and claims.lost:
         summary.message = "a claim was lost during the cycle; that channel stopped early"
     summary.duration = time.perf_counter() - started
@@ -475,8 +450,8 @@ def _adopt_interrupted(settings: Settings, summary: CycleSummary, now: float | N
 
 
 def _run_cycle(settings: Settings, summary: CycleSummary, claims: Claims | None, now: float | None,
-               clients: Mapping[int, Any] | None, transport: Any, memory: PollerMemory | None) -> None:
-    cycle = _Cycle(settings, claims, now, clients, transport, memory)
+               clients: Mapping[int, Any] | None, transport: Any) -> None:
+    cycle = _Cycle(settings, claims, now, clients, transport)
     channel_ids = _channels_with_unfinished()
     channels = {c.id: c for c in Channel.select().where(Channel.id.in_(channel_ids))}
     removed = [cid for cid in channel_ids if cid not in channels]
@@ -553,7 +528,6 @@ def run_loop(settings: Settings, stop_event: threading.Event, every: float | Non
 
     interval = float(every if every is not None else settings.poller.interval)
     scheduler = schedule.Scheduler()
-    memory = PollerMemory()
 
     def job() -> None:
         if stop_event.is_set():
@@ -561,7 +535,7 @@ def run_loop(settings: Settings, stop_event: threading.Event, every: float | Non
         try:
             with connection():
                 # A channel another poller polled less than ~an interval ago counts as polled this round.
-                summary = poll_once(settings, fresh_for=interval * 0.9, memory=memory)
+                summary = poll_once(settings, fresh_for=interval * 0.9)
             if on_cycle is not None:
                 on_cycle(summary)
         except Exception:

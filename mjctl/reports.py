@@ -18,6 +18,9 @@ progress and quota the change was computed from and is still unfinished, so of t
 pollers, a push and a poll, a timeout and a report) only one changes the row, and only that one refunds.
 Inside a write transaction rows are locked in one order on PostgreSQL/MariaDB: tasks by id, then the
 users a refund may touch, by id (:func:`_read_states_by_id`).
+
+Given the poller's report digests, the path also keeps the poller's memo on each row it reads
+(:mod:`mjctl.poller`): a report taken whole is remembered with the version of the row it leaves behind.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -62,15 +65,11 @@ class ApplyStats:
     malformed: int = 0
     regressions: int = 0  # progress or status that would have gone backwards
     succeeded_ids: list[int] = field(default_factory=list)
-    #: (mj_id, row version) of each report that changed and refused nothing on an unfinished task: the
-    #: same report against the same version would change nothing again (the poller's memo keeps them).
-    unchanged: list[tuple[str, float]] = field(default_factory=list)
 
     def add(self, other: ApplyStats) -> None:
         for name in _COUNTED:
             setattr(self, name, getattr(self, name) + getattr(other, name))
         self.succeeded_ids.extend(other.succeeded_ids)
-        self.unchanged.extend(other.unchanged)
 
 
 class TaskState(NamedTuple):
@@ -238,22 +237,20 @@ def _same_json(stored: str, value: Any) -> bool:
         return False
 
 
-def _changes_for(row: TaskState, report: dict, stats: ApplyStats) -> dict | None:
-    """The changes a report asks of a task, or None (counted) when there is nothing to write: the task
-    is finished, or the report changes nothing after the monotonicity rules."""
+def _changes_for(row: TaskState, report: dict, stats: ApplyStats) -> tuple[dict, bool]:
+    """The changes a report asks of a task after the monotonicity rules (none for a finished task), and
+    whether the report was taken whole: nothing refused, and the task still unfinished afterwards — only
+    such a report changes nothing when it comes again. Counts refusals, and reports with nothing to write."""
     if row.unfinished == 0 or row.status in FINISHED_STATUSES:
         stats.ignored += 1
-        return None
+        return {}, False
     changes, notes = compute_changes(row, report)
     if notes:
         stats.regressions += 1
         log.info("task %s: %s", row.mj_id, "; ".join(notes))
     if not changes:
         stats.ignored += 1
-        if not notes:
-            stats.unchanged.append((row.mj_id, row.updated_at))
-        return None
-    return changes
+    return changes, not notes and changes.get("unfinished") != 0
 
 
 def _refund_of(row: TaskState, changes: dict) -> int:
@@ -269,31 +266,49 @@ def _refund_of(row: TaskState, changes: dict) -> int:
 Targets = Callable[[], list[tuple[TaskState | None, dict]]]
 
 
-def _apply(read: Targets, stats: ApplyStats) -> ApplyStats:
+class _Planned(NamedTuple):
+    row: TaskState  # as read before the write transaction
+    report: dict
+    changes: dict
+    digest: str  # the report's memo digest when it is to be remembered with the change, else ""
+
+
+def _apply(read: Targets, stats: ApplyStats, digests: Mapping[str, str] | None = None) -> ApplyStats:
     """Apply reports to the rows read() returns, and add what happened to stats.
 
-    The changes are worked out from a plain read outside any transaction; a read with nothing to change
+    The changes are worked out from a plain read outside any transaction; a read with nothing to write
     opens no write transaction at all. The write transaction then checks each row against that read:
     PostgreSQL/MariaDB lock the rows again (tasks by id, then the users a refund touches, by id) and work
     out again any row that moved in between; on SQLite, whose IMMEDIATE transaction excludes every other
     writer, the compare-and-set of a row that moved matches nothing and :class:`_LostRace` rolls the batch
     back for a fresh read. The last attempt on SQLite reads inside the transaction, where nothing can move.
+
+    digests (mj_id -> digest of the report as the upstream sent it) are recorded in the poller's memo of
+    each report taken whole: with the change it makes, or on its own when it changes nothing.
     """
+    digests = digests or {}
     for attempt in range(1, MAX_ATTEMPTS + 1):
         planning = ApplyStats()
-        planned = []
+        planned: list[_Planned] = []
+        memos: list[tuple] = []
         for row, report in read():
             if row is None:
                 planning.unknown += 1
-            elif (changes := _changes_for(row, report, planning)) is not None:
-                planned.append((row, report, changes))
-        if not planned:
+                continue
+            changes, whole = _changes_for(row, report, planning)
+            digest = digests.get(row.mj_id, "") if whole else ""
+            if changes:
+                planned.append(_Planned(row, report, changes, digest))
+            elif digest:  # the parameters of _memo_sql
+                memos.append((digest, row.updated_at, row.id, row.updated_at, digest))
+        if not planned and not memos:
             stats.add(planning)
             return stats
         reread = attempt == MAX_ATTEMPTS or not is_sqlite()
         try:
             with write_tx():
-                applied = _write(planned, reread)
+                applied = _write(planned, reread) if planned else ApplyStats()
+                _remember(memos)
         except _LostRace:
             if reread:
                 raise
@@ -304,12 +319,19 @@ def _apply(read: Targets, stats: ApplyStats) -> ApplyStats:
     raise AssertionError("unreachable: the last attempt cannot lose a race")
 
 
+def _remember(memos: list[tuple]) -> None:
+    """Record reports that changed nothing in their rows' memo, each against the version it was checked
+    against (a row written since is left alone), without moving the row's version."""
+    if memos:
+        database.cursor().executemany(_memo_sql(), memos)
+
+
 class _LostRace(Exception):
     """A compare-and-set matched fewer rows than planned; the transaction is rolled back."""
 
 
-def _write(planned: list[tuple[TaskState, dict, dict]], reread: bool) -> ApplyStats:
-    """Inside the write transaction: (row as read before, report, changes) for each row to change.
+def _write(planned: list[_Planned], reread: bool) -> ApplyStats:
+    """Inside the write transaction: the rows to change.
 
     reread: read the rows again (locked, on PostgreSQL/MariaDB) and work out again any that moved.
     Updates go out grouped by the columns they set with ``executemany``, each a compare-and-set on the
@@ -317,22 +339,25 @@ def _write(planned: list[tuple[TaskState, dict, dict]], reread: bool) -> ApplySt
     """
     stats = ApplyStats()
     if reread:
-        fresh = {row.id: row for row in _read_states_by_id(sorted(row.id for row, _, _ in planned),
-                                                           lock=not is_sqlite())}
+        fresh = {row.id: row for row in _read_states_by_id(sorted(p.row.id for p in planned), lock=not is_sqlite())}
     else:
-        fresh = {row.id: row for row, _, _ in planned}
+        fresh = {p.row.id: p.row for p in planned}
     now = time.time()
     groups: dict[tuple[str, ...], list[tuple]] = {}
     refunds: list[tuple[TaskState, dict, int]] = []
-    for seen, report, planned_changes in planned:
+    for seen, report, changes, digest in planned:
         row = fresh.get(seen.id)
         if row is None:
             stats.unknown += 1
             continue
-        changes = planned_changes if row == seen else _changes_for(row, report, ApplyStats())
-        if changes is None:
+        if row != seen:
+            changes, whole = _changes_for(row, report, ApplyStats())
+            digest = digest if whole else ""
+        if not changes:
             stats.ignored += 1
             continue
+        if digest:  # the same report against the version written now changes nothing again
+            changes = dict(changes, memo_digest=digest, memo_version=now)
         refund = _refund_of(row, changes)
         if refund:
             changes = dict(changes, quota=0)
@@ -376,21 +401,34 @@ def _count(stats: ApplyStats, row: TaskState, changes: dict, refund: int) -> Non
 _update_sql_cache: dict[tuple, str] = {}
 
 
-def _grouped_update_sql(columns: tuple[str, ...]) -> str:
-    """UPDATE task SET <columns>, updated_at WHERE id and the compare-and-set state, for executemany."""
+def _update_sql(sets: tuple[str, ...], where: tuple[str, ...], also: str = "") -> str:
+    """UPDATE task SET <sets> WHERE unfinished = 1 AND <where> (each a parameter) <also>, for executemany."""
     db = database.obj
-    key = (type(db).__name__, columns)
+    key = (type(db).__name__, sets, where, also)
     sql = _update_sql_cache.get(key)
     if sql is None:
         def q(name: str) -> str:
             return f"{db.quote[0]}{name}{db.quote[1]}"
 
         p = db.param
-        sets = ", ".join(f"{q(c)} = {p}" for c in (*columns, "updated_at"))
-        sql = (f"UPDATE {q(Task._meta.table_name)} SET {sets} WHERE {q('id')} = {p} AND {q('unfinished')} = 1 "
-               f"AND {q('status')} = {p} AND {q('progress')} = {p} AND {q('quota')} = {p}")
+        sql = (f"UPDATE {q(Task._meta.table_name)} SET {', '.join(f'{q(c)} = {p}' for c in sets)} "
+               f"WHERE {q('unfinished')} = 1" + "".join(f" AND {q(c)} = {p}" for c in where) + also)
         _update_sql_cache[key] = sql
     return sql
+
+
+def _grouped_update_sql(columns: tuple[str, ...]) -> str:
+    """The compare-and-set update of a change: its columns and updated_at, where the row still holds the
+    state the change was worked out from."""
+    return _update_sql((*columns, "updated_at"), ("id", "status", "progress", "quota"))
+
+
+def _memo_sql() -> str:
+    """The memo update of a row still at the version checked, unless it holds that memo already (a write
+    that moved neither the memo nor updated_at would make the database move the version: migration 8)."""
+    p = database.obj.param
+    return _update_sql(("memo_digest", "memo_version"), ("id", "updated_at"),
+                       f" AND (memo_digest <> {p} OR memo_version <> updated_at)")
 
 
 _STATE_COLUMNS = [getattr(Task, name) for name in TaskState._fields]
@@ -428,10 +466,12 @@ def _read_states_by_id(ids: list[int], *, lock: bool) -> list[TaskState]:
 # --- the callers' entry points --------------------------------------------------------------------------
 
 
-def apply_reports(channel_id: int, reports: Iterable[dict], *, scope: PushScope | None = None) -> ApplyStats:
+def apply_reports(channel_id: int, reports: Iterable[dict], *, scope: PushScope | None = None,
+                  digests: Mapping[str, str] | None = None) -> ApplyStats:
     """Apply upstream task reports from one channel, in one transaction. Reports for ids this channel has
     no task for, and reports without an id, are counted and skipped. With a scope (a push through a notify
-    link) only the tasks that link may change are considered; the others count as unknown."""
+    link) only the tasks that link may change are considered; the others count as unknown. digests (the
+    poller's, by id) are remembered on the rows of the reports taken whole (see :func:`_apply`)."""
     stats = ApplyStats()
     by_id: dict[str, dict] = {}
     for report in reports:
@@ -452,7 +492,7 @@ def apply_reports(channel_id: int, reports: Iterable[dict], *, scope: PushScope 
         found = {row.mj_id: row for row in rows}
         return [(found.get(mj_id), report) for mj_id, report in by_id.items()]
 
-    return _apply(read, stats)
+    return _apply(read, stats, digests)
 
 
 def apply_report(channel_id: int, report: dict, scope: PushScope | None = None) -> ApplyStats:

@@ -34,7 +34,7 @@ from typing import Any
 from mjctl.protocol import STATUSES
 
 __all__ = [
-    "CleanReport", "ID_RE", "MAX_ID_CHARS", "MAX_TEXT_CHARS", "MAX_PROMPT_CHARS", "MAX_URL_CHARS", "STATUSES",
+    "ID_RE", "MAX_ID_CHARS", "MAX_TEXT_CHARS", "MAX_PROMPT_CHARS", "MAX_URL_CHARS", "STATUSES",
     "UpstreamTextError", "clean_properties", "clean_report", "clean_text", "clean_url", "remember_secret",
     "scrub", "task_id",
 ]
@@ -275,21 +275,13 @@ _TEXT_FIELDS = (("description", MAX_TEXT_CHARS), ("failReason", MAX_TEXT_CHARS),
 _URL_FIELDS = ("imageUrl", "videoUrl")
 
 
-class CleanReport(dict):
-    """A cleaned report; ``raw`` is the report as the upstream sent it, which is what a poller's memo of
-    unchanged reports compares the next cycle's answers with."""
-
-    __slots__ = ("raw",)
-
-
-def clean_report(report: Any) -> CleanReport:
+def clean_report(report: Any) -> dict[str, Any]:
     """A task report (a list-by-condition item, a fetch answer, a push body) as mjctl may apply it: only the
     fields mjctl reads, each typed, bounded and scrubbed. Raises UpstreamTextError when the report cannot
     be applied at all: not an object, no valid id, a status outside the protocol."""
     if not isinstance(report, dict):
         raise UpstreamTextError("a task report must be an object")
-    out = CleanReport(id=task_id(report.get("id")))
-    out.raw = report
+    out: dict[str, Any] = {"id": task_id(report.get("id"))}
     status = report.get("status")
     if status is not None and status != "":
         if not isinstance(status, str) or status.upper() not in STATUSES:

@@ -1,17 +1,22 @@
-"""A long-running poller's memory: a report that changed nothing last cycle is not worked out again while
-its task's row is unwritten; any write to the row, by anyone, brings it back."""
+"""The poller's memo, kept on the task rows: a report that changed nothing is skipped — by a one-shot cycle
+as by a loop — until its task's row or the report changes; any write to the row, by anyone, brings it back."""
 
 from __future__ import annotations
 
 import json
-import threading
+import os
+import subprocess
+import sys
 import time
+import types
+from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.helpers import wait_until
-from tests.poller_helpers import PRICE, add_channel, book_problems, submit_charged
+from tests.poller_helpers import PRICE, add_channel, book_problems, sim_submit, submit_charged
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture
@@ -42,113 +47,187 @@ def worked_out(monkeypatch):
     return seen
 
 
+@pytest.fixture
+def running(any_store, upstream, worked_out):
+    """Three charged tasks running upstream, and cycle(): one poll cycle, each a fresh one-shot poller."""
+    from mjctl import accounts
+    from mjctl.poller import poll_once
+
+    reports, transport = upstream
+    user, _ = accounts.create_user("alice", quota=10 * PRICE)
+    channel = add_channel(any_store, "mock", "http://mock:1")
+    ids = ["m1", "m2", "m3"]
+    submit_charged(user.id, channel.id, ids)
+    for mj_id in ids:
+        reports[mj_id] = {"id": mj_id, "status": "IN_PROGRESS", "progress": "10%", "promptEn": f"en {mj_id}",
+                          "properties": {"finalPrompt": f"final {mj_id}"}, "buttons": [{"customId": "x"}]}
+
+    def cycle():
+        worked_out.clear()
+        return poll_once(any_store, transport=transport)
+
+    return types.SimpleNamespace(cycle=cycle, ids=ids, reports=reports, channel=channel)
+
+
 def _task(mj_id: str):
     from mjctl.models import Task
 
     return Task.get(Task.mj_id == mj_id)
 
 
-def test_repeated_reports_are_skipped_until_the_row_or_the_report_changes(store, upstream, worked_out):
-    from mjctl import accounts
-    from mjctl.models import Task
-    from mjctl.poller import PollerMemory, poll_once
+def test_unchanged_reports_are_skipped_until_the_row_or_the_report_changes(running, worked_out):
+    from mjctl import reports
 
-    reports, transport = upstream
-    user, _ = accounts.create_user("alice", quota=10 * PRICE)
-    channel = add_channel(store, "mock", "http://mock:1")
-    ids = ["m1", "m2", "m3"]
-    submit_charged(user.id, channel.id, ids)
-    for mj_id in ids:
-        reports[mj_id] = {"id": mj_id, "status": "IN_PROGRESS", "progress": "10%", "promptEn": f"en {mj_id}",
-                          "properties": {"finalPrompt": f"final {mj_id}"}, "buttons": [{"customId": "x"}]}
-    memory = PollerMemory()
+    first = running.cycle()  # every task moves, and the report that moved it is remembered with it
+    assert first.updated == 3 and sorted(worked_out) == running.ids and first.skipped == 0
+    second = running.cycle()  # the same reports against the rows they left: none is read or worked out
+    assert (second.updated, second.skipped, second.checked, worked_out) == (0, 3, 3, [])
 
-    def cycle():
-        worked_out.clear()
-        return poll_once(store, transport=transport, memory=memory)
+    # A changed report is worked out and applied, and remembered again; the others still are not.
+    running.reports["m2"] = dict(running.reports["m2"], progress="55%")
+    third = running.cycle()
+    assert worked_out == ["m2"] and third.updated == 1 and _task("m2").progress == "55%"
+    assert running.cycle().skipped == 3 and worked_out == []
 
-    first = cycle()
-    assert first.updated == 3 and sorted(worked_out) == ids
-    second = cycle()  # nothing changed: every report is worked out once more, and remembered
-    assert second.updated == 0 and sorted(worked_out) == ids
-    third = cycle()  # the same reports against the same rows: none is worked out
-    assert third.updated == 0 and third.checked == 3 and worked_out == []
+    # A report that changes nothing without having moved the row is remembered on its own.
+    running.reports["m3"] = dict(running.reports["m3"], submitTime=1730000000000)  # a field mjctl does not keep
+    fifth = running.cycle()
+    assert (worked_out, fifth.updated, fifth.skipped) == (["m3"], 0, 2)
+    assert running.cycle().skipped == 3 and worked_out == []
 
-    # Someone else writes a row (as every writer does, with its version): that report is worked out again,
-    # and the upstream's value comes back.
-    Task.update(prompt_en="edited", updated_at=time.time()).where(Task.mj_id == "m1").execute()
-    fourth = cycle()
-    assert worked_out == ["m1"] and fourth.updated == 1 and _task("m1").prompt_en == "en m1"
-
-    # A changed report is worked out and applied; m1, written last cycle, is checked once more (and
-    # remembered again); m3 still is not.
-    reports["m2"] = dict(reports["m2"], progress="55%")
-    fifth = cycle()
-    assert sorted(worked_out) == ["m1", "m2"] and fifth.updated == 1 and _task("m2").progress == "55%"
-
-    # Finishing still works from a memo'd state: a failure is refunded once, a success completes.
-    reports["m3"] = dict(reports["m3"], status="FAILURE", failReason="banned prompt")
-    reports["m1"] = dict(reports["m1"], status="SUCCESS", progress="100%", imageUrl="http://cdn/m1.png")
-    sixth = cycle()
-    assert sorted(worked_out) == ["m1", "m2", "m3"] and sixth.refunded == 1 and sixth.succeeded == 1
-    assert _task("m3").quota == 0 and _task("m1").status == "SUCCESS"
-    seventh = cycle()  # only m2 is left unfinished, and its report repeats
-    assert seventh.checked == 1 and worked_out == []
+    # A push moves m1 on: the poller's report (the upstream still says 10%) is worked out again against the
+    # row as it is now, refused as a step backwards, and not remembered while it is refused.
+    reports.apply_report(running.channel.id, {"id": "m1", "status": "IN_PROGRESS", "progress": "80%"})
+    for _ in range(2):
+        summary = running.cycle()
+        assert worked_out == ["m1"] and summary.updated == 0 and summary.faults["progress_backwards"] == 1
+    assert _task("m1").progress == "80%"
     assert book_problems() == []
 
 
-def test_a_one_shot_cycle_has_no_memory(store, upstream, worked_out):
-    from mjctl import accounts
-    from mjctl.poller import poll_once
+def test_a_hand_edit_brings_the_upstreams_value_back(running, worked_out):
+    """An edit in SQL that leaves updated_at alone still moves the row's version (a trigger of migration 8),
+    so the memo no longer holds and the upstream's value comes back."""
+    from mjctl.db import database
 
-    reports, transport = upstream
-    user, _ = accounts.create_user("bob", quota=10 * PRICE)
-    channel = add_channel(store, "mock", "http://mock:1")
-    submit_charged(user.id, channel.id, ["o1", "o2"])
-    reports.update({i: {"id": i, "status": "SUBMITTED", "progress": "0%"} for i in ("o1", "o2")})
-    for _ in range(3):
-        worked_out.clear()
-        poll_once(store, transport=transport)
-        assert sorted(worked_out) == ["o1", "o2"]
+    running.cycle()
+    assert running.cycle().skipped == 3
+    before = _task("m1").updated_at
+    database.execute_sql("UPDATE task SET prompt_en = 'edited by hand' WHERE mj_id = 'm1'")
+    database.execute_sql("UPDATE task SET prompt_en = 'edited', updated_at = updated_at WHERE mj_id = 'm2'")
+    assert _task("m1").updated_at != before
+    summary = running.cycle()
+    assert sorted(worked_out) == ["m1", "m2"] and summary.updated == 2 and summary.skipped == 1
+    assert (_task("m1").prompt_en, _task("m2").prompt_en) == ("en m1", "en m2")
+    assert running.cycle().skipped == 3 and worked_out == []
 
 
-def test_a_push_between_cycles_voids_the_memo_for_its_task(store, upstream, worked_out):
-    """A push moves a task on; the poller's next report (the upstream still says what it said) is checked
-    against the new row and, being older, changes nothing and refunds nothing."""
-    from mjctl import accounts
-    from mjctl import reports as applying
-    from mjctl.poller import PollerMemory, poll_once
+def test_finishing_and_refunds_are_exact_from_a_remembered_state(running, worked_out):
+    from mjctl.models import Ledger, User
 
-    reports, transport = upstream
-    user, _ = accounts.create_user("carol", quota=10 * PRICE)
-    channel = add_channel(store, "mock", "http://mock:1")
-    submit_charged(user.id, channel.id, ["p1"])
-    reports["p1"] = {"id": "p1", "status": "IN_PROGRESS", "progress": "20%"}
-    memory = PollerMemory()
-    for _ in range(3):
-        poll_once(store, transport=transport, memory=memory)
-    applying.apply_report(channel.id, {"id": "p1", "status": "IN_PROGRESS", "progress": "80%"})
-    worked_out.clear()
-    summary = poll_once(store, transport=transport, memory=memory)
-    assert worked_out == ["p1"] and summary.updated == 0 and summary.faults["progress_backwards"] == 1
-    assert _task("p1").progress == "80%"
+    running.cycle()
+    assert running.cycle().skipped == 3
+    running.reports["m1"] = dict(running.reports["m1"], status="SUCCESS", progress="100%", imageUrl="http://cdn/m1.png")
+    running.reports["m2"] = dict(running.reports["m2"], status="FAILURE", failReason="banned prompt")
+    running.reports["m3"] = dict(running.reports["m3"], status="CANCEL", progress="")
+    done = running.cycle()
+    assert sorted(worked_out) == running.ids
+    assert (done.succeeded, done.failed, done.cancelled, done.refunded, done.quota_refunded) == (1, 1, 1, 2, 2 * PRICE)
+    assert [_task(i).status for i in running.ids] == ["SUCCESS", "FAILURE", "CANCEL"]
+    assert [_task(i).quota for i in running.ids] == [PRICE, 0, 0]
+    assert running.cycle().checked == 0
+    assert Ledger.select().where(Ledger.kind == "refund").count() == 2
+    assert User.get(User.name == "alice").quota == 9 * PRICE
     assert book_problems() == []
 
 
-def test_the_loop_carries_one_memory_across_its_cycles(store, monkeypatch):
-    from mjctl import poller
+def test_a_report_is_remembered_only_against_the_version_it_was_checked_against(running, worked_out, monkeypatch):
+    """A row written between the read a report was checked against and the memo's write keeps no memo that
+    holds: the memo names the version it was checked against, not the one the row has by then."""
+    from mjctl import reports
+    from mjctl.db import database
 
-    memories = []
+    running.cycle()
+    running.reports["m1"] = dict(running.reports["m1"], submitTime=1730000000000)  # unchanged, not remembered yet
+    real = reports._read_states_by_mj_id
 
-    def fake_poll_once(settings, **kwargs):
-        memories.append(kwargs.get("memory"))
-        return poller.CycleSummary()
+    def edited_after_the_read(channel_id, mj_ids):
+        rows = real(channel_id, mj_ids)
+        database.execute_sql("UPDATE task SET prompt_en = 'edited by hand' WHERE mj_id = 'm1'")
+        return rows
 
-    monkeypatch.setattr(poller, "poll_once", fake_poll_once)
-    stop = threading.Event()
-    thread = threading.Thread(target=poller.run_loop, args=(store, stop, 0.02), daemon=True)
-    thread.start()
-    wait_until(lambda: len(memories) >= 3, timeout=5)
-    stop.set()
-    thread.join(2)
-    assert isinstance(memories[0], poller.PollerMemory) and all(m is memories[0] for m in memories)
+    monkeypatch.setattr(reports, "_read_states_by_mj_id", edited_after_the_read)
+    assert running.cycle().skipped == 2 and worked_out == ["m1"]
+    monkeypatch.setattr(reports, "_read_states_by_mj_id", real)
+    summary = running.cycle()  # no memo was kept for the old version: m1 is worked out and put right
+    assert worked_out == ["m1"] and summary.updated == 1 and _task("m1").prompt_en == "en m1"
+
+
+def test_a_report_that_cannot_be_remembered_is_worked_out_every_time(running, worked_out):
+    deep: list = []
+    for _ in range(300):  # read by the client, but deeper than orjson writes: the report has no digest
+        deep = [deep]
+    running.reports["m1"] = dict(running.reports["m1"], extra=deep)
+    running.cycle()
+    for _ in range(2):
+        assert running.cycle().skipped == 2 and worked_out == ["m1"]
+
+
+def test_one_shot_mjctl_poll_processes_skip_what_an_earlier_one_remembered(tmp_path):
+    """Cron runs `mjctl poll` as a new process each time; nothing is carried over but the store."""
+    from mjctl import accounts
+    from mjctl.db import open_store
+    from mjctl.simulator import run_simulator_in_thread
+    from tests.conftest import make_settings
+
+    url = f"sqlite:///{tmp_path}/cron.db"
+    settings = make_settings(tmp_path, url)
+    open_store(settings)
+    with run_simulator_in_thread(secret="sim-secret", step_seconds=3600) as sim:
+        sim.sim.update({"accounts": 4, "concurrency": 10})
+        user, _ = accounts.create_user("cron", quota=10 * PRICE)
+        channel = add_channel(settings, "sim", sim.url)
+        submit_charged(user.id, channel.id, sim_submit(sim.url, 4))
+        env = {**os.environ, "MJCTL_DATABASE_URL": url, "MJCTL_SERVER_SECRET": "test-secret",
+               "MJCTL_LOG_LEVEL": "error", "PYTHONPATH": str(ROOT)}
+
+        def poll() -> dict:
+            out = subprocess.run([sys.executable, "-m", "mjctl", "poll", "--json"], env=env, cwd=tmp_path,
+                                 capture_output=True, text=True, timeout=60)
+            assert out.returncode == 0, out.stderr
+            return json.loads(out.stdout)
+
+        first, second = poll(), poll()
+    assert (first["checked"], first["updated"], first["skipped"]) == (4, 4, 0)
+    assert (second["checked"], second["updated"], second["skipped"]) == (4, 0, 4)
+    assert book_problems() == []
+
+
+def test_the_memo_columns_and_trigger_come_with_migration_8(any_store):
+    """Upgrading a store of version 7: the columns arrive with their defaults on every row, and from then
+    on an update that moves neither updated_at nor the memo moves updated_at."""
+    import peewee
+
+    from mjctl import db
+    from mjctl.models import SchemaVersion, Task
+
+    database = db.database
+    task = Task.create(user_id=1, channel_id=1, mj_id="1", status="SUBMITTED", updated_at=100.0)
+    if db.is_sqlite():
+        database.execute_sql("DROP TRIGGER task_version")
+    elif isinstance(database.obj, peewee.PostgresqlDatabase):
+        database.execute_sql("DROP TRIGGER task_version ON task")
+    else:
+        database.execute_sql("DROP TRIGGER task_version")
+    for column in ("memo_digest", "memo_version"):
+        database.execute_sql(f"ALTER TABLE task DROP COLUMN {column}")
+    SchemaVersion.delete().where(SchemaVersion.version >= 8).execute()
+    assert db.migrate() == [8] and db.migrate() == []
+    stored = Task.get_by_id(task.id)
+    assert (stored.memo_digest, stored.memo_version, stored.updated_at) == ("", 0.0, 100.0)
+    database.execute_sql(f"UPDATE task SET memo_digest = 'd', memo_version = 100 WHERE id = {task.id}")
+    assert Task.get_by_id(task.id).updated_at == 100.0  # writing the memo leaves the version alone
+    database.execute_sql(f"UPDATE task SET progress = 'half' WHERE id = {task.id}")
+    assert time.time() + 1 > Task.get_by_id(task.id).updated_at > time.time() - 60
+    database.execute_sql(f"UPDATE task SET updated_at = 200 WHERE id = {task.id}")
+    assert Task.get_by_id(task.id).updated_at == 200.0  # a writer that sets it is taken at its word

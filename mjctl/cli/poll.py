@@ -22,6 +22,7 @@ app = typer.Typer()
 
 ROWS = (
     ("checked", "tasks checked"),
+    ("skipped", "unchanged, skipped"),
     ("updated", "updated"),
     ("finished", "finished"),
     ("succeeded", "succeeded"),
