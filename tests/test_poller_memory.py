@@ -177,7 +177,7 @@ def test_one_shot_mjctl_poll_processes_skip_what_an_earlier_one_remembered(tmp_p
     """Cron runs `mjctl poll` as a new process each time; nothing is carried over but the store."""
     from mjctl import accounts
     from mjctl.db import open_store
-    from mjctl.simulator import run_simulator_in_thread
+    from mjctl.sim import run_simulator_in_thread
     from tests.conftest import make_settings
 
     url = f"sqlite:///{tmp_path}/cron.db"
