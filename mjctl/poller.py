@@ -195,7 +195,7 @@ def report_digest(report: dict) -> str:
     counts, so a reordered report is only a miss), or "" when it has no JSON form: never remembered."""
     try:
         return hashlib.blake2b(orjson.dumps(report), digest_size=16).hexdigest()
-    except TypeError:  # orjson.JSONEncodeError: an integer beyond 64 bits, say
+    except TypeError:  # orjson.JSONEncodeError: nesting deeper than orjson writes, an integer beyond 64 bits
         return ""
 
 
