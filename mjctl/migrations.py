@@ -237,3 +237,48 @@ def _m7_write_ahead(db: peewee.Database) -> None:
         db.execute_sql("ALTER TABLE task ADD COLUMN nonce VARCHAR(32) NOT NULL DEFAULT ''")
     db.create_tables([pending], safe=True)
 
+
+@migration(8, "the poller's memo of unchanged reports on each task, voided by any write of the row")
+def _m8_report_memo(db: peewee.Database) -> None:
+    """Two columns on task, as they are at this step, and a trigger on each database that moves updated_at
+    (the row version the memo is checked against) on any update that moves neither updated_at nor the
+    memo itself — a hand edit in SQL, say — so that no write leaves a memo standing. Each step checks
+    first or replaces, so a run interrupted half-way (MySQL commits each DDL at once) runs again cleanly;
+    the columns come with constant defaults, added without rewriting the table (as in migration 7)."""
+    if isinstance(db, peewee.PostgresqlDatabase):
+        real = "DOUBLE PRECISION"
+    elif isinstance(db, peewee.SqliteDatabase):
+        real = "REAL"
+    else:
+        real = "DOUBLE"
+    columns = {c.name for c in db.get_columns("task")}
+    if "memo_digest" not in columns:
+        db.execute_sql("ALTER TABLE task ADD COLUMN memo_digest VARCHAR(32) NOT NULL DEFAULT ''")
+    if "memo_version" not in columns:
+        db.execute_sql(f"ALTER TABLE task ADD COLUMN memo_version {real} NOT NULL DEFAULT 0")
+    if isinstance(db, peewee.SqliteDatabase):
+        db.execute_sql("DROP TRIGGER IF EXISTS task_version")
+        db.execute_sql(
+            "CREATE TRIGGER task_version AFTER UPDATE ON task FOR EACH ROW "
+            "WHEN NEW.updated_at IS OLD.updated_at AND NEW.memo_digest IS OLD.memo_digest "
+            "AND NEW.memo_version IS OLD.memo_version BEGIN "
+            "UPDATE task SET updated_at = max((julianday('now') - 2440587.5) * 86400.0, OLD.updated_at + 0.000001) "
+            "WHERE id = NEW.id; END")
+    elif isinstance(db, peewee.PostgresqlDatabase):
+        db.execute_sql(
+            "CREATE OR REPLACE FUNCTION mjctl_task_version() RETURNS trigger AS $$ BEGIN "
+            "IF NEW.updated_at IS NOT DISTINCT FROM OLD.updated_at "
+            "AND NEW.memo_digest IS NOT DISTINCT FROM OLD.memo_digest "
+            "AND NEW.memo_version IS NOT DISTINCT FROM OLD.memo_version THEN "
+            "NEW.updated_at := GREATEST(EXTRACT(EPOCH FROM clock_timestamp())::double precision, "
+            "OLD.updated_at + 0.000001); END IF; RETURN NEW; END $$ LANGUAGE plpgsql")
+        db.execute_sql("DROP TRIGGER IF EXISTS task_version ON task")
+        db.execute_sql("CREATE TRIGGER task_version BEFORE UPDATE ON task "
+                       "FOR EACH ROW EXECUTE FUNCTION mjctl_task_version()")
+    else:
+        db.execute_sql("DROP TRIGGER IF EXISTS task_version")
+        db.execute_sql(
+            "CREATE TRIGGER task_version BEFORE UPDATE ON task FOR EACH ROW BEGIN "
+            "IF NEW.updated_at <=> OLD.updated_at AND NEW.memo_digest <=> OLD.memo_digest "
+            "AND NEW.memo_version <=> OLD.memo_version THEN "
+            "SET NEW.updated_at = GREATEST(UNIX_TIMESTAMP(NOW(6)), OLD.updated_at + 0.000001); END IF; END")
