@@ -176,6 +176,10 @@ DEFAULT_PRICES: dict[str, tuple[int, str]] = {
     "ZOOM": (1000, ""),
     "PAN": (1000, ""),
     "MODAL": (0, "the modal step after a code-21 action (the action was charged)"),
+    "VIDEO": (1000, "image to video (/mj/submit/video)"),
+    "EDITS": (1000, "an image edited by a prompt (/mj/submit/edits)"),
+    "SWAP_FACE": (1000, "a face swap (/mj/insight-face/swap)"),
+    "UPLOAD": (0, "upload-discord-images, per request (no task is made); 0 = free"),
 }
 
 

@@ -42,12 +42,13 @@ from typing import Any
 
 import peewee
 
-from mjctl import crypto, pending, tasks, upstream_text
+from mjctl import accounts, crypto, pending, tasks, upstream_text
 from mjctl.channels import client_for
 from mjctl.db import retry_transaction, write_tx
 from mjctl.errors import MjctlError
 from mjctl.images.common import ROUTE as IMAGE_ROUTE
 from mjctl.models import Channel, PendingSubmission, Task, User
+from mjctl.protocol import NO_ACCOUNT_CODE
 from mjctl.upstream import (
     PREFIXES,
     SUBMIT_KINDS,
@@ -68,10 +69,15 @@ __all__ = [
 ]
 
 Envelope = tuple[int, dict[str, Any]]
+#: The kind under which a face swap (``/mj/insight-face/swap``) goes through :func:`submit`.
+SWAP_FACE = "swap-face"
 ImageUrl = Callable[[Task], str] | None
 
-KIND_ACTIONS = {"imagine": "IMAGINE", "describe": "DESCRIBE", "blend": "BLEND", "shorten": "SHORTEN"}
-#: Kinds that continue an earlier task: they go to its channel and need the caller to own it.
+#: The action (and price key) of each kind that names it by itself; the others read it from the body.
+KIND_ACTIONS = {"imagine": "IMAGINE", "describe": "DESCRIBE", "blend": "BLEND", "shorten": "SHORTEN",
+                "video": "VIDEO", "edits": "EDITS", "upload-discord-images": "UPLOAD", SWAP_FACE: "SWAP_FACE"}
+#: Kinds that continue an earlier task: they go to its channel and need the caller to own it and, but for
+#: modal, to have finished with SUCCESS. A video continues one when it names a taskId.
 FOLLOW_UP_KINDS = ("action", "modal", "change", "simple-change")
 CHANGE_ACTIONS = {"U": "UPSCALE", "V": "VARIATION", "R": "REROLL"}
 LATEST_LIMIT = 100
@@ -86,11 +92,13 @@ MAX_STATE_CHARS = 1024
 TEXT_FIELDS: dict[str, int | None] = {
     "state": MAX_STATE_CHARS, "taskId": MAX_ID_CHARS, "customId": 256, "action": 32,
     "content": MAX_ID_CHARS + 64, "notifyHook": 2048, "botType": 32, "dimensions": 32,
-    "base64": None, "maskBase64": None,
+    "motion": 16, "imageUrl": 2048, "base64": None, "maskBase64": None, "image": None,
+    "sourceBase64": None, "targetBase64": None,
 }
 
 
-def envelope(code: int, description: str, result: str | None = None, properties: dict | None = None) -> dict:
+def envelope(code: int, description: str, result: Any = None, properties: dict | None = None) -> dict:
+    """midjourney-proxy's answer: result is a task id, or the links of an upload."""
     return {"code": code, "description": description, "result": result, "properties": properties or {}}
 
 
@@ -235,7 +243,13 @@ def _client(settings, channel: Channel) -> UpstreamClient:
     return client_for(settings, channel, timeout=submit_deadline(settings))
 
 
+def _follows_up(kind: str, body: dict) -> bool:
+    return kind in FOLLOW_UP_KINDS or (kind == "video" and body.get("taskId") not in (None, ""))
+
+
 def _owned_parent(user: User, kind: str, body: dict) -> Task:
+    """The earlier task a follow-up continues: the caller's, finished with SUCCESS (a modal step continues
+    a task waiting for it). Raises _Refusal before anything is reserved."""
     parent_id = _parent_id(kind, body)
     if not parent_id:
         field = "content" if kind == "simple-change" else "taskId"
@@ -244,6 +258,9 @@ def _owned_parent(user: User, kind: str, body: dict) -> Task:
     if parent is None:
         # Someone else's task reads exactly like a missing one: ids of others are not disclosed.
         raise _Refusal(404, 3, f"task {parent_id} not found")
+    if kind != "modal" and parent.status != "SUCCESS":
+        raise _Refusal(409, 4, f"task {parent_id} has not finished with SUCCESS (it is {parent.status}); "
+                               f"only a successful task's result can be acted on")
     return parent
 
 
@@ -268,7 +285,12 @@ def _forward(settings, channels: list[Channel], kind: str, body: dict, prefix: s
     not_after (monotonic) is when the calls must be over: no call starts with less than a second left or
     runs past it, so the reservation covering them cannot expire while one is still open. With the
     submission's pending record, each channel gets the submission's own notify link and its nonce as
-    state, and a channel failed over to is added to the record before it is called."""
+    state, and a channel failed over to is added to the record before it is called.
+
+    Besides an unreachable channel, two answers send the submission on to the next channel when there is
+    one: "no account available" (code 3 to a submission that continues no task: the upstream has no
+    Discord account left to run it) and 404/405 without an envelope (the upstream does not offer the
+    route, as a Java upstream does not offer video)."""
     failures: list[str] = []
     for position, channel in enumerate(channels):
         deadline = Deadline(submit_deadline(settings))
@@ -293,9 +315,19 @@ def _forward(settings, channels: list[Channel], kind: str, body: dict, prefix: s
             log.error("channel %s: %s", channel.name, exc.message)
             failures.append(f"{channel.name}: unusable secret")
             continue
+        last = position == len(channels) - 1
         try:
             with client:
-                return channel, client.submit(kind, outgoing, prefix, deadline=deadline)
+                if kind == SWAP_FACE:
+                    result = client.swap_face(outgoing, prefix, deadline=deadline)
+                else:
+                    result = client.submit(kind, outgoing, prefix, deadline=deadline)
+            if not last and result.code == NO_ACCOUNT_CODE:  # only a new task has several channels
+                log.warning("channel %s has no account available, failing over: %s", channel.name,
+                            result.description)
+                failures.append(f"{channel.name}: no account available")
+                continue
+            return channel, result
         except UpstreamUnavailable as exc:
             log.warning("channel %s unavailable, failing over: %s", channel.name, exc)
             failures.append(f"{channel.name}: {exc}")
@@ -305,6 +337,12 @@ def _forward(settings, channels: list[Channel], kind: str, body: dict, prefix: s
         except UpstreamRateLimited:
             raise _Refusal(429, 9, f"the upstream is rate limiting (channel {channel.name}); try again later") from None
         except UpstreamProtocolError as exc:
+            if exc.status in (404, 405):
+                log.warning("channel %s does not offer %s: %s", channel.name, kind, exc)
+                failures.append(f"{channel.name}: does not offer {kind}")
+                if last:
+                    raise _Refusal(502, 9, f"no upstream channel offers {kind}") from None
+                continue
             log.error("channel %s answered off-protocol: %s", channel.name, exc)
             raise _Refusal(502, 9, f"the upstream gave an invalid answer (channel {channel.name})") from None
     log.error("no channel answered: %s", "; ".join(failures))
@@ -328,16 +366,18 @@ def submit(settings, user: User, kind: str, body: dict, prefix: str = "") -> Env
     insufficient quota, no channel) never reach the upstream and change nothing. See the module docstring
     for how charging stays exact.
     """
-    if kind not in SUBMIT_KINDS:
+    if kind not in SUBMIT_KINDS and kind != SWAP_FACE:
         return 404, envelope(3, f"unknown submit kind {kind!r}")
     if prefix not in PREFIXES:
         return 404, envelope(3, f"unknown speed prefix {prefix!r}")
     if not isinstance(body, dict):
         return 400, envelope(4, "the body must be a JSON object")
+    if kind == "upload-discord-images":
+        return upload_images(settings, user, body, prefix)
     caller_hook = body.get("notifyHook")
     try:
         check_fields(settings, body)
-        parent = _owned_parent(user, kind, body) if kind in FOLLOW_UP_KINDS else None
+        parent = _owned_parent(user, kind, body) if _follows_up(kind, body) else None
         continues_modal = kind == "modal" and parent is not None and parent.status == "MODAL"
         action = action_for(kind, body)
         price = settings.price("MODAL" if kind == "modal" else action)
@@ -397,10 +437,20 @@ def submit(settings, user: User, kind: str, body: dict, prefix: str = "") -> Env
             if continues_modal and parent.mj_id == mj_id:
                 _continue_modal(parent, body, result, status, price)
                 return 200
+            done = None if continues_modal else _finished_at_once(result)
+            if done and _own_task(user.id, channel.id, mj_id):
+                answer["code"] = 1
+                return 200  # the caller's own finished task, named again: nothing new to record or charge
             if pending.id_taken(channel.id, mj_id):
                 return None
-            pending.create_task(record, channel.id, mj_id, status=status, code=result.code,
-                                description=result.description, properties=result.properties)
+            task = pending.create_task(record, channel.id, mj_id, status="SUCCESS" if done else status,
+                                       code=result.code, description=result.description,
+                                       properties=result.properties)
+            if done:
+                now = int(time.time())
+                Task.update(progress="100%", image_url=done, start_time=now, finish_time=now, unfinished=0,
+                            updated_at=time.time()).where(Task.id == task.id).execute()
+                answer["code"] = 1  # to the caller it is a task like any other, only finished already
         return 200
 
     try:
@@ -414,6 +464,108 @@ def submit(settings, user: User, kind: str, body: dict, prefix: str = "") -> Env
     log.error("channel %s answered a submission of user %s with %r, an id another task of the channel already "
               "has: not recorded, not charged", channel.name, user.id, result.result)
     return 502, envelope(9, f"the upstream gave an invalid answer (channel {channel.name})")
+
+
+def _finished_at_once(result: SubmitResult) -> str | None:
+    """The image URL of a code-21 answer that says the task exists and has finished ("task already exists"
+    with ``properties.status`` SUCCESS and an ``imageUrl``): the task is recorded finished, charged, with that
+    image. None for any other answer, code 21's "waiting for a modal step" included."""
+    properties = result.properties
+    if result.code != 21 or str(properties.get("status") or "").upper() != "SUCCESS":
+        return None
+    url = upstream_text.clean_url(properties.get("imageUrl"))
+    return url if url and url.startswith(("https://", "http://")) else None
+
+
+def _own_task(user_id: int, channel_id: int, mj_id: str) -> bool:
+    return Task.select(Task.id).where((Task.channel_id == channel_id) & (Task.mj_id == mj_id)
+                                      & (Task.user_id == user_id)).exists()
+
+
+def upload_images(settings, user: User, body: dict, prefix: str = "") -> Envelope:
+    """Relay ``upload-discord-images``: the upstream answers at once with the images' links, no task is
+    made. Free unless ``[prices] UPLOAD`` is set; then that price is held like a submission's and charged
+    (one ledger entry, no task) when the upstream accepts, released when it does not."""
+    try:
+        check_fields(settings, body)
+        images = body.get("base64Array")
+        if not isinstance(images, list) or not images:
+            raise _Refusal(400, 4, "base64Array must be a non-empty list of data URLs")
+        channels = _channels_for(None)
+        price = settings.price("UPLOAD")
+        record = None
+        if price:
+            ttl = reservation_ttl(settings, len(channels))
+            fields = dict(nonce=pending.new_nonce(), kind="upload-discord-images", action="UPLOAD",
+                          channel_ids=str(channels[0].id), parent_task_id=None, state="", prompt="", properties="")
+            record = retry_transaction(lambda: _write_ahead(user.id, price, ttl, fields), what="reserving quota")
+        not_after = time.monotonic() + reservation_ttl(settings, len(channels)) - RESERVATION_SLACK
+    except _Refusal as refusal:
+        return refusal.answer()
+    forwarded = {k: v for k, v in body.items() if k not in ("notifyHook", "state")}
+    try:
+        channel, result = _forward(settings, channels, "upload-discord-images", forwarded, prefix, not_after)
+    except _Refusal as refusal:
+        if record is not None:
+            _drop_tx(record)
+        return refusal.answer()
+    except BaseException:
+        if record is not None:
+            _drop_tx(record)
+        raise
+    if record is not None:
+        if result.accepted:
+            def charge_upload() -> None:
+                with write_tx():
+                    if pending.claim(record):
+                        accounts.charge(user.id, price, task_id=None,
+                                        reason=f"UPLOAD {len(result.links)} image(s) via {channel.name}")
+            retry_transaction(charge_upload, what="charging an upload")
+        else:
+            _drop_tx(record)
+    return (200 if result.accepted else result.http_status), envelope(
+        result.code, result.description, list(result.links) if result.accepted else None)
+
+
+def cancel(settings, user: User, mj_id: str) -> Envelope:
+    """Cancel one of the caller's unfinished tasks: the upstream of its channel is asked
+    (``POST /mj/task/<id>/cancel``, which C# upstreams offer); when it agrees the task becomes CANCEL
+    through the poller's own apply path and is refunded like a FAILURE, exactly once."""
+    from mjctl import reports
+
+    task = tasks.owned_task(user.id, mj_id)
+    if task is None:
+        return 404, envelope(3, "task not found")
+    if task.unfinished == 0:
+        return 409, envelope(4, f"task {mj_id} is already finished ({task.status})")
+    channel = Channel.get_or_none(Channel.id == task.channel_id)
+    if channel is None:
+        return 409, envelope(4, f"the channel of task {mj_id} is gone; it cannot be cancelled")
+    try:
+        with _client(settings, channel) as client:
+            result = client.cancel(mj_id)
+    except UpstreamUnavailable:
+        return 503, envelope(9, "the upstream of this task is not reachable; try again later")
+    except UpstreamUnauthorized:
+        return 502, envelope(9, "the upstream refused mjctl's credentials")
+    except UpstreamRateLimited:
+        return 429, envelope(9, "the upstream is rate limiting; try again later")
+    except UpstreamProtocolError as exc:
+        if exc.status in (404, 405):
+            return 501, envelope(4, f"the upstream of task {mj_id} (channel {channel.name}) cannot cancel tasks")
+        return 502, envelope(9, "the upstream gave an invalid answer")
+    except MjctlError:
+        return 502, envelope(9, "the channel's secret cannot be read")
+    if not result.accepted:
+        if result.http_status == 404:
+            return 501, envelope(4, f"the upstream of task {mj_id} (channel {channel.name}) cannot cancel it: "
+                                    f"{result.description or 'not found'}")
+        return (result.http_status if 400 <= result.http_status < 500 else 409), envelope(
+            result.code, result.description or "the upstream refused to cancel the task")
+    report = {"id": mj_id, "status": "CANCEL", "progress": "", "finishTime": int(time.time() * 1000),
+              "failReason": "cancelled by its owner"}
+    reports.apply_report(channel.id, report, reports.PushScope(task.id))
+    return 200, envelope(1, "cancelled", mj_id)
 
 
 def _charge(task: Task, price: int) -> None:

@@ -40,7 +40,7 @@ import httpcore
 import httpx
 
 from mjctl import jsontext, upstream_text
-from mjctl.protocol import ACCEPTED_CODES, FINISHED_STATUSES, PREFIXES, SUBMIT_KINDS
+from mjctl.protocol import ACCEPTED_CODES, FINISHED_STATUSES, PREFIXES, SUBMIT_KINDS, SWAP_FACE_PATH
 
 __all__ = [
     "ACCEPTED_CODES",
@@ -110,6 +110,8 @@ class SubmitResult:
     result: str | None
     properties: dict[str, Any] = field(default_factory=dict)
     http_status: int = 200
+    #: The links an upload-discord-images answer carries in result (a list there, not a task id).
+    links: tuple[str, ...] = ()
 
     @property
     def task_id(self) -> str | None:
@@ -532,6 +534,19 @@ class UpstreamClient:
         if prefix not in PREFIXES:
             raise ValueError(f"unknown speed prefix {prefix!r}; expected one of {PREFIXES}")
         response = self._send("POST", f"{prefix}/mj/submit/{kind}", json_body=body, deadline=deadline)
+        return self._submit_result(response, links=kind == "upload-discord-images")
+
+    def swap_face(self, body: dict[str, Any], prefix: str = "", *, deadline: Deadline | None = None) -> SubmitResult:
+        """POST ``{prefix}/mj/insight-face/swap`` (C# upstreams): a SWAP_FACE task, answered like a submit."""
+        if prefix not in PREFIXES:
+            raise ValueError(f"unknown speed prefix {prefix!r}; expected one of {PREFIXES}")
+        response = self._send("POST", f"{prefix}{SWAP_FACE_PATH}", json_body=body, deadline=deadline)
+        return self._submit_result(response)
+
+    def cancel(self, task_id: str) -> SubmitResult:
+        """POST ``/mj/task/<id>/cancel`` (C# upstreams). An upstream without the route answers 404 or 405:
+        :class:`UpstreamProtocolError` with that status, or a rejection envelope."""
+        response = self._send("POST", f"/mj/task/{_path_id(task_id)}/cancel", json_body={})
         return self._submit_result(response)
 
     def fetch(self, task_id: str) -> dict[str, Any] | None:
@@ -644,7 +659,7 @@ class UpstreamClient:
             )
         return data
 
-    def _submit_result(self, response: httpx.Response) -> SubmitResult:
+    def _submit_result(self, response: httpx.Response, *, links: bool = False) -> SubmitResult:
         if not response.content.strip():
             raise self._protocol(response, "answered with an empty body")
         data = self._json(response)
@@ -656,6 +671,10 @@ class UpstreamClient:
         if response.status_code >= 400 and code in ACCEPTED_CODES:
             raise self._protocol(response, "answered an error status with an accepted code")
         result = data.get("result")
+        if links and code in ACCEPTED_CODES:
+            return SubmitResult(code=code, description=upstream_text.clean_text(data.get("description")) or "",
+                                result=None, http_status=response.status_code,
+                                links=self._links(response, result))
         if result in (None, ""):
             task_id = None
         else:
@@ -670,6 +689,18 @@ class UpstreamClient:
             properties=upstream_text.clean_properties(data.get("properties")),
             http_status=response.status_code,
         )
+
+    def _links(self, response: httpx.Response, result: Any) -> tuple[str, ...]:
+        """The URLs of an upload answer: a list of http(s) URLs, each at most MAX_URL_CHARS long."""
+        if not isinstance(result, list) or len(result) > upstream_text.MAX_VIDEO_URLS:
+            raise self._protocol(response, "answered an upload with a result that is not a list of links")
+        links = []
+        for item in result:
+            url = upstream_text.clean_url(item) if isinstance(item, str) else None
+            if not url or not url.startswith(("https://", "http://")):
+                raise self._protocol(response, "answered an upload with a link that is not an http(s) URL")
+            links.append(url)
+        return tuple(links)
 
     def _task_list(self, response: httpx.Response) -> list[dict[str, Any]]:
         if response.status_code >= 400:

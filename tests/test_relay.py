@@ -24,8 +24,14 @@ def upstream_task(env, mj_id: str) -> dict:
 
 
 def upstream_success(env, mj_id: str) -> dict:
-    return wait_until(lambda: (t := upstream_task(env, mj_id)) and t["status"] == "SUCCESS" and t,
+    """Wait for the upstream to finish the task, then poll once so mjctl's row says SUCCESS too (a
+    follow-up needs its parent finished in mjctl's store, not only upstream)."""
+    from mjctl.poller import poll_once
+
+    task = wait_until(lambda: (t := upstream_task(env, mj_id)) and t["status"] == "SUCCESS" and t,
                       message=f"upstream task {mj_id} succeeds")
+    poll_once(env.settings)
+    return task
 
 
 def local(mj_id: str):

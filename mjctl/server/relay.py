@@ -21,6 +21,7 @@ import peewee
 
 from mjctl import crypto, jsontext, relay
 from mjctl.errors import MjctlError, first_line
+from mjctl.protocol import SWAP_FACE_PATH
 from mjctl.server.app import AppContext
 from mjctl.server.auth import authenticate_request
 from mjctl.server.capacity import UserGate
@@ -149,11 +150,26 @@ def install(app: bottle.Bottle, ctx: AppContext) -> None:
                 status, body = relay.image_seed(settings, user, mj_id, prefix)
             return answer(status, body)
 
+        def swap_face(prefix: str = prefix):
+            user = authenticate_request(bottle.request)
+            body = json_body()
+            with user_slot(user):
+                status, body = relay.submit(settings, user, relay.SWAP_FACE, body, prefix)
+            return answer(status, body)
+
+        def cancel(mj_id: str):
+            user = authenticate_request(bottle.request)
+            with user_slot(user):
+                status, body = relay.cancel(settings, user, mj_id)
+            return answer(status, body)
+
         route(f"{prefix}/mj/submit/<kind>", "POST", submit)
         route(f"{prefix}/mj/task/<mj_id>/fetch", "GET", fetch, reads_only=True)
         route(f"{prefix}/mj/task/list-by-condition", "POST", list_by_condition, reads_only=True)
         route(f"{prefix}/mj/task/list", "GET", list_latest, reads_only=True)
         route(f"{prefix}/mj/task/<mj_id>/image-seed", "GET", image_seed, reads_only=True)
+        route(f"{prefix}{SWAP_FACE_PATH}", "POST", swap_face)
+        route(f"{prefix}/mj/task/<mj_id>/cancel", "POST", cancel)
 
     def notify(channel_id: int, nonce: str | None = None):
         """A push through a notify link. A per-task link (with nonce) changes only the unfinished task it
@@ -241,6 +257,8 @@ def _document(ctx: AppContext) -> None:
                      "type or too long (code 4).", 401: "No token or an unknown token (code 4).",
                 403: "A disabled user, or insufficient quota (code 4; the upstream was not called).",
                 404: "Unknown task, or a task of another user (code 3).",
+                409: "The task acted on is not in a state that allows it: not finished with SUCCESS, or "
+                     "already finished (code 4).",
                 429: "Queue full (code 23, with Retry-After): the caller already has [relay] "
                      "max_in_flight_per_user requests waiting on upstreams, or the server its [relay] "
                      "max_in_flight; or the upstream is rate limiting (code 9).",
@@ -257,15 +275,35 @@ def _document(ctx: AppContext) -> None:
         api.operation(
             f"{prefix}/mj/submit/<kind>", "post", tags=["relay"], parameters=auth, request_body=body,
             summary=f"Submit a Midjourney task through an upstream channel{speed}.",
-            description="kind is imagine, action, modal, change, simple-change, describe, blend or shorten. "
+            description="kind is imagine, action, modal, change, simple-change, describe, blend, shorten, video, "
+                        "edits or upload-discord-images. "
                         "The price of the action ([prices]) is held before the upstream is called and charged "
                         "when it accepts (codes 1, 21, 22); a rejection is recorded as a FAILURE task and charges "
-                        "nothing. action/modal/change/simple-change go to the channel of the earlier task, which "
-                        "must be the caller's. An upstream rejection is answered with the upstream's status. "
+                        "nothing. action/modal/change/simple-change (and video with a taskId) go to the channel "
+                        "of the earlier task, which must be the caller's and, but for modal, finished with "
+                        "SUCCESS (else 409, code 4). upload-discord-images makes no task: its result is the "
+                        "list of the images' links, free unless [prices] UPLOAD is set. "
+                        "An upstream rejection is answered with the upstream's status. "
                         "The server itself answers a body over [server] max_body_bytes 413 unread, and one that "
                         "does not arrive within [server] body_timeout 408, both as {\"success\": false, \"message\"}.",
             responses={200: json_response(envelope, "The upstream's SubmitResult."),
-                       **errors(400, 401, 403, 404, 429, 500, 502, 503)})
+                       **errors(400, 401, 403, 404, 409, 429, 500, 502, 503)})
+        api.operation(
+            f"{prefix}{SWAP_FACE_PATH}", "post", tags=["relay"], parameters=auth, request_body=body,
+            summary=f"Swap a face (InsightFace): sourceBase64's face onto targetBase64{speed}.",
+            description="A SWAP_FACE task, priced by [prices] SWAP_FACE and relayed like a submission "
+                        "(C# upstreams only; a channel without the route is skipped).",
+            responses={200: json_response(envelope, "The upstream's SubmitResult."),
+                       **errors(400, 401, 403, 429, 500, 502, 503)})
+        api.operation(
+            f"{prefix}/mj/task/<mj_id>/cancel", "post", tags=["relay"], parameters=auth,
+            summary="Cancel one of the caller's unfinished tasks.",
+            description="Asked of the task's upstream (C# upstreams offer it). When it agrees the task is CANCEL "
+                        "and its quota is refunded, exactly once. A finished task is 409 (code 4); an upstream "
+                        "that cannot cancel is 501 (code 4); nothing changes in either case.",
+            responses={200: json_response(envelope, "Cancelled; result is the task id."),
+                       501: json_response(envelope, "The task's upstream cannot cancel tasks (code 4)."),
+                       **errors(401, 403, 404, 409, 429, 500, 502, 503)})
         api.operation(
             f"{prefix}/mj/task/<mj_id>/fetch", "get", tags=["relay"], parameters=auth,
             summary="One of the caller's tasks, in the upstream's shape (times in milliseconds).",

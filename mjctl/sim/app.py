@@ -12,19 +12,21 @@ from typing import Any
 
 import bottle
 
-from mjctl.protocol import ACCEPTED_CODES, SUBMIT_KINDS
+from mjctl.protocol import ACCEPTED_CODES, SUBMIT_KINDS, SWAP_FACE_PATH
 from mjctl.sim.engine import PREFIX_MODES, Engine, Reply, SimSettings, envelope
 from mjctl.sim.push import Pusher
 
 #: Named faults, each injected at a rate (0..1). Besides real upstreams' faults, two that attack a client's timeouts:
 #: ``hang`` holds the request hang_seconds before answering; ``trickle`` sends the answer (API or image)
 #: one byte every trickle_seconds, with its full Content-Length, so no single read ever times out.
+#: ``no_account`` answers a submission with code 3, "no account instance available".
 FAULTS = (
     "stuck", "late_fail", "drop_ids", "error_5xx", "slow", "unauthorized", "rate_limit",
-    "progress_backwards", "amnesia", "push_duplicate", "push_out_of_order", "hang", "trickle",
+    "progress_backwards", "amnesia", "push_duplicate", "push_out_of_order", "hang", "trickle", "no_account",
 )
 FLAVORS = ("java", "csharp")
-ENDPOINTS = (*SUBMIT_KINDS, "fetch", "list-by-condition", "list", "image-seed", "image", "unknown")
+ENDPOINTS = (*SUBMIT_KINDS, "swap-face", "cancel", "fetch", "list-by-condition", "list", "image-seed", "image",
+             "unknown")
 CHUNK = 256 * 1024
 
 
@@ -271,13 +273,18 @@ class Simulator:
             return self.engine.list_tasks(base_url)
         if endpoint == "image-seed":
             return self._hostile(self.engine.image_seed(task_id), task_id)
+        if endpoint == "cancel":
+            return self.engine.cancel(task_id)
         body = _json_body(request, self.settings.flavor)
         if isinstance(body, Reply):
             return body
         if endpoint == "list-by-condition":
             return self.engine.list_by_condition(body, base_url)
-        reply = self.engine.submit(endpoint, body, base_url, prefix)
-        if reply.status == 200 and isinstance(reply.body, dict) and reply.body.get("result"):
+        if endpoint == "swap-face":
+            reply = self.engine.swap_face(body, base_url, prefix)
+        else:
+            reply = self.engine.submit(endpoint, body, base_url, prefix)
+        if reply.status == 200 and isinstance(reply.body, dict) and isinstance(reply.body.get("result"), str):
             task = self.engine.tasks.get(reply.body["result"])
             if task is not None and task.notify_hook:
                 self.pusher.ensure_running()
@@ -330,7 +337,8 @@ class Simulator:
         with self._stats_lock:
             self._by_status["200"] += 1
         data = result
-        headers = {"Content-Type": "image/png", "Content-Length": str(len(data)), "Cache-Control": "public"}
+        kind = "video/mp4" if parts[3].endswith(".mp4") else "image/png"
+        headers = {"Content-Type": kind, "Content-Length": str(len(data)), "Cache-Control": "public"}
         if bottle.request.method == "HEAD":
             return bottle.HTTPResponse(b"", 200, headers)
         if self.settings.faults.get("hang") or self.settings.faults.get("trickle"):
@@ -381,6 +389,10 @@ def _route(path: str, method: str) -> tuple[str, str] | None:
     if len(parts) == 4 and parts[:2] == ["mj", "task"] and parts[3] in ("fetch", "image-seed"):
         if method in ("GET", "HEAD"):
             return parts[3], parts[2]
+    if len(parts) == 4 and parts[:2] == ["mj", "task"] and parts[3] == "cancel" and method == "POST":
+        return "cancel", parts[2]
+    if path.rstrip("/") == SWAP_FACE_PATH and method == "POST":
+        return "swap-face", ""
     return None
 
 
@@ -449,8 +461,8 @@ def _setting(key: str, value: Any) -> Any:
         if not isinstance(value, list) or not all(isinstance(i, str) and 0 < len(i) <= 64 for i in value):
             raise ValueError("next_ids must be a list of ids (strings of 1 to 64 characters)")
         return list(value)
-    if key in ("queue_size", "image_bytes"):
-        if value is None and key == "image_bytes":
+    if key in ("queue_size", "image_bytes", "video_bytes"):
+        if value is None and key in ("image_bytes", "video_bytes"):
             return None
         if not isinstance(value, int) or isinstance(value, bool) or value < 0:
             raise ValueError(f"{key} must be a non-negative integer")

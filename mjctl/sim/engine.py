@@ -19,7 +19,9 @@ from dataclasses import dataclass, field
 from random import Random
 from typing import Any
 
-from mjctl.protocol import FINISHED_STATUSES
+from mjctl.protocol import FINISHED_STATUSES, MODES, NO_ACCOUNT_CODE
+from mjctl.protocol import PREFIX_MODES as PROTOCOL_PREFIX_MODES
+from mjctl.sim.mp4 import make_mp4
 from mjctl.sim.png import make_png
 from mjctl.sim.tasks import (
     Account,
@@ -29,7 +31,11 @@ from mjctl.sim.tasks import (
     phase_at,
 )
 
-PREFIX_MODES = {"": "FAST", "/mj-fast": "FAST", "/mj-relax": "RELAX", "/mj-turbo": "TURBO"}
+PREFIX_MODES = {"": "FAST", **PROTOCOL_PREFIX_MODES}
+#: How much longer each step of a task takes in a mode than in FAST.
+MODE_PACE = {"FAST": 1.0, "RELAX": 2.0, "TURBO": 0.5}
+#: Only the C# midjourney-proxy has these routes; a Java one answers them 404.
+CSHARP_ONLY = frozenset({"video", "edits", "upload-discord-images", "swap-face", "cancel"})
 DIMENSIONS = ("PORTRAIT", "SQUARE", "LANDSCAPE")
 FAIL_REASONS = ("[Invalid parameter] Invalid value", "Job failed: internal error", "执行超时 5 分钟")
 IMAGE_CACHE_BYTES = 512 * 1024 * 1024
@@ -45,6 +51,7 @@ class SimSettings:
     queue_size: int = 10
     image_ttl: float = 86400.0
     image_bytes: int | None = None
+    video_bytes: int | None = None  # the size of every video (padded); None: the small clip as it is
     slow_seconds: float = 2.0
     hang_seconds: float = 300.0  # how long the 'hang' fault holds a request before answering it
     trickle_seconds: float = 2.0  # the pause between the bytes of an answer under the 'trickle' fault
@@ -125,15 +132,18 @@ class Engine:
 
     # -- rendering ---------------------------------------------------------------------------------
 
-    def image_url(self, task: SimTask, base_url: str, finish_time: float) -> str:
-        if self.settings.image_url:
+    def image_url(self, task: SimTask, base_url: str, finish_time: float, suffix: str = "png") -> str:
+        """A Discord-style signed link to a finished task's image (or, with suffix "mp4", its video) that
+        expires image_ttl seconds after the task finished."""
+        if self.settings.image_url and suffix == "png":
             return self.settings.image_url
         expiry = math.ceil(finish_time + self.settings.image_ttl)
         ex = format(expiry, "x")
         base = (self.settings.public_url or base_url).rstrip("/")
+        name = f"{task.image_name}.{suffix}"
         return (
-            f"{base}/attachments/{task.id}/{task.image_name}.png"
-            f"?ex={ex}&is={format(int(finish_time), 'x')}&hm={self._sign(task.id, task.image_name, ex)}&"
+            f"{base}/attachments/{task.id}/{name}"
+            f"?ex={ex}&is={format(int(finish_time), 'x')}&hm={self._sign(task.id, name, ex)}&"
         )
 
     def _sign(self, task_id: str, name: str, ex: str) -> str:
@@ -145,9 +155,11 @@ class Engine:
         def ms(t: float | None) -> int | None:
             return None if t is None else int(t * 1000)
 
-        image_url = None
+        image_url = video_url = None
         if phase.status == "SUCCESS":
             image_url = self.image_url(task, base_url or task.base_url, phase.finish_time or now)
+            if task.action == "VIDEO":
+                video_url = self.image_url(task, base_url or task.base_url, phase.finish_time or now, "mp4")
         properties: dict[str, Any] = {
             "finalPrompt": task.final_prompt,
             "notifyHook": task.notify_hook,
@@ -183,8 +195,8 @@ class Engine:
                     "instanceId": task.account.instance_id,
                     "parentId": task.parent_id,
                     "seed": task.seed if phase.status == "SUCCESS" else None,
-                    "videoUrl": None,
-                    "videoUrls": None,
+                    "videoUrl": video_url,
+                    "videoUrls": [{"url": video_url}] if video_url else None,
                     "imageUrls": [{"url": image_url}] if image_url else None,
                     "displays": {"submitTimeFormat": None, "finishTimeFormat": None},
                 }
@@ -194,9 +206,24 @@ class Engine:
     # -- submissions ---------------------------------------------------------------------------------
 
     def submit(self, kind: str, body: dict[str, Any], base_url: str, prefix: str = "") -> Reply:
+        if kind in CSHARP_ONLY and self.settings.flavor != "csharp":
+            return _no_route(f"/mj/submit/{kind}")
+        if self.fault("no_account"):
+            return Reply(200, envelope(NO_ACCOUNT_CODE, "无可用的账号实例"))
         handler = getattr(self, "_submit_" + kind.replace("-", "_"))
         with self.lock:
-            return handler(body, base_url, PREFIX_MODES.get(prefix, "FAST"))
+            return handler(body, base_url, self._mode(body, PREFIX_MODES.get(prefix, "FAST")))
+
+    def _mode(self, body: dict[str, Any], prefix_mode: str) -> str:
+        """The speed a submission asks for: the C# upstream's ``accountFilter.modes`` first, else the path
+        prefix (FAST without either)."""
+        account_filter = body.get("accountFilter")
+        modes = account_filter.get("modes") if isinstance(account_filter, dict) else None
+        if self.settings.flavor == "csharp" and isinstance(modes, list):
+            for mode in modes:
+                if isinstance(mode, str) and mode.upper() in MODES:
+                    return mode.upper()
+        return prefix_mode
 
     def _invalid(self, description: str) -> Reply:
         return Reply(200, envelope(4, description))
@@ -218,7 +245,7 @@ class Engine:
             prompt=prompt,
             description=description,
             submit_time=now,
-            step=max(self.settings.step_seconds, 1e-4),
+            step=max(self.settings.step_seconds, 1e-4) * MODE_PACE.get(mode, 1.0),
             account=account or self.accounts[0],
             base_url=base_url,
             message_hash=str(uuid.UUID(int=self.rng.getrandbits(128), version=4)),
@@ -337,6 +364,14 @@ class Engine:
             return self._invalid("customId参数错误")
         action, index, opens_modal = parsed
         now = time.time()
+        done = next((t for t in self.tasks.values() if t.parent_id == parent.id and t.custom_id == custom_id
+                     and phase_at(t, now).status == "SUCCESS"), None)
+        if done is not None and not opens_modal:
+            # The same button pressed again on a finished result: the existing task, with its image.
+            finish = phase_at(done, now).finish_time or now
+            return Reply(200, envelope(21, "任务已存在", done.id, status="SUCCESS",
+                                       imageUrl=self.image_url(done, base_url, finish),
+                                       discordInstanceId=done.account.instance_id))
         label = {"UPSCALE": f"U{index}", "VARIATION": f"V{index}", "REROLL": "R"}.get(action, action.lower())
         task = self._new_task(action, parent.prompt, f"/up {parent.id} {label}", body, base_url, mode, now,
                               account=parent.account)
@@ -396,6 +431,92 @@ class Engine:
             task.prompt, task.final_prompt = prompt, f"{prompt} --v 6.1"
         return self._accept(task, time.time(), pinned=task.account)
 
+    def _submit_video(self, body: dict, base_url: str, mode: str) -> Reply:
+        """Image to video: the image of a finished task (taskId, index 1-4 of a grid) or one given as
+        imageUrl/base64, animated with motion "low" or "high"."""
+        motion = body.get("motion", "low")
+        if motion not in ("low", "high"):
+            return self._invalid("motion参数错误")
+        prompt = body.get("prompt") if isinstance(body.get("prompt"), str) else ""
+        now = time.time()
+        if body.get("taskId") is not None:
+            parent = self._parent(body.get("taskId"))
+            if isinstance(parent, Reply):
+                return parent
+            index = body.get("index", 1)
+            if not isinstance(index, int) or isinstance(index, bool) or not 0 <= index <= 4:
+                return self._invalid("index参数错误")
+            task = self._new_task("VIDEO", prompt or parent.prompt, f"/video {parent.id} {index}", body, base_url,
+                                  mode, now, account=parent.account)
+            task.parent_id = parent.id
+            return self._accept(task, now, pinned=parent.account)
+        source = body.get("imageUrl") or body.get("base64")
+        if not isinstance(source, str) or not source:
+            return self._invalid("taskId或imageUrl不能为空")
+        if body.get("base64") and not _is_data_url(body["base64"]):
+            return self._invalid("base64格式错误")
+        task = self._new_task("VIDEO", prompt, "/video", body, base_url, mode, now)
+        return self._accept(task, now)
+
+    def _submit_edits(self, body: dict, base_url: str, mode: str) -> Reply:
+        """Edit an image (a data URL in ``image``, or ``imageUrl``) following a prompt, optionally inside
+        a mask (``maskBase64``)."""
+        prompt = body.get("prompt")
+        if not isinstance(prompt, str) or not prompt.strip():
+            return self._invalid("prompt不能为空")
+        source = body.get("image") or body.get("imageUrl")
+        if not isinstance(source, str) or not source:
+            return self._invalid("image不能为空")
+        if body.get("image") and not _is_data_url(body["image"]):
+            return self._invalid("base64格式错误")
+        banned = self._banned(prompt)
+        if banned:
+            return Reply(200, envelope(24, "可能包含敏感词", None, promptEn=prompt, bannedWord=banned))
+        now = time.time()
+        task = self._new_task("EDITS", prompt, f"/edits {prompt}", body, base_url, mode, now)
+        return self._accept(task, now)
+
+    def _submit_upload_discord_images(self, body: dict, base_url: str, mode: str) -> Reply:
+        """Upload images to Discord: answered at once with their links, no task."""
+        images = body.get("base64Array")
+        if not isinstance(images, list) or not images or len(images) > 5:
+            return self._invalid("base64 参数错误")
+        if not all(_is_data_url(x) for x in images):
+            return self._invalid("base64格式错误")
+        base = (self.settings.public_url or base_url).rstrip("/")
+        links = [f"{base}/attachments/uploads/{uuid.UUID(int=self.rng.getrandbits(128), version=4).hex}.png"
+                 for _ in images]
+        return Reply(200, {"code": 1, "description": "提交成功", "result": links, "properties": {}})
+
+    def swap_face(self, body: dict[str, Any], base_url: str, prefix: str = "") -> Reply:
+        """InsightFace: the face of sourceBase64 put on targetBase64 (both data URLs); a task to poll."""
+        if self.settings.flavor != "csharp":
+            return _no_route("/mj/insight-face/swap")
+        if self.fault("no_account"):
+            return Reply(200, envelope(NO_ACCOUNT_CODE, "无可用的账号实例"))
+        for name in ("sourceBase64", "targetBase64"):
+            if not _is_data_url(body.get(name)):
+                return self._invalid(f"{name}参数错误")
+        with self.lock:
+            now = time.time()
+            mode = self._mode(body, PREFIX_MODES.get(prefix, "FAST"))
+            task = self._new_task("SWAP_FACE", "InsightFace", "/swap", body, base_url, mode, now)
+            return self._accept(task, now)
+
+    def cancel(self, task_id: str) -> Reply:
+        """Stop an unfinished task (C# upstreams): it reports CANCEL from now on."""
+        if self.settings.flavor != "csharp":
+            return _no_route(f"/mj/task/{task_id}/cancel")
+        with self.lock:
+            task = self.tasks.get(task_id)
+            if task is None:
+                return self._not_found("任务不存在")
+            now = time.time()
+            if phase_at(task, now).finished:
+                return self._invalid("任务状态错误")
+            task.cancelled_at = now
+            return Reply(200, envelope(1, "成功", task.id))
+
     # -- queries -------------------------------------------------------------------------------------
 
     def fetch(self, task_id: str, base_url: str) -> Reply:
@@ -435,30 +556,36 @@ class Engine:
     # -- images --------------------------------------------------------------------------------------
 
     def image(self, task_id: str, name: str, ex: str, hm: str) -> Reply | bytes:
-        """The PNG bytes of a finished task, or a 403/404 reply (Discord's expired-link answer)."""
+        """The PNG bytes of a finished task (the MP4 of a finished video task for ``<name>.mp4``), or a
+        403/404 reply (Discord's expired-link answer)."""
         now = time.time()
         with self.lock:
             task = self.tasks.get(task_id)
             phase = phase_at(task, now) if task is not None else None
-        if task is None or phase is None or phase.status != "SUCCESS" or name != f"{task.image_name}.png":
+        names = () if task is None else (f"{task.image_name}.png",) + (
+            (f"{task.image_name}.mp4",) if task.action == "VIDEO" else ())
+        if task is None or phase is None or phase.status != "SUCCESS" or name not in names:
             return Reply(404, {"message": "Unknown attachment", "code": 0})
         try:
             expiry = int(ex, 16)
         except ValueError:
             expiry = -1
-        good = hmac.compare_digest(hm, self._sign(task.id, task.image_name, ex))
+        good = hmac.compare_digest(hm, self._sign(task.id, name, ex))
         if not good or now > expiry or now > (phase.finish_time or now) + self.settings.image_ttl:
             return Reply(403, {"message": "This content is no longer available.", "code": 403})
-        return self._image_bytes(task)
+        if name.endswith(".mp4"):
+            return self._media_bytes(task, "mp4")
+        return self._media_bytes(task, "png")
 
-    def _image_bytes(self, task: SimTask) -> bytes:
-        """The task's PNG. It differs per task, even between two tasks (two simulators) with the same id:
-        the key holds the task's random message hash too."""
-        key = f"{task.id}/{task.message_hash}"
+    def _media_bytes(self, task: SimTask, kind: str) -> bytes:
+        """The task's PNG or MP4. It differs per task, even between two tasks (two simulators) with the
+        same id: the key holds the task's random message hash too."""
+        key = f"{task.id}/{task.message_hash}/{kind}"
         with self._image_lock:  # one generation at a time: a 50 MB image is built once, not per request
             data = self._images.get(key)
             if data is None:
-                data = make_png(key, self.settings.image_bytes)
+                data = (make_mp4(key, self.settings.video_bytes) if kind == "mp4"
+                        else make_png(key, self.settings.image_bytes))
                 self._images[key] = data
                 while sum(map(len, self._images.values())) > IMAGE_CACHE_BYTES and len(self._images) > 1:
                     self._images.popitem(last=False)
@@ -487,6 +614,11 @@ class Engine:
                 task.pushed_key, task.pushed_snapshot = key, snapshot
                 task.push_done = phase.status in FINISHED_STATUSES
         return out
+
+
+def _no_route(path: str) -> Reply:
+    """A Java (Spring) upstream's answer to a route it does not have."""
+    return Reply(404, {"timestamp": int(time.time() * 1000), "status": 404, "error": "Not Found", "path": path})
 
 
 def _is_data_url(value: Any) -> bool:

@@ -16,9 +16,9 @@ from mjctl.protocol import FINISHED_STATUSES
 
 PERCENTAGES = ("15%", "31%", "46%", "62%", "78%", "93%")
 # Actions that finish after about one step, without percentages.
-QUICK_ACTIONS = frozenset({"UPSCALE", "UPSCALE_HD", "DESCRIBE", "SHORTEN"})
+QUICK_ACTIONS = frozenset({"UPSCALE", "UPSCALE_HD", "DESCRIBE", "SHORTEN", "SWAP_FACE"})
 # Actions whose result is a 2x2 grid, answered with U1-U4, reroll and V1-V4 buttons.
-GRID_ACTIONS = frozenset({"IMAGINE", "VARIATION", "REROLL", "BLEND", "ZOOM", "PAN", "INPAINT"})
+GRID_ACTIONS = frozenset({"IMAGINE", "VARIATION", "REROLL", "BLEND", "ZOOM", "PAN", "INPAINT", "EDITS"})
 
 
 @dataclass
@@ -71,6 +71,7 @@ class SimTask:
     stuck_at: int | None = None
     backwards_at: int | None = None
     seed: str = ""
+    cancelled_at: float | None = None  # when a cancel request stopped it (C# upstreams)
     extra: dict[str, Any] = field(default_factory=dict)
     # push bookkeeping (owned by the pusher, guarded by the engine's lock)
     pushed_key: tuple[str, Any] | None = None
@@ -100,7 +101,11 @@ class Phase:
 
 
 def phase_at(task: SimTask, now: float) -> Phase:
-    """Where ``task`` is at ``now``: step 0 is SUBMITTED, 1..n IN_PROGRESS, n+1 the end."""
+    """Where ``task`` is at ``now``: step 0 is SUBMITTED, 1..n IN_PROGRESS, n+1 the end; CANCEL from the
+    moment a cancel request stopped it."""
+    if task.cancelled_at is not None and now >= task.cancelled_at:
+        started = task.start_at if task.start_at is not None and task.start_at <= task.cancelled_at else None
+        return Phase("CANCEL", "", started, task.cancelled_at)
     if task.start_at is None:
         return Phase("MODAL", None, None, None)
     if now < task.start_at:

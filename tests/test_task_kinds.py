@@ -1,0 +1,313 @@
+"""Every task kind the relay carries beyond imagine and its buttons: video, edits, uploads, face swap and
+cancel; follow-ups that need a finished parent; "no account" answers; code 21 for a finished task.
+
+All through real sockets: mjctl's server in front of the simulator (C# flavoured where the route is the
+C# upstream's own), and each checks the books (ledger = balances = task quotas) and what the user sees.
+"""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+from tests.helpers import wait_until
+from tests.relay_fixtures import SIM_SECRET, assert_books_balance, balance, start_relay
+
+PNG = "data:image/png;base64,iVBORw0KGgo="
+
+
+@pytest.fixture
+def csharp_env(store):
+    env = start_relay(store, flavor="csharp")
+    yield env
+    env.server.stop()
+    env.sim.stop()
+
+
+@pytest.fixture
+def java_env(store):
+    env = start_relay(store, flavor="java")
+    yield env
+    env.server.stop()
+    env.sim.stop()
+
+
+def rows(mj_id: str | None = None) -> list:
+    from mjctl.models import Task
+
+    query = Task.select().order_by(Task.id)
+    return list(query.where(Task.mj_id == mj_id) if mj_id else query)
+
+
+def local(mj_id: str):
+    (task,) = rows(mj_id)
+    return task
+
+
+def settled(env, mj_id: str) -> object:
+    """Wait until the upstream has finished the task, poll once, and return mjctl's row."""
+    from mjctl.poller import poll_once
+
+    def upstream_done():
+        with httpx.Client(base_url=env.sim.url, headers={"mj-api-secret": SIM_SECRET}) as c:
+            task = c.get(f"/mj/task/{mj_id}/fetch").json()
+        return task["status"] in ("SUCCESS", "FAILURE", "CANCEL")
+
+    wait_until(upstream_done, message=f"upstream task {mj_id} finishes")
+    poll_once(env.settings)
+    return local(mj_id)
+
+
+def imagine(env, prompt: str = "a grid", user: str = "alice") -> str:
+    answer = env.submit("imagine", {"prompt": prompt}, user=user).json()
+    assert answer["code"] == 1, answer
+    return answer["result"]
+
+
+def ledger_entries(kind: str) -> list:
+    from mjctl.models import Ledger
+
+    return list(Ledger.select().where(Ledger.kind == kind).order_by(Ledger.id))
+
+
+# --- video -------------------------------------------------------------------------------------------
+
+def test_a_video_of_a_finished_grid_is_a_task_priced_as_video_with_its_links(csharp_env):
+    env = csharp_env
+    parent = imagine(env)
+    settled(env, parent)
+    answer = env.submit("video", {"taskId": parent, "index": 2, "motion": "high", "prompt": "it moves"}).json()
+    assert answer["code"] == 1, answer
+    video = local(answer["result"])
+    assert (video.action, video.quota, video.channel_id) == ("VIDEO", 1000, env.channel.id)
+    assert balance("alice") == 10_000 - 1000 - 1000
+    done = settled(env, answer["result"])
+    assert done.status == "SUCCESS" and done.video_url.split("?")[0].endswith(".mp4")
+    with env.client() as c:
+        shown = c.get(f"/mj/task/{answer['result']}/fetch").json()
+    assert shown["action"] == "VIDEO" and shown["videoUrl"] and shown["videoUrls"][0]["url"]
+    assert_books_balance("alice")
+
+
+def test_a_video_from_an_image_link_needs_no_earlier_task(csharp_env):
+    env = csharp_env
+    answer = env.submit("video", {"imageUrl": "https://example.com/cat.png", "motion": "low"}).json()
+    assert answer["code"] == 1, answer
+    assert local(answer["result"]).action == "VIDEO" and balance("alice") == 9000
+
+
+def test_a_follow_up_of_an_unfinished_task_is_refused_before_anything_is_reserved(csharp_env):
+    env = csharp_env
+    env.sim.sim.update({"step_seconds": 30})  # the parent stays SUBMITTED/IN_PROGRESS
+    parent = imagine(env)
+    before_rows, before_balance = len(rows()), balance("alice")
+    for kind, body in (("video", {"taskId": parent, "motion": "low"}),
+                       ("change", {"taskId": parent, "action": "UPSCALE", "index": 1}),
+                       ("simple-change", {"content": f"{parent} V1"})):
+        response = env.submit(kind, body)
+        assert response.status_code == 409, (kind, response.text)
+        assert response.json()["code"] == 4 and "SUCCESS" in response.json()["description"]
+    assert len(rows()) == before_rows and balance("alice") == before_balance
+    assert env.sim.sim.stats()["video"] == 0 and env.sim.sim.stats()["change"] == 0
+    from mjctl.models import PendingSubmission, Reservation
+
+    assert Reservation.select().count() == 0 and PendingSubmission.select().count() == 0
+
+
+def test_a_follow_up_of_another_users_task_reads_as_missing(csharp_env):
+    env = csharp_env
+    parent = imagine(env, user="bob")
+    settled(env, parent)
+    response = env.submit("video", {"taskId": parent, "motion": "low"}, user="alice")
+    assert response.status_code == 404 and response.json()["code"] == 3
+    assert balance("alice") == 10_000
+
+
+def test_a_java_upstream_without_the_video_route_charges_nothing_and_says_so(java_env):
+    env = java_env
+    response = env.submit("video", {"imageUrl": "https://example.com/cat.png"})
+    assert response.status_code == 502 and "video" in response.json()["description"]
+    assert rows() == [] and balance("alice") == 10_000
+    assert_books_balance("alice")
+
+
+# --- edits, face swap ----------------------------------------------------------------------------------
+
+def test_edits_and_face_swap_are_tasks_with_their_own_price_keys(csharp_env):
+    env = csharp_env
+    env.settings.values["prices"]["EDITS"] = 700
+    env.settings.values["prices"]["SWAP_FACE"] = 300
+    edits = env.submit("edits", {"prompt": "make it blue", "image": PNG}).json()
+    with env.client() as c:
+        swap = c.post("/mj/insight-face/swap", json={"sourceBase64": PNG, "targetBase64": PNG}).json()
+    assert edits["code"] == 1 and swap["code"] == 1, (edits, swap)
+    assert (local(edits["result"]).action, local(edits["result"]).quota) == ("EDITS", 700)
+    assert (local(swap["result"]).action, local(swap["result"]).quota) == ("SWAP_FACE", 300)
+    assert settled(env, swap["result"]).status == "SUCCESS"
+    assert settled(env, edits["result"]).image_url
+    assert balance("alice") == 10_000 - 700 - 300
+    assert_books_balance("alice")
+
+
+def test_a_face_swap_the_upstream_rejects_is_a_free_failure(csharp_env):
+    env = csharp_env
+    with env.client() as c:
+        answer = c.post("/mj-relax/mj/insight-face/swap", json={"sourceBase64": "not a data url",
+                                                               "targetBase64": PNG}).json()
+    assert answer["code"] == 4
+    (task,) = rows()
+    assert (task.status, task.quota, task.action) == ("FAILURE", 0, "SWAP_FACE")
+    assert balance("alice") == 10_000 and env.sim.sim.stats()["by_prefix"]["/mj-relax"] == 1
+
+
+# --- uploads -------------------------------------------------------------------------------------------
+
+def test_an_upload_is_answered_with_links_and_makes_no_task_and_no_charge(csharp_env):
+    env = csharp_env
+    response = env.submit("upload-discord-images", {"base64Array": [PNG, PNG]})
+    assert response.status_code == 200
+    answer = response.json()
+    assert answer["code"] == 1 and len(answer["result"]) == 2
+    assert all(link.startswith(env.sim.url + "/attachments/") for link in answer["result"])
+    assert rows() == [] and balance("alice") == 10_000 and ledger_entries("charge") == []
+
+
+def test_a_priced_upload_is_charged_once_without_a_task_and_a_refused_one_costs_nothing(csharp_env):
+    env = csharp_env
+    env.settings.values["prices"]["UPLOAD"] = 250
+    assert env.submit("upload-discord-images", {"base64Array": [PNG]}).json()["code"] == 1
+    refused = env.submit("upload-discord-images", {"base64Array": ["plain text"]}).json()
+    assert refused["code"] == 4 and refused["result"] is None
+    (entry,) = ledger_entries("charge")
+    assert (entry.amount, entry.task_id) == (-250, None) and "UPLOAD" in entry.reason
+    assert balance("alice") == 9750 and rows() == []
+    from mjctl.models import PendingSubmission, Reservation
+
+    assert Reservation.select().count() == 0 and PendingSubmission.select().count() == 0
+    assert_books_balance("alice")
+
+
+def test_an_upload_that_does_not_fit_the_balance_is_refused_unsent(csharp_env):
+    env = csharp_env
+    env.settings.values["prices"]["UPLOAD"] = 20_000
+    response = env.submit("upload-discord-images", {"base64Array": [PNG]})
+    assert response.status_code == 403 and response.json()["code"] == 4
+    assert env.sim.sim.stats()["upload-discord-images"] == 0 and balance("alice") == 10_000
+
+
+# --- cancel --------------------------------------------------------------------------------------------
+
+def test_cancel_stops_the_callers_task_and_refunds_it_exactly_once(csharp_env):
+    env = csharp_env
+    env.sim.sim.update({"step_seconds": 30})
+    mj_id = imagine(env)
+    assert balance("alice") == 9000
+    with env.client("bob") as c:
+        assert c.post(f"/mj/task/{mj_id}/cancel").status_code == 404  # not bob's
+    with env.client() as c:
+        response = c.post(f"/mj/task/{mj_id}/cancel")
+        assert response.status_code == 200 and response.json()["code"] == 1, response.text
+        assert local(mj_id).status == "CANCEL" and balance("alice") == 10_000
+        again = c.post(f"/mj/task/{mj_id}/cancel")
+        assert again.status_code == 409 and again.json()["code"] == 4
+    from mjctl.poller import poll_once
+
+    poll_once(env.settings)  # the upstream now reports CANCEL too: nothing more to refund
+    assert local(mj_id).status == "CANCEL" and balance("alice") == 10_000
+    assert len(ledger_entries("refund")) == 1
+    assert_books_balance("alice")
+
+
+def test_a_cancel_the_upstream_reports_is_refunded_like_a_failure(csharp_env):
+    env = csharp_env
+    env.sim.sim.update({"step_seconds": 30})
+    mj_id = imagine(env)
+    with httpx.Client(base_url=env.sim.url, headers={"mj-api-secret": SIM_SECRET}) as c:
+        assert c.post(f"/mj/task/{mj_id}/cancel", json={}).json()["code"] == 1  # cancelled upstream, not via mjctl
+    from mjctl.poller import poll_once
+
+    poll_once(env.settings)
+    poll_once(env.settings)
+    assert local(mj_id).status == "CANCEL" and balance("alice") == 10_000
+    assert len(ledger_entries("refund")) == 1
+    assert_books_balance("alice")
+
+
+def test_an_upstream_that_cannot_cancel_says_so_and_nothing_changes(java_env):
+    env = java_env
+    env.sim.sim.update({"step_seconds": 30})
+    mj_id = imagine(env)
+    with env.client() as c:
+        response = c.post(f"/mj/task/{mj_id}/cancel")
+    assert response.status_code == 501 and response.json()["code"] == 4
+    assert "cannot cancel" in response.json()["description"]
+    assert local(mj_id).status in ("SUBMITTED", "NOT_START") and balance("alice") == 9000
+
+
+# --- channels without an account, and tasks that exist already ---------------------------------------
+
+def test_no_account_on_one_channel_fails_over_to_the_next(store):
+    from mjctl import channels
+    from mjctl.simulator import run_simulator_in_thread
+
+    env = start_relay(store, flavor="java")
+    spare = run_simulator_in_thread(secret=SIM_SECRET, step_seconds=0.02)
+    try:
+        channels.add_channel(env.settings, "spare", spare.url, SIM_SECRET, priority=-1)
+        env.sim.sim.update({"no_account": 1.0})
+        answer = env.submit("imagine", {"prompt": "a fox"}).json()
+        assert answer["code"] == 1, answer
+        spare_channel = channels.get_channel("spare")
+        assert local(answer["result"]).channel_id == spare_channel.id
+        assert spare.sim.stats()["imagine"] == 1 and env.sim.sim.stats()["imagine"] == 1
+        assert balance("alice") == 9000
+    finally:
+        env.server.stop()
+        env.sim.stop()
+        spare.stop()
+
+
+def test_no_account_on_the_only_channel_is_a_free_failure(java_env):
+    env = java_env
+    env.sim.sim.update({"no_account": 1.0})
+    answer = env.submit("imagine", {"prompt": "a fox"}).json()
+    assert answer["code"] == 3
+    (task,) = rows()
+    assert (task.status, task.quota) == ("FAILURE", 0) and balance("alice") == 10_000
+
+
+def test_pressing_a_finished_button_again_names_the_existing_task_and_charges_nothing(java_env):
+    env = java_env
+    parent = imagine(env)
+    grid = settled(env, parent)
+    custom_id = next(b["customId"] for b in grid.buttons_list() if "upsample::1" in b["customId"])
+    first = env.submit("action", {"taskId": parent, "customId": custom_id}).json()
+    settled(env, first["result"])
+    spent = balance("alice")
+    again = env.submit("action", {"taskId": parent, "customId": custom_id}).json()
+    assert again["code"] == 1 and again["result"] == first["result"]
+    assert len(rows(first["result"])) == 1 and balance("alice") == spent
+    assert_books_balance("alice")
+
+
+def test_code_21_for_a_finished_task_records_it_finished_with_its_image(java_env):
+    """Another gateway's task, finished, that this upstream names for a new submission: recorded SUCCESS
+    at once with the image the answer carries, and charged as the action it is."""
+    env = java_env
+    parent = imagine(env)
+    grid = settled(env, parent)
+    custom_id = next(b["customId"] for b in grid.buttons_list() if "upsample::2" in b["customId"])
+    first = env.submit("action", {"taskId": parent, "customId": custom_id}).json()
+    settled(env, first["result"])
+    from mjctl.models import Task
+
+    # As if another gateway had submitted it: mjctl has no task with that id any more.
+    Task.update(mj_id="elsewhere").where(Task.mj_id == first["result"]).execute()
+    again = env.submit("action", {"taskId": parent, "customId": custom_id}).json()
+    assert again["code"] == 1 and again["result"] == first["result"]
+    task = local(first["result"])
+    assert (task.status, task.progress, task.unfinished, task.quota) == ("SUCCESS", "100%", 0, 500)
+    assert task.image_url.startswith(env.sim.url) and task.finish_time
+    with env.client() as c:
+        image = c.get(f"/mj/task/{first['result']}/fetch").json()["imageUrl"]
+    assert "/mj/image/" in image  # handed out as mjctl's own link, like any finished task's
