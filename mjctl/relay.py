@@ -496,7 +496,7 @@ def upload_images(settings, user: User, body: dict, prefix: str = "") -> Envelop
         record = None
         if price:
             ttl = reservation_ttl(settings, len(channels))
-            fields = dict(nonce=pending.new_nonce(), kind="upload-discord-images", action="UPLOAD",
+            fields = dict(nonce=pending.new_nonce(), kind="upload", action="UPLOAD",
                           channel_ids=str(channels[0].id), parent_task_id=None, state="", prompt="", properties="")
             record = retry_transaction(lambda: _write_ahead(user.id, price, ttl, fields), what="reserving quota")
         not_after = time.monotonic() + reservation_ttl(settings, len(channels)) - RESERVATION_SLACK
