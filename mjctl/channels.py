@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import logging
+import threading
+import time
 from urllib.parse import urlparse
 
 import httpx
@@ -13,6 +16,8 @@ from mjctl.db import write_tx
 from mjctl.errors import Conflict, NotFound, UsageError
 from mjctl.models import Channel
 from mjctl.upstream import UpstreamClient
+
+log = logging.getLogger("mjctl.channels")
 
 
 def validate_base_url(url: str) -> str:
@@ -59,10 +64,71 @@ def list_channels(enabled_only: bool = False) -> list[Channel]:
 
 
 def set_enabled(ref: str | int, enabled: bool) -> Channel:
+    """Enable or disable a channel; enabling also ends a cool-down (the operator says it is fine)."""
     channel = get_channel(ref)
+    changes: dict = {"enabled": enabled}
+    if enabled:
+        changes.update(cooldown_until=0.0, health_reason="")
     with write_tx():
-        Channel.update(enabled=enabled).where(Channel.id == channel.id).execute()
+        Channel.update(**changes).where(Channel.id == channel.id).execute()
     return Channel.get_by_id(channel.id)
+
+
+# --- health ---------------------------------------------------------------------------------------------
+
+#: Consecutive transport failures (unreachable, timed out, 5xx) after which a channel cools down.
+FAILURES_BEFORE_COOLDOWN = 3
+_failures: dict[int, int] = {}
+_failures_lock = threading.Lock()
+
+
+def cooling_down(channel: Channel, now: float | None = None) -> bool:
+    return float(channel.cooldown_until or 0) > (time.time() if now is None else now)
+
+
+def cool_down(settings, channel: Channel, reason: str) -> None:
+    """Put channel out of rotation for new submissions for [relay] channel_cooldown seconds: it is tried
+    after every healthy channel, follow-ups of its tasks still go to it, and the poller keeps polling it.
+    `channels enable` ends it early."""
+    seconds = float(settings.relay.channel_cooldown)
+    if seconds <= 0:
+        return
+    until = time.time() + seconds
+    with write_tx():
+        Channel.update(cooldown_until=until, health_reason=reason[:255]).where(Channel.id == channel.id).execute()
+    log.warning("channel %s cools down for %.0f s: %s", channel.name, seconds, reason)
+
+
+def note_failure(settings, channel: Channel, reason: str) -> None:
+    """One more transport failure in a row; the FAILURES_BEFORE_COOLDOWN-th cools the channel down."""
+    with _failures_lock:
+        count = _failures[channel.id] = _failures.get(channel.id, 0) + 1
+        if count >= FAILURES_BEFORE_COOLDOWN:
+            _failures[channel.id] = 0
+    if count >= FAILURES_BEFORE_COOLDOWN:
+        cool_down(settings, channel, f"{count} failures in a row, the last: {reason}")
+
+
+def note_success(channel: Channel) -> None:
+    with _failures_lock:
+        _failures.pop(channel.id, None)
+
+
+def in_rotation_order(channels: list[Channel], now: float | None = None) -> list[Channel]:
+    """Healthy channels first (in their order), then the cooling ones, soonest back first: a submission
+    fails over to a cooling channel only when no healthy one could take it."""
+    now = time.time() if now is None else now
+    healthy = [c for c in channels if not cooling_down(c, now)]
+    cooling = sorted((c for c in channels if cooling_down(c, now)), key=lambda c: float(c.cooldown_until))
+    return healthy + cooling
+
+
+def health(channel: Channel, now: float | None = None) -> str:
+    """"ok", or why and until when the channel is out of rotation."""
+    if not cooling_down(channel, now):
+        return "ok"
+    until = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(channel.cooldown_until)))
+    return f"cooling down until {until}: {channel.health_reason}"
 
 
 def remove_channel(ref: str | int) -> Channel:
@@ -96,4 +162,6 @@ def channel_dict(channel: Channel) -> dict:
         "priority": channel.priority,
         "has_secret": bool(channel.secret_sealed),
         "created_at": int(channel.created_at),
+        "health": health(channel),
+        "cooldown_until": float(channel.cooldown_until or 0) or None,
     }

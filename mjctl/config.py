@@ -146,6 +146,8 @@ class RelaySettings:
     max_prompt_chars: int = setting(8000, "longest prompt a submission may carry")
     max_in_flight: int = setting(64, "upstream-bound requests (submissions, image-seed, image streaming) served at once per process; more are answered 429")
     max_in_flight_per_user: int = setting(8, "upstream-bound requests one user may have in flight at once per process; more are answered 429")
+    channel_cooldown: float = setting(300.0, "seconds a channel stays out of rotation after \"no available account\", "
+                                             "a refused secret or 3 transport failures in a row; 0 = never")
 
 
 @dataclass(frozen=True)

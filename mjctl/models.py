@@ -89,6 +89,9 @@ class Channel(BaseModel):
     enabled = BooleanField(default=True)
     priority = IntegerField(default=0)  # higher first
     created_at = BigIntegerField(default=now)
+    # Out of rotation for new submissions until this time (epoch seconds; 0: healthy), and why.
+    cooldown_until = DoubleField(default=0.0)
+    health_reason = CharField(max_length=255, default="")
 
 
 class Task(BaseModel):

@@ -43,6 +43,7 @@ from typing import Any
 import peewee
 
 from mjctl import accounts, crypto, pending, tasks, upstream_text
+from mjctl import channels as channel_health
 from mjctl.channels import client_for
 from mjctl.db import retry_transaction, write_tx
 from mjctl.errors import MjctlError
@@ -266,9 +267,7 @@ def _owned_parent(user: User, kind: str, body: dict) -> Task:
 
 def _channels_for(parent: Task | None) -> list[Channel]:
     if parent is None:
-        from mjctl.channels import list_channels
-
-        channels = list_channels(enabled_only=True)
+        channels = channel_health.in_rotation_order(channel_health.list_channels(enabled_only=True))
         if not channels:
             raise _Refusal(503, 9, "no upstream channel is enabled")
         return channels
@@ -322,17 +321,23 @@ def _forward(settings, channels: list[Channel], kind: str, body: dict, prefix: s
                     result = client.swap_face(outgoing, prefix, deadline=deadline)
                 else:
                     result = client.submit(kind, outgoing, prefix, deadline=deadline)
-            if not last and result.code == NO_ACCOUNT_CODE:  # only a new task has several channels
-                log.warning("channel %s has no account available, failing over: %s", channel.name,
-                            result.description)
-                failures.append(f"{channel.name}: no account available")
-                continue
+            channel_health.note_success(channel)
+            if result.code == NO_ACCOUNT_CODE and len(channels) > 1:  # only a new task has several channels
+                channel_health.cool_down(settings, channel, f"no account available: {result.description}")
+                if not last:
+                    failures.append(f"{channel.name}: no account available")
+                    continue
             return channel, result
         except UpstreamUnavailable as exc:
             log.warning("channel %s unavailable, failing over: %s", channel.name, exc)
+            channel_health.note_failure(settings, channel, str(exc))
             failures.append(f"{channel.name}: {exc}")
         except UpstreamUnauthorized as exc:
             log.error("channel %s refused its secret: %s", channel.name, exc)
+            channel_health.cool_down(settings, channel, "the upstream refused mjctl's secret")
+            if not last:
+                failures.append(f"{channel.name}: refused mjctl's secret")
+                continue
             raise _Refusal(502, 9, f"the upstream refused mjctl's credentials (channel {channel.name})") from None
         except UpstreamRateLimited:
             raise _Refusal(429, 9, f"the upstream is rate limiting (channel {channel.name}); try again later") from None

@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from tests.helpers import wait_until
-from tests.relay_fixtures import SIM_SECRET, assert_books_balance, balance, start_relay
+from tests.relay_fixtures import SIM_SECRET, assert_books_balance, balance, closed_port_url, start_relay
 
 PNG = "data:image/png;base64,iVBORw0KGgo="
 
@@ -246,25 +246,77 @@ def test_an_upstream_that_cannot_cancel_says_so_and_nothing_changes(java_env):
 
 # --- channels without an account, and tasks that exist already ---------------------------------------
 
-def test_no_account_on_one_channel_fails_over_to_the_next(store):
+@pytest.fixture
+def two_channels(store):
+    """The relay with its channel "sim" and a second simulator as channel "spare", tried after it."""
     from mjctl import channels
     from mjctl.simulator import run_simulator_in_thread
 
     env = start_relay(store, flavor="java")
     spare = run_simulator_in_thread(secret=SIM_SECRET, step_seconds=0.02)
-    try:
-        channels.add_channel(env.settings, "spare", spare.url, SIM_SECRET, priority=-1)
-        env.sim.sim.update({"no_account": 1.0})
-        answer = env.submit("imagine", {"prompt": "a fox"}).json()
-        assert answer["code"] == 1, answer
-        spare_channel = channels.get_channel("spare")
-        assert local(answer["result"]).channel_id == spare_channel.id
-        assert spare.sim.stats()["imagine"] == 1 and env.sim.sim.stats()["imagine"] == 1
-        assert balance("alice") == 9000
-    finally:
-        env.server.stop()
-        env.sim.stop()
-        spare.stop()
+    channels.add_channel(env.settings, "spare", spare.url, SIM_SECRET, priority=-1)
+    yield env, spare
+    env.server.stop()
+    env.sim.stop()
+    spare.stop()
+
+
+def channel(name: str):
+    from mjctl import channels
+
+    return channels.get_channel(name)
+
+
+def test_no_account_cools_the_channel_down_and_new_tasks_go_to_the_next(two_channels):
+    env, spare = two_channels
+    env.sim.sim.update({"step_seconds": 30})
+    running = imagine(env, "before the trouble")  # on "sim", which then runs out of accounts
+    env.sim.sim.update({"no_account": 1.0})
+    answer = env.submit("imagine", {"prompt": "a fox"}).json()
+    assert answer["code"] == 1, answer
+    assert local(answer["result"]).channel_id == channel("spare").id
+    assert channel("sim").health_reason.startswith("no account available")
+    from mjctl import channels
+
+    assert channels.channel_dict(channel("sim"))["health"].startswith("cooling down until")
+    assert channels.channel_dict(channel("spare"))["health"] == "ok"
+    # While it cools down, new tasks go to the spare first: the sick channel is not even asked.
+    assert env.submit("imagine", {"prompt": "a hare"}).json()["code"] == 1
+    assert env.sim.sim.stats()["imagine"] == 2 and spare.sim.stats()["imagine"] == 2
+    assert balance("alice") == 10_000 - 3000
+    # The poller still follows the tasks the sick channel runs.
+    from mjctl.poller import poll_once
+
+    asked = env.sim.sim.stats()["list-by-condition"]
+    poll_once(env.settings)
+    assert env.sim.sim.stats()["list-by-condition"] == asked + 1 and local(running).unfinished == 1
+    # `channels enable` ends the cool-down.
+    channels.set_enabled("sim", True)
+    assert channels.channel_dict(channel("sim"))["health"] == "ok"
+    assert env.submit("imagine", {"prompt": "an owl"}).json()["code"] == 1
+    assert env.sim.sim.stats()["imagine"] == 3
+
+
+def test_a_channel_refusing_its_secret_cools_down_and_the_next_takes_the_task(two_channels):
+    env, spare = two_channels
+    env.sim.sim.secret = "rotated-upstream-secret"
+    answer = env.submit("imagine", {"prompt": "a fox"}).json()
+    assert answer["code"] == 1 and local(answer["result"]).channel_id == channel("spare").id
+    assert "refused" in channel("sim").health_reason
+    assert balance("alice") == 9000
+
+
+def test_transport_failures_in_a_row_cool_a_channel_down(two_channels):
+    from mjctl import channels
+    from mjctl.models import Channel
+
+    env, spare = two_channels
+    Channel.update(base_url=closed_port_url()).where(Channel.name == "sim").execute()
+    for n in range(channels.FAILURES_BEFORE_COOLDOWN):
+        assert env.submit("imagine", {"prompt": f"fox {n}"}).json()["code"] == 1
+        assert channels.cooling_down(channel("sim")) == (n == channels.FAILURES_BEFORE_COOLDOWN - 1)
+    assert "failures in a row" in channel("sim").health_reason
+    assert spare.sim.stats()["imagine"] == channels.FAILURES_BEFORE_COOLDOWN
 
 
 def test_no_account_on_the_only_channel_is_a_free_failure(java_env):
