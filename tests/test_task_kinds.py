@@ -250,7 +250,7 @@ def test_an_upstream_that_cannot_cancel_says_so_and_nothing_changes(java_env):
 def two_channels(store):
     """The relay with its channel "sim" and a second simulator as channel "spare", tried after it."""
     from mjctl import channels
-    from mjctl.simulator import run_simulator_in_thread
+    from mjctl.sim import run_simulator_in_thread
 
     env = start_relay(store, flavor="java")
     spare = run_simulator_in_thread(secret=SIM_SECRET, step_seconds=0.02)
