@@ -363,3 +363,16 @@ def test_code_21_for_a_finished_task_records_it_finished_with_its_image(java_env
     with env.client() as c:
         image = c.get(f"/mj/task/{first['result']}/fetch").json()["imageUrl"]
     assert "/mj/image/" in image  # handed out as mjctl's own link, like any finished task's
+
+
+def test_channels_list_shows_health_and_enable_ends_a_cool_down(cli):
+    assert cli("channels", "add", "up1", "--base-url", "http://127.0.0.1:9", "--secret", "s").exit_code == 0
+    from mjctl.models import Channel
+
+    Channel.update(cooldown_until=4_102_444_800.0, health_reason="no account available: 无可用的账号实例").execute()
+    listed = cli("channels", "list")
+    assert listed.exit_code == 0 and "cooling down until 2100" in listed.output.replace("\n", " ")
+    row = cli("channels", "list", "--json")
+    assert '"health": "cooling down until 2100' in row.output
+    assert cli("channels", "enable", "up1").exit_code == 0
+    assert '"health": "ok"' in cli("channels", "list", "--json").output

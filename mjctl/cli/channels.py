@@ -17,12 +17,13 @@ from mjctl.textsafe import visible
 
 app = typer.Typer(cls=Group, no_args_is_help=True, help="Manage upstream midjourney-proxy channels.")
 
-COLUMNS = ["ID", "NAME", "BASE_URL", "ENABLED", "PRIORITY", "SECRET"]
+COLUMNS = ["ID", "NAME", "BASE_URL", "ENABLED", "PRIORITY", "SECRET", "HEALTH"]
 ChannelRef = Annotated[str, typer.Argument(help="Channel name or id.")]
 
 
 def _row(c: dict):
-    return (c["id"], c["name"], c["base_url"], c["enabled"], c["priority"], "set" if c["has_secret"] else "none")
+    return (c["id"], c["name"], c["base_url"], c["enabled"], c["priority"], "set" if c["has_secret"] else "none",
+            c["health"])
 
 
 @app.command("add", epilog=examples(
@@ -76,7 +77,8 @@ def show(ctx: typer.Context, name: ChannelRef, json_out: JsonOut = False) -> Non
     if json_out:
         print_json(data)
         return
-    table(["FIELD", "VALUE"], [(k, human_time(v) if k == "created_at" else v) for k, v in data.items()])
+    table(["FIELD", "VALUE"], [(k, human_time(v) if k in ("created_at", "cooldown_until") and v else v)
+                               for k, v in data.items()])
 
 
 @app.command("test", epilog=examples('mjctl channels test up1'))
@@ -120,7 +122,7 @@ def _toggle(ctx: typer.Context, name: str, enabled: bool, json_out: bool) -> Non
 
 @app.command("enable", epilog=examples('mjctl channels enable up1'))
 def enable(ctx: typer.Context, name: ChannelRef, json_out: JsonOut = False) -> None:
-    """Enable a channel: new submissions may use it."""
+    """Enable a channel, ending any cool-down: new submissions may use it."""
     _toggle(ctx, name, True, json_out)
 
 
