@@ -220,9 +220,21 @@ def main() -> None:
                 download(c, task["imageUrl"])  # the simulator builds (and keeps) the PNG on first request
             return task_id, task["imageUrl"]
 
+        def finished_video(video_bytes: int) -> tuple[str, str]:
+            """A finished VIDEO task of video_bytes (the C# flavour has the route)."""
+            api.post("/_sim/faults", json={"flavor": "csharp", "video_bytes": video_bytes}).raise_for_status()
+            task_id = api.post("/mj/submit/video", json={"imageUrl": "https://example.com/a.png"}).json()["result"]
+            while (task := api.get(f"/mj/task/{task_id}/fetch").json())["status"] != "SUCCESS":
+                time.sleep(0.02)
+            api.post("/_sim/faults", json={"flavor": "java"}).raise_for_status()
+            with httpx.Client(timeout=120) as c:
+                download(c, task["videoUrl"])
+            return task_id, task["videoUrl"]
+
         warm = finished_task(None)
         big_task = finished_task(big)
         small_tasks = [finished_task(small) for _ in range(args.concurrency)]
+        video_task = finished_video(big)
 
         from mjctl import accounts  # noqa: F401 - the store for the task rows
         from mjctl.config import load_settings
@@ -235,6 +247,8 @@ def main() -> None:
         open_store(settings)
         rows = {task_id: Task.create(user_id=1, channel_id=1, mj_id=task_id, status="SUCCESS", image_url=url,
                                      unfinished=0) for task_id, url in [warm, big_task, *small_tasks]}
+        rows[video_task[0]] = Task.create(user_id=1, channel_id=1, mj_id=video_task[0], status="SUCCESS",
+                                          video_url=video_task[1], unfinished=0, action="VIDEO")
         forwarded = image_url_for(settings)
 
         def serve(server_env: dict) -> Callable[[str], str]:
@@ -245,14 +259,15 @@ def main() -> None:
             wait_ready(server_url, server)
 
             def proxied(task_id: str) -> str:
-                url = forwarded(rows[task_id])  # links name the task's row
-                return server_url + url[url.index("/mj/image/"):]
+                row = rows[task_id]  # links name the task's row
+                url = forwarded.video(row.id, row.mj_id, 0) if row.action == "VIDEO" else forwarded(row)
+                return server_url + url[url.index("/mj/"):]
 
             proxied.pid = server.pid  # type: ignore[attr-defined]
             timed([proxied(warm[0])], 1)  # imports, the forwarder's client, a first connection
             return proxied
 
-        tasks = Tasks(big_task, small_tasks, rows)
+        tasks = Tasks(big_task, small_tasks, rows, video_task)
         failures: list[str] = []
         if args.store in ("local", "both"):
             failures += local_part(args, serve(env), tasks, cache_dir)
@@ -275,10 +290,12 @@ def main() -> None:
 class Tasks:
     """The finished tasks of the runs: one big image, the small ones, and their rows."""
 
-    def __init__(self, big_task: tuple[str, str], small_tasks: list[tuple[str, str]], rows: dict):
+    def __init__(self, big_task: tuple[str, str], small_tasks: list[tuple[str, str]], rows: dict,
+                 video: tuple[str, str]):
         self.big = big_task
         self.small = small_tasks
         self.rows = rows
+        self.video = video
 
 
 def local_part(args: argparse.Namespace, proxied: Callable[[str], str], tasks: Tasks, cache_dir: Path) -> list[str]:
@@ -314,9 +331,17 @@ def local_part(args: argparse.Namespace, proxied: Callable[[str], str], tasks: T
             failures.append(f"local {label} uncached {r_un:.2f} < 0.5")
         if r_ca < 1.0:
             failures.append(f"local {label} cached {r_ca:.2f} < 1.0")
-    print(f"server RSS growth while proxying {args.big_mb:g} MB uncached: {growth_mb:.1f} MB; target < 16 MB\n")
+    print(f"server RSS growth while proxying {args.big_mb:g} MB uncached: {growth_mb:.1f} MB; target < 16 MB")
     if growth_mb >= 16:
         failures.append("local memory growth")
+    # A video goes the same way as an image: streamed from the upstream into the store, then from the store.
+    empty_cache(cache_dir)
+    video_growth = peak_growth(proxied.pid, lambda: timed([proxied(tasks.video[0])], 1))  # type: ignore[attr-defined]
+    direct, via = rate([tasks.video[1]], 1), rate([proxied(tasks.video[0])], 1)
+    print(f"a {args.big_mb:g} MB video: server RSS growth {video_growth:.1f} MB (target < 16 MB); from the store "
+          f"{via:.0f} MB/s against {direct:.0f} MB/s direct ({via / direct:.2f}x)\n")
+    if video_growth >= 16:
+        failures.append("local video memory growth")
     return failures
 
 

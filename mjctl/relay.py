@@ -671,13 +671,17 @@ def upstream_shape(task: Task, image_url: ImageUrl = None) -> dict[str, Any]:
     here, cheaply, for rows stored before that was so."""
     base = _own_base(image_url, task)
     properties = relay_properties(task.properties_dict(), base)
-    try:
-        urls = json.loads(task.video_urls) if task.video_urls else []
-    except ValueError:
-        urls = []
     image = task.image_url or None
     if image and image_url is not None:
         image = image_url(task) or image
+    videos = getattr(image_url, "videos", None)
+    own = videos is not None  # videos handed out as mjctl's own signed links, whatever the upstream's were
+    video_url, video_urls = videos(task.id, task.mj_id, task.video_url, task.video_urls) if own else (
+        task.video_url, task.video_urls)
+    try:
+        urls = json.loads(video_urls) if video_urls else []
+    except ValueError:
+        urls = []
     if image and image_url is None and _internal_url(image, base):
         image = None
     if task.progress:
@@ -697,8 +701,9 @@ def upstream_shape(task: Task, image_url: ImageUrl = None) -> dict[str, Any]:
         "startTime": _ms(task.start_time),
         "finishTime": _ms(task.finish_time),
         "imageUrl": image,
-        "videoUrl": task.video_url if task.video_url and not _internal_url(task.video_url, base) else None,
-        "videoUrls": [{"url": u} for u in urls if isinstance(u, str) and not _internal_url(u, base)] or None,
+        "videoUrl": video_url if video_url and (own or not _internal_url(video_url, base)) else None,
+        "videoUrls": [{"url": u} for u in urls if isinstance(u, str) and (own or not _internal_url(u, base))]
+        or None,
         "failReason": upstream_text.clean_text(task.fail_reason) or None,
         "buttons": upstream_text.clean_buttons(task.buttons_list()) or [],
         "properties": properties,

@@ -287,6 +287,9 @@ def task_item(task: Task, *, admin: bool, image_url: Callable[[Task], str] | Non
         "fail_reason": task.fail_reason,
         "quota": int(task.quota),
     }
+    videos = getattr(image_url, "videos", None)
+    if videos is not None and (task.video_url or task.video_urls):
+        item["video_url"], item["video_urls"] = videos(task.id, task.mj_id, task.video_url, task.video_urls)
     if admin:
         item["user_id"] = task.user_id
         item["channel_id"] = task.channel_id
@@ -311,9 +314,13 @@ def page_envelope(page: TaskPage, *, admin: bool, image_url: Callable[[Task], st
     if rows and all(type(row) is TaskRow for row in rows):
         items = _admin_items(rows) if admin else _user_items(rows)
         if image_url is not None:
+            videos = getattr(image_url, "videos", None)
             for item, row in zip(items, rows):
                 if item["image_url"]:
                     item["image_url"] = image_url(row)
+                if videos is not None and (item["video_url"] or item["video_urls"]):
+                    item["video_url"], item["video_urls"] = videos(row.id, row.mj_id, item["video_url"],
+                                                                   item["video_urls"])
     else:
         items = [task_item(t, admin=admin, image_url=image_url) for t in rows]
     return {"items": items, "total": page.total, "page": page.page, "page_size": page.page_size}

@@ -7,6 +7,8 @@ C# upstream's own), and each checks the books (ledger = balances = task quotas) 
 
 from __future__ import annotations
 
+import json
+
 import httpx
 import pytest
 
@@ -87,6 +89,40 @@ def test_a_video_of_a_finished_grid_is_a_task_priced_as_video_with_its_links(csh
         shown = c.get(f"/mj/task/{answer['result']}/fetch").json()
     assert shown["action"] == "VIDEO" and shown["videoUrl"] and shown["videoUrls"][0]["url"]
     assert_books_balance("alice")
+
+
+def test_a_video_is_served_through_mjctls_own_links_after_the_upstreams_expire(csharp_env):
+    from urllib.parse import urlsplit
+
+    from mjctl.poller import drain_prefetch
+    from mjctl.sim.mp4 import clip
+
+    env = csharp_env
+    env.sim.sim.update({"video_bytes": 300_000})
+    parent = imagine(env)
+    settled(env, parent)
+    answer = env.submit("video", {"taskId": parent, "index": 1, "motion": "low"}).json()
+    settled(env, answer["result"])  # the poller sees SUCCESS and keeps the image and the video
+    assert drain_prefetch(env.settings, 10)
+    env.sim.sim.update({"image_ttl": 0})  # every upstream link has expired now
+    with env.client() as c:
+        item = next(i for i in c.get("/api/mj/self").json()["data"]["items"] if i["mj_id"] == answer["result"])
+        shown = c.get(f"/mj/task/{answer['result']}/fetch").json()
+    assert "/mj/video/" in item["video_url"] and json.loads(item["video_urls"]) == [item["video_url"]]
+    assert shown["videoUrl"] == item["video_url"] and shown["videoUrls"] == [{"url": item["video_url"]}]
+    link = urlsplit(item["video_url"])
+    with httpx.Client(base_url=env.url) as anyone:  # the signed link alone opens it, no token
+        whole = anyone.get(f"{link.path}?{link.query}")
+        assert whole.status_code == 200 and whole.headers["content-type"] == "video/mp4"
+        assert len(whole.content) == 300_000 and whole.content.startswith(clip())
+        assert whole.headers["accept-ranges"] == "bytes"
+        part = anyone.get(f"{link.path}?{link.query}", headers={"Range": "bytes=1000-1999"})
+        assert part.status_code == 206 and part.content == whole.content[1000:2000]
+        forged = anyone.get(f"{link.path}?{link.query.replace('i=0', 'i=1')}")
+        assert forged.status_code == 404
+        image_sig = urlsplit(item["image_url"]).query.split("sig=")[1]
+        assert anyone.get(f"{link.path}?t={link.query.split('t=')[1].split('&')[0]}&i=0&sig={image_sig}"
+                          ).status_code == 404  # an image link's signature never opens a video
 
 
 def test_a_video_from_an_image_link_needs_no_earlier_task(csharp_env):

@@ -24,25 +24,32 @@ This module knows nothing of the web framework or the CLI.
 from mjctl.images.common import (
     EXTENSIONS,
     IMMUTABLE,
+    MAX_VIDEOS,
     MJ_ID_RE,
     PURPOSE,
     REVALIDATE,
     ROUTE,
     ROW_PARAM,
     TASK_PURPOSE,
+    VIDEO_PARAM,
+    VIDEO_ROUTE,
     ImageTooLarge,
     ImageTruncated,
     ImageUnavailable,
 )
 from mjctl.images.urls import (
     ImageSource,
+    ResultLinks,
     etag_matches,
     image_url_for,
     public_base,
     sign_image,
     sign_task_image,
+    sign_task_video,
     verify_image,
     verify_task_image,
+    verify_task_video,
+    video_list,
 )
 
 #: Names whose modules import httpx and friends, loaded on first use so that listing tasks (which only
@@ -67,6 +74,8 @@ def __getattr__(name: str):
 
 
 __all__ = ["EXTENSIONS", "IMMUTABLE", "MJ_ID_RE", "PURPOSE", "REVALIDATE", "ROUTE", "ROW_PARAM", "TASK_PURPOSE",
+           "MAX_VIDEOS", "VIDEO_PARAM", "VIDEO_ROUTE", "ResultLinks", "sign_task_video", "verify_task_video",
+           "video_list",
            "ImageTooLarge", "ImageTruncated", "ImageUnavailable", "ImageSource", "etag_matches", "image_url_for",
            "public_base", "sign_image", "sign_task_image", "verify_image", "verify_task_image", "StoredImage",
            "ResultStore", "StoreUnavailable", "result_store",

@@ -15,6 +15,10 @@ PURPOSE = "image"  # the crypto purpose of the first image links, signed over th
 TASK_PURPOSE = "image-task"  # the crypto purpose of image links bound to a task row (row id and upstream id)
 ROUTE = "/mj/image/"
 ROW_PARAM = "t"  # the query parameter naming the task row in an image link
+VIDEO_ROUTE = "/mj/video/"
+VIDEO_PURPOSE = "video-task"  # the crypto purpose of video links (row id, upstream id and which video)
+VIDEO_PARAM = "i"  # the query parameter naming which of a task's videos a video link opens
+MAX_VIDEOS = 16  # videos per task that get links
 #: Task ids the image endpoint accepts (upstream ids are 16 digits; leave room for other gateways; "~" is
 #: in the ids migration 6 gave to duplicates, ``<mj_id>~<row id>``).
 MJ_ID_RE = re.compile(r"[A-Za-z0-9_.:~-]{1,64}")  # use fullmatch: "$" would let a trailing newline through
@@ -23,6 +27,7 @@ READ_CHUNK = 256 * 1024  # chunks served from cache files
 EXTENSIONS = {
     "image/png": ".png", "image/jpeg": ".jpg", "image/gif": ".gif", "image/webp": ".webp",
     "image/avif": ".avif", "image/bmp": ".bmp", "image/tiff": ".tiff", "image/heic": ".heic",
+    "video/mp4": ".mp4", "video/webm": ".webm", "video/quicktime": ".mov",
 }
 TYPES_BY_EXTENSION = {ext: ctype for ctype, ext in EXTENSIONS.items()}
 _CACHE_NAME = re.compile(r"^[0-9a-f]{40}(" + "|".join(re.escape(e) for e in TYPES_BY_EXTENSION) + r")$")

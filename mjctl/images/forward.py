@@ -164,7 +164,8 @@ class ImageForwarder:
         self._client = httpx.Client(
             timeout=httpx.Timeout(self.timeout, connect=min(self.timeout, 10.0)),
             follow_redirects=False,  # followed in _request, so that each hop is checked and counted
-            headers={"User-Agent": f"mjctl/{__version__}", "Accept": "image/*", "Accept-Encoding": "identity"},
+            headers={"User-Agent": f"mjctl/{__version__}", "Accept": "image/*, video/*",
+                     "Accept-Encoding": "identity"},
             transport=transport,
         )
 
@@ -311,12 +312,12 @@ class ImageForwarder:
     def _check(self, response: httpx.Response, source: ImageSource) -> str:
         if not 200 <= response.status_code < 300:
             hint = " (its link has probably expired)" if response.status_code in (403, 404, 410) else ""
-            raise ImageUnavailable(
-                f"The upstream answered HTTP {response.status_code} for the image of task {source.mj_id}{hint}.")
+            raise ImageUnavailable(f"The upstream answered HTTP {response.status_code} for the {source.kind} of "
+                                   f"task {source.mj_id}{hint}.")
         content_type = response.headers.get("content-type", "").split(";", 1)[0].strip().lower()
-        if not content_type.startswith("image/"):
-            raise ImageUnavailable(
-                f"The upstream sent {content_type or 'no content type'} instead of an image for task {source.mj_id}.")
+        if not content_type.startswith(source.kind + "/"):
+            raise ImageUnavailable(f"The upstream sent {content_type or 'no content type'} instead of "
+                                   f"{'an image' if source.video is None else 'a video'} for task {source.mj_id}.")
         length = _declared_length(response)
         if length is not None and length > self.max_bytes:
             raise ImageTooLarge(self._too_large(source))

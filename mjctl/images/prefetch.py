@@ -231,7 +231,8 @@ def stop_shared_prefetchers(timeout: float = 5.0) -> None:
 
 
 def prefetch_hook(settings: Settings, prefetcher: ImagePrefetcher | None = None) -> Callable[[Task], None]:
-    """What the poller calls when a task reaches SUCCESS: queue its image for the cache without blocking.
+    """What the poller calls when a task reaches SUCCESS: queue its image and videos for the store without
+    blocking.
 
     Uses the process's shared prefetcher unless one is given (``hook.prefetcher`` is the one in use).
     With ``[images] forward = false`` nothing is served from the cache, so the hook does nothing.
@@ -245,8 +246,9 @@ def prefetch_hook(settings: Settings, prefetcher: ImagePrefetcher | None = None)
     worker = prefetcher or shared_prefetcher(settings)
 
     def hook(task: Task) -> None:
-        if task.status == "SUCCESS" and task.image_url:
-            worker.submit(ImageSource.from_task(task))
+        if task.status == "SUCCESS":
+            for source in ImageSource.all_of(task):  # its image and each of its videos
+                worker.submit(source)
 
     hook.prefetcher = worker  # type: ignore[attr-defined]
     return hook

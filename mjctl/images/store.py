@@ -142,7 +142,9 @@ def row_key(source: ImageSource) -> str:
 
     The upstream id is part of it so that a database recreated from scratch, whose row ids start again at
     1, never meets the images of the old one. A source without a row (made by hand for a URL) is keyed by
-    its URL, which no other task's image has."""
+    its URL, which no other task's image has. A task's videos are keyed like its image plus their number."""
+    if source.task_id is not None and source.video is not None:
+        return hashed(f"task\0{int(source.task_id)}\0{source.mj_id}\0video\0{int(source.video)}")
     if source.task_id is not None:
         return hashed(f"task\0{int(source.task_id)}\0{source.mj_id}")
     return hashed(f"url\0{source.mj_id}\0{source.url}")

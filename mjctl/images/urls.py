@@ -4,13 +4,23 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 from urllib.parse import quote
 
 from mjctl import crypto
-from mjctl.images.common import PURPOSE, ROUTE, ROW_PARAM, TASK_PURPOSE
+from mjctl.images.common import (
+    MAX_VIDEOS,
+    PURPOSE,
+    ROUTE,
+    ROW_PARAM,
+    TASK_PURPOSE,
+    VIDEO_PARAM,
+    VIDEO_PURPOSE,
+    VIDEO_ROUTE,
+)
 
 if TYPE_CHECKING:
     from mjctl.config import Settings
@@ -51,6 +61,34 @@ def verify_task_image(secret: bytes, task_id: int, mj_id: str, sig: str | None) 
     return crypto.verify(secret, TASK_PURPOSE, _task_message(task_id, mj_id), sig)
 
 
+def _video_message(task_id: int, mj_id: str, index: int) -> str:
+    return f"{int(task_id)}:{int(index)}:{mj_id}"
+
+
+def sign_task_video(secret: bytes, task_id: int, mj_id: str, index: int) -> str:
+    """The ``sig`` that opens video number index of the task in row task_id (purpose of its own, so an
+    image link's signature never opens a video or the reverse)."""
+    return crypto.sign(secret, VIDEO_PURPOSE, _video_message(task_id, mj_id, index))
+
+
+def verify_task_video(secret: bytes, task_id: int, mj_id: str, index: int, sig: str | None) -> bool:
+    return crypto.verify(secret, VIDEO_PURPOSE, _video_message(task_id, mj_id, index), sig)
+
+
+def video_list(video_url: str | None, video_urls: str | None) -> list[str]:
+    """A task's videos in link order: video_url, then the entries of video_urls (a JSON array of URLs) that
+    are not the same URL; at most MAX_VIDEOS."""
+    urls = [video_url] if video_url else []
+    try:
+        listed = json.loads(video_urls) if video_urls else []
+    except ValueError:
+        listed = []
+    for entry in listed if isinstance(listed, list) else []:
+        if isinstance(entry, str) and entry and entry not in urls:
+            urls.append(entry)
+    return urls[:MAX_VIDEOS]
+
+
 def public_base(settings: Settings) -> str:
     """``[server] public_url`` without a trailing slash; ``http://<host>:<port>`` when it is empty."""
     configured = (settings.server.public_url or "").strip()
@@ -73,23 +111,55 @@ def image_url_for(settings: Settings) -> Callable[[Task], str] | None:
     """
     if not settings.images.forward:
         return None
-    base = public_base(settings) + ROUTE
-    key = crypto.derive_key(crypto.server_secret(settings), TASK_PURPOSE)
+    return ResultLinks(public_base(settings), crypto.server_secret(settings))
 
-    # A listing page signs every item: HMAC and quoting were ~40% of the time of /api/mj/self. The URL of
-    # a row never changes for a given secret and base (its upstream id is in the key too: migration 6
-    # renames duplicates), so recent ones are kept.
-    @functools.lru_cache(maxsize=URL_CACHE_SIZE)
-    def url_of(task_id: int, mj_id: str) -> str:
-        sig = crypto.sign_with_key(key, _task_message(task_id, mj_id))
-        return f"{base}{quote(mj_id, safe='')}?{ROW_PARAM}={task_id}&sig={sig}"
 
-    def image_url(task: Task) -> str:
+class ResultLinks:
+    """The signed links of a task's results: called with a task, its image link; :meth:`videos` gives its
+    video links (``<public_url>/mj/video/<mj_id>?t=<row id>&i=<n>&sig=…``, one per entry of
+    :func:`video_list`), in the shapes the listing uses."""
+
+    def __init__(self, base: str, secret: bytes):
+        self._image_base = base + ROUTE
+        self._video_base = base + VIDEO_ROUTE
+        self._image_key = crypto.derive_key(secret, TASK_PURPOSE)
+        self._video_key = crypto.derive_key(secret, VIDEO_PURPOSE)
+        # A listing page signs every item: HMAC and quoting were ~40% of the time of /api/mj/self. The URL
+        # of a row never changes for a given secret and base (its upstream id is in the key too: migration
+        # 6 renames duplicates), so recent ones are kept.
+        self.image = functools.lru_cache(maxsize=URL_CACHE_SIZE)(self._image)
+
+    def _image(self, task_id: int, mj_id: str) -> str:
+        sig = crypto.sign_with_key(self._image_key, _task_message(task_id, mj_id))
+        return f"{self._image_base}{quote(mj_id, safe='')}?{ROW_PARAM}={task_id}&sig={sig}"
+
+    def video(self, task_id: int, mj_id: str, index: int) -> str:
+        sig = crypto.sign_with_key(self._video_key, _video_message(task_id, mj_id, index))
+        return f"{self._video_base}{quote(mj_id, safe='')}?{ROW_PARAM}={task_id}&{VIDEO_PARAM}={index}&sig={sig}"
+
+    def __call__(self, task: Task) -> str:
         if task.id is None:
             return ""
-        return url_of(task.id, task.mj_id)
+        return self.image(task.id, task.mj_id)
 
-    return image_url
+    def videos(self, task_id: int | None, mj_id: str, video_url: str, video_urls: str) -> tuple[str, str]:
+        """(video_url, video_urls) as handed out: each of the task's videos as mjctl's own link;
+        video_urls stays a JSON-array string. Empty strings stay empty."""
+        found = video_list(video_url, video_urls)
+        if task_id is None or not found:
+            return video_url, video_urls
+        index = {url: i for i, url in enumerate(found)}
+        first = self.video(task_id, mj_id, 0) if video_url else ""
+        listed = ""
+        if video_urls:
+            try:
+                entries = json.loads(video_urls)
+            except ValueError:
+                entries = []
+            entries = entries if isinstance(entries, list) else []
+            listed = json.dumps([self.video(task_id, mj_id, index[e]) for e in entries
+                                 if isinstance(e, str) and e in index])
+        return first, listed
 
 
 # -- what a request needs from the task row ---------------------------------------------------------
@@ -109,12 +179,30 @@ class ImageSource:
     #: from (mjctl.upstream.FetchPolicy). Empty: only public hosts and [images] allow_hosts.
     channel: str = ""
     channel_url: str = ""
+    #: Which of the task's videos (video_list order) this source is; None: the task's image.
+    video: int | None = None
 
     @classmethod
-    def from_task(cls, task: Task) -> ImageSource:
+    def from_task(cls, task: Task, video: int | None = None) -> ImageSource:
+        """The task's image, or its video number ``video`` (url "" when it has no such video)."""
         channel, channel_url = _channel_of(task)
-        return cls(mj_id=task.mj_id, url=task.image_url or "", final=task.status == "SUCCESS", task_id=task.id,
-                   channel=channel, channel_url=channel_url)
+        if video is None:
+            url = task.image_url or ""
+        else:
+            videos = video_list(task.video_url, task.video_urls)
+            url = videos[video] if 0 <= video < len(videos) else ""
+        return cls(mj_id=task.mj_id, url=url, final=task.status == "SUCCESS", task_id=task.id,
+                   channel=channel, channel_url=channel_url, video=video)
+
+    @classmethod
+    def all_of(cls, task: Task) -> list[ImageSource]:
+        """The task's image and each of its videos: what a prefetch keeps."""
+        sources = [cls.from_task(task)] if task.image_url else []
+        return sources + [cls.from_task(task, i) for i in range(len(video_list(task.video_url, task.video_urls)))]
+
+    @property
+    def kind(self) -> str:
+        return "image" if self.video is None else "video"
 
     @property
     def etag(self) -> str:

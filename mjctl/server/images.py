@@ -67,8 +67,17 @@ def _row_id(raw: str | None) -> int | None:
     return int(raw)
 
 
+def _video_index(raw: str | None) -> int:
+    """Which video a ``i`` parameter names (0 when absent). Raises the 404 for anything but a small number."""
+    if raw is None:
+        return 0
+    if not (raw.isascii() and raw.isdigit() and len(raw) <= 2) or int(raw) >= images.MAX_VIDEOS:
+        raise not_found()
+    return int(raw)
+
+
 def find_source(ctx: AppContext, mj_id: str, sig: str | None, token: str | None,
-                row: str | None = None) -> ImageSource:
+                row: str | None = None, video: int | None = None) -> ImageSource:
     """The image source of the task (mj_id, and row when given) if the caller may see it; raises the JSON
     error response otherwise.
 
@@ -81,7 +90,10 @@ def find_source(ctx: AppContext, mj_id: str, sig: str | None, token: str | None,
 
     task_id = _row_id(row)
     public = not ctx.settings.images.sign
-    if task_id is not None:
+    if video is not None:  # video links always name their row: there are no legacy ones
+        signed = task_id is not None and bool(sig) and images.verify_task_video(ctx.secret, task_id, mj_id,
+                                                                                 video, sig)
+    elif task_id is not None:
         signed = bool(sig) and images.verify_task_image(ctx.secret, task_id, mj_id, sig)
     else:
         signed = bool(sig) and images.verify_image(ctx.secret, mj_id, sig)
@@ -105,6 +117,11 @@ def find_source(ctx: AppContext, mj_id: str, sig: str | None, token: str | None,
         task = _lookup(mj_id, task_id, user)
         if task is None:
             raise not_found()
+        if video is not None:
+            source = ImageSource.from_task(task, video)
+            if not source.url:
+                raise json_error(404, f"Task {mj_id} has no video {video}.")
+            return source
         if not task.image_url:
             raise json_error(404, f"Task {mj_id} has no image.")
         source = ImageSource.from_task(task)
@@ -193,19 +210,52 @@ def install(app: bottle.Bottle, ctx: AppContext) -> None:
                                      e503="The database is busy or unreachable; try again shortly.")},
     )
 
+    ctx.openapi.operation(
+        "/mj/video/<mj_id>", "get", tags=["images"],
+        summary="One of a task's result videos, forwarded from its upstream or served from the store.",
+        description="The links a task's `video_url` and `video_urls` hold: `t` (the row), `i` (which video) and "
+                    "`sig`; or the token of the task's owner or an admin with `i`. Everything else is as for "
+                    "images: streamed, byte ranges once stored (so a player can seek), ETag, the same 404s.",
+        parameters=[query_param(images.ROW_PARAM, {"type": "integer"}, "The task's row id, from the video link."),
+                    query_param(images.VIDEO_PARAM, {"type": "integer", "minimum": 0},
+                                "Which of the task's videos (0 = video_url)."),
+                    query_param("sig", {"type": "string"}, "The signature from the video link."),
+                    header_param("If-None-Match", "An ETag from an earlier answer; 304 when it still matches."),
+                    header_param("Range", "One byte range of a video served from the store.")],
+        responses={200: {"description": "The video.", "content": {"video/*": {"schema": {"type": "string",
+                                                                                          "format": "binary"}}}},
+                   206: {"description": "The requested byte range of a stored video (`Content-Range`).",
+                         "content": {"video/*": {"schema": {"type": "string", "format": "binary"}}}},
+                   302: {"description": "With `[images] redirect` and an S3 store: a short-lived presigned link."},
+                   304: {"description": "Not modified."},
+                   **error_responses(401, 403, 404, 409, 416, 502, 503, 500,
+                                     e403="The user is disabled.",
+                                     e409="An admin named an id several tasks share, without `t`.",
+                                     e416="The range starts past the end of the video.",
+                                     e502="The upstream failed and the store does not hold the video.",
+                                     e503="The database is busy or unreachable; try again shortly.")},
+    )
+
     @app.get("/mj/image/<mj_id>", db=False)
     def image(mj_id: str):
+        return serve(mj_id, None)
+
+    @app.get("/mj/video/<mj_id>", db=False)
+    def video(mj_id: str):
+        return serve(mj_id, _video_index(bottle.request.query.get(images.VIDEO_PARAM)))
+
+    def serve(mj_id: str, video: int | None):
         request = bottle.request
         try:
             source = find_source(ctx, mj_id, request.query.get("sig") or None, request_token(request),
-                                 request.query.get(images.ROW_PARAM))
+                                 request.query.get(images.ROW_PARAM), video)
         except bottle.HTTPResponse:
             raise
         except Exception as exc:  # sorted below: the database's failures, or a bug
             busy = busy_error(exc)  # a lock or pool timeout, a lost connection (a full pool is a ValueError)
             if busy is None and not isinstance(exc, peewee.PeeweeException):
                 raise
-            log.error("GET /mj/image: database error: %s", first_line(exc))
+            log.error("GET %s: database error: %s", request.path, first_line(exc))
             return json_error(503, busy.message if busy is not None else "The database failed; try again shortly.",
                               {"Retry-After": "2"})
         if images.etag_matches(request.get_header("If-None-Match"), source.etag):
@@ -223,7 +273,7 @@ def install(app: bottle.Bottle, ctx: AppContext) -> None:
             return json_error(416, f"The range starts past the end of the image ({exc.size} bytes).",
                               {"Content-Range": f"bytes */{exc.size}"})
         except ImageUnavailable as exc:
-            log.warning("image %s: %s", source.mj_id, exc.message)
+            log.warning("%s %s: %s", source.kind, source.mj_id, exc.message)
             return json_error(502, exc.message)
         headers = {"Content-Type": stream.content_type, "ETag": stream.etag,
                    "Cache-Control": stream.cache_control, "X-Cache": "HIT" if stream.cached else "MISS",
