@@ -412,3 +412,22 @@ def test_channels_list_shows_health_and_enable_ends_a_cool_down(cli):
     assert '"health": "cooling down until 2100' in row.output
     assert cli("channels", "enable", "up1").exit_code == 0
     assert '"health": "ok"' in cli("channels", "list", "--json").output
+
+
+def test_tasks_image_video_saves_the_mp4(csharp_env, tmp_path):
+    from typer.testing import CliRunner
+
+    from mjctl.cli import app
+    from mjctl.sim.mp4 import clip
+
+    env = csharp_env
+    answer = env.submit("video", {"imageUrl": "https://example.com/cat.png"}).json()
+    settled(env, answer["result"])
+    target = tmp_path / "clip.mp4"
+    environ = {"MJCTL_DATABASE_URL": env.settings.database_url(), "MJCTL_SERVER_SECRET": "test-secret",
+               "MJCTL_IMAGES_ALLOW_HOSTS": "127.0.0.1"}
+    result = CliRunner().invoke(app, ["tasks", "image", answer["result"], "--video", "-o", str(target)], env=environ)
+    assert result.exit_code == 0, result.output
+    assert target.read_bytes().startswith(clip())
+    missing = CliRunner().invoke(app, ["tasks", "image", answer["result"], "--video", "--index", "3"], env=environ)
+    assert missing.exit_code == 1 and "has no video 3" in missing.output

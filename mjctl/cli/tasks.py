@@ -380,6 +380,7 @@ def _watch_bars(ids, current, poll, finished) -> None:
 @app.command("image", epilog=examples(
     'mjctl tasks image 1730000000000123 -o fox.png',
     'mjctl tasks image 42 -o - | display',
+    'mjctl tasks image 1730000000000456 --video -o clip.mp4',
 ))
 def image(
     ctx: typer.Context,
@@ -387,11 +388,14 @@ def image(
     row: Row = None,
     output: Annotated[str | None, typer.Option("--output", "-o", help="File to write (default: MJ_ID.<ext> "
                                                "here; - for stdout).")] = None,
+    video: Annotated[bool, typer.Option("--video", help="The task's video instead of its image.")] = False,
+    index: Annotated[int, typer.Option("--index", min=0, help="Which of the task's videos, with --video "
+                                       "(0 = video_url).")] = 0,
     json_out: JsonOut = False,
 ) -> None:
-    """Save a task's image, from the cache or fetched from its upstream (and cached when the task succeeded).
-    When several tasks share the id (upstreams on different channels can give the same one), --row says
-    which."""
+    """Save a task's image (or with --video its video), from the store or fetched from its upstream (and kept
+    when the task succeeded). When several tasks share the id (upstreams on different channels can give the
+    same one), --row says which."""
     from mjctl.images import EXTENSIONS, ImageForwarder, ImageSource
     from mjctl.images.cache import claim_legacy_file
 
@@ -401,13 +405,18 @@ def image(
         rows = ", ".join(f"{t.id} (channel {t.channel_id}, user {t.user_id})" for t in found)
         raise UsageError(f"{len(found)} tasks have the id {mj_id!r}: rows {rows}; choose one with --row.")
     task = found[0]
-    if not task.image_url:
+    if video:
+        source = ImageSource.from_task(task, index)
+        if not source.url:
+            raise NotFound(f"Task {mj_id} has no video {index} (status {task.status}).")
+    elif not task.image_url:
         raise NotFound(f"Task {mj_id} has no image (status {task.status}).")
+    else:
+        source = ImageSource.from_task(task)
     if output == "-" and json_out:
         raise UsageError("--json cannot be combined with -o - (both write to stdout).")
     if output and output != "-" and not Path(output).parent.is_dir():
         raise UsageError(f"Cannot write {output}: the folder {Path(output).parent} does not exist.")
-    source = ImageSource.from_task(task)
     with ImageForwarder(settings) as forwarder:
         claim_legacy_file(forwarder.store, source)  # a file cached under the bare id by an earlier version
         if output == "-":

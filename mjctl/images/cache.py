@@ -284,8 +284,8 @@ def claim_legacy_file(cache: object, source: ImageSource) -> StoredImage | None:
     Reads the database (mjctl.tasks.sole_task) only when such a file exists: call it inside a connection,
     before any upstream is contacted. Only the local store has such files (an S3 store: nothing, and no
     request is made)."""
-    if not isinstance(cache, ImageCache) or not source.final or source.task_id is None:
-        return None
+    if not isinstance(cache, ImageCache) or not source.final or source.task_id is None or source.video is not None:
+        return None  # legacy files are images: a video never claims one
     if cache.find(source) is not None:
         return None
     legacy = cache.find(source.mj_id)
