@@ -64,6 +64,43 @@ def test_axe_finds_nothing_serious_in_any_state_of_the_page(screen_page, site):
     row(page, "bob-0").get_by_test_id("thumbnail").click()
     expect(by(page, "lightbox")).to_be_visible()
     assert_no_violations(page, "the admin view's lightbox")
+    page.keyboard.press("Escape")
+
+    Task.create(user_id=site.users["bob"], channel_id=2, mj_id="video-1", action="VIDEO", prompt="it moves",
+                status="SUCCESS", progress="100%", image_url=site.image("video-1"), video_url=site.video("video-1"),
+                submit_time=int(time.time()) - 60, start_time=int(time.time()) - 50, finish_time=int(time.time()))
+    page.reload()
+    row(page, "video-1").get_by_test_id("thumbnail").click()
+    expect(by(page, "lightbox-video")).to_be_visible()
+    assert_no_violations(page, "a video playing in the lightbox")
+
+
+def test_a_video_task_plays_in_the_lightbox(screen_page, site):
+    page = screen_page
+    Task.create(user_id=site.users["carol"], channel_id=1, mj_id="video-2", action="VIDEO", prompt="a moving fox",
+                status="SUCCESS", progress="100%", image_url=site.image("video-2"), video_url=site.video("video-2"),
+                submit_time=int(time.time()) - 60, start_time=int(time.time()) - 50, finish_time=int(time.time()))
+    Task.create(user_id=site.users["carol"], channel_id=1, mj_id="video-3", action="VIDEO", prompt="no still",
+                status="SUCCESS", progress="100%", video_urls=f'["{site.video("video-3")}"]',
+                submit_time=int(time.time()) - 30, start_time=int(time.time()) - 20, finish_time=int(time.time()))
+    page.goto("/")
+    sign_in(page, site.tokens["carol"])
+    thumb = row(page, "video-2").get_by_test_id("thumbnail")
+    expect(thumb).to_have_attribute("title", "Play the video")
+    thumb.click()
+    video = by(page, "lightbox-video")
+    expect(video).to_be_visible()
+    expect(by(page, "lightbox-image")).to_be_hidden()
+    # Chromium has read the MP4 and can show its frames: the clip is a real one, served through the page's CSP.
+    wait_until(lambda: video.evaluate("v => v.readyState") >= 2, message="the video's first frame is loaded")
+    assert video.evaluate("v => v.duration") > 0.5 and video.evaluate("v => v.poster").endswith("video-2.png")
+    expect(by(page, "lightbox-link")).to_have_attribute("href", site.video("video-2"))
+    page.keyboard.press("Escape")
+    expect(by(page, "lightbox")).to_be_hidden()
+    assert video.evaluate("v => v.getAttribute('src')") is None  # closing stops and unloads it
+    row(page, "video-3").get_by_test_id("thumbnail").click()  # a video without a still: a play button
+    expect(video).to_be_visible()
+    wait_until(lambda: video.evaluate("v => v.readyState") >= 1, message="the second video's metadata")
 
 
 def test_the_lightbox_is_a_modal_dialog_that_keeps_and_returns_the_focus(screen_page, site):

@@ -50,6 +50,12 @@ def static_images(app, ctx):
     def image(name):
         return bottle.HTTPResponse(body=make_png(name), headers={"Content-Type": "image/png"})
 
+    @app.get("/test-images/<name>.mp4", db=False)
+    def video(name):
+        from mjctl.sim.mp4 import make_mp4
+
+        return bottle.HTTPResponse(body=make_mp4(name), headers={"Content-Type": "video/mp4"})
+
 
 @dataclass
 class Site:
@@ -65,6 +71,9 @@ class Site:
 
     def image(self, name: str) -> str:
         return f"{self.url}/test-images/{name}.png"
+
+    def video(self, name: str) -> str:
+        return f"{self.url}/test-images/{name}.mp4"
 
     def restart(self, *, stopped_check=None) -> None:
         from mjctl.httpserver import ServerThread

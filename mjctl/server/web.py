@@ -30,10 +30,12 @@ STATIC_FILES = {
     "app.js": "text/javascript; charset=utf-8",
 }
 
-#: Thumbnails may come from the upstream's own host when image forwarding is off, hence img-src.
+#: Thumbnails and videos may come from the upstream's own host when forwarding is off, hence img-src and
+#: media-src.
 SECURITY_HEADERS = {
     "Content-Security-Policy": ("default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; "
-                                "img-src 'self' http: https: data:; base-uri 'none'; form-action 'self'; "
+                                "img-src 'self' http: https: data:; media-src 'self' http: https:; base-uri 'none'; "
+                                "form-action 'self'; "
                                 "frame-ancestors 'none'"),
     "X-Content-Type-Options": "nosniff",
     "Referrer-Policy": "no-referrer",

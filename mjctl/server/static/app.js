@@ -44,7 +44,7 @@
     announce: $("announce"), tasks: $("tasks"), filtersToggle: $("filters-toggle"), filters: $("filters"),
     userFilter: $("filter-user"), userError: $("user-error"), userSuggestions: $("user-suggestions"), channelFilter: $("filter-channel"),
     rows: $("task-rows"), prev: $("prev"), next: $("next"), pageInfo: $("page-info"), pageSize: $("page-size"),
-    live: $("live"), lightbox: $("lightbox"), lightboxImage: $("lightbox-image"),
+    live: $("live"), lightbox: $("lightbox"), lightboxImage: $("lightbox-image"), lightboxVideo: $("lightbox-video"),
     lightboxPrompt: $("lightbox-prompt"), lightboxId: $("lightbox-id"), lightboxLink: $("lightbox-link"),
     lightboxClose: $("lightbox-close"),
   };
@@ -350,9 +350,31 @@
     return td;
   }
 
+  /** The task's first video: video_url, else the first of video_urls (a JSON-array string). */
+  function videoOf(item) {
+    if (item.video_url) return safeUrl(item.video_url);
+    try {
+      const urls = JSON.parse(item.video_urls || "[]");
+      return Array.isArray(urls) && urls.length ? safeUrl(urls[0]) : null;
+    } catch (err) {
+      return null;
+    }
+  }
+
   function imageCell(item) {
     const td = cell("td", "", "image", null, "Image");
     const url = safeUrl(item.image_url);
+    const video = videoOf(item);
+    if (!url && video) {  // a video without a still: a button that plays it
+      const play = document.createElement("button");
+      play.type = "button";
+      play.className = "thumb play";
+      play.textContent = "▶ Video";
+      play.dataset.testid = "thumbnail";
+      play.addEventListener("click", () => openLightbox(null, item, play));
+      td.append(play);
+      return td;
+    }
     if (!url) {
       td.classList.add("none");
       td.append(cell("span", "no image", "noimage"));
@@ -361,7 +383,8 @@
     const button = document.createElement("button");
     button.type = "button";
     button.className = "thumb";
-    button.title = "Open the full image";
+    button.title = video ? "Play the video" : "Open the full image";
+    if (video) button.classList.add("has-video");
     button.dataset.testid = "thumbnail";
     const img = document.createElement("img");
     img.alt = `Image of task ${item.mj_id}`;
@@ -407,11 +430,20 @@
 
   function openLightbox(url, item, opener) {
     state.opener = { rowId: String(item.id), node: opener };
-    el.lightboxImage.src = url;
-    el.lightboxImage.alt = `Image of task ${item.mj_id}`;
+    const video = videoOf(item);
+    el.lightboxImage.hidden = Boolean(video);
+    el.lightboxVideo.hidden = !video;
+    if (video) {  // a video task plays in the dialog, its still as the poster
+      el.lightboxVideo.src = video;
+      if (url) el.lightboxVideo.poster = url; else el.lightboxVideo.removeAttribute("poster");
+      el.lightboxVideo.setAttribute("aria-label", `Video of task ${item.mj_id}`);
+    } else {
+      el.lightboxImage.src = url;
+      el.lightboxImage.alt = `Image of task ${item.mj_id}`;
+    }
     el.lightboxPrompt.textContent = item.prompt || item.prompt_en || "(no prompt)";
     el.lightboxId.textContent = item.mj_id;
-    el.lightboxLink.href = url;
+    el.lightboxLink.href = video || url;
     el.lightbox.showModal();
     el.lightboxClose.focus();
   }
@@ -422,6 +454,9 @@
 
   function lightboxClosed() {
     el.lightboxImage.removeAttribute("src");
+    el.lightboxVideo.pause();
+    el.lightboxVideo.removeAttribute("src");
+    el.lightboxVideo.load();
     const opener = state.opener;
     state.opener = null;
     if (!opener) return;
@@ -433,7 +468,7 @@
 
   function trapFocus(event) {
     if (event.key !== "Tab") return;
-    const focusable = [...el.lightbox.querySelectorAll("a[href], button:not([disabled])")];
+    const focusable = [...el.lightbox.querySelectorAll("video[controls]:not([hidden]), a[href], button:not([disabled])")];
     if (focusable.length === 0) return;
     const first = focusable[0], last = focusable[focusable.length - 1];
     const inside = el.lightbox.contains(document.activeElement);
