@@ -185,10 +185,16 @@ DEFAULT_PRICES: dict[str, tuple[int, str]] = {
 }
 
 
+#: Generation speeds that may have prices of their own: ``[prices.relax]`` in mjctl.toml,
+#: ``MJCTL_PRICES_RELAX_IMAGINE`` in the environment; kept in [prices] as ``relax.IMAGINE``.
+PRICE_MODES = ("fast", "relax", "turbo")
+
+
 class Prices(Mapping[str, int]):
     """[prices]: the quota charged per action (upper case) when a submission is accepted, read-only. The
     DEFAULT_PRICES come first, each replaced by the quota given for it; actions given a price of their own
-    follow. ``default`` prices an action without one."""
+    follow. ``default`` prices an action without one. A mode's own price of an action is the key
+    ``<mode>.<ACTION>`` (``relax.IMAGINE``), from the ``[prices.relax]`` table."""
 
     __slots__ = ("_quotas",)
 
@@ -208,9 +214,15 @@ class Prices(Mapping[str, int]):
     def __repr__(self) -> str:
         return f"Prices({self._quotas!r})"
 
-    def of(self, action: str) -> int:
-        """The quota for an action (any case), or the default price."""
-        return self._quotas.get(action.upper(), self._quotas["default"])
+    def of(self, action: str, mode: str = "") -> int:
+        """The quota for an action (any case) in a mode: the mode's own price when [prices.<mode>] names
+        the action, else [prices]' price of it, else the default price."""
+        action = action.upper()
+        if mode:
+            quota = self._quotas.get(f"{mode.lower()}.{action}")
+            if quota is not None:
+                return quota
+        return self._quotas.get(action, self._quotas["default"])
 
 
 #: The sections in the order mjctl.toml and `config show` list them.
@@ -274,8 +286,8 @@ class Settings:
             return dict(values)
         return {f.name: getattr(values, f.name) for f in fields(values)}
 
-    def price(self, action: str) -> int:
-        return self.prices.of(action)
+    def price(self, action: str, mode: str = "") -> int:
+        return self.prices.of(action, mode)
 
     def resolve_path(self, value: str) -> Path:
         path = Path(value).expanduser()
@@ -410,6 +422,11 @@ def load_settings(
             if not isinstance(table, dict):
                 raise ConfigError(f"{path}: {section} must be a [section] table.")
             for key, raw in table.items():
+                if section in OPEN_SECTIONS and isinstance(raw, dict) and key.lower() in PRICE_MODES:
+                    for action, quota in raw.items():  # [prices.relax] IMAGINE = 500
+                        _set(values, sources, section, f"{key.lower()}.{action.upper()}", quota, str(path),
+                             f"file {path}")
+                    continue
                 _set(values, sources, section, key, raw, str(path), f"file {path}")
 
     for name, raw in environ.items():
@@ -448,6 +465,9 @@ def _env_target(name: str) -> tuple[str | None, str | None]:
         if rest.startswith(prefix):
             key = rest[len(prefix):]
             if section in OPEN_SECTIONS:
+                mode, _, action = key.partition("_")
+                if mode.lower() in PRICE_MODES and action:  # MJCTL_PRICES_RELAX_IMAGINE
+                    return section, f"{mode.lower()}.{action.upper()}"
                 return section, "default" if key.lower() == "default" else key.upper()
             return section, key.lower()
     return None, None
@@ -459,7 +479,8 @@ def _set(values, sources, section: str, key: str, raw: Any, where: str, source: 
     if key not in schema:
         if section in OPEN_SECTIONS:
             typ = int
-            key = key if key == "default" else key.upper()
+            mode, dot, action = key.partition(".")
+            key = key if key == "default" else (f"{mode.lower()}.{action.upper()}" if dot else key.upper())
         else:
             raise ConfigError(f"{where}: unknown key {key!r} in [{section}].")
     else:

@@ -282,3 +282,20 @@ def _m8_report_memo(db: peewee.Database) -> None:
             "IF NEW.updated_at <=> OLD.updated_at AND NEW.memo_digest <=> OLD.memo_digest "
             "AND NEW.memo_version <=> OLD.memo_version THEN "
             "SET NEW.updated_at = GREATEST(UNIX_TIMESTAMP(NOW(6)), OLD.updated_at + 0.000001); END IF; END")
+
+@migration(9, "task kinds: each task's generation mode, and each channel's health")
+def _m9_modes_and_health(db: peewee.Database) -> None:
+    """Columns added with constant defaults (no table rewrite), each only when missing, so an interrupted
+    step runs again cleanly."""
+    double = {peewee.SqliteDatabase: "REAL", peewee.PostgresqlDatabase: "DOUBLE PRECISION"}
+    kind = next((name for cls, name in double.items() if isinstance(db, cls)), "DOUBLE")
+    added = {
+        "task": ("mode VARCHAR(16) NOT NULL DEFAULT ''",),
+        "pending_submission": ("mode VARCHAR(16) NOT NULL DEFAULT ''",),
+        "channel": (f"cooldown_until {kind} NOT NULL DEFAULT 0", "health_reason VARCHAR(255) NOT NULL DEFAULT ''"),
+    }
+    for table, columns in added.items():
+        present = {c.name for c in db.get_columns(table)}
+        for column in columns:
+            if column.split()[0] not in present:
+                db.execute_sql(f"ALTER TABLE {table} ADD COLUMN {column}")

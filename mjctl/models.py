@@ -90,8 +90,8 @@ class Channel(BaseModel):
     priority = IntegerField(default=0)  # higher first
     created_at = BigIntegerField(default=now)
     # Out of rotation for new submissions until this time (epoch seconds; 0: healthy), and why.
-    cooldown_until = DoubleField(default=0.0)
-    health_reason = CharField(max_length=255, default="")
+    cooldown_until = DoubleField(default=0.0, constraints=[SQL("DEFAULT 0")])
+    health_reason = CharField(max_length=255, default="", constraints=[SQL("DEFAULT ''")])
 
 
 class Task(BaseModel):
@@ -131,6 +131,8 @@ class Task(BaseModel):
     # writers that do not), so any write voids the memo. Database defaults, as for nonce.
     memo_digest = CharField(max_length=32, default="", constraints=[SQL("DEFAULT ''")])
     memo_version = DoubleField(default=0.0, constraints=[SQL("DEFAULT 0")])
+    # The generation speed it was submitted for (FAST, RELAX, TURBO), "" when the caller named none.
+    mode = CharField(max_length=16, default="", constraints=[SQL("DEFAULT ''")])
 
     class Meta:
         indexes = (
@@ -235,6 +237,7 @@ class PendingSubmission(BaseModel):
     properties = TextField(default="")
     created_at = DoubleField(default=time.time)
     expires_at = DoubleField(index=True)
+    mode = CharField(max_length=16, default="", constraints=[SQL("DEFAULT ''")])
 
     class Meta:
         table_name = "pending_submission"

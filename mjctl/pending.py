@@ -146,7 +146,7 @@ def create_task(pending: PendingSubmission, channel_id: int, mj_id: str, *, stat
         description=description[:1000], state=pending.state, prompt=pending.prompt, prompt_en=prompt_en,
         properties=json.dumps(merged, ensure_ascii=False), submit_time=int(pending.created_at),
         status=status, progress="0%" if status == "SUBMITTED" else "", quota=pending.price, unfinished=1,
-        nonce=pending.nonce)
+        nonce=pending.nonce, mode=pending.mode)
     charge(task, pending.price)
     return task
 

@@ -49,7 +49,7 @@ from mjctl.db import retry_transaction, write_tx
 from mjctl.errors import MjctlError
 from mjctl.images.common import ROUTE as IMAGE_ROUTE
 from mjctl.models import Channel, PendingSubmission, Task, User
-from mjctl.protocol import NO_ACCOUNT_CODE
+from mjctl.protocol import MODES, NO_ACCOUNT_CODE, PREFIX_MODES
 from mjctl.upstream import (
     PREFIXES,
     SUBMIT_KINDS,
@@ -244,6 +244,25 @@ def _client(settings, channel: Channel) -> UpstreamClient:
     return client_for(settings, channel, timeout=submit_deadline(settings))
 
 
+def mode_of(prefix: str, body: dict, parent: Task | None) -> str:
+    """The generation speed a submission asks for: its path prefix (/mj-relax: RELAX), else the first mode
+    of the C# upstream's ``accountFilter.modes`` in its body, else its parent's; "" when none says."""
+    if prefix:
+        return PREFIX_MODES[prefix]
+    account_filter = body.get("accountFilter")
+    modes = account_filter.get("modes") if isinstance(account_filter, dict) else None
+    for mode in modes if isinstance(modes, list) else []:
+        if isinstance(mode, str) and mode.upper() in MODES:
+            return mode.upper()
+    return parent.mode if parent is not None else ""
+
+
+def _inherited_prefix(parent: Task) -> str:
+    """The speed prefix the parent was submitted under, which its channel therefore serves ("" if none)."""
+    prefix = parent.properties_dict().get("speedPrefix")
+    return prefix if isinstance(prefix, str) and prefix in PREFIXES else ""
+
+
 def _follows_up(kind: str, body: dict) -> bool:
     return kind in FOLLOW_UP_KINDS or (kind == "video" and body.get("taskId") not in (None, ""))
 
@@ -385,7 +404,10 @@ def submit(settings, user: User, kind: str, body: dict, prefix: str = "") -> Env
         parent = _owned_parent(user, kind, body) if _follows_up(kind, body) else None
         continues_modal = kind == "modal" and parent is not None and parent.status == "MODAL"
         action = action_for(kind, body)
-        price = settings.price("MODAL" if kind == "modal" else action)
+        if not prefix and parent is not None:  # a follow-up keeps its parent's speed unless it names one
+            prefix = _inherited_prefix(parent)
+        mode = mode_of(prefix, body, parent)
+        price = settings.price("MODAL" if kind == "modal" else action, mode)
         channels = _channels_for(parent)
         ttl = reservation_ttl(settings, len(channels))
         local_properties: dict[str, Any] = {}
@@ -393,7 +415,7 @@ def submit(settings, user: User, kind: str, body: dict, prefix: str = "") -> Env
             local_properties["notifyHook"] = _text(caller_hook)
         if prefix:
             local_properties["speedPrefix"] = prefix
-        fields = dict(nonce=pending.new_nonce(), kind=kind, action=action, channel_ids=str(channels[0].id),
+        fields = dict(nonce=pending.new_nonce(), kind=kind, action=action, channel_ids=str(channels[0].id), mode=mode,
                       parent_task_id=parent.id if continues_modal else None, state=_text(body.get("state")),
                       prompt=_text(body.get("prompt")),
                       properties=json.dumps(local_properties, ensure_ascii=False) if local_properties else "")
@@ -426,7 +448,7 @@ def submit(settings, user: User, kind: str, body: dict, prefix: str = "") -> Env
                 mj_id = result.result
                 if not mj_id or pending.id_taken(channel.id, mj_id):
                     mj_id = _local_id()  # a rejection names no task; it must not take another's id
-                Task.create(mj_id=mj_id, status="FAILURE", progress="", quota=0, unfinished=0,
+                Task.create(mj_id=mj_id, status="FAILURE", progress="", quota=0, unfinished=0, mode=record.mode,
                             fail_reason=result.description or f"rejected by the upstream (code {result.code})",
                             prompt_en=_text(result.properties.get("promptEn")), finish_time=int(time.time()),
                             user_id=user.id, channel_id=channel.id, action=action, code=result.code,

@@ -21,7 +21,7 @@ MAX_FILTER_LEN = 256
 USER_FIELDS = ("id", "mj_id", "action", "prompt", "prompt_en", "status", "progress", "image_url", "video_url",
                "video_urls", "submit_time", "start_time", "finish_time", "fail_reason", "quota")
 #: GET /api/mj/ adds these.
-ADMIN_FIELDS = ("user_id", "channel_id")
+ADMIN_FIELDS = ("user_id", "channel_id", "mode")
 #: The columns a listing reads: exactly what an item shows (buttons, properties and the rest stay unread).
 LISTING_COLUMNS = USER_FIELDS + ADMIN_FIELDS
 
@@ -35,16 +35,17 @@ class TaskFilter:
     action: str | None = None
     start: int | None = None  # submit_time >= start (epoch seconds)
     end: int | None = None  # submit_time <= end
+    mode: str | None = None  # FAST, RELAX or TURBO
 
     def shape(self) -> tuple:
         """Which filters are set (the compiled-query cache key)."""
         return (self.user_id is not None, self.channel_id is not None, bool(self.mj_id), bool(self.status),
-                bool(self.action), self.start is not None, self.end is not None)
+                bool(self.action), self.start is not None, self.end is not None, bool(self.mode))
 
     def params(self) -> list:
         """The filter values in the order where() uses them."""
         values = [self.user_id, self.channel_id, self.mj_id or None, self.status or None, self.action or None,
-                  self.start, self.end]
+                  self.start, self.end, self.mode or None]
         return [v for v, used in zip(values, self.shape()) if used]
 
     def where(self, query, table=Task):
@@ -63,6 +64,8 @@ class TaskFilter:
             query = query.where(table.submit_time >= self.start)
         if self.end is not None:
             query = query.where(table.submit_time <= self.end)
+        if self.mode:
+            query = query.where(table.mode == self.mode)
         return query
 
 
@@ -293,6 +296,7 @@ def task_item(task: Task, *, admin: bool, image_url: Callable[[Task], str] | Non
     if admin:
         item["user_id"] = task.user_id
         item["channel_id"] = task.channel_id
+        item["mode"] = task.mode
     return item
 
 
@@ -337,7 +341,7 @@ def _user_items(rows: list[TaskRow]) -> list[dict]:
          "submit_time": submit_time, "start_time": start_time, "finish_time": finish_time,
          "fail_reason": fail_reason, "quota": quota}
         for (id_, mj_id, action, prompt, prompt_en, status, progress, image_url, video_url, video_urls,
-             submit_time, start_time, finish_time, fail_reason, quota, _user_id, _channel_id) in rows
+             submit_time, start_time, finish_time, fail_reason, quota, _user_id, _channel_id, _mode) in rows
     ]
 
 
@@ -346,7 +350,7 @@ def _admin_items(rows: list[TaskRow]) -> list[dict]:
         {"id": id_, "mj_id": mj_id, "action": action, "prompt": prompt, "prompt_en": prompt_en, "status": status,
          "progress": progress, "image_url": image_url, "video_url": video_url, "video_urls": video_urls,
          "submit_time": submit_time, "start_time": start_time, "finish_time": finish_time,
-         "fail_reason": fail_reason, "quota": quota, "user_id": user_id, "channel_id": channel_id}
+         "fail_reason": fail_reason, "quota": quota, "user_id": user_id, "channel_id": channel_id, "mode": mode}
         for (id_, mj_id, action, prompt, prompt_en, status, progress, image_url, video_url, video_urls,
-             submit_time, start_time, finish_time, fail_reason, quota, user_id, channel_id) in rows
+             submit_time, start_time, finish_time, fail_reason, quota, user_id, channel_id, mode) in rows
     ]

@@ -64,7 +64,7 @@ def test_listing_parameters_are_documented(served):
 
     common = {"p", "page_size", "mj_id", "start_timestamp", "end_timestamp", "status", "action"}
     assert names("/api/mj/self") == common
-    assert names("/api/mj/") == names("/api/mj") == common | {"channel_id", "user_id"}
+    assert names("/api/mj/") == names("/api/mj") == common | {"channel_id", "user_id", "mode"}
 
 
 def test_live_answers_match_the_documented_schemas(served):

@@ -66,6 +66,13 @@ def imagine(env, prompt: str = "a grid", user: str = "alice") -> str:
     return answer["result"]
 
 
+def set_prices(env, **prices: int) -> None:
+    """Change [prices] of the running server (it reads the settings object at each request)."""
+    from mjctl.config import Prices
+
+    env.settings.prices = Prices({**env.settings.prices, **prices})
+
+
 def ledger_entries(kind: str) -> list:
     from mjctl.models import Ledger
 
@@ -171,8 +178,7 @@ def test_a_java_upstream_without_the_video_route_charges_nothing_and_says_so(jav
 
 def test_edits_and_face_swap_are_tasks_with_their_own_price_keys(csharp_env):
     env = csharp_env
-    env.settings.values["prices"]["EDITS"] = 700
-    env.settings.values["prices"]["SWAP_FACE"] = 300
+    set_prices(env, EDITS=700, SWAP_FACE=300)
     edits = env.submit("edits", {"prompt": "make it blue", "image": PNG}).json()
     with env.client() as c:
         swap = c.post("/mj/insight-face/swap", json={"sourceBase64": PNG, "targetBase64": PNG}).json()
@@ -210,7 +216,7 @@ def test_an_upload_is_answered_with_links_and_makes_no_task_and_no_charge(csharp
 
 def test_a_priced_upload_is_charged_once_without_a_task_and_a_refused_one_costs_nothing(csharp_env):
     env = csharp_env
-    env.settings.values["prices"]["UPLOAD"] = 250
+    set_prices(env, UPLOAD=250)
     assert env.submit("upload-discord-images", {"base64Array": [PNG]}).json()["code"] == 1
     refused = env.submit("upload-discord-images", {"base64Array": ["plain text"]}).json()
     assert refused["code"] == 4 and refused["result"] is None
@@ -225,7 +231,7 @@ def test_a_priced_upload_is_charged_once_without_a_task_and_a_refused_one_costs_
 
 def test_an_upload_that_does_not_fit_the_balance_is_refused_unsent(csharp_env):
     env = csharp_env
-    env.settings.values["prices"]["UPLOAD"] = 20_000
+    set_prices(env, UPLOAD=20_000)
     response = env.submit("upload-discord-images", {"base64Array": [PNG]})
     assert response.status_code == 403 and response.json()["code"] == 4
     assert env.sim.sim.stats()["upload-discord-images"] == 0 and balance("alice") == 10_000
@@ -431,3 +437,54 @@ def test_tasks_image_video_saves_the_mp4(csharp_env, tmp_path):
     assert target.read_bytes().startswith(clip())
     missing = CliRunner().invoke(app, ["tasks", "image", answer["result"], "--video", "--index", "3"], env=environ)
     assert missing.exit_code == 1 and "has no video 3" in missing.output
+
+
+# --- modes -----------------------------------------------------------------------------------------------
+
+def test_a_mode_is_stored_priced_from_its_own_table_and_inherited_by_follow_ups(csharp_env):
+    env = csharp_env
+    set_prices(env, **{"relax.IMAGINE": 400, "turbo.IMAGINE": 2500})
+    with env.client() as c:
+        relax = c.post("/mj-relax/mj/submit/imagine", json={"prompt": "slow fox"}).json()
+        turbo = c.post("/mj/submit/imagine", json={"prompt": "fast fox", "accountFilter": {"modes": ["TURBO"]}}).json()
+        plain = c.post("/mj/submit/imagine", json={"prompt": "a fox"}).json()
+    assert (local(relax["result"]).mode, local(relax["result"]).quota) == ("RELAX", 400)
+    assert (local(turbo["result"]).mode, local(turbo["result"]).quota) == ("TURBO", 2500)
+    assert (local(plain["result"]).mode, local(plain["result"]).quota) == ("", 1000)
+    # The upstream was asked in the form it understands: the prefix, or the caller's own accountFilter.
+    assert env.sim.sim.stats()["by_prefix"]["/mj-relax"] == 1
+    with httpx.Client(base_url=env.sim.url, headers={"mj-api-secret": SIM_SECRET}) as c:
+        assert c.get(f"/mj/task/{relax['result']}/fetch").json()["mode"] == "RELAX"
+        assert c.get(f"/mj/task/{turbo['result']}/fetch").json()["mode"] == "TURBO"
+
+    # A follow-up without a prefix keeps its parent's: RELAX, priced from [prices] (no relax UPSCALE price).
+    settled(env, relax["result"])
+    upscale = env.submit("change", {"taskId": relax["result"], "action": "UPSCALE", "index": 1}).json()
+    assert (local(upscale["result"]).mode, local(upscale["result"]).quota) == ("RELAX", 500)
+    assert env.sim.sim.stats()["by_prefix"]["/mj-relax"] == 2
+    assert balance("alice") == 10_000 - 400 - 2500 - 1000 - 500
+    assert_books_balance("alice")
+
+    with env.client("alice") as c:  # users see exactly the document's fields
+        assert "mode" not in c.get("/api/mj/self").json()["data"]["items"][0]
+    from mjctl import accounts
+
+    _, admin = accounts.create_user("root", role="admin")
+    with httpx.Client(base_url=env.url, headers={"Authorization": f"Bearer {admin}"}) as c:
+        items = c.get("/api/mj/", params={"mode": "relax"}).json()["data"]["items"]
+        assert sorted(i["mj_id"] for i in items) == sorted([relax["result"], upscale["result"]])
+        assert {i["mode"] for i in items} == {"RELAX"}
+        bad = c.get("/api/mj/", params={"mode": "slow"})
+        assert bad.status_code == 400 and "FAST, RELAX, TURBO" in bad.json()["message"]
+
+
+def test_mode_prices_come_from_mode_tables_in_the_file_and_the_environment(tmp_path):
+    from mjctl.config import load_settings
+
+    conf = tmp_path / "mjctl.toml"
+    conf.write_text("[prices]\nIMAGINE = 900\n\n[prices.relax]\nIMAGINE = 300\nupscale = 100\n")
+    settings = load_settings(conf, environ={"MJCTL_PRICES_TURBO_IMAGINE": "2000"})
+    assert settings.price("IMAGINE") == 900 and settings.price("imagine", "RELAX") == 300
+    assert settings.price("UPSCALE", "relax") == 100 and settings.price("UPSCALE", "TURBO") == 500
+    assert settings.price("IMAGINE", "TURBO") == 2000 and settings.price("VARIATION", "RELAX") == 1000
+    assert settings.sources[("prices", "relax.IMAGINE")].startswith("file")

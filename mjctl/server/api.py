@@ -14,7 +14,8 @@ import re
 import bottle
 
 from mjctl import __version__
-from mjctl.errors import first_line
+from mjctl.errors import UsageError, first_line
+from mjctl.protocol import MODES
 from mjctl.server.app import ApiError, AppContext, json_error, ok
 from mjctl.server.auth import authenticate_request, require_admin
 from mjctl.server.openapi import error_responses, json_response, query_param
@@ -99,6 +100,10 @@ def read_listing(*, admin: bool) -> tuple[TaskFilter, int, int]:
     if admin:
         filters.channel_id = query_int(query, "channel_id", minimum=0, meaning="a channel id (a whole number)")
         filters.user_id = query_int(query, "user_id", minimum=0, meaning="a user id (a whole number)")
+        mode = query_text(query, "mode", max_len=MAX_WORD_LEN)
+        if mode and mode.upper() not in MODES:
+            raise UsageError(f"mode must be one of {', '.join(MODES)}, not {mode!r}.")
+        filters.mode = mode.upper() if mode else None
     page, page_size = clamp_page(page or 1, page_size or DEFAULT_PAGE_SIZE)
     return filters, page, page_size
 
@@ -152,6 +157,8 @@ def _document(ctx: AppContext) -> None:
         "finish_time": "Epoch seconds; 0 when not known.",
         "quota": "Quota consumed by the task; 0 once refunded.",
         "image_url": "mjctl's forwarded URL when image forwarding is on; \"\" when the task has no image.",
+        "video_url": "mjctl's signed /mj/video link when forwarding is on; \"\" when the task has no video.",
+        "mode": "The generation speed it was submitted for: FAST, RELAX, TURBO, or \"\" when none was named.",
     }
 
     def item(fields):
@@ -205,7 +212,8 @@ def _document(ctx: AppContext) -> None:
     api.operation("/api/mj/self", "get", summary="The caller's own tasks, newest first.", tags=["tasks"],
                   parameters=common, responses={200: json_response("TaskPage", "One page of tasks."), **failures})
     admin_params = common + [query_param("channel_id", {"type": "integer", "minimum": 0}, "Exact channel id."),
-                             query_param("user_id", {"type": "integer", "minimum": 0}, "Exact user id (the owner).")]
+                             query_param("user_id", {"type": "integer", "minimum": 0}, "Exact user id (the owner)."),
+                             query_param("mode", {"enum": list(MODES)}, "The generation speed it was submitted for.")]
     for rule in ("/api/mj/", "/api/mj"):
         api.operation(rule, "get", summary="All tasks, newest first (admin and root only).", tags=["tasks"],
                       parameters=admin_params,
