@@ -488,3 +488,21 @@ def test_mode_prices_come_from_mode_tables_in_the_file_and_the_environment(tmp_p
     assert settings.price("UPSCALE", "relax") == 100 and settings.price("UPSCALE", "TURBO") == 500
     assert settings.price("IMAGINE", "TURBO") == 2000 and settings.price("VARIATION", "RELAX") == 1000
     assert settings.sources[("prices", "relax.IMAGINE")].startswith("file")
+
+
+def test_tasks_list_filters_by_mode_and_shows_it(cli):
+    assert cli("users", "add", "alice").exit_code == 0
+    from mjctl import accounts
+    from mjctl.models import Task
+
+    alice = accounts.get_user("alice").id
+    Task.create(user_id=alice, channel_id=0, mj_id="1700000000000001", mode="RELAX", status="SUCCESS", submit_time=1)
+    Task.create(user_id=alice, channel_id=0, mj_id="1700000000000002", mode="", status="SUCCESS", submit_time=2)
+    listed = cli("tasks", "list", "--mode", "relax", "--json")
+    assert listed.exit_code == 0, listed.output
+    (item,) = json.loads(listed.output)["items"]
+    assert (item["mj_id"], item["mode"]) == ("1700000000000001", "RELAX")
+    assert "IMAGINE/relax" in cli("tasks", "list", "--mode", "RELAX", env={"COLUMNS": "150"}).output
+    wrong = cli("tasks", "list", "--mode", "slow")
+    assert wrong.exit_code == 2 and "fast, relax, turbo" in wrong.output
+    assert '"mode": "RELAX"' in cli("tasks", "show", "1700000000000001", "--json").output

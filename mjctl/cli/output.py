@@ -154,7 +154,8 @@ def render_tasks(envelope: dict, *, admin: bool, names: dict[str, dict[int, str]
     users, channels = (names or {}).get("user", {}), (names or {}).get("channel", {})
     cells = []
     for item in items:
-        cell = {"ID": str(item["id"]), "MJ_ID": item["mj_id"], "ACTION": item["action"], "STATUS": item["status"],
+        action = f"{item['action']}/{item['mode'].lower()}" if item.get("mode") else item["action"]
+        cell = {"ID": str(item["id"]), "MJ_ID": item["mj_id"], "ACTION": action, "STATUS": item["status"],
                 "PROGRESS": item["progress"], "SUBMITTED": item["submit_time"], "QUOTA": str(item["quota"]),
                 "PROMPT": item["prompt"]}
         if admin:

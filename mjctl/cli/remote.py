@@ -14,7 +14,7 @@ CONNECT_TIMEOUT_SECONDS = 5.0
 
 def remote_list(settings, *, mine: bool, user: str | None, channel: str | None, mj_id: str | None,
                 status: str | None, action: str | None, start: int | None, end: int | None, page: int,
-                page_size: int) -> tuple[dict, bool]:
+                page_size: int, mode: str | None = None) -> tuple[dict, bool]:
     """One page from the server in [client] server; returns (envelope data, whether admin fields are in it)."""
     import httpx
 
@@ -35,6 +35,10 @@ def remote_list(settings, *, mine: bool, user: str | None, channel: str | None, 
         params["channel_id"] = int(channel)
     if mj_id:
         params["mj_id"] = mj_id
+    if mode:
+        if mine:
+            raise UsageError("--mode cannot be combined with --mine when reading a remote server.")
+        params["mode"] = mode
     if status:
         params["status"] = status.upper()
     if action:

@@ -31,7 +31,7 @@ from mjctl.cli.output import (
 from mjctl.cli.state import state
 from mjctl.errors import NotFound, UsageError
 from mjctl.messages import to_english
-from mjctl.protocol import ACCEPTED_CODES, FINISHED_STATUSES, STATUSES
+from mjctl.protocol import ACCEPTED_CODES, FINISHED_STATUSES, MODES, STATUSES
 from mjctl.textsafe import visible
 
 app = typer.Typer(cls=Group, no_args_is_help=True, help="List, show, submit, watch and save tasks.")
@@ -44,13 +44,13 @@ Row = Annotated[int | None, typer.Option("--row", min=1, help="The task's row id
 
 
 def build_filter(*, mine: bool, user: str | None, channel: str | None, mj_id: str | None, status: str | None,
-                 action: str | None, start: int | None, end: int | None, token: str | None):
+                 action: str | None, start: int | None, end: int | None, token: str | None, mode: str | None = None):
     """The TaskFilter for these options, resolved against the local store. Returns (filter, admin_view)."""
     from mjctl import accounts, channels
     from mjctl.tasks import TaskFilter
 
     f = TaskFilter(mj_id=mj_id or None, status=status.upper() if status else None,
-                   action=action.upper() if action else None, start=start, end=end)
+                   action=action.upper() if action else None, start=start, end=end, mode=mode)
     if mine:
         if not token:
             raise UsageError("--mine needs your token in $MJCTL_TOKEN or [client] token.")
@@ -69,6 +69,7 @@ def build_filter(*, mine: bool, user: str | None, channel: str | None, mj_id: st
 
 @app.command("list", epilog=examples(
     'mjctl tasks list --status FAILURE --since 2h',
+    'mjctl tasks list --mode relax --action IMAGINE',
     'mjctl tasks list --user alice --channel up1 --page 2',
     'MJCTL_TOKEN=mjk-… mjctl tasks list --mine --server https://mj.example.com',
 ))
@@ -81,6 +82,7 @@ def list_(
     mj_id: Annotated[str | None, typer.Option("--mj-id", help="Exact task id.")] = None,
     status: Annotated[str | None, typer.Option("--status", help="Exact status, e.g. SUCCESS.")] = None,
     action: Annotated[str | None, typer.Option("--action", help="Exact action, e.g. IMAGINE.")] = None,
+    mode: Annotated[str | None, typer.Option("--mode", help="Submitted for this speed: fast, relax or turbo.")] = None,
     since: Annotated[str | None, typer.Option("--since", help="Submitted at or after: epoch, ISO-8601, or an age "
                                               "like 2h.")] = None,
     until: Annotated[str | None, typer.Option("--until", help="Submitted at or before: epoch, ISO-8601, or an "
@@ -102,6 +104,9 @@ def list_(
     page, page_size = clamp_page(page, page_size)
     if status and status.upper() not in STATUSES:
         raise UsageError(f"Unknown status {status!r}; use one of {', '.join(sorted(STATUSES))}.")
+    if mode and mode.upper() not in MODES:
+        raise UsageError(f"Unknown mode {mode!r}; use one of {', '.join(m.lower() for m in MODES)}.")
+    mode = mode.upper() if mode else None
     start = parse_time(since, option="--since") if since else None
     end = parse_time(until, option="--until") if until else None
     if start is not None and end is not None and start > end:
@@ -112,13 +117,14 @@ def list_(
         from mjctl.cli.remote import remote_list
 
         envelope, admin = remote_list(settings, mine=mine, user=user, channel=channel, mj_id=mj_id, status=status,
-                                      action=action, start=start, end=end, page=page, page_size=page_size)
+                                      action=action, start=start, end=end, page=page, page_size=page_size,
+                                      mode=mode)
     else:
         from mjctl.tasks import list_tasks, page_envelope
 
         settings = st.open_store()
         f, admin = build_filter(mine=mine, user=user, channel=channel, mj_id=mj_id, status=status, action=action,
-                                start=start, end=end, token=settings.client.token)
+                                start=start, end=end, token=settings.client.token, mode=mode)
         envelope = page_envelope(list_tasks(f, page, page_size), admin=admin, image_url=_image_url(st))
         names = _names(envelope["items"]) if admin and not json_out else None
     if page > 1 and not envelope["items"]:
