@@ -67,9 +67,11 @@ def test_axe_finds_nothing_serious_in_any_state_of_the_page(screen_page, site):
     page.keyboard.press("Escape")
 
     Task.create(user_id=site.users["bob"], channel_id=2, mj_id="video-1", action="VIDEO", prompt="it moves",
-                status="SUCCESS", progress="100%", image_url=site.image("video-1"), video_url=site.video("video-1"),
+                mode="RELAX", status="SUCCESS", progress="100%", image_url=site.image("video-1"),
+                video_url=site.video("video-1"),
                 submit_time=int(time.time()) - 60, start_time=int(time.time()) - 50, finish_time=int(time.time()))
     page.reload()
+    expect(row(page, "video-1").get_by_test_id("action")).to_have_text("VIDEO · relax")
     row(page, "video-1").get_by_test_id("thumbnail").click()
     expect(by(page, "lightbox-video")).to_be_visible()
     assert_no_violations(page, "a video playing in the lightbox")

@@ -265,7 +265,9 @@
       const channel = state.channels && state.channels.get(item.channel_id);
       tr.append(user, cell("td", channel ? channel.name : `#${item.channel_id}`, "channel", "channel", "Channel"));
     }
-    tr.append(cell("td", item.action || "", "action", "action", "Action"));
+    // Admins see the speed a task was submitted for (item.mode, admin listing only) beside its action.
+    const action = item.mode ? `${item.action || ""} · ${item.mode.toLowerCase()}` : (item.action || "");
+    tr.append(cell("td", action, "action", "action", "Action"));
     tr.append(idCell(item));
     tr.append(statusCell(item));
     tr.append(imageCell(item));
