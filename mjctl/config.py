@@ -432,13 +432,10 @@ def load_settings(
     for name, raw in environ.items():
         if not name.startswith("MJCTL_"):
             continue
-        if name in ALIASES:
-            section, key = ALIASES[name]
-        else:
-            section, key = _env_target(name)
-            if section is None:
-                continue
-        _set(values, sources, section, key, raw, f"${name}", f"env {name}")
+        env_section, env_key = ALIASES[name] if name in ALIASES else _env_target(name)
+        if env_section is None or env_key is None:
+            continue
+        _set(values, sources, env_section, env_key, raw, f"${name}", f"env {name}")
 
     for (section, key), raw in (overrides or {}).items():
         if raw is None:

@@ -78,7 +78,7 @@ def busy_error(exc: BaseException) -> DatabaseBusy | None:
     try:
         from playhouse.pool import MaxConnectionsExceeded
     except ImportError:  # pragma: no cover - playhouse ships with peewee
-        MaxConnectionsExceeded = ()  # type: ignore[assignment]
+        MaxConnectionsExceeded = ()
     if MaxConnectionsExceeded and isinstance(exc, MaxConnectionsExceeded):
         return DatabaseBusy()
     if not isinstance(exc, (peewee.OperationalError, peewee.InterfaceError)):

@@ -469,7 +469,7 @@ class ServerThread:
         asyncio.set_event_loop(loop)
         self._loop = loop
         try:
-            self._server = Server(self.bridge, address=self.host, port=self.port,
+            self._server = Server(self.bridge, address=self.host, port=self.port or 0,
                                   **_granian_options(self.bridge.limits))
             ready.set()
             loop.run_until_complete(self._server.serve())

@@ -541,7 +541,7 @@ def run_loop(settings: Settings, stop_event: threading.Event, every: float | Non
         except Exception:
             log.exception("poll cycle failed")
 
-    scheduler.every(interval).seconds.do(job)
+    scheduler.every(interval).seconds.do(job)  # type: ignore[arg-type]  # schedule's stub says int; floats work
     job()
     while not stop_event.is_set():
         scheduler.run_pending()

@@ -36,7 +36,6 @@ import json
 import logging
 import random
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,6 +47,7 @@ from mjctl.channels import client_for
 from mjctl.db import retry_transaction, write_tx
 from mjctl.errors import MjctlError
 from mjctl.images.common import ROUTE as IMAGE_ROUTE
+from mjctl.images.urls import ResultLinks
 from mjctl.models import Channel, PendingSubmission, Task, User
 from mjctl.protocol import MODES, NO_ACCOUNT_CODE, PREFIX_MODES
 from mjctl.upstream import (
@@ -72,7 +72,7 @@ __all__ = [
 Envelope = tuple[int, dict[str, Any]]
 #: The kind under which a face swap (``/mj/insight-face/swap``) goes through :func:`submit`.
 SWAP_FACE = "swap-face"
-ImageUrl = Callable[[Task], str] | None
+ImageUrl = ResultLinks | None
 
 #: The action (and price key) of each kind that names it by itself; the others read it from the body.
 KIND_ACTIONS = {"imagine": "IMAGINE", "describe": "DESCRIBE", "blend": "BLEND", "shorten": "SHORTEN",
@@ -402,7 +402,8 @@ def submit(settings, user: User, kind: str, body: dict, prefix: str = "") -> Env
     try:
         check_fields(settings, body)
         parent = _owned_parent(user, kind, body) if _follows_up(kind, body) else None
-        continues_modal = kind == "modal" and parent is not None and parent.status == "MODAL"
+        # The task waiting in MODAL that this modal step moves on (None for anything else).
+        modal_parent = parent if kind == "modal" and parent is not None and parent.status == "MODAL" else None
         action = action_for(kind, body)
         if not prefix and parent is not None:  # a follow-up keeps its parent's speed unless it names one
             prefix = _inherited_prefix(parent)
@@ -416,7 +417,7 @@ def submit(settings, user: User, kind: str, body: dict, prefix: str = "") -> Env
         if prefix:
             local_properties["speedPrefix"] = prefix
         fields = dict(nonce=pending.new_nonce(), kind=kind, action=action, channel_ids=str(channels[0].id), mode=mode,
-                      parent_task_id=parent.id if continues_modal else None, state=_text(body.get("state")),
+                      parent_task_id=modal_parent.id if modal_parent else None, state=_text(body.get("state")),
                       prompt=_text(body.get("prompt")),
                       properties=json.dumps(local_properties, ensure_ascii=False) if local_properties else "")
         record = retry_transaction(lambda: _write_ahead(user.id, price, ttl, fields), what="reserving quota")
@@ -461,10 +462,10 @@ def submit(settings, user: User, kind: str, body: dict, prefix: str = "") -> Env
             if not claimed and pending.recorded(channel.id, mj_id, record.nonce) is not None:
                 return 200  # a poller adopted it while the answer was on its way: already recorded and charged
             status = "MODAL" if result.code == 21 else ("NOT_START" if result.code == 22 else "SUBMITTED")
-            if continues_modal and parent.mj_id == mj_id:
-                _continue_modal(parent, body, result, status, price)
+            if modal_parent is not None and modal_parent.mj_id == mj_id:
+                _continue_modal(modal_parent, body, result, status, price)
                 return 200
-            done = None if continues_modal else _finished_at_once(result)
+            done = None if modal_parent is not None else _finished_at_once(result)
             if done and _own_task(user.id, channel.id, mj_id):
                 answer["code"] = 1
                 return 200  # the caller's own finished task, named again: nothing new to record or charge
@@ -696,10 +697,9 @@ def upstream_shape(task: Task, image_url: ImageUrl = None) -> dict[str, Any]:
     image = task.image_url or None
     if image and image_url is not None:
         image = image_url(task) or image
-    videos = getattr(image_url, "videos", None)
-    own = videos is not None  # videos handed out as mjctl's own signed links, whatever the upstream's were
-    video_url, video_urls = videos(task.id, task.mj_id, task.video_url, task.video_urls) if own else (
-        task.video_url, task.video_urls)
+    own = image_url is not None  # videos handed out as mjctl's own signed links, whatever the upstream's were
+    video_url, video_urls = image_url.videos(task.id, task.mj_id, task.video_url, task.video_urls) if image_url \
+        else (task.video_url, task.video_urls)
     try:
         urls = json.loads(video_urls) if video_urls else []
     except ValueError:

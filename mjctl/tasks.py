@@ -6,11 +6,15 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from operator import itemgetter
+from typing import TYPE_CHECKING, TypeGuard, cast
 
 import peewee
 
 from mjctl.errors import NotFound, UsageError
 from mjctl.models import Task
+
+if TYPE_CHECKING:
+    from mjctl.images.urls import ResultLinks
 
 DEFAULT_PAGE_SIZE = 20
 MAX_PAGE_SIZE = 100
@@ -71,7 +75,7 @@ class TaskFilter:
 
 @dataclass
 class TaskPage:
-    items: list[Task]
+    items: list[TaskRow] | list[Task]  # list_tasks reads rows; a page built by hand may hold models
     total: int
     page: int
     page_size: int
@@ -97,6 +101,10 @@ class TaskRow(tuple):
     Peewee model's cost (building one by setattr per column cost 7 us a row, a third of a page's time)."""
 
     __slots__ = ()
+
+    if TYPE_CHECKING:  # set below as properties, one per column; the ones code reads by name:
+        id: int
+        mj_id: str
 
 
 for _index, _name in enumerate(LISTING_COLUMNS):
@@ -271,7 +279,7 @@ class AmbiguousTaskId(UsageError):
         self.tasks = found
 
 
-def task_item(task: Task, *, admin: bool, image_url: Callable[[Task], str] | None = None) -> dict:
+def task_item(task: Task, *, admin: bool, image_url: ResultLinks | None = None) -> dict:
     """The documented item shape: USER_FIELDS, plus ADMIN_FIELDS when admin. Times in epoch seconds."""
     item = {
         "id": task.id,
@@ -290,9 +298,9 @@ def task_item(task: Task, *, admin: bool, image_url: Callable[[Task], str] | Non
         "fail_reason": task.fail_reason,
         "quota": int(task.quota),
     }
-    videos = getattr(image_url, "videos", None)
-    if videos is not None and (task.video_url or task.video_urls):
-        item["video_url"], item["video_urls"] = videos(task.id, task.mj_id, task.video_url, task.video_urls)
+    if image_url is not None and (task.video_url or task.video_urls):
+        item["video_url"], item["video_urls"] = image_url.videos(task.id, task.mj_id, task.video_url,
+                                                                 task.video_urls)
     if admin:
         item["user_id"] = task.user_id
         item["channel_id"] = task.channel_id
@@ -300,7 +308,7 @@ def task_item(task: Task, *, admin: bool, image_url: Callable[[Task], str] | Non
     return item
 
 
-def task_detail(task: Task, *, image_url: Callable[[Task], str] | None = None) -> dict:
+def task_detail(task: Task, *, image_url: ResultLinks | None = None) -> dict:
     """Everything about one task (for `tasks show`)."""
     item = task_item(task, admin=True, image_url=image_url)
     item.update(
@@ -313,20 +321,24 @@ def task_detail(task: Task, *, image_url: Callable[[Task], str] | None = None) -
     return item
 
 
-def page_envelope(page: TaskPage, *, admin: bool, image_url: Callable[[Task], str] | None = None) -> dict:
+def _all_rows(rows: list[TaskRow] | list[Task]) -> TypeGuard[list[TaskRow]]:
+    return all(type(row) is TaskRow for row in rows)
+
+
+def page_envelope(page: TaskPage, *, admin: bool, image_url: ResultLinks | None = None) -> dict:
     rows = page.items
-    if rows and all(type(row) is TaskRow for row in rows):
+    if rows and _all_rows(rows):
         items = _admin_items(rows) if admin else _user_items(rows)
         if image_url is not None:
-            videos = getattr(image_url, "videos", None)
             for item, row in zip(items, rows):
                 if item["image_url"]:
                     item["image_url"] = image_url(row)
-                if videos is not None and (item["video_url"] or item["video_urls"]):
-                    item["video_url"], item["video_urls"] = videos(row.id, row.mj_id, item["video_url"],
-                                                                   item["video_urls"])
+                if item["video_url"] or item["video_urls"]:
+                    item["video_url"], item["video_urls"] = image_url.videos(row.id, row.mj_id, item["video_url"],
+                                                                             item["video_urls"])
     else:
-        items = [task_item(t, admin=admin, image_url=image_url) for t in rows]
+        models = cast("list[Task]", rows)  # a page that is not all listing rows holds models
+        items = [task_item(t, admin=admin, image_url=image_url) for t in models]
     return {"items": items, "total": page.total, "page": page.page, "page_size": page.page_size}
 
 

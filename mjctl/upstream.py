@@ -270,8 +270,9 @@ def is_public_address(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool
 
 def _kind(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str:
     """A word for why ip is not public, for the log."""
-    if ip.version == 6 and (ip.ipv4_mapped or ip.sixtofour):
-        return "an IPv6 form of " + _kind(ip.ipv4_mapped or ip.sixtofour)
+    inner = (ip.ipv4_mapped or ip.sixtofour) if isinstance(ip, ipaddress.IPv6Address) else None
+    if inner is not None:
+        return "an IPv6 form of " + _kind(inner)
     for word in ("loopback", "unspecified", "link_local", "multicast", "private", "reserved"):
         if getattr(ip, f"is_{word}"):
             return f"a {word.replace('_', '-')} address"
@@ -415,7 +416,7 @@ def deadline_transport(*, guarded: bool = False, **kwargs: Any) -> httpx.HTTPTra
     transport = httpx.HTTPTransport(**kwargs)
     pool = getattr(transport, "_pool", None)
     backend = getattr(pool, "_network_backend", None)
-    if backend is None:
+    if pool is None or backend is None:
         if guarded:
             raise RuntimeError("this httpx/httpcore version does not let mjctl check where fetches connect")
         return transport

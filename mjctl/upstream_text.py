@@ -196,7 +196,7 @@ def _clean_value(value: Any, depth: int, budget: _Budget) -> Any:
     if isinstance(value, str):
         if budget.left <= 0:
             return _DROP
-        text = clean_text(value, min(MAX_PROMPT_CHARS, max(budget.left, len(CUT) + 1)))
+        text = clean_text(value, min(MAX_PROMPT_CHARS, max(budget.left, len(CUT) + 1))) or ""
         budget.left -= len(text)
         return text
     if depth >= MAX_PROPERTY_DEPTH:

@@ -8,6 +8,7 @@ at load time, so `mjctl --help` stays as fast as Typer itself.
 from __future__ import annotations
 
 import sys
+from collections.abc import Sequence
 from typing import Annotated, Any
 
 import typer
@@ -23,11 +24,13 @@ from mjctl.textsafe import visible
 class MjctlGroup(Group):
     """Turns every error into one sentence on stderr and an exit code (1 failed, 2 usage)."""
 
-    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+    def main(self, args: Sequence[str] | None = None, prog_name: str | None = None, complete_var: str | None = None,
+             standalone_mode: bool = True, windows_expand_args: bool = True, **extra: Any) -> Any:
         argv = list(sys.argv[1:] if args is None else args)
         show_traceback = "--traceback" in argv
         try:
-            rv = super().main(argv, prog_name or "mjctl", complete_var, standalone_mode=False, **extra)
+            rv = super().main(argv, prog_name or "mjctl", complete_var, standalone_mode=False,
+                              windows_expand_args=windows_expand_args, **extra)
         except typer.TyperException as exc:  # Typer's usage errors (bad option, missing argument, …)
             if type(exc).__name__ == "NoArgsIsHelpError":  # a bare `mjctl users`: its help, as for --help
                 sys.stdout.write(exc.format_message().rstrip("\n") + "\n")

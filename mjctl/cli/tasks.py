@@ -374,7 +374,7 @@ def _watch_bars(ids, current, poll, finished) -> None:
 
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
                   console=console(), transient=False) as bars:
-        handles = {i: bars.add_task(describe(i), total=100, completed=_percent(*current[i][:2])) for i in ids}
+        handles = {i: bars.add_task(describe(i), total=100, completed=int(_percent(*current[i][:2]))) for i in ids}
         while not finished():
             fresh = poll()
             for mj_id in ids:

@@ -352,7 +352,8 @@ class ImageForwarder:
                             temp.write(chunk)
                         except OSError as exc:
                             keeping.failed("cannot write the image cache (%s); %s stays uncached", exc, source.mj_id)
-                            temp, temp_path = _discard(temp, temp_path), None
+                            _discard(temp, temp_path)
+                            temp, temp_path = None, None
                     yield chunk
             except httpx.TimeoutException as exc:
                 why = "too slowly" if allowance.left() <= 0 or isinstance(exc, DeadlineExceeded) else "too late"
@@ -457,7 +458,7 @@ def _declared_length(response: httpx.Response) -> int | None:
 
 
 def _discard(fh: IO[bytes] | None, path: Path | None) -> None:
-    """Close and remove a temp file, whatever state the disk is in (returns None, to clear a variable)."""
+    """Close and remove a temp file, whatever state the disk is in."""
     if fh is not None:
         try:
             fh.close()

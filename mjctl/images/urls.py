@@ -5,7 +5,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 from urllib.parse import quote
@@ -25,6 +24,7 @@ from mjctl.images.common import (
 if TYPE_CHECKING:
     from mjctl.config import Settings
     from mjctl.models import Task
+    from mjctl.tasks import TaskRow
 
 
 # -- signed URLs ---------------------------------------------------------------------------------------
@@ -101,7 +101,7 @@ def public_base(settings: Settings) -> str:
     return f"http://{host}:{settings.server.port}"
 
 
-def image_url_for(settings: Settings) -> Callable[[Task], str] | None:
+def image_url_for(settings: Settings) -> ResultLinks | None:
     """The function giving a task's forwarded image URL, or None when ``[images] forward`` is off.
 
     The URL is ``<public_url>/mj/image/<mj_id>?t=<row id>&sig=<sig>``, the signature over the row id and
@@ -137,7 +137,7 @@ class ResultLinks:
         sig = crypto.sign_with_key(self._video_key, _video_message(task_id, mj_id, index))
         return f"{self._video_base}{quote(mj_id, safe='')}?{ROW_PARAM}={task_id}&{VIDEO_PARAM}={index}&sig={sig}"
 
-    def __call__(self, task: Task) -> str:
+    def __call__(self, task: Task | TaskRow) -> str:
         if task.id is None:
             return ""
         return self.image(task.id, task.mj_id)

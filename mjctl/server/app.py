@@ -26,7 +26,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, urlencode
 
 import bottle
@@ -36,6 +36,9 @@ import peewee
 from mjctl.config import Settings
 from mjctl.errors import MjctlError, first_line
 from mjctl.server.openapi import OpenAPI
+
+if TYPE_CHECKING:
+    from mjctl.images.urls import ResultLinks
 
 log = logging.getLogger("mjctl.server")
 access_log = logging.getLogger("mjctl.access")
@@ -74,7 +77,7 @@ class AppContext:
         return crypto.server_secret(self.settings)
 
     @cached_property
-    def image_url(self) -> Callable | None:
+    def image_url(self) -> ResultLinks | None:
         """The forwarded image URL of a task; None when [images] forward is off."""
         from mjctl.images import image_url_for
 

@@ -179,7 +179,7 @@ class Simulator:
 
     def _build_app(self) -> bottle.Bottle:
         app = bottle.Bottle(catchall=True)
-        app.default_error_handler = self._error_page  # type: ignore[method-assign]
+        app.default_error_handler = self._error_page
         methods = ["GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS"]
         app.route("/", methods, self._dispatch)
         app.route("/<path:path>", methods, self._dispatch)

@@ -400,7 +400,7 @@ class Engine:
         parent = self._parent(body.get("taskId"))
         if isinstance(parent, Reply):
             return parent
-        return self._child(parent, _change_custom_id(parent, action, index), body, base_url, mode)
+        return self._child(parent, _change_custom_id(parent, action, index or 0), body, base_url, mode)
 
     def _submit_simple_change(self, body: dict, base_url: str, mode: str) -> Reply:
         content = body.get("content")
@@ -437,7 +437,7 @@ class Engine:
         motion = body.get("motion", "low")
         if motion not in ("low", "high"):
             return self._invalid("motion参数错误")
-        prompt = body.get("prompt") if isinstance(body.get("prompt"), str) else ""
+        prompt = body["prompt"] if isinstance(body.get("prompt"), str) else ""
         now = time.time()
         if body.get("taskId") is not None:
             parent = self._parent(body.get("taskId"))
