@@ -58,9 +58,10 @@ DB_ATTEMPTS = 4  # a batch's transaction is retried on a deadlock or a lock time
 
 
 @dataclass
-class CycleSummary:
-    """What one cycle did. ``ran`` is False when other pollers held or had just polled every channel with
-    work (``claim_holders``: the claims held, each with its holder and expiry)."""
+class CycleSummary(reports.ApplyStats):
+    """What one cycle did: what applying its reports did (the ApplyStats it adds up), and the cycle's own
+    facts. ``ran`` is False when other pollers held or had just polled every channel with work
+    (``claim_holders``: the claims held, each with its holder and expiry)."""
 
     ran: bool = True
     message: str = ""
@@ -69,35 +70,22 @@ class CycleSummary:
     duration: float = 0.0
     checked: int = 0
     skipped: int = 0  # reports the memo held: unchanged, not worked out
-    updated: int = 0
-    finished: int = 0
-    succeeded: int = 0
-    failed: int = 0
-    cancelled: int = 0
     timed_out: int = 0
-    refunded: int = 0
-    quota_refunded: int = 0
     channels: int = 0
     channels_with_errors: list[str] = field(default_factory=list)
     faults: Counter = field(default_factory=Counter)
     requests: int = 0
 
     def add_stats(self, stats: reports.ApplyStats) -> None:
-        self.updated += stats.updated
-        self.finished += stats.finished
-        self.succeeded += stats.succeeded
-        self.failed += stats.failed
-        self.cancelled += stats.cancelled
-        self.refunded += stats.refunded
-        self.quota_refunded += stats.quota_refunded
+        self.add(stats)
         for name, value in (("unknown_ids", stats.unknown), ("malformed_reports", stats.malformed),
                             ("progress_backwards", stats.regressions)):
             if value:
                 self.faults[name] += value
 
     def merge(self, other: CycleSummary) -> None:
-        for name in ("checked", "skipped", "updated", "finished", "succeeded", "failed", "cancelled", "timed_out",
-                     "refunded", "quota_refunded", "requests", "channels"):
+        self.add(other)
+        for name in ("checked", "skipped", "timed_out", "requests", "channels"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         self.channels_with_errors.extend(other.channels_with_errors)
         self.faults.update(other.faults)

@@ -222,7 +222,7 @@ def test_the_memo_columns_and_trigger_come_with_migration_8(any_store):
     for column in ("memo_digest", "memo_version"):
         database.execute_sql(f"ALTER TABLE task DROP COLUMN {column}")
     SchemaVersion.delete().where(SchemaVersion.version >= 8).execute()
-    assert db.migrate() == [8] and db.migrate() == []
+    assert db.migrate(upto=8) == [8] and db.migrate(upto=8) == []
     stored = Task.get_by_id(task.id)
     assert (stored.memo_digest, stored.memo_version, stored.updated_at) == ("", 0.0, 100.0)
     database.execute_sql(f"UPDATE task SET memo_digest = 'd', memo_version = 100 WHERE id = {task.id}")
