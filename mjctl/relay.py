@@ -36,6 +36,7 @@ import json
 import logging
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -570,20 +571,13 @@ def cancel(settings, user: User, mj_id: str) -> Envelope:
     if channel is None:
         return 409, envelope(4, f"the channel of task {mj_id} is gone; it cannot be cancelled")
     try:
-        with _client(settings, channel) as client:
-            result = client.cancel(mj_id)
-    except UpstreamUnavailable:
-        return 503, envelope(9, "the upstream of this task is not reachable; try again later")
-    except UpstreamUnauthorized:
-        return 502, envelope(9, "the upstream refused mjctl's credentials")
-    except UpstreamRateLimited:
-        return 429, envelope(9, "the upstream is rate limiting; try again later")
+        result = _ask(settings, channel, lambda client: client.cancel(mj_id))
+    except _Refusal as refusal:
+        return refusal.answer()
     except UpstreamProtocolError as exc:
         if exc.status in (404, 405):
             return 501, envelope(4, f"the upstream of task {mj_id} (channel {channel.name}) cannot cancel tasks")
         return 502, envelope(9, "the upstream gave an invalid answer")
-    except MjctlError:
-        return 502, envelope(9, "the channel's secret cannot be read")
     if not result.accepted:
         if result.http_status == 404:
             return 501, envelope(4, f"the upstream of task {mj_id} (channel {channel.name}) cannot cancel it: "
@@ -612,6 +606,23 @@ def _continue_modal(parent: Task, body: dict, result: SubmitResult, status: str,
         _charge(Task.get_by_id(parent.id), price)
 
 
+def _ask(settings, channel: Channel, call: Callable[[UpstreamClient], SubmitResult]) -> SubmitResult:
+    """call with a client of the task's channel. The failures every such call shares become a _Refusal
+    (unreachable 503, refused secret 502, rate limited 429, an unreadable channel secret 502); an
+    off-protocol answer is raised as it is, for the caller to read."""
+    try:
+        with _client(settings, channel) as client:
+            return call(client)
+    except UpstreamUnavailable:
+        raise _Refusal(503, 9, "the upstream of this task is not reachable; try again later") from None
+    except UpstreamUnauthorized:
+        raise _Refusal(502, 9, "the upstream refused mjctl's credentials") from None
+    except UpstreamRateLimited:
+        raise _Refusal(429, 9, "the upstream is rate limiting; try again later") from None
+    except MjctlError:  # a secret sealed under another server secret
+        raise _Refusal(502, 9, "the channel's secret cannot be read") from None
+
+
 def image_seed(settings, user: User, mj_id: str, prefix: str = "") -> Envelope:
     """The seed of one of the caller's tasks, asked of that task's channel (free of charge)."""
     task = tasks.owned_task(user.id, mj_id)
@@ -622,15 +633,11 @@ def image_seed(settings, user: User, mj_id: str, prefix: str = "") -> Envelope:
     except _Refusal as refusal:
         return refusal.answer()
     try:
-        with _client(settings, channel) as client:
-            result = client.image_seed(mj_id, timeout=max(60.0, settings.poller.request_timeout))
-    except UpstreamUnavailable:
-        return 503, envelope(9, "the upstream of this task is not reachable; try again later")
-    except UpstreamUnauthorized:
-        return 502, envelope(9, "the upstream refused mjctl's credentials")
-    except UpstreamRateLimited:
-        return 429, envelope(9, "the upstream is rate limiting; try again later")
-    except (UpstreamProtocolError, MjctlError):
+        timeout = max(60.0, settings.poller.request_timeout)
+        result = _ask(settings, channel, lambda client: client.image_seed(mj_id, timeout=timeout))
+    except _Refusal as refusal:
+        return refusal.answer()
+    except UpstreamProtocolError:
         return 502, envelope(9, "the upstream gave an invalid answer")
     return (result.http_status if result.http_status < 500 else 502), envelope(
         result.code, result.description, result.result, relay_properties(result.properties, _public_base(settings)))
