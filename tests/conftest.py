@@ -1,4 +1,5 @@
-"""Every test runs in its own folder with no MJCTL_* settings leaking in from the outside."""
+"""The fixtures. Every test runs in its own folder with no MJCTL_* settings leaking in from the outside.
+Plain functions the tests share are in tests/helpers.py, tests/books.py and tests/relay_helpers.py."""
 
 from __future__ import annotations
 
@@ -7,9 +8,8 @@ import os
 
 import pytest
 
-from tests.helpers import temp_database
-
-pytest_plugins = ["tests.relay_fixtures"]  # relay_env, for every test that asks for it
+from tests.helpers import make_settings, temp_database
+from tests.relay_helpers import start_relay
 
 
 @pytest.fixture(autouse=True)
@@ -28,17 +28,6 @@ def isolated(tmp_path, monkeypatch):
     from mjctl.db import unbind
 
     unbind()
-
-
-def make_settings(tmp_path, url: str | None = None, **overrides):
-    """Settings for a test: a SQLite file in tmp_path unless url is given, a fixed server secret."""
-    from mjctl.config import load_settings
-
-    values = {("database", "url"): url or f"sqlite:///{tmp_path}/mjctl.db", ("server", "secret"): "test-secret"}
-    for key, value in overrides.items():
-        section, _, name = key.partition("__")
-        values[(section, name)] = value
-    return load_settings(None, values)
 
 
 @pytest.fixture
@@ -89,3 +78,12 @@ def cli(tmp_path):
         return runner.invoke(app, list(args), env=full_env, input=input)
 
     return run
+
+
+@pytest.fixture
+def relay_env(store):
+    """A running relay (tests/relay_helpers.py) over the test's store."""
+    env = start_relay(store)
+    yield env
+    env.server.stop()
+    env.sim.stop()

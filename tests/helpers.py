@@ -1,9 +1,13 @@
-"""Test helpers shared by every test module: waiting on conditions and throw-away databases."""
+"""Plain functions shared by the test modules: settings, waiting on conditions, ports, throw-away databases.
+
+Fixtures live in conftest.py; the books check is in tests/books.py, a running relay in tests/relay_helpers.py.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import socket
 import threading
 import time
 import uuid
@@ -14,6 +18,30 @@ import pytest
 
 POSTGRES_ENV = "MJCTL_TEST_POSTGRES_URL"
 MYSQL_ENV = "MJCTL_TEST_MYSQL_URL"
+
+
+def make_settings(tmp_path, url: str | None = None, **overrides):
+    """Settings for a test: a SQLite file in tmp_path unless url is given, a fixed server secret.
+    Overrides are SECTION__KEY=value (``poller__batch_size=10``)."""
+    from mjctl.config import load_settings
+
+    values = {("database", "url"): url or f"sqlite:///{tmp_path}/mjctl.db", ("server", "secret"): "test-secret"}
+    for key, value in overrides.items():
+        section, _, name = key.partition("__")
+        values[(section, name)] = value
+    return load_settings(None, values)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def closed_port_url() -> str:
+    """The URL of a port nothing listens on: connecting to it is refused at once."""
+    return f"http://127.0.0.1:{free_port()}"
 
 
 def wait_until(predicate: Callable[[], object], timeout: float = 10.0, interval: float = 0.02, message: str = ""):

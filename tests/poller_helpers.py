@@ -1,8 +1,6 @@
-"""Building charged tasks on the simulator and checking the books, for the poller tests and benchmark."""
+"""Building charged tasks on the simulator, for the poller tests (the books check is tests/books.py)."""
 
 from __future__ import annotations
-
-from peewee import fn
 
 PRICE = 1000
 
@@ -44,37 +42,3 @@ def sim_submit(url: str, n: int, secret: str = "sim-secret", prefix: str = "cat"
             assert result.accepted, result
             ids.append(result.task_id)
     return ids
-
-
-def book_problems() -> list[str]:
-    """Every way the books could be wrong; an empty list means they are exact."""
-    from mjctl.models import Ledger, Task, User
-
-    problems = []
-    for user in User.select():
-        rows = Ledger.select().where(Ledger.user_id == user.id)
-        charges = -sum(r.amount for r in rows if r.kind == "charge")
-        refunds = sum(r.amount for r in rows if r.kind == "refund")
-        total = sum(r.amount for r in rows)
-        if charges - refunds != user.used_quota:
-            problems.append(f"user {user.name}: charges {charges} - refunds {refunds} != used {user.used_quota}")
-        if total != user.quota:
-            problems.append(f"user {user.name}: ledger sum {total} != balance {user.quota}")
-    twice = (Ledger.select(Ledger.task_id, fn.COUNT(Ledger.id).alias("n")).where(Ledger.kind == "refund")
-             .group_by(Ledger.task_id).having(fn.COUNT(Ledger.id) > 1))
-    for row in twice:
-        problems.append(f"task {row.task_id} refunded {row.n} times")
-    refunded = {r.task_id for r in Ledger.select(Ledger.task_id).where(Ledger.kind == "refund")}
-    charged = {r.task_id: -r.amount for r in Ledger.select().where(Ledger.kind == "charge")}
-    for task in Task.select():
-        if task.id not in charged:
-            continue
-        should_refund = task.status in ("FAILURE", "CANCEL")
-        if should_refund != (task.id in refunded):
-            problems.append(f"task {task.id} {task.status}: refunded={task.id in refunded}")
-        expected_quota = 0 if should_refund else charged[task.id]
-        if task.quota != expected_quota:
-            problems.append(f"task {task.id} {task.status}: quota {task.quota} != {expected_quota}")
-        if task.unfinished != (0 if task.is_finished else 1):
-            problems.append(f"task {task.id} {task.status}: unfinished flag {task.unfinished}")
-    return problems

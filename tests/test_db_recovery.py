@@ -11,8 +11,7 @@ import httpx
 import peewee
 import pytest
 
-from tests.conftest import make_settings
-from tests.helpers import temp_database
+from tests.helpers import make_settings, temp_database
 
 BACKENDS = ["postgres", "mysql"]
 

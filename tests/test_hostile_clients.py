@@ -23,9 +23,9 @@ import httpx
 import orjson
 import pytest
 
-from tests.conftest import make_settings
-from tests.helpers import wait_until
-from tests.relay_fixtures import assert_books_balance, balance, ledger_total, start_relay
+from tests.books import assert_books, balance, ledger_total
+from tests.helpers import free_port, make_settings, wait_until
+from tests.relay_helpers import start_relay
 
 USERS = ("alice", "bob", "carol")
 HEADER_TIMEOUT = 1.0
@@ -446,7 +446,7 @@ def test_chunked_bodies_are_decoded(env):
     assert task.prompt == "a red fox in the snow"
     assert task.quota > 0 and balance("alice") == 10_000 - task.quota
     assert ledger_total("alice") == (rows + 1, total - task.quota)
-    assert_books_balance("alice")
+    assert_books()
 
     before = store_state()
     listed = exchange(env.addr, b"POST /mj/task/list-by-condition HTTP/1.1\r\nHost: mjctl\r\nConnection: close\r\n"
@@ -529,8 +529,7 @@ def test_upstream_bound_work_is_capped_and_cannot_starve_the_api(env):
     assert balance("bob") == before["bob"][0] - 2 * price
     assert (balance("carol"), ledger_total("carol")) == before["carol"]  # refused every time: charged nothing
     assert ledger_total("alice") == (before["alice"][1][0] + 2, before["alice"][1][1] - 2 * price)
-    for user in USERS:
-        assert_books_balance(user)
+    assert_books()
     from mjctl.models import Reservation, Task
 
     assert Task.select().count() == 4 and Reservation.select().count() == 0
@@ -605,12 +604,6 @@ def test_clients_that_do_not_read_an_image_hold_a_slot_not_the_image_and_are_dro
 # -- a real `mjctl serve` ----------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _rss_kb(pid: int) -> int:
     with open(f"/proc/{pid}/status") as status:
         for line in status:
@@ -629,7 +622,7 @@ def _children(pid: int) -> list[int]:
 
 @pytest.mark.slow
 def test_mjctl_serve_survives_idle_and_dripping_clients_and_stops_cleanly(tmp_path):
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "MJCTL_DATABASE_URL": f"sqlite:///{tmp_path}/serve.db", "MJCTL_SERVER_SECRET": "t",
            "MJCTL_SERVER_HEADER_TIMEOUT": "1", "MJCTL_SERVER_BODY_TIMEOUT": "1", "MJCTL_SERVER_THREADS": "4",
            "PYTHONUNBUFFERED": "1"}
@@ -693,7 +686,7 @@ def test_mjctl_serve_workers_stop_without_a_rust_panic(tmp_path):
     env = {**os.environ, "MJCTL_DATABASE_URL": f"sqlite:///{tmp_path}/serve.db", "MJCTL_SERVER_SECRET": "t",
            "PYTHONUNBUFFERED": "1"}
     for attempt in range(6):
-        port = _free_port()
+        port = free_port()
         idle: list[socket.socket] = []
         proc = subprocess.Popen([sys.executable, "-m", "mjctl", "serve", "--port", str(port), "--no-poll"],
                                 env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -13,7 +13,9 @@ from types import SimpleNamespace
 import httpx
 import pytest
 
-from tests.relay_fixtures import SIM_SECRET, assert_books_balance, balance, closed_port_url, ledger_total
+from tests.books import assert_books, balance, ledger_total
+from tests.helpers import closed_port_url, make_settings
+from tests.relay_helpers import SIM_SECRET
 
 DEEP = 50_000
 HOSTILE = {
@@ -102,7 +104,7 @@ def test_hostile_json_is_a_400_that_changes_nothing(env, route):
         assert_refused(response, EXPECTED[name])
         assert time.perf_counter() - began < 1.0, name  # the 50,000-deep bodies are no slower than the rest
     assert books() == before
-    assert_books_balance("alice")
+    assert_books()
 
 
 SUBMIT_REFUSALS = [
@@ -158,8 +160,6 @@ def test_other_json_routes_check_their_fields(env):
 
 def test_limits_are_inclusive_and_the_prompt_limit_is_a_setting(tmp_path):
     from mjctl import relay
-    from tests.conftest import make_settings
-
     settings = make_settings(tmp_path)
     relay.check_fields(settings, {"prompt": "x" * 8000, "state": "s" * 1024, "taskId": "1" * 64,
                                   "customId": "c" * 256, "notifyHook": "h" * 2048,
@@ -213,4 +213,4 @@ def test_upstream_is_never_called_and_the_edges_are_accepted(relay_env):
     assert (task.prompt, task.state) == (prompt, state)
     assert env.sim.sim.stats()["total"] == 1
     assert balance("alice") == before[0] - 1000
-    assert_books_balance("alice")
+    assert_books()

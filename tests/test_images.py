@@ -18,8 +18,7 @@ from mjctl.httpserver import ServerThread
 from mjctl.images import ImageCache, ImageForwarder, ImagePrefetcher, ImageSource, prefetch_hook
 from mjctl.models import Task
 from mjctl.sim import run_simulator_in_thread
-from tests.conftest import make_settings
-from tests.helpers import wait_until
+from tests.helpers import make_settings, wait_until
 
 SIM_SECRET = "sim-secret"
 

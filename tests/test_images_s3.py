@@ -18,9 +18,8 @@ from mjctl import crypto, images
 from mjctl.images import ImageCache, ImagePrefetcher, ImageSource, result_store
 from mjctl.images.store import ByteRange, RangeNotSatisfiable, row_key
 from mjctl.models import Task
-from tests.conftest import make_settings
-from tests.helpers import wait_until
-from tests.relay_fixtures import closed_port_url
+from tests.helpers import closed_port_url, make_settings, wait_until
+from tests.relay_helpers import start_relay
 from tests.s3_helpers import CREDENTIALS, MotoServer, s3_overrides
 from tests.test_images import cache_files, finished_image_url, make_live
 
@@ -397,8 +396,6 @@ def test_two_hosts_serve_an_image_one_host_prefetched_after_the_link_expired(tmp
     from mjctl.httpserver import ServerThread
     from mjctl.poller import drain_prefetch, poll_once
     from mjctl.server import make_bridge
-    from tests.relay_fixtures import start_relay
-
     shared = s3_overrides(moto.url, bucket)
     host_a = make_settings(tmp_path, images__cache_dir=str(tmp_path / "a-images"), **shared)
     host_b = make_settings(tmp_path, images__cache_dir=str(tmp_path / "b-images"), **shared)

@@ -7,8 +7,8 @@ import time
 
 import httpx
 
-from tests.helpers import wait_until
-from tests.relay_fixtures import assert_books_balance, balance
+from tests.books import assert_books, balance
+from tests.helpers import wait_until, writers_meet
 
 
 def hook(env, channel_id=None) -> str:
@@ -66,7 +66,7 @@ def test_signed_pushes_apply_monotonically_and_finished_tasks_stay_finished(rela
     after = current(task)
     assert (after.status, after.quota, after.fail_reason) == ("SUCCESS", 1000, "")
     assert balance("alice") == 9000
-    assert_books_balance("alice")
+    assert_books()
 
 
 def test_a_failure_push_refunds_exactly_once(relay_env):
@@ -79,7 +79,7 @@ def test_a_failure_push_refunds_exactly_once(relay_env):
     failed = current(task)
     assert (failed.status, failed.quota, failed.fail_reason) == ("FAILURE", 0, "banned")
     assert balance("alice") == 10_000
-    assert_books_balance("alice")
+    assert_books()
 
 
 def test_unsigned_or_wrongly_signed_pushes_are_refused(relay_env):
@@ -129,7 +129,7 @@ def test_simulator_pushes_with_duplicates_and_reordering_drive_tasks_to_the_end(
     # Only repeats that arrive after a task finished are refused: its link is dead by then.
     assert pushes["push_failed"] <= pushes["push_duplicated"] + pushes["push_out_of_order"]
     assert balance("alice") == 9000
-    assert_books_balance("alice")
+    assert_books()
 
 
 def _race(env, monkeypatch, push_fields: dict, upstream_says: dict, now: float | None = None):
@@ -137,8 +137,6 @@ def _race(env, monkeypatch, push_fields: dict, upstream_says: dict, now: float |
     both holding a change worked out against the unfinished task before either writes it."""
     from mjctl.db import connection
     from mjctl.poller import poll_once
-    from tests.helpers import writers_meet
-
     task = local_task(env)
     url = hook(env)
     met = writers_meet(monkeypatch, 2)
@@ -163,7 +161,7 @@ def test_a_push_and_a_poll_report_racing_on_one_task_refund_it_once(relay_env, m
     assert (done.status, done.quota, done.unfinished) == ("CANCEL" if pushed == "applied" else "FAILURE", 0, 0)
     assert cycle.refunded + (pushed == "applied") == 1 and cycle.updated + (pushed == "applied") == 1
     assert balance("alice") == 10_000
-    assert_books_balance("alice")
+    assert_books()
 
 
 def test_a_timeout_and_a_success_push_racing_on_one_task_end_it_once(relay_env, monkeypatch):
@@ -180,4 +178,4 @@ def test_a_timeout_and_a_success_push_racing_on_one_task_end_it_once(relay_env, 
     else:
         assert (done.status, done.quota, cycle.timed_out, cycle.refunded, refunds) == ("FAILURE", 0, 1, 1, 1)
         assert done.fail_reason.startswith("Timed out: still SUBMITTED")
-    assert_books_balance("alice")
+    assert_books()

@@ -13,8 +13,9 @@ from dataclasses import replace
 import httpx
 import pytest
 
+from tests.books import book_problems
 from tests.helpers import wait_until
-from tests.poller_helpers import PRICE, add_channel, book_problems, sim_submit, submit_charged
+from tests.poller_helpers import PRICE, add_channel, sim_submit, submit_charged
 
 
 @pytest.fixture

@@ -10,9 +10,9 @@ import time
 
 import pytest
 
-from tests.conftest import make_settings
-from tests.helpers import temp_database, wait_until
-from tests.poller_helpers import PRICE, add_channel, book_problems, sim_submit, submit_charged
+from tests.books import book_problems
+from tests.helpers import make_settings, temp_database, wait_until
+from tests.poller_helpers import PRICE, add_channel, sim_submit, submit_charged
 
 
 def _simulator(**opts):

@@ -14,7 +14,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.poller_helpers import PRICE, add_channel, book_problems, sim_submit, submit_charged
+from tests.books import book_problems
+from tests.helpers import make_settings
+from tests.poller_helpers import PRICE, add_channel, sim_submit, submit_charged
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -178,8 +180,6 @@ def test_one_shot_mjctl_poll_processes_skip_what_an_earlier_one_remembered(tmp_p
     from mjctl import accounts
     from mjctl.db import open_store
     from mjctl.sim import run_simulator_in_thread
-    from tests.conftest import make_settings
-
     url = f"sqlite:///{tmp_path}/cron.db"
     settings = make_settings(tmp_path, url)
     open_store(settings)

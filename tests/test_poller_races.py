@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import make_settings
-from tests.helpers import temp_database, wait_until
-from tests.poller_helpers import PRICE, add_channel, book_problems, sim_submit, submit_charged
+from tests.books import book_problems
+from tests.helpers import make_settings, temp_database, wait_until
+from tests.poller_helpers import PRICE, add_channel, sim_submit, submit_charged
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -9,8 +9,9 @@ from dataclasses import replace
 import httpx
 import pytest
 
-from tests.helpers import temp_database, wait_until
-from tests.relay_fixtures import SIM_SECRET, assert_books_balance, balance, closed_port_url, ledger_total, start_relay
+from tests.books import assert_books, balance, ledger_total
+from tests.helpers import closed_port_url, make_settings, temp_database, wait_until
+from tests.relay_helpers import SIM_SECRET, start_relay
 
 PNG = ("data:image/png;base64,"
        "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg==")
@@ -59,7 +60,7 @@ def test_imagine_is_accepted_stored_and_charged_in_one_go(relay_env):
 
     (entry,) = Ledger.select().where(Ledger.kind == "charge")
     assert (entry.task_id, entry.amount, entry.balance_after) == (task.id, -1000, 9000)
-    assert_books_balance("alice")
+    assert_books()
 
     with env.client() as c:
         shown = c.get(f"/mj/task/{answer['result']}/fetch").json()
@@ -105,7 +106,7 @@ def test_every_submit_kind_reaches_the_upstream_and_is_priced(relay_env):
     assert len(rows) == 1 and rows[0].status == "SUBMITTED" and rows[0].prompt == "zoomed --zoom 2"
     assert balance("alice") == before  # [prices] MODAL is 0: the action was charged
     assert stats["modal"] == 0 and env.sim.sim.stats()["modal"] == 1
-    assert_books_balance("alice")
+    assert_books()
 
 
 def test_image_seed_of_own_task(relay_env):
@@ -339,7 +340,7 @@ def _check_exact_charging(env) -> None:
     assert env.sim.sim.stats()["imagine"] == 30
     assert balance("alice") == 0
     assert Task.select().where(Task.quota == 1000).count() == 30 and Reservation.select().count() == 0
-    assert_books_balance("alice")
+    assert_books()
 
 
 def test_fifty_parallel_submissions_with_a_balance_for_thirty(store):
@@ -354,8 +355,6 @@ def test_fifty_parallel_submissions_with_a_balance_for_thirty(store):
 
 def test_fifty_parallel_submissions_on_postgresql(tmp_path):
     from mjctl.db import open_store
-    from tests.conftest import make_settings
-
     with temp_database("postgres") as url:
         settings = make_settings(tmp_path, url, relay__max_in_flight_per_user=64)
         open_store(settings)

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import threading
 
-import peewee
 import pytest
 
 from mjctl import accounts, db, reports
 from mjctl.models import Ledger, Task, User
+from tests.books import assert_books
 
 
 def charged_task(user, mj_id="1730000000000001", quota=300, channel_id=1):
@@ -17,16 +17,6 @@ def charged_task(user, mj_id="1730000000000001", quota=300, channel_id=1):
                            submit_time=1_730_000_000, quota=quota, unfinished=1)
         accounts.charge(user.id, quota, task_id=task.id, reason="imagine")
     return task
-
-
-def books_balance(user_id):
-    user = User.get_by_id(user_id)
-    total = Ledger.select(peewee.fn.SUM(Ledger.amount)).where(Ledger.user_id == user_id).scalar() or 0
-    charges = -(Ledger.select(peewee.fn.SUM(Ledger.amount)).where(
-        (Ledger.user_id == user_id) & (Ledger.kind == "charge")).scalar() or 0)
-    refunds = Ledger.select(peewee.fn.SUM(Ledger.amount)).where(
-        (Ledger.user_id == user_id) & (Ledger.kind == "refund")).scalar() or 0
-    return total == user.quota and charges - refunds == user.used_quota
 
 
 def test_progress_and_status_never_go_backwards(any_store):
@@ -56,7 +46,8 @@ def test_failure_refunds_exactly_once_however_often_reported(any_store):
     task = Task.get_by_id(task.id)
     assert (task.quota, task.fail_reason) == (0, "任务超时")
     assert Ledger.select().where((Ledger.task_id == task.id) & (Ledger.kind == "refund")).count() == 1
-    assert User.get_by_id(user.id).quota == 1000 and books_balance(user.id)
+    assert User.get_by_id(user.id).quota == 1000
+    assert_books()
 
 
 def test_cancel_refunds_like_failure_exactly_once_whoever_reports_it(any_store):
@@ -76,7 +67,8 @@ def test_cancel_refunds_like_failure_exactly_once_whoever_reports_it(any_store):
     refunds = list(Ledger.select().where(Ledger.kind == "refund"))
     assert [(r.task_id, r.amount) for r in refunds] == [(task.id, 300)] and "cancelled" in refunds[0].reason
     assert Task.get_by_id(free.id).status == "CANCEL"
-    assert User.get_by_id(user.id).quota == 1000 and books_balance(user.id)
+    assert User.get_by_id(user.id).quota == 1000
+    assert_books()
 
 
 @pytest.mark.parametrize("ending", ["FAILURE", "CANCEL"])
@@ -113,7 +105,8 @@ def test_a_poll_a_push_and_a_timeout_racing_on_one_task_refund_it_once(any_store
     done = Task.get_by_id(task.id)
     assert done.status in ("FAILURE", "CANCEL") and done.quota == 0 and done.unfinished == 0
     assert Ledger.select().where((Ledger.task_id == task.id) & (Ledger.kind == "refund")).count() == 1
-    assert User.get_by_id(user.id).quota == 1000 and books_balance(user.id)
+    assert User.get_by_id(user.id).quota == 1000
+    assert_books()
 
 
 def test_a_timeout_planned_against_a_task_that_then_succeeded_changes_nothing(any_store, monkeypatch):
@@ -136,7 +129,8 @@ def test_a_timeout_planned_against_a_task_that_then_succeeded_changes_nothing(an
     assert (stats.updated, stats.failed, stats.refunded, stats.ignored) == (0, 0, 0, 1)
     done = Task.get_by_id(task.id)
     assert (done.status, done.quota, done.fail_reason) == ("SUCCESS", 300, "")
-    assert Ledger.select().where(Ledger.kind == "refund").count() == 0 and books_balance(user.id)
+    assert Ledger.select().where(Ledger.kind == "refund").count() == 0
+    assert_books()
 
 
 def test_reports_for_other_channels_and_malformed_reports_are_counted(any_store):
@@ -169,7 +163,8 @@ def test_racing_failures_refund_once(store):
         t.join()
     refunds = Ledger.select().where(Ledger.kind == "refund")
     assert refunds.count() == 40 and len({r.task_id for r in refunds}) == 40
-    assert User.get_by_id(user.id).quota == 100_000 and books_balance(user.id)
+    assert User.get_by_id(user.id).quota == 100_000
+    assert_books()
 
 
 def test_a_batch_that_changes_nothing_opens_no_write_transaction(any_store, monkeypatch):
@@ -207,7 +202,8 @@ def test_a_row_that_moved_between_the_read_and_the_write_is_recomputed(any_store
     assert len(calls) == (2 if db.is_sqlite() else 1)  # SQLite rolls back and reads again; others re-lock
     assert (stats.failed, stats.refunded) == (1, 1)
     assert Ledger.select().where((Ledger.task_id == other.id) & (Ledger.kind == "refund")).count() == 1
-    assert User.get_by_id(user.id).quota == 1000 - 300 and books_balance(user.id)
+    assert User.get_by_id(user.id).quota == 1000 - 300
+    assert_books()
 
 
 def test_reports_merge_properties_and_keep_mjctls_own(store):

@@ -12,6 +12,7 @@ from mjctl import accounts, channels, db
 from mjctl.errors import Conflict, InsufficientQuota, NotFound, UsageError
 from mjctl.models import Ledger, Task, Token, User
 from mjctl.tasks import TaskFilter, list_tasks, page_envelope, task_item
+from tests.books import assert_books, ledger_total
 
 
 def make_task(user, channel_id=1, **fields):
@@ -20,10 +21,6 @@ def make_task(user, channel_id=1, **fields):
                     unfinished=0)
     defaults.update(fields)
     return Task.create(**defaults)
-
-
-def ledger_sum(user_id):
-    return Ledger.select(peewee.fn.COALESCE(peewee.fn.SUM(Ledger.amount), 0)).where(Ledger.user_id == user_id).scalar()
 
 
 def test_migrations_are_idempotent(any_store):
@@ -35,7 +32,7 @@ def test_migrations_are_idempotent(any_store):
 def test_create_user_records_opening_balance_and_hashes_token(any_store):
     user, token = accounts.create_user("alice", quota=500)
     assert user.quota == 500 and user.used_quota == 0
-    assert ledger_sum(user.id) == 500
+    assert ledger_total("alice") == (1, 500)
     stored = Token.get(Token.user_id == user.id)
     assert token not in (stored.token_hash, stored.hint) and len(stored.token_hash) == 64
     assert accounts.authenticate(token).id == user.id
@@ -66,10 +63,7 @@ def test_charge_refund_and_topup_keep_the_books(any_store):
     accounts.topup("alice", 50)
     user = User.get_by_id(user.id)
     assert user.quota == 850 and user.used_quota == 200
-    assert ledger_sum(user.id) == user.quota
-    charges = -Ledger.select(peewee.fn.SUM(Ledger.amount)).where(Ledger.kind == "charge").scalar()
-    refunds = Ledger.select(peewee.fn.SUM(Ledger.amount)).where(Ledger.kind == "refund").scalar()
-    assert charges - refunds == user.used_quota
+    assert_books()
 
 
 def test_charge_beyond_balance_is_refused_and_changes_nothing(any_store):
@@ -85,7 +79,7 @@ def test_set_quota_is_an_adjustment_in_the_ledger(any_store):
     accounts.create_user("alice", quota=100)
     user = accounts.set_user("alice", quota=40, role="admin", enabled=False)
     assert (user.quota, user.role, user.enabled) == (40, 10, False)
-    assert ledger_sum(user.id) == 40
+    assert ledger_total("alice") == (2, 40)
     with pytest.raises(NotFound):
         accounts.set_user("nobody", quota=1)
 
@@ -226,7 +220,7 @@ def test_concurrent_charges_never_overdraw(store, tmp_path):
     user = User.get_by_id(user.id)
     assert results.count(True) == 1000 // 70
     assert user.quota == 1000 - 70 * (1000 // 70) and user.quota >= 0
-    assert ledger_sum(user.id) == user.quota
+    assert_books()
 
 
 def test_two_processes_can_migrate_at_once(tmp_path):

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -19,9 +18,9 @@ import time
 import httpx
 import pytest
 
-from tests.conftest import make_settings
-from tests.helpers import temp_database, wait_until
-from tests.relay_fixtures import SIM_SECRET, assert_books_balance, balance, ledger_total
+from tests.books import assert_books, balance, ledger_total
+from tests.helpers import free_port, make_settings, temp_database, wait_until
+from tests.relay_helpers import SIM_SECRET
 
 
 def upstream_task(env, mj_id: str) -> dict:
@@ -88,8 +87,7 @@ def test_a_tasks_link_cannot_push_about_another_users_task(relay_env):
     own = env.sim.sim.push_as(link, {"id": mine, "status": "IN_PROGRESS", "progress": "46%"})
     assert own["status"] == 200 and own["body"]["description"] == "applied"
     assert (local(mine).status, local(mine).progress, local(mine).state) == ("IN_PROGRESS", "46%", "alice's own")
-    assert_books_balance("alice")
-    assert_books_balance("bob")
+    assert_books()
 
 
 def test_a_finished_tasks_link_is_dead(relay_env):
@@ -105,7 +103,7 @@ def test_a_finished_tasks_link_is_dead(relay_env):
         assert answer["status"] == 410 and answer["body"]["code"] == 4, answer
     assert row(mj_id) == before and before["quota"] == 1000
     assert balance("alice") == 9000
-    assert_books_balance("alice")
+    assert_books()
 
 
 def test_the_old_per_channel_link_reaches_only_tasks_submitted_before_per_task_links(relay_env):
@@ -142,7 +140,7 @@ def test_the_old_per_channel_link_reaches_only_tasks_submitted_before_per_task_l
     assert after["status"] == 200 and after["body"]["description"].startswith("nothing")
     assert Task.get_by_id(old.id).status == "FAILURE" and not Task.get_by_id(old.id).image_url
     assert balance("alice") == 9000
-    assert_books_balance("alice")
+    assert_books()
 
 
 # --- colliding ids --------------------------------------------------------------------------------------
@@ -153,7 +151,7 @@ def assert_nothing_held(user: str, books: tuple) -> None:
 
     assert (balance(user), ledger_total(user)) == books
     assert Reservation.select().count() == 0 and PendingSubmission.select().count() == 0
-    assert_books_balance(user)
+    assert_books()
 
 
 def test_an_accepted_id_another_task_has_is_an_uncharged_protocol_failure(relay_env):
@@ -219,13 +217,7 @@ def test_adoption_finds_the_task_by_its_notify_link_when_the_state_is_not_echoed
     assert (task.mj_id, task.user_id, task.quota, task.state) == (accepted.result, alice.id, 1000, "alice's own")
     assert PendingSubmission.select().count() == 0
     assert balance("alice") == 9000 and ledger_total("alice")[0] == 2
-    assert_books_balance("alice")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    assert_books()
 
 
 def healthy(url: str) -> bool:
@@ -309,7 +301,7 @@ def test_a_server_killed_between_forwarding_and_recording_leaves_nothing_lost_or
             assert balance("alice") == 10_000 and ledger_total("alice") == (1, 10_000)
         assert PendingSubmission.select().count() == 0 and Reservation.select().count() == 0
         assert available_quota(alice.id) == balance("alice")
-        assert_books_balance("alice")
+        assert_books()
     finally:
         if proc is not None and proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
@@ -350,4 +342,4 @@ def test_a_submission_adopted_while_its_answer_was_on_the_way_is_charged_once(re
     assert (task.mj_id, task.quota, task.state) == (response.json()["result"], 1000, "mine")
     assert PendingSubmission.select().count() == 0
     assert balance("alice") == 9000 and ledger_total("alice")[0] == 2
-    assert_books_balance("alice")
+    assert_books()

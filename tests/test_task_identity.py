@@ -14,8 +14,9 @@ import pytest
 
 from mjctl import accounts, channels, crypto, images
 from mjctl.models import Task
+from tests.books import assert_books
 from tests.helpers import wait_until
-from tests.relay_fixtures import SIM_SECRET, assert_books_balance
+from tests.relay_helpers import SIM_SECRET
 
 SHARED = "1700000000000777"  # the id both upstreams hand out
 UNKNOWN = "1799999999999999"
@@ -191,8 +192,7 @@ def test_two_users_with_one_upstream_id_on_two_channels_each_see_their_own(two_c
     assert saved.exit_code == 0, saved.output
     assert json.loads(saved.stdout)["from_cache"] is True and open("bob.png", "rb").read() == served["bob"]
 
-    for user in ("alice", "bob"):
-        assert_books_balance(user)
+    assert_books()
     assert accounts.get_user("alice").used_quota == accounts.get_user("bob").used_quota > 0
 
 
@@ -254,8 +254,7 @@ def test_duplicates_on_one_channel_from_before_the_upgrade(relay_env):
     assert cache.find(ImageSource.from_task(lone_task)).path.read_bytes() == served[lone_url]
     assert get(env, task_link(settings, lone_task)).headers["x-cache"] == "HIT"
     assert cache.find(SHARED) is not None  # left alone: it is nobody's to take
-    for user in ("alice", "bob"):
-        assert_books_balance(user)
+    assert_books()
 
 
 # -- answers that say nothing -------------------------------------------------------------------------

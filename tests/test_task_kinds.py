@@ -12,8 +12,9 @@ import json
 import httpx
 import pytest
 
-from tests.helpers import wait_until
-from tests.relay_fixtures import SIM_SECRET, assert_books_balance, balance, closed_port_url, start_relay
+from tests.books import assert_books, balance
+from tests.helpers import closed_port_url, wait_until
+from tests.relay_helpers import SIM_SECRET, start_relay
 
 PNG = "data:image/png;base64,iVBORw0KGgo="
 
@@ -95,7 +96,7 @@ def test_a_video_of_a_finished_grid_is_a_task_priced_as_video_with_its_links(csh
     with env.client() as c:
         shown = c.get(f"/mj/task/{answer['result']}/fetch").json()
     assert shown["action"] == "VIDEO" and shown["videoUrl"] and shown["videoUrls"][0]["url"]
-    assert_books_balance("alice")
+    assert_books()
 
 
 def test_a_video_is_served_through_mjctls_own_links_after_the_upstreams_expire(csharp_env):
@@ -171,7 +172,7 @@ def test_a_java_upstream_without_the_video_route_charges_nothing_and_says_so(jav
     response = env.submit("video", {"imageUrl": "https://example.com/cat.png"})
     assert response.status_code == 502 and "video" in response.json()["description"]
     assert rows() == [] and balance("alice") == 10_000
-    assert_books_balance("alice")
+    assert_books()
 
 
 # --- edits, face swap ----------------------------------------------------------------------------------
@@ -188,7 +189,7 @@ def test_edits_and_face_swap_are_tasks_with_their_own_price_keys(csharp_env):
     assert settled(env, swap["result"]).status == "SUCCESS"
     assert settled(env, edits["result"]).image_url
     assert balance("alice") == 10_000 - 700 - 300
-    assert_books_balance("alice")
+    assert_books()
 
 
 def test_a_face_swap_the_upstream_rejects_is_a_free_failure(csharp_env):
@@ -226,7 +227,7 @@ def test_a_priced_upload_is_charged_once_without_a_task_and_a_refused_one_costs_
     from mjctl.models import PendingSubmission, Reservation
 
     assert Reservation.select().count() == 0 and PendingSubmission.select().count() == 0
-    assert_books_balance("alice")
+    assert_books()
 
 
 def test_an_upload_that_does_not_fit_the_balance_is_refused_unsent(csharp_env):
@@ -257,7 +258,7 @@ def test_cancel_stops_the_callers_task_and_refunds_it_exactly_once(csharp_env):
     poll_once(env.settings)  # the upstream now reports CANCEL too: nothing more to refund
     assert local(mj_id).status == "CANCEL" and balance("alice") == 10_000
     assert len(ledger_entries("refund")) == 1
-    assert_books_balance("alice")
+    assert_books()
 
 
 def test_a_cancel_the_upstream_reports_is_refunded_like_a_failure(csharp_env):
@@ -272,7 +273,7 @@ def test_a_cancel_the_upstream_reports_is_refunded_like_a_failure(csharp_env):
     poll_once(env.settings)
     assert local(mj_id).status == "CANCEL" and balance("alice") == 10_000
     assert len(ledger_entries("refund")) == 1
-    assert_books_balance("alice")
+    assert_books()
 
 
 def test_an_upstream_that_cannot_cancel_says_so_and_nothing_changes(java_env):
@@ -381,7 +382,7 @@ def test_pressing_a_finished_button_again_names_the_existing_task_and_charges_no
     again = env.submit("action", {"taskId": parent, "customId": custom_id}).json()
     assert again["code"] == 1 and again["result"] == first["result"]
     assert len(rows(first["result"])) == 1 and balance("alice") == spent
-    assert_books_balance("alice")
+    assert_books()
 
 
 def test_code_21_for_a_finished_task_records_it_finished_with_its_image(java_env):
@@ -463,7 +464,7 @@ def test_a_mode_is_stored_priced_from_its_own_table_and_inherited_by_follow_ups(
     assert (local(upscale["result"]).mode, local(upscale["result"]).quota) == ("RELAX", 500)
     assert env.sim.sim.stats()["by_prefix"]["/mj-relax"] == 2
     assert balance("alice") == 10_000 - 400 - 2500 - 1000 - 500
-    assert_books_balance("alice")
+    assert_books()
 
     with env.client("alice") as c:  # users see exactly the document's fields
         assert "mode" not in c.get("/api/mj/self").json()["data"]["items"][0]

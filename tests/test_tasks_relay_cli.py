@@ -7,7 +7,9 @@ import threading
 
 import pytest
 
-from tests.relay_fixtures import SIM_SECRET, assert_books_balance, balance, closed_port_url
+from tests.books import assert_books, balance
+from tests.helpers import closed_port_url
+from tests.relay_helpers import SIM_SECRET
 
 
 @pytest.fixture
@@ -60,7 +62,7 @@ def test_tasks_submit_goes_through_the_relay_and_charges(cli, sim):
     from mjctl.models import Task
 
     assert Task.select().count() == 2
-    assert_books_balance("alice")
+    assert_books()
 
     from mjctl import accounts
 

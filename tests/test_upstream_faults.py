@@ -17,8 +17,9 @@ import pytest
 from mjctl import crypto, images
 from mjctl.sim import run_simulator_in_thread
 from mjctl.upstream import UpstreamClient, UpstreamUnavailable
-from tests.helpers import temp_database, wait_until
-from tests.relay_fixtures import SIM_SECRET, assert_books_balance, balance, ledger_total, start_relay
+from tests.books import assert_books, balance, ledger_total
+from tests.helpers import make_settings, temp_database, wait_until
+from tests.relay_helpers import SIM_SECRET, start_relay
 
 DEADLINE = 1.5
 SLACK = 1.0  # what the test allows past a deadline: scheduling, the last chunk, the JSON answer
@@ -118,7 +119,7 @@ def test_a_trickling_upstream_costs_nothing_and_holds_the_quota_until_it_is_cut(
     # Not charged, no task, nothing held: the books are as before.
     assert balance("alice") == 1000 and ledger_total("alice") == (1, 1000)
     assert Task.select().count() == 0 and Reservation.select().count() == 0
-    assert_books_balance("alice")
+    assert_books()
     # Once the upstream behaves the quota buys exactly one task.
     env.sim.sim.update({"trickle": 0.0})
     ok = env.submit("imagine", {"prompt": "now"})
@@ -127,7 +128,7 @@ def test_a_trickling_upstream_costs_nothing_and_holds_the_quota_until_it_is_cut(
     assert again.status_code == 403
     assert balance("alice") == 0 and ledger_total("alice") == (2, 0)
     assert Task.select().count() == 1
-    assert_books_balance("alice")
+    assert_books()
 
 
 def test_the_reservation_lifetime_covers_every_channel_deadline(store):
@@ -177,7 +178,7 @@ def test_a_locked_sqlite_file_answers_503_within_seconds_and_changes_nothing(sto
         env.sim.stop()
     assert Task.select().count() == 0 and Reservation.select().count() == 0
     assert balance("alice") == 5000 and Ledger.select().count() == 1
-    assert_books_balance("alice")
+    assert_books()
 
 
 @pytest.mark.parametrize("kind", ["postgres", "mysql"])
@@ -185,8 +186,6 @@ def test_a_locked_server_database_answers_listings_503_within_seconds(tmp_path, 
     """On PostgreSQL and MariaDB a table lock blocks readers too; without a lock timeout they waited
     forever (PostgreSQL) or a day (MariaDB's metadata-lock wait)."""
     from mjctl.db import open_store
-    from tests.conftest import make_settings
-
     with temp_database(kind) as url:
         settings = make_settings(tmp_path, url)
         open_store(settings)
@@ -208,7 +207,7 @@ def test_a_locked_server_database_answers_listings_503_within_seconds(tmp_path, 
             env.server.stop()
             env.sim.stop()
         assert balance("alice") == 5000
-        assert_books_balance("alice")
+        assert_books()
 
 
 def _table_locker(kind: str, url: str):
@@ -246,8 +245,6 @@ def _finished_image(sim) -> tuple[str, str]:
 
 def test_a_trickled_image_is_cut_at_its_allowance_and_never_cached(tmp_path, trickling_sim):
     from mjctl.images import ImageForwarder, ImageSource, ImageUnavailable
-    from tests.conftest import make_settings
-
     settings = make_settings(tmp_path, images__timeout=1.0, images__cache_dir=str(tmp_path / "cache"))
     mj_id, url = _finished_image(trickling_sim)
     trickling_sim.sim.update({"trickle": 1.0})

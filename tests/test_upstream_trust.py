@@ -18,8 +18,9 @@ import pytest
 
 from mjctl.httpserver import ServerThread
 from mjctl.sim.png import make_png
+from tests.books import assert_books, balance, ledger_total
 from tests.helpers import wait_until
-from tests.relay_fixtures import SIM_SECRET, assert_books_balance, balance, ledger_total, start_relay
+from tests.relay_helpers import SIM_SECRET, start_relay
 
 PNG = make_png("internal-store", None)
 
@@ -217,7 +218,7 @@ def test_the_channel_secret_in_a_fail_reason_is_scrubbed_everywhere(env, cli):
         assert "***" in shown.output or args[1] == "list"  # the list has no fail_reason column
     assert all(SIM_SECRET not in row.reason for row in Ledger.select())  # the refund's reason
     assert balance("alice") == 10_000
-    assert_books_balance("alice")
+    assert_books()
 
 
 @pytest.mark.parametrize("result", [{"a": 1}, ["1730000000000123"], True, 1.5, "x" * 65, "a b", "../../etc",
@@ -232,7 +233,7 @@ def test_a_result_that_is_not_a_task_id_is_a_protocol_error_and_charges_nothing(
     assert Task.select().count() == 0
     assert Reservation.select().count() == 0
     assert balance("alice") == 10_000 and ledger_total("alice") == books
-    assert_books_balance("alice")
+    assert_books()
 
 
 def test_a_numeric_result_is_taken_as_its_digits(env):
@@ -240,7 +241,7 @@ def test_a_numeric_result_is_taken_as_its_digits(env):
     answer = env.submit("imagine", {"prompt": "a fox"})
     assert answer.status_code == 200 and answer.json()["result"] == "1730000000000123"
     assert local("1730000000000123").quota == 1000
-    assert_books_balance("alice")
+    assert_books()
 
 
 # -- what a relay answer carries ---------------------------------------------------------------------------

@@ -15,8 +15,7 @@ import httpx
 import pytest
 
 from mjctl.reports import apply_report
-from tests.conftest import make_settings
-from tests.helpers import wait_until
+from tests.helpers import make_settings, wait_until
 from tests.webpage import NOW, PROMPTS, REPO, add_task, by, shot, sign_in
 
 pytest_plugins = ["tests.webfixtures"]  # the site, browser and page fixtures

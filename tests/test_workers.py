@@ -13,13 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.helpers import temp_database, wait_until
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.helpers import free_port, temp_database, wait_until
 
 
 def children_of(pid: int) -> set[int]:

@@ -6,14 +6,13 @@ from __future__ import annotations
 import pytest
 
 from mjctl import accounts
-from tests.conftest import make_settings
+from tests.helpers import free_port, make_settings
 from tests.webpage import (
     CHANNELS,
     CHROMIUM,
     CHROMIUM_ARGS,
     SCREENS,
     Site,
-    free_port,
     open_tab,
     playwright_or_skip,
     seed,

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -83,12 +82,6 @@ class Site:
         if stopped_check is not None:
             stopped_check()
         self.server = ServerThread(self.app, port=port, threads=4).start()
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def add_task(user: int, mj_id: str, *, channel: int = 1, age: int = 0, **fields) -> Task:

@@ -1,11 +1,11 @@
-"""A running relay for tests: the simulator on a free port, an mjctl server on another, two users and a channel."""
+"""A running relay for tests: the simulator on a free port, an mjctl server on another, two users and a channel.
+The relay_env fixture (conftest.py) is one of these over the test's store."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
 import httpx
-import pytest
 
 SIM_SECRET = "sim-secret"
 
@@ -50,48 +50,3 @@ def start_relay(settings, *, users=(("alice", 10_000), ("bob", 10_000)), **sim_o
         _, tokens[name] = accounts.create_user(name, quota=quota)
     server = ServerThread(make_bridge(settings)).start()
     return Relay(settings=settings, sim=sim, server=server, channel=channel, tokens=tokens)
-
-
-@pytest.fixture
-def relay_env(store):
-    env = start_relay(store)
-    yield env
-    env.server.stop()
-    env.sim.stop()
-
-
-def closed_port_url() -> str:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    return f"http://127.0.0.1:{port}"
-
-
-def balance(name: str) -> int:
-    from mjctl.models import User
-
-    return User.get(User.name == name).quota
-
-
-def ledger_total(name: str) -> tuple[int, int]:
-    """(number of ledger rows, sum of their amounts) of a user."""
-    from mjctl.models import Ledger, User
-
-    uid = User.get(User.name == name).id
-    rows = list(Ledger.select().where(Ledger.user_id == uid))
-    return len(rows), sum(r.amount for r in rows)
-
-
-def assert_books_balance(name: str) -> None:
-    """The ledger explains the balance, and charges minus refunds is used_quota."""
-    from mjctl.models import Ledger, User
-
-    user = User.get(User.name == name)
-    rows = list(Ledger.select().where(Ledger.user_id == user.id))
-    assert user.quota >= 0
-    assert sum(r.amount for r in rows) == user.quota
-    charged = -sum(r.amount for r in rows if r.kind == "charge")
-    refunded = sum(r.amount for r in rows if r.kind == "refund")
-    assert charged - refunded == user.used_quota
