@@ -64,6 +64,7 @@ def _round(settings, sim, pollers: int):
     return sim.sim.stats()["list-by-condition"] - before, expected, summaries
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["sqlite", "postgres", "mysql"])
 def test_three_pollers_share_each_round_and_an_expired_claim_is_polled_again(kind, tmp_path):
     from mjctl import accounts

@@ -145,6 +145,7 @@ def test_batches_refunding_users_in_opposite_orders_do_not_deadlock(kind, tmp_pa
         assert book_problems() == []
 
 
+@pytest.mark.slow
 def test_kill_9_of_the_poll_loop_twenty_times_loses_and_duplicates_nothing(tmp_path):
     from mjctl import accounts
     from mjctl.db import open_store

@@ -53,6 +53,7 @@ def db_url(request, tmp_path):
         yield url
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_workers_share_the_port_survive_a_killed_worker_and_stop_together(tmp_path, db_url, sig):
     port = free_port()
