@@ -3,8 +3,12 @@ Plain functions the tests share are in tests/helpers.py, tests/books.py and test
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import shutil
+import sqlite3
+from pathlib import Path
 
 import pytest
 
@@ -12,11 +16,15 @@ from tests.helpers import make_settings, temp_database
 from tests.relay_helpers import start_relay
 
 
-@pytest.fixture(autouse=True)
-def isolated(tmp_path, monkeypatch):
+def _without_mjctl_settings(monkeypatch) -> None:
     for name in list(os.environ):
         if name.startswith("MJCTL_") and not name.startswith("MJCTL_TEST_"):
             monkeypatch.delenv(name)
+
+
+@pytest.fixture(autouse=True)
+def isolated(tmp_path, monkeypatch):
+    _without_mjctl_settings(monkeypatch)
     monkeypatch.setenv("NO_COLOR", "1")
     monkeypatch.chdir(tmp_path)
     loggers = [logging.getLogger(), logging.getLogger("mjctl")]
@@ -35,25 +43,59 @@ def settings(tmp_path):
     return make_settings(tmp_path)
 
 
-@pytest.fixture
-def store(settings):
-    """A migrated SQLite store bound to the models; yields its settings."""
+@pytest.fixture(scope="session")
+def migrated_sqlite(tmp_path_factory) -> Path:
+    """A SQLite file with every migration applied, made once a session. A test's store starts as a copy of
+    it: copying takes a millisecond, migrating a new file tens of them."""
     from mjctl.db import open_store, unbind
 
-    open_store(settings)
-    yield settings
+    folder = tmp_path_factory.mktemp("migrated")
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        _without_mjctl_settings(monkeypatch)
+        open_store(make_settings(folder))
+    unbind()
+    path = folder / "mjctl.db"
+    with contextlib.closing(sqlite3.connect(path)) as conn:  # everything in the main file, for a plain copy
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    return path
+
+
+def _open_store(settings, template: Path):
+    """open_store(settings); a SQLite file that does not exist yet starts as a copy of the migrated template."""
+    from mjctl.db import open_store
+
+    url = settings.database_url()
+    path = Path(url[len("sqlite:///"):]) if url.startswith("sqlite:///") else None
+    if path is not None and not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(template, path)
+    open_store(settings)  # brings the copy up to date: nothing left to migrate
+    return settings
+
+
+@pytest.fixture
+def new_store(migrated_sqlite):
+    """open_store for a test's own settings (new_store(make_settings(tmp_path, ...))); returns the settings.
+    The isolated fixture unbinds the store after the test."""
+    return lambda settings: _open_store(settings, migrated_sqlite)
+
+
+@pytest.fixture
+def store(settings, migrated_sqlite):
+    """A migrated SQLite store bound to the models; yields its settings."""
+    from mjctl.db import unbind
+
+    yield _open_store(settings, migrated_sqlite)
     unbind()
 
 
 @pytest.fixture(params=["sqlite", "postgres", "mysql"])
-def any_store(request, tmp_path):
+def any_store(request, tmp_path, migrated_sqlite):
     """The same store on SQLite always, and on PostgreSQL and MariaDB when their test URLs are set."""
     from mjctl.db import open_store, unbind
 
     if request.param == "sqlite":
-        settings = make_settings(tmp_path)
-        open_store(settings)
-        yield settings
+        yield _open_store(make_settings(tmp_path), migrated_sqlite)
         unbind()
         return
     with temp_database(request.param) as url:

@@ -41,11 +41,8 @@ PROMPT = {"prompt": "a red fox in the snow"}
 
 
 @pytest.fixture
-def env(tmp_path):
-    from mjctl.db import open_store
-
-    settings = make_settings(tmp_path, **LIMITS)
-    open_store(settings)
+def env(tmp_path, new_store):
+    settings = new_store(make_settings(tmp_path, **LIMITS))
     relay = start_relay(settings, users=tuple((name, 10_000) for name in USERS), threads=32)
     host, port = relay.url.removeprefix("http://").rsplit(":", 1)
     try:

@@ -21,14 +21,12 @@ from tests.webpage import (
 
 
 @pytest.fixture
-def site(tmp_path):
+def site(tmp_path, new_store):
     from mjctl.channels import add_channel
-    from mjctl.db import open_store
     from mjctl.httpserver import ServerThread
     from mjctl.server import create_app
 
-    settings = make_settings(tmp_path, images__forward=False)
-    open_store(settings)
+    settings = new_store(make_settings(tmp_path, images__forward=False))
     tokens, users = {}, {}
     for name, role in (("alice", "user"), ("bob", "user"), ("carol", "user"), ("admin", "admin")):
         user, tokens[name] = accounts.create_user(name, role=role, quota=100_000)
