@@ -16,7 +16,7 @@ import pytest
 
 from mjctl.reports import apply_report
 from tests.helpers import make_settings, wait_until
-from tests.webpage import NOW, PROMPTS, REPO, add_task, by, shot, sign_in
+from tests.webpage import NOW, PROMPTS, REFRESH_MS, REPO, add_task, by, shot, sign_in, stop_the_clock
 
 pytest_plugins = ["tests.webfixtures"]  # the site, browser and page fixtures
 
@@ -208,6 +208,7 @@ def test_a_running_task_progresses_to_its_thumbnail_without_reloading(page, site
     add_task(site.users["carol"], "live-1", prompt="a slow sunrise", status="SUBMITTED", progress="0%")
     requests: list[str] = []
     page.on("request", lambda r: requests.append(r.url) if "/api/mj/" in r.url else None)
+    stop_the_clock(page)
     sign_in(page, site.tokens["carol"])
     row = page.locator('[data-testid="task-row"][data-mj-id="live-1"]')
     expect(row.get_by_test_id("progress-label")).to_have_text("0%")
@@ -217,12 +218,14 @@ def test_a_running_task_progresses_to_its_thumbnail_without_reloading(page, site
 
     for progress in ("12%", "57%", "88%"):
         apply_report(1, {"id": "live-1", "status": "IN_PROGRESS", "progress": progress})
+        page.clock.run_for(REFRESH_MS)
         expect(row.get_by_test_id("progress-label")).to_have_text(progress)
         expect(row.get_by_test_id("status")).to_have_text("IN_PROGRESS")
     width = row.locator(".bar").evaluate("b => b.style.width")
     assert width == "88%"
     apply_report(1, {"id": "live-1", "status": "SUCCESS", "progress": "100%", "imageUrl": site.image("live-1"),
                      "finishTime": int(time.time() * 1000)})
+    page.clock.run_for(REFRESH_MS)
     expect(row.get_by_test_id("status")).to_have_text("SUCCESS")
     expect(row.get_by_test_id("progress-label")).to_have_text("100%")
     thumb = row.get_by_test_id("thumbnail")
@@ -232,10 +235,13 @@ def test_a_running_task_progresses_to_its_thumbnail_without_reloading(page, site
     assert page.evaluate("performance.getEntriesByType('navigation').length") == navigations  # no reload
     expect(by(page, "live")).to_be_hidden()
 
-    # nothing unfinished is shown: the page stops asking
+    # nothing unfinished is shown: a minute passes and the page does not ask again. The Refresh button's
+    # request comes after any the page would have made on its own.
     settled = len(requests)
-    page.wait_for_timeout(4000)
-    assert len(requests) == settled
+    page.clock.run_for(60_000)
+    with page.expect_request(lambda r: "/api/mj/" in r.url):
+        by(page, "refresh").click()
+    assert len(requests) == settled + 1
 
     thumb.click()
     expect(by(page, "lightbox")).to_be_visible()
@@ -291,17 +297,20 @@ def test_survives_a_server_restart(page, site):
     from playwright.sync_api import expect
 
     add_task(site.users["carol"], "restart-1", prompt="keeps running", status="IN_PROGRESS", progress="30%")
+    stop_the_clock(page)
     sign_in(page, site.tokens["carol"])
     row = page.locator('[data-testid="task-row"][data-mj-id="restart-1"]')
     expect(row.get_by_test_id("progress-label")).to_have_text("30%")
 
     def the_page_notices():
+        page.clock.run_for(REFRESH_MS)
         expect(by(page, "message")).to_contain_text("Cannot reach the mjctl server")
         expect(by(page, "message")).to_have_attribute("data-kind", "error")
         shot(page, "server-down")
 
     site.restart(stopped_check=the_page_notices)
     apply_report(1, {"id": "restart-1", "status": "IN_PROGRESS", "progress": "70%"})
+    page.clock.run_for(REFRESH_MS)
     expect(by(page, "message")).to_be_hidden()
     expect(row.get_by_test_id("progress-label")).to_have_text("70%")
     expect(by(page, "tasks")).to_be_visible()

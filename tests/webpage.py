@@ -26,6 +26,7 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networki
                  "--disable-sync", "--no-first-run"]
 REPO = Path(__file__).resolve().parent.parent
 OUTPUT = REPO / "test-output"
+REFRESH_MS = 3000  # app.js refreshes a page showing unfinished tasks this often
 NOW = int(time.time()) - 60  # seeded submit times count back from here; date filters use the same base
 #: Where .ci/run installs axe-core (npm install --prefix .cache/npm); $MJCTL_TEST_AXE_JS names another copy.
 AXE_JS = Path(os.environ.get("MJCTL_TEST_AXE_JS") or REPO / ".cache/npm/node_modules/axe-core/axe.min.js")
@@ -140,6 +141,13 @@ def by(page, testid: str):
 
 def row(page, mj_id: str):
     return page.locator(f'[data-testid="task-row"][data-mj-id="{mj_id}"]')
+
+
+def stop_the_clock(page) -> None:
+    """Stop the page's clock before it loads: its refresh timer then fires only when the test runs the
+    clock on (page.clock.run_for), and each refresh is awaited by what the test expects to see next."""
+    page.clock.install()
+    page.clock.pause_at(time.time() + 1)
 
 
 def sign_in(page, token: str, path: str = "/") -> None:
