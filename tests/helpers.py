@@ -14,6 +14,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from urllib.parse import urlparse, urlunparse
 
+import httpx
 import pytest
 
 POSTGRES_ENV = "MJCTL_TEST_POSTGRES_URL"
@@ -42,6 +43,15 @@ def free_port() -> int:
 def closed_port_url() -> str:
     """The URL of a port nothing listens on: connecting to it is refused at once."""
     return f"http://127.0.0.1:{free_port()}"
+
+
+def app_client(app, base_url: str = "http://mjctl", **options) -> httpx.Client:
+    """An httpx client calling a WSGI app in process: no socket, no server thread, the request runs in the
+    calling thread. For tests of routes, auth, listings and answers. The server's own work (connection
+    handling, the body limit and read deadlines, the thread pools and their 429) is not on this path;
+    tests of it use a real server. base_url is the Host the app sees (a real server's URL keeps the
+    links it builds pointing at that server)."""
+    return httpx.Client(transport=httpx.WSGITransport(app=app), base_url=base_url, **options)
 
 
 def wait_until(predicate: Callable[[], object], timeout: float = 10.0, interval: float = 0.02, message: str = ""):

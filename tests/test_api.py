@@ -1,4 +1,5 @@
-"""GET /api/mj/self, GET /api/mj/ and /healthz against a real server on a free port."""
+"""GET /api/mj/self, GET /api/mj/ and /healthz: the app in process (tests/helpers.py app_client). The same
+routes through a real server are in test_hostile_clients.py, test_remote_cli.py and the browser tests."""
 
 from __future__ import annotations
 
@@ -12,11 +13,11 @@ import pytest
 from mjctl import accounts
 from mjctl.models import Task
 from mjctl.tasks import ADMIN_FIELDS, USER_FIELDS
+from tests.helpers import app_client
 
 
 @dataclass
 class Live:
-    url: str
     client: httpx.Client
     tokens: dict[str, str]
 
@@ -25,11 +26,10 @@ class Live:
         return self.client.get(path, params=params, headers=headers)
 
 
-def start_server(settings, extra=()):
-    from mjctl.httpserver import ServerThread
+def client_of(settings, extra=()) -> httpx.Client:
     from mjctl.server import create_app
 
-    return ServerThread(create_app(settings, extra=extra), threads=4).start()
+    return app_client(create_app(settings, extra=extra), timeout=10)
 
 
 def add_task(user_id: int, mj_id: str, *, channel_id: int = 1, submit_time: int = 1_700_000_000, **fields) -> Task:
@@ -46,10 +46,8 @@ def make_people() -> dict[str, str]:
 @pytest.fixture
 def live(store):
     tokens = make_people()
-    server = start_server(store)
-    with httpx.Client(base_url=server.url, timeout=10) as client:
-        yield Live(server.url, client, tokens)
-    server.stop()
+    with client_of(store) as client:
+        yield Live(client, tokens)
 
 
 def user_id(name: str) -> int:
@@ -335,12 +333,8 @@ def test_a_crash_is_a_json_500_without_a_traceback(store, caplog):
         def explode():
             raise RuntimeError("kaput")
 
-    server = start_server(store, extra=[boom])
-    try:
-        with caplog.at_level(logging.ERROR, logger="mjctl.server"):
-            response = httpx.get(server.url + "/boom")
-    finally:
-        server.stop()
+    with client_of(store, extra=[boom]) as client, caplog.at_level(logging.ERROR, logger="mjctl.server"):
+        response = client.get("/boom")
     assert response.status_code == 500
     assert response.json() == {"success": False, "message": "Internal server error."}
     assert "Traceback" not in response.text
@@ -372,18 +366,14 @@ def test_listing_on_every_database(any_store):
     alice, bob = user_id("alice"), user_id("bob")
     for i in range(25):
         add_task(alice if i % 2 else bob, f"t{i:02d}", channel_id=1 + i % 3, submit_time=1000 + i)
-    server = start_server(any_store)
-    try:
-        with httpx.Client(base_url=server.url, timeout=10) as client:
-            def get(path, who, **params):
-                return client.get(path, params=params, headers={"Authorization": f"Bearer {tokens[who]}"})
+    with client_of(any_store) as client:
+        def get(path, who, **params):
+            return client.get(path, params=params, headers={"Authorization": f"Bearer {tokens[who]}"})
 
-            mine = get("/api/mj/self", "alice", page_size=5, p=2).json()["data"]
-            assert mine["total"] == 12 and [i["mj_id"] for i in mine["items"]] == ["t13", "t11", "t09", "t07", "t05"]
-            everything = get("/api/mj/", "admin", channel_id=2, start_timestamp=1005).json()["data"]
-            assert [i["mj_id"] for i in everything["items"]] == ["t22", "t19", "t16", "t13", "t10", "t07"]
-            assert get("/api/mj/", "admin", p=2).json()["data"]["total"] == 25
-            assert get("/api/mj/", "admin", mj_id="x" * 300).status_code == 400
-            assert get("/api/mj/self", "bob", mj_id="t13").json()["data"]["items"] == []
-    finally:
-        server.stop()
+        mine = get("/api/mj/self", "alice", page_size=5, p=2).json()["data"]
+        assert mine["total"] == 12 and [i["mj_id"] for i in mine["items"]] == ["t13", "t11", "t09", "t07", "t05"]
+        everything = get("/api/mj/", "admin", channel_id=2, start_timestamp=1005).json()["data"]
+        assert [i["mj_id"] for i in everything["items"]] == ["t22", "t19", "t16", "t13", "t10", "t07"]
+        assert get("/api/mj/", "admin", p=2).json()["data"]["total"] == 25
+        assert get("/api/mj/", "admin", mj_id="x" * 300).status_code == 400
+        assert get("/api/mj/self", "bob", mj_id="t13").json()["data"]["items"] == []

@@ -8,10 +8,10 @@ import pytest
 from openapi_spec_validator import validate
 
 from mjctl import accounts
-from mjctl.httpserver import ServerThread
 from mjctl.models import Task
 from mjctl.server import create_app
 from mjctl.server.openapi import openapi_path
+from tests.helpers import app_client
 
 
 @pytest.fixture
@@ -21,7 +21,7 @@ def served(store):
     Task.create(user_id=accounts.get_user("alice").id, channel_id=1, mj_id="t1", status="SUCCESS",
                 image_url="http://up/t1.png", video_urls='["http://up/v.mp4"]', quota=1000)
     app = create_app(store)
-    with ServerThread(app, threads=4) as server, httpx.Client(base_url=server.url, timeout=10) as client:
+    with app_client(app, timeout=10) as client:
         doc = client.get("/api/openapi.json").json()
         yield app, client, doc, {"user": user_token, "admin": admin_token}
 
