@@ -1,11 +1,15 @@
 """A running relay for tests: the simulator on a free port, an mjctl server on another, two users and a channel.
-The relay_env fixture (conftest.py) is one of these over the test's store."""
+The relay_env fixture (conftest.py) is one of these over the test's store. The server is there for what
+must reach mjctl over HTTP (the simulator's pushes, tests of the server); the tests' own requests go to
+its app in process (Relay.client)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
 import httpx
+
+from tests.helpers import app_client
 
 SIM_SECRET = "sim-secret"
 
@@ -22,9 +26,20 @@ class Relay:
     def url(self) -> str:
         return self.server.url
 
-    def client(self, user: str = "alice", **headers) -> httpx.Client:
-        auth = headers or {"Authorization": f"Bearer {self.tokens[user]}"}
-        return httpx.Client(base_url=self.url, headers=auth, timeout=30)
+    def client(self, user: str | None = "alice", **headers) -> httpx.Client:
+        """A client of the relay's app in process, addressed as the running server (links the app builds
+        point at it). Authenticated as user (None: not at all), unless headers are given. The upstream is
+        still called over HTTP; only this hop skips the socket."""
+        return app_client(self.server.bridge.app, base_url=self.url, headers=self._auth(user, headers), timeout=30)
+
+    def socket_client(self, user: str | None = "alice", **headers) -> httpx.Client:
+        """The same through the running server's socket, for tests of what the server itself does."""
+        return httpx.Client(base_url=self.url, headers=self._auth(user, headers), timeout=30)
+
+    def _auth(self, user: str | None, headers: dict) -> dict:
+        if headers or user is None:
+            return headers
+        return {"Authorization": f"Bearer {self.tokens[user]}"}
 
     def submit(self, kind: str, body, user: str = "alice", prefix: str = ""):
         with self.client(user) as c:

@@ -507,7 +507,7 @@ def test_upstream_bound_work_is_capped_and_cannot_starve_the_api(env):
                 refused_fast(response, took, "too many submissions")
         assert_api_answers_fast(env, limit=0.5)
         # listings of every flavour answer while the upstream slots are full
-        with env.relay.client("carol") as carol:
+        with env.relay.socket_client("carol") as carol:
             began = time.monotonic()
             assert carol.get("/mj/task/list").status_code == 200
             assert carol.post("/mj/task/list-by-condition", json={"ids": []}).status_code == 200
@@ -569,7 +569,7 @@ def test_clients_that_do_not_read_an_image_hold_a_slot_not_the_image_and_are_dro
     from mjctl.poller import drain_prefetch, poll_once
 
     env.sim.update({"image_bytes": 16_000_000})
-    with env.relay.client("alice") as alice:
+    with env.relay.socket_client("alice") as alice:
         mj_id = alice.post("/mj/submit/imagine", json=PROMPT).json()["result"]
         wait_until(lambda: poll_once(env.relay.settings).succeeded, timeout=10, message="the task finished")
         drain_prefetch(env.relay.settings, 30)

@@ -45,7 +45,7 @@ def test_signed_pushes_apply_monotonically_and_finished_tasks_stay_finished(rela
     env = relay_env
     task = local_task(env)
     url = hook(env)
-    with httpx.Client() as c:
+    with env.client(None) as c:
         def push(**fields):
             response = c.post(url, json=report(**fields))
             assert response.status_code == 200, response.text
@@ -73,7 +73,7 @@ def test_a_failure_push_refunds_exactly_once(relay_env):
     env = relay_env
     task = local_task(env)
     url = hook(env)
-    with httpx.Client() as c:
+    with env.client(None) as c:
         for _ in range(3):
             assert c.post(url, json=report(status="FAILURE", progress="", failReason="banned")).status_code == 200
     failed = current(task)
@@ -87,7 +87,7 @@ def test_unsigned_or_wrongly_signed_pushes_are_refused(relay_env):
     task = local_task(env)
     good = hook(env)
     other_channel = hook(env, env.channel.id + 1).split("?")[1]
-    with httpx.Client(base_url=env.url) as c:
+    with env.client(None) as c:
         for path in (f"/mj/notify/{env.channel.id}", f"/mj/notify/{env.channel.id}?sig=",
                      f"/mj/notify/{env.channel.id}?sig=AAAAAAAAAAAAAAAAAAAAAAAA",
                      f"/mj/notify/{env.channel.id}?{other_channel}"):
@@ -100,7 +100,7 @@ def test_unsigned_or_wrongly_signed_pushes_are_refused(relay_env):
 def test_unknown_tasks_and_bad_bodies(relay_env):
     env = relay_env
     url = hook(env)
-    with httpx.Client() as c:
+    with env.client(None) as c:
         unknown = c.post(url, json=report("999", status="SUCCESS"))
         assert unknown.status_code == 200 and "unknown task" in unknown.json()["description"]
         assert c.post(url, content=b"{oops", headers={"Content-Type": "application/json"}).status_code == 400

@@ -252,7 +252,7 @@ def test_authentication_headers(relay_env):
     with env.client(**{"mj-api-secret": "nope"}) as c:
         response = c.post("/mj/submit/imagine", json={"prompt": "x"})
         assert response.status_code == 401 and response.json()["code"] == 4
-    with httpx.Client(base_url=env.url) as c:
+    with env.client(None) as c:
         assert c.get("/mj/task/list").status_code == 401
     accounts.set_user("alice", enabled=False)
     response = env.submit("imagine", {"prompt": "x"})
@@ -370,7 +370,7 @@ def test_a_midjourney_proxy_client_written_from_upstream_md(relay_env):
     """Only what docs/upstream.md says: mj-api-secret, submit imagine, poll fetch until a terminal status."""
     env = relay_env
     env.push_here()  # the simulator's notifyHook pushes keep mjctl's copy of the task current
-    with httpx.Client(base_url=env.url, headers={"mj-api-secret": env.tokens["alice"]}, timeout=10) as mj:
+    with env.client(**{"mj-api-secret": env.tokens["alice"]}) as mj:
         submitted = mj.post("/mj/submit/imagine", json={"prompt": "a lighthouse at dusk", "state": "s1"}).json()
         assert submitted["code"] in (1, 22)
         task_id = submitted["result"]
@@ -390,7 +390,7 @@ def test_a_midjourney_proxy_client_written_from_upstream_md(relay_env):
 
 
 def test_openapi_documents_the_relay(relay_env):
-    with httpx.Client(base_url=relay_env.url) as c:
+    with relay_env.client(None) as c:
         paths = c.get("/api/openapi.json").json()["paths"]
     for prefix in ("", "/mj-fast", "/mj-relax", "/mj-turbo"):
         for path in ("/mj/submit/{kind}", "/mj/task/{mj_id}/fetch", "/mj/task/list-by-condition", "/mj/task/list",

@@ -63,7 +63,8 @@ def local_path(url: str) -> str:
 
 def get(env, path: str, token: str | None = None, **params) -> httpx.Response:
     headers = {"Authorization": f"Bearer {token}"} if token else {}
-    return httpx.get(env.url + path, params=params or None, headers=headers, timeout=30)
+    with env.client(None) as client:
+        return client.get(path, params=params or None, headers=headers)
 
 
 def task_link(settings, task: Task) -> str:

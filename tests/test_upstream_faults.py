@@ -263,7 +263,7 @@ def test_a_hanging_image_upstream_is_a_502_within_the_timeout(store, tmp_path):
         mj_id, url = _finished_image(env.sim)
         _add_task(mj_id, url)
         env.sim.sim.update({"hang": 1.0, "hang_seconds": 30})
-        with httpx.Client(base_url=env.url, timeout=30) as c:
+        with env.client(None) as c:
             answer, took = timed(lambda: c.get(f"/mj/image/{mj_id}", params={"sig": _sig(store, mj_id)}))
         assert answer.status_code == 502 and answer.json()["success"] is False
         assert took <= 1.0 + SLACK
@@ -309,7 +309,7 @@ def test_a_failing_cache_disk_is_one_log_line_and_the_image_is_still_served(stor
         _add_task(mj_id, url)
         caplog.set_level(logging.INFO)
         caplog.clear()
-        with httpx.Client(base_url=env.url, timeout=30) as c:
+        with env.client(None) as c:
             answer = c.get(f"/mj/image/{mj_id}", params={"sig": _sig(store, mj_id)})
             assert answer.status_code == 200
             assert answer.content == expected and answer.headers["X-Cache"] == "MISS"

@@ -96,7 +96,8 @@ def image_of(env, mj_id: str, user: str = "alice") -> httpx.Response:
         link = c.get(f"/mj/task/{mj_id}/fetch").json()["imageUrl"]
     path = httpx.URL(link).raw_path.decode()  # public_url is not set: the link names the default port
     assert path.startswith("/mj/image/")
-    return httpx.get(env.url + path, timeout=30)
+    with env.client(None) as c:
+        return c.get(path)
 
 
 def refusals(caplog) -> list[str]:
