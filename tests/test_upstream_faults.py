@@ -21,7 +21,8 @@ from tests.books import assert_books, balance, ledger_total
 from tests.helpers import make_settings, temp_database, wait_until
 from tests.relay_helpers import SIM_SECRET, start_relay
 
-DEADLINE = 1.5
+DEADLINE = 0.6  # the client's deadline under test; the default [poller] request_timeout is 15 s
+RELAY_DEADLINE = 1.5  # the relay's: it starts no upstream call with less than a second left
 SLACK = 1.0  # what the test allows past a deadline: scheduling, the last chunk, the JSON answer
 
 
@@ -47,9 +48,10 @@ def timed(fn):
 
 @pytest.mark.parametrize("call", ["submit", "fetch", "list_by_condition", "image_seed", "probe"])
 def test_every_client_call_ends_at_its_deadline_when_the_upstream_trickles(trickling_sim, call):
+    with UpstreamClient(trickling_sim.url, SIM_SECRET) as setup:
+        task_id = setup.submit("imagine", {"prompt": "a fox"}).task_id  # a task: answers worth trickling
+    trickling_sim.sim.update({"trickle": 1.0})
     with UpstreamClient(trickling_sim.url, SIM_SECRET, timeout=DEADLINE) as client:
-        task_id = client.submit("imagine", {"prompt": "a fox"}).task_id  # a task: answers worth trickling
-        trickling_sim.sim.update({"trickle": 1.0})
         calls = {
             "submit": lambda: client.submit("imagine", {"prompt": "a slow fox"}),
             "fetch": lambda: client.fetch(task_id),
@@ -64,7 +66,7 @@ def test_every_client_call_ends_at_its_deadline_when_the_upstream_trickles(trick
         assert outcome.reachable is False and "within" in outcome.message
     else:
         assert isinstance(outcome, UpstreamUnavailable), outcome
-        assert "no complete answer within 1.5 s" in outcome.message
+        assert f"no complete answer within {DEADLINE:g} s" in outcome.message
     assert DEADLINE - 0.1 <= took <= DEADLINE + SLACK
 
 
@@ -87,7 +89,7 @@ def test_a_trickle_that_ends_within_the_deadline_is_a_normal_answer(trickling_si
 
 @pytest.fixture
 def short_relay(store):
-    store.poller = replace(store.poller, request_timeout=DEADLINE)
+    store.poller = replace(store.poller, request_timeout=RELAY_DEADLINE)
     env = start_relay(store, users=(("alice", 1000),))
     env.sim.sim.update({"trickle_seconds": 0.3})
     yield env
@@ -107,7 +109,7 @@ def test_a_trickling_upstream_costs_nothing_and_holds_the_quota_until_it_is_cut(
     wait_until(lambda: Reservation.select().count() == 1, message="the first submission holds the quota")
     reservation = Reservation.get()
     # The reservation outlives the call it covers, by the slack, whatever the upstream does.
-    assert reservation.expires_at >= time.time() + DEADLINE + 30
+    assert reservation.expires_at >= time.time() + RELAY_DEADLINE + 30
     # Meanwhile the same user cannot spend the held quota a second time (refused before any upstream call).
     second = env.submit("imagine", {"prompt": "second"})
     assert second.status_code == 403 and second.json()["code"] == 4
@@ -115,7 +117,7 @@ def test_a_trickling_upstream_costs_nothing_and_holds_the_quota_until_it_is_cut(
     took = time.monotonic() - began
     answer = first["r"]
     assert answer.status_code == 503 and answer.json()["code"] == 9
-    assert took <= DEADLINE + SLACK + 1
+    assert took <= RELAY_DEADLINE + SLACK + 1
     # Not charged, no task, nothing held: the books are as before.
     assert balance("alice") == 1000 and ledger_total("alice") == (1, 1000)
     assert Task.select().count() == 0 and Reservation.select().count() == 0
@@ -141,6 +143,8 @@ def test_the_reservation_lifetime_covers_every_channel_deadline(store):
 
 # -- a locked database ------------------------------------------------------------------------------------
 
+BUSY_TIMEOUT = 1.0  # [database] busy_timeout: how long a write waits for the lock (5 s by default)
+
 LOCKER = """
 import sqlite3, sys
 conn = sqlite3.connect(sys.argv[1], isolation_level=None)
@@ -151,9 +155,10 @@ sys.stdin.read()
 """
 
 
-def test_a_locked_sqlite_file_answers_503_within_seconds_and_changes_nothing(store, tmp_path):
+def test_a_locked_sqlite_file_answers_503_within_seconds_and_changes_nothing(tmp_path, new_store):
     from mjctl.models import Ledger, Reservation, Task
 
+    store = new_store(make_settings(tmp_path, database__busy_timeout=BUSY_TIMEOUT))
     env = start_relay(store, users=(("alice", 5000),))
     db_path = store.database_url()[len("sqlite:///"):]
     locker = subprocess.Popen([sys.executable, "-c", LOCKER, db_path], stdin=subprocess.PIPE,
@@ -165,7 +170,7 @@ def test_a_locked_sqlite_file_answers_503_within_seconds_and_changes_nothing(sto
             assert answer.status_code == 503, answer.text
             assert answer.json() == {"code": 9, "description": "the database is busy; try again shortly",
                                      "result": None, "properties": {}}
-            assert took < 6.5
+            assert took < BUSY_TIMEOUT + 1.5
             # Readers are not blocked by a writer in WAL mode: listings still answer, at once.
             listing, took = timed(lambda: c.get("/mj/task/list"))
             assert listing.status_code == 200 and listing.json() == [] and took < 1.5
