@@ -15,16 +15,16 @@ import httpx
 import pytest
 
 from mjctl.reports import apply_report
-from tests.helpers import make_settings, wait_until
+from tests.helpers import app_client, make_settings, wait_until
 from tests.webpage import NOW, PROMPTS, REFRESH_MS, REPO, add_task, by, shot, sign_in, stop_the_clock
 
 pytest_plugins = ["tests.webfixtures"]  # the site, browser and page fixtures
 
-# --- the static files, over plain HTTP ---------------------------------------------------------------
+# --- the static files: the app in process, and the paths that try to leave the folder over the socket ----
 
 
 def test_serves_the_page_and_its_files_with_their_types(site):
-    with httpx.Client(base_url=site.url) as client:
+    with app_client(site.app, base_url=site.url) as client:
         page = client.get("/")
         assert page.status_code == 200
         assert page.headers["content-type"].startswith("text/html")
@@ -48,13 +48,12 @@ def test_serves_only_its_own_files(site, path):
 
 def test_the_page_needs_no_database(tmp_path):
     """The page loads (and can say the server is unhappy) even when the store is down."""
-    from mjctl.httpserver import ServerThread
     from mjctl.server import create_app
 
     settings = make_settings(tmp_path, database__url="sqlite:////nonexistent/dir/x.db")
-    with ServerThread(create_app(settings), threads=2) as server:
-        assert httpx.get(server.url + "/").status_code == 200
-        assert httpx.get(server.url + "/static/app.js").status_code == 200
+    with app_client(create_app(settings)) as client:
+        assert client.get("/").status_code == 200
+        assert client.get("/static/app.js").status_code == 200
 
 
 # --- in the browser ----------------------------------------------------------------------------------
