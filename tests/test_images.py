@@ -93,8 +93,11 @@ class Live:
                            unfinished=0 if status == "SUCCESS" else 1)
 
 
-def make_live(tmp_path, new_store, **overrides):
-    settings = new_store(make_settings(tmp_path, **overrides))
+def make_live(tmp_path, **overrides):
+    settings = make_settings(tmp_path, **overrides)
+    from mjctl.db import open_store
+
+    open_store(settings)
     tokens, users = {}, {}
     for name, role in (("alice", "user"), ("bob", "user"), ("admin", "admin")):
         if accounts.User.get_or_none(accounts.User.name == name) is None:
@@ -107,8 +110,8 @@ def make_live(tmp_path, new_store, **overrides):
 
 
 @pytest.fixture
-def live(tmp_path, new_store):
-    server, handle = make_live(tmp_path, new_store)
+def live(tmp_path):
+    server, handle = make_live(tmp_path)
     yield handle
     handle.http.close()
     server.stop()
@@ -330,8 +333,8 @@ def test_access_rules(live, sim):
     assert denied.status_code == 403 and denied.json() == {"success": False, "message": "This user is disabled."}
 
 
-def test_sign_false_makes_images_public(tmp_path, new_store, sim):
-    server, live = make_live(tmp_path, new_store, images__sign=False)
+def test_sign_false_makes_images_public(tmp_path, sim):
+    server, live = make_live(tmp_path, images__sign=False)
     try:
         task_id, url = finished_image_url(sim)
         live.add_task(task_id, url)
@@ -352,8 +355,8 @@ def test_sign_false_makes_images_public(tmp_path, new_store, sim):
     ("/unsized-big", "larger than the limit"),
     ("/slow", "within 0.5 s"),
 ])
-def test_upstream_failures_are_502_json_and_cache_nothing(tmp_path, new_store, fake, path, words):
-    server, live = make_live(tmp_path, new_store, images__max_bytes=300_000, images__timeout=0.5)
+def test_upstream_failures_are_502_json_and_cache_nothing(tmp_path, fake, path, words):
+    server, live = make_live(tmp_path, images__max_bytes=300_000, images__timeout=0.5)
     try:
         live.add_task("1700000000000002", fake.url + path)
         answer = live.image("1700000000000002")
