@@ -11,7 +11,7 @@ from playwright.sync_api import expect
 
 from mjctl.models import Task
 from tests.helpers import wait_until
-from tests.webpage import axe_violations, by, require_axe, row, shot, sign_in
+from tests.webpage import axe_violations, by, refresh_once, require_axe, row, shot, sign_in, stop_the_clock
 
 pytest_plugins = ["tests.webfixtures"]  # site, browser, screen_page
 pytestmark = pytest.mark.browser
@@ -110,6 +110,7 @@ def test_the_lightbox_is_a_modal_dialog_that_keeps_and_returns_the_focus(screen_
     # a running task keeps the page refreshing (and rebuilding its rows) while the dialog is open
     Task.create(user_id=site.users["alice"], channel_id=1, mj_id="running-1", prompt="still going",
                 status="IN_PROGRESS", progress="20%", submit_time=int(time.time()) - 20)
+    stop_the_clock(page)
     sign_in(page, site.tokens["alice"])
     task = row(page, "1750000002")
     thumbnail = task.get_by_test_id("thumbnail")
@@ -130,9 +131,7 @@ def test_the_lightbox_is_a_modal_dialog_that_keeps_and_returns_the_focus(screen_
     if page.screen == "desktop":
         shot(page, "lightbox")
 
-    listings = "performance.getEntriesByType('resource').filter(e => e.name.includes('/api/mj/')).length"
-    seen = page.evaluate(listings)
-    wait_until(lambda: page.evaluate(listings) > seen, timeout=10, message="a refresh behind the dialog")
+    refresh_once(page)  # behind the dialog
     page.keyboard.press("Escape")
     expect(dialog).to_be_hidden()
     expect(thumbnail).to_be_focused()  # the same task's thumbnail, even after the rows were rebuilt
@@ -212,11 +211,10 @@ def test_a_live_refresh_keeps_the_keyboard_focus(screen_page, site):
     page = screen_page
     Task.create(user_id=site.users["alice"], channel_id=1, mj_id="running-1", prompt="still going",
                 status="IN_PROGRESS", progress="20%", submit_time=int(time.time()) - 20)
+    stop_the_clock(page)
     sign_in(page, site.tokens["alice"])
     copy = row(page, "1750000003").get_by_test_id("copy-id")
     copy.focus()
-    listings = "performance.getEntriesByType('resource').filter(e => e.name.includes('/api/mj/')).length"
-    seen = page.evaluate(listings)
-    wait_until(lambda: page.evaluate(listings) > seen, timeout=10, message="a live refresh")
+    refresh_once(page)
     expect(row(page, "running-1").get_by_test_id("progress-label")).to_have_text("20%")
     expect(copy).to_be_focused()  # the rebuilt row's button, not the page's body

@@ -18,8 +18,7 @@ from playwright.sync_api import expect
 from mjctl import accounts
 from mjctl.models import Task
 from mjctl.reports import apply_report
-from tests.helpers import wait_until
-from tests.webpage import PROMPTS, by, row, shot, sign_in
+from tests.webpage import COPIED_MS, PROMPTS, SUGGEST_MS, by, refresh_once, row, shot, sign_in, stop_the_clock
 
 pytest_plugins = ["tests.webfixtures"]  # site, browser, screen_page
 pytestmark = pytest.mark.browser
@@ -97,6 +96,7 @@ def test_phones_get_a_card_per_task_and_folded_filters(screen_page, site):
 def test_admins_see_and_filter_by_user_and_channel_names(screen_page, site):
     page = screen_page
     carol_task(site, "running-1", prompt="keeps the page refreshing", status="IN_PROGRESS", progress="5%")
+    stop_the_clock(page)
     sign_in(page, site.tokens["admin"])
     expect(by(page, "page-info")).to_have_text("Page 1 of 2 · 29 tasks")
     expect(row(page, "bob-0").get_by_test_id("user")).to_have_text("bob")
@@ -109,12 +109,11 @@ def test_admins_see_and_filter_by_user_and_channel_names(screen_page, site):
 
     user = by(page, "filter-user")
     user.fill("bo")  # suggestions come from the names on the server
+    page.clock.run_for(SUGGEST_MS)
     expect(by(page, "user-suggestions").locator("option")).to_have_count(1)
     assert by(page, "user-suggestions").locator("option").get_attribute("value") == "bob"
     by(page, "filter-status").focus()  # typed, not applied: a live refresh leaves it alone
-    refreshes = "performance.getEntriesByType('resource').filter(e => e.name.includes('/api/mj/')).length"
-    seen = page.evaluate(refreshes)
-    wait_until(lambda: page.evaluate(refreshes) > seen, timeout=10, message="a live refresh")
+    refresh_once(page)
     expect(by(page, "page-info")).to_have_text("Page 1 of 2 · 29 tasks")
     expect(user).to_have_value("bo")
     user.fill("bob")
@@ -136,8 +135,7 @@ def test_admins_see_and_filter_by_user_and_channel_names(screen_page, site):
     expect(by(page, "user-error")).to_have_text('No user is named "nobody".')
     expect(user).to_have_attribute("aria-invalid", "true")
     expect(user).to_be_focused()
-    seen = page.evaluate(refreshes)
-    wait_until(lambda: page.evaluate(refreshes) > seen, timeout=10, message="a live refresh")
+    refresh_once(page)
     expect(by(page, "user-error")).to_be_visible()  # it stays until the field changes
     expect(by(page, "page-info")).to_have_text("Page 1 of 2 · 26 tasks")  # the list stays as it was
     user.fill("")
@@ -171,6 +169,7 @@ def test_durations_count_from_submission_and_never_jump_back(screen_page, site):
                start_time=submitted - 300, finish_time=submitted - 180)
     carol_task(site, "quick-1", prompt="quick", status="SUCCESS", progress="100%", submit_time=submitted - 100,
                start_time=submitted - 95, finish_time=submitted - 40)
+    stop_the_clock(page)
     sign_in(page, site.tokens["carol"])
     queued = row(page, "queued-1")
     expect(queued.get_by_test_id("duration")).to_have_text(re.compile(r"^1m \d\ds$"))
@@ -179,6 +178,7 @@ def test_durations_count_from_submission_and_never_jump_back(screen_page, site):
 
     started = int(time.time() * 1000)
     apply_report(1, {"id": "queued-1", "status": "IN_PROGRESS", "progress": "10%", "startTime": started})
+    refresh_once(page)
     expect(queued.get_by_test_id("status")).to_have_text("IN_PROGRESS")
     assert seconds_of(queued.get_by_test_id("duration").inner_text()) >= 69  # still from submission
     expect(queued.get_by_test_id("duration-cell")).to_have_attribute(
@@ -186,6 +186,7 @@ def test_durations_count_from_submission_and_never_jump_back(screen_page, site):
 
     finish = submitted + 100
     apply_report(1, {"id": "queued-1", "status": "SUCCESS", "progress": "100%", "finishTime": finish * 1000})
+    refresh_once(page)
     expect(queued.get_by_test_id("status")).to_have_text("SUCCESS")
     expect(queued.get_by_test_id("duration")).to_have_text("1m 40s")  # finish - submit
     expect(queued.get_by_test_id("duration-cell")).to_have_attribute("title",
@@ -284,6 +285,7 @@ def test_filters_and_page_live_in_the_address(screen_page, site):
 def test_copy_a_task_id(screen_page, site):
     page = screen_page
     page.context.grant_permissions(["clipboard-read", "clipboard-write"], origin=site.url)
+    stop_the_clock(page)
     sign_in(page, site.tokens["alice"])
     button = row(page, "1750000004").get_by_test_id("copy-id")
     expect(button).to_have_accessible_name("Copy task id 1750000004")
@@ -291,6 +293,7 @@ def test_copy_a_task_id(screen_page, site):
     expect(by(page, "announce")).to_have_text("Copied task id 1750000004")
     expect(button).to_have_text("Copied")
     assert page.evaluate("navigator.clipboard.readText()") == "1750000004"
+    page.clock.run_for(COPIED_MS)
     expect(button).to_have_text("Copy")
 
 

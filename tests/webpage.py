@@ -27,6 +27,8 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networki
 REPO = Path(__file__).resolve().parent.parent
 OUTPUT = REPO / "test-output"
 REFRESH_MS = 3000  # app.js refreshes a page showing unfinished tasks this often
+SUGGEST_MS = 200  # and asks for user names this long after typing in the user filter stops
+COPIED_MS = 1500  # and says "Copied" on a copy button this long
 NOW = int(time.time()) - 60  # seeded submit times count back from here; date filters use the same base
 #: Where .ci/run installs axe-core (npm install --prefix .cache/npm); $MJCTL_TEST_AXE_JS names another copy.
 AXE_JS = Path(os.environ.get("MJCTL_TEST_AXE_JS") or REPO / ".cache/npm/node_modules/axe-core/axe.min.js")
@@ -144,10 +146,17 @@ def row(page, mj_id: str):
 
 
 def stop_the_clock(page) -> None:
-    """Stop the page's clock before it loads: its refresh timer then fires only when the test runs the
-    clock on (page.clock.run_for), and each refresh is awaited by what the test expects to see next."""
+    """Stop the page's clock before it loads: its timers then fire only when the test runs the clock on
+    (page.clock.run_for, refresh_once). The clock's performance object has no entries: a test that
+    needs to see requests listens for them."""
     page.clock.install()
     page.clock.pause_at(time.time() + 1)
+
+
+def refresh_once(page) -> None:
+    """Run the stopped clock on to the page's next refresh and wait for the listing it asks for."""
+    with page.expect_response(lambda response: "/api/mj/" in response.url):
+        page.clock.run_for(REFRESH_MS)
 
 
 def sign_in(page, token: str, path: str = "/") -> None:
