@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 
@@ -170,9 +171,9 @@ def test_listing_items_are_the_one_item_shape(any_store):
               submit_time=1_700_000_000, start_time=1_700_000_001, finish_time=1_700_000_002, quota=7)
     make_task(alice, mj_id="no-image", prompt="ünïcode", fail_reason="boom", status="FAILURE")
 
-    def forwarded(task):
-        return f"https://mjctl/{task.mj_id}"
+    from mjctl.images.urls import ResultLinks
 
+    forwarded = ResultLinks("https://mjctl", b"secret")
     page = list_tasks(TaskFilter(user_id=alice.id))
     for admin in (False, True):
         for image_url in (None, forwarded):
@@ -180,8 +181,10 @@ def test_listing_items_are_the_one_item_shape(any_store):
             expected = [task_item(Task.get_by_id(row.id), admin=admin, image_url=image_url) for row in page.items]
             assert items == expected
             assert [list(item) for item in items] == [list(item) for item in expected]
-    assert page_envelope(page, admin=False, image_url=forwarded)["items"][1]["image_url"] == "https://mjctl/with-image"
-    assert page_envelope(page, admin=False, image_url=forwarded)["items"][0]["image_url"] == ""
+    no_image, with_image = page_envelope(page, admin=False, image_url=forwarded)["items"]
+    assert with_image["image_url"].startswith("https://mjctl/mj/image/with-image?t=") and no_image["image_url"] == ""
+    assert json.loads(with_image["video_urls"])[0].startswith("https://mjctl/mj/video/with-image?t=")
+    assert no_image["video_urls"] == ""
 
 
 def test_unfinished_lookup_uses_an_index(store):
