@@ -133,6 +133,9 @@ class Task(BaseModel):
     memo_version = DoubleField(default=0.0, constraints=[SQL("DEFAULT 0")])
     # The generation speed it was submitted for (FAST, RELAX, TURBO), "" when the caller named none.
     mode = CharField(max_length=16, default="", constraints=[SQL("DEFAULT ''")])
+    # Quota given back for this task (the sum of its refund ledger entries), kept by a database trigger on
+    # the ledger (migration 9): quota charged for a task is quota + quota_refunded, readable in one scan.
+    quota_refunded = BigIntegerField(default=0, constraints=[SQL("DEFAULT 0")])
 
     class Meta:
         indexes = (
