@@ -150,7 +150,7 @@ def client_for(settings, channel: Channel, *, timeout: float, transport: httpx.B
     """The one way to talk to a channel: its URL and decrypted secret, a total deadline of ``timeout`` seconds
     per call, and at most 5 s (or the deadline, if shorter) to connect."""
     return UpstreamClient(channel.base_url, channel_secret(settings, channel), timeout=timeout,
-                          connect_timeout=min(5.0, timeout), transport=transport)
+                          connect_timeout=min(5.0, timeout), transport=transport, channel=channel.name)
 
 
 def channel_dict(channel: Channel) -> dict:

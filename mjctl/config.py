@@ -158,11 +158,24 @@ class ClientSettings:
     token: str = setting("", "your access token for --mine and remote mode (also $MJCTL_TOKEN)")
 
 
+def _log_format(value: str) -> str | None:
+    return None if value in ("text", "json") else " must be text or json."
+
+
 @dataclass(frozen=True)
 class LogSettings:
     """[log]"""
 
     level: str = setting("info", "debug, info, warning or error", _log_level)
+    format: str = setting("text", "text (timestamped lines) or json (one JSON object per line, for log collectors)",
+                          _log_format)
+
+
+@dataclass(frozen=True)
+class MetricsSettings:
+    """[metrics]: GET /metrics, in the Prometheus text format."""
+
+    public: bool = setting(False, "GET /metrics answers without a token (otherwise an admin token is needed)")
 
 
 #: [prices] out of the box: action -> (quota, help). The section is open: any action name may have a price.
@@ -229,6 +242,7 @@ class Prices(Mapping[str, int]):
 SECTIONS: dict[str, type] = {
     "database": DatabaseSettings, "server": ServerSettings, "poller": PollerSettings, "images": ImagesSettings,
     "relay": RelaySettings, "prices": Prices, "client": ClientSettings, "log": LogSettings,
+    "metrics": MetricsSettings,
 }
 
 
@@ -275,6 +289,7 @@ class Settings:
     prices: Prices
     client: ClientSettings
     log: LogSettings
+    metrics: MetricsSettings
     sources: dict[tuple[str, str], str]
     config_path: Path | None
     base_dir: Path
@@ -447,7 +462,8 @@ def load_settings(
         database=DatabaseSettings(**values["database"]), server=ServerSettings(**values["server"]),
         poller=PollerSettings(**values["poller"]), images=ImagesSettings(**values["images"]),
         relay=RelaySettings(**values["relay"]), prices=Prices(values["prices"]), client=ClientSettings(**values["client"]),
-        log=LogSettings(**values["log"]), sources=sources, config_path=path, base_dir=base_dir)
+        log=LogSettings(**values["log"]), metrics=MetricsSettings(**values["metrics"]), sources=sources,
+        config_path=path, base_dir=base_dir)
     cache_dir = settings.images.cache_dir
     cache_dir = str(settings.resolve_path(cache_dir) if cache_dir else _default_cache_dir(settings))
     settings.images = replace(settings.images, cache_dir=cache_dir)

@@ -46,7 +46,7 @@ from typing import Any
 
 import orjson
 
-from mjctl import reports, upstream_text
+from mjctl import metrics, reports, upstream_text
 from mjctl.claims import Claims
 from mjctl.config import Settings
 from mjctl.db import compiled, connection, database, retry_transaction
@@ -524,6 +524,7 @@ def run_loop(settings: Settings, stop_event: threading.Event, every: float | Non
             with connection():
                 # A channel another poller polled less than ~an interval ago counts as polled this round.
                 summary = poll_once(settings, fresh_for=interval * 0.9)
+            metrics.observe_poll_cycle(summary)
             if on_cycle is not None:
                 on_cycle(summary)
         except Exception:

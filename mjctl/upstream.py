@@ -493,8 +493,10 @@ class UpstreamClient:
         timeout: float = 15.0,
         connect_timeout: float = 5.0,
         transport: httpx.BaseTransport | None = None,
+        channel: str = "",
     ):
         self.base_url = base_url.rstrip("/")
+        self.channel = channel  # the channel's name, for the request metrics
         self._secret = secret or ""
         upstream_text.remember_secret(self._secret)  # scrubbed from whatever an upstream writes
         headers = {"Accept": "application/json"}
@@ -594,7 +596,14 @@ class UpstreamClient:
 
     # -- plumbing --------------------------------------------------------------------------------------
 
-    def _send(
+    def _send(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        """_exchange, timed into mjctl_upstream_request_seconds by channel, operation and outcome."""
+        from mjctl import metrics
+
+        with metrics.upstream_timer(self.channel or self._where, path):
+            return self._exchange(method, path, **kwargs)
+
+    def _exchange(
         self,
         method: str,
         path: str,

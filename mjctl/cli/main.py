@@ -14,7 +14,7 @@ from typing import Annotated, Any
 import typer
 
 from mjctl import __version__
-from mjctl.cli import channels, config_cmd, demo, images, poll, serve, simulate, tasks, users
+from mjctl.cli import channels, config_cmd, demo, images, poll, serve, simulate, stats, tasks, users
 from mjctl.cli.output import Group, JsonOut, examples, info, print_json
 from mjctl.cli.state import CliState, state
 from mjctl.errors import MjctlError, first_line
@@ -86,6 +86,7 @@ app.add_typer(serve.app)
 app.add_typer(poll.app)
 app.add_typer(simulate.app)
 app.add_typer(demo.app)
+app.add_typer(stats.app)
 
 
 def _version(value: bool) -> None:

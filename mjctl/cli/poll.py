@@ -52,7 +52,7 @@ def poll(
     settings = st.open_store()
     if any(channel.secret_sealed for channel in list_channels()):
         st.require_secret("the channels' secrets cannot be opened")
-    configure_logging(settings.log.level)
+    configure_logging(settings.log.level, settings.log.format)
 
     if every is None:
         summary = poll_once(settings)

@@ -56,7 +56,7 @@ def remote_list(settings, *, mine: bool, user: str | None, channel: str | None, 
         raise MjctlError(f"The mjctl server at {server} did not answer in time.") from None
     except httpx.HTTPError as exc:
         raise MjctlError(f"Cannot reach the mjctl server at {server}: {exc or type(exc).__name__}.") from None
-    message = _message(response)
+    message = message_of(response)
     if response.status_code == 401:
         raise MjctlError(f"The server at {server} rejected the token in $MJCTL_TOKEN or [client] token: {message}")
     if response.status_code == 403:
@@ -77,7 +77,8 @@ def remote_list(settings, *, mine: bool, user: str | None, channel: str | None, 
     return data, not mine
 
 
-def _message(response) -> str:
+def message_of(response) -> str:
+    """The message of a remote mjctl's answer, or its HTTP status when it has none."""
     try:
         message = response.json().get("message")
     except (ValueError, AttributeError):

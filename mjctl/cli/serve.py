@@ -43,7 +43,7 @@ def serve(
     st.override("server", "threads", threads)
     st.override("server", "workers", workers)
     settings = st.open_store(create=True)
-    configure_logging(settings.log.level)
+    configure_logging(settings.log.level, settings.log.format)
 
     from mjctl import crypto
     from mjctl.httpserver import Limits, probe_port, serve_processes, url_for

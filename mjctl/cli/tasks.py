@@ -15,6 +15,7 @@ from typing import Annotated
 import typer
 
 from mjctl.cli import state as cli_state
+from mjctl.cli import stats as stats_cli
 from mjctl.cli.output import (
     STATUS_STYLES,
     Group,
@@ -456,3 +457,10 @@ def image(
         return
     info(f"Saved the image of task {mj_id} ({human_size(written)}, {stream.content_type}"
          f"{', from the cache' if stream.cached else ''}) to {path}.")
+
+
+# `tasks export` lives beside `mjctl stats` (mjctl.cli.stats): the same filters, the same remote reading.
+app.command("export", epilog=examples(
+    'mjctl tasks export --format csv -o tasks.csv --since 30d',
+    'mjctl tasks export --format jsonl --status FAILURE | jq .fail_reason',
+))(stats_cli.export_tasks)

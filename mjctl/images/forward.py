@@ -34,7 +34,7 @@ from typing import IO, TYPE_CHECKING
 
 import httpx
 
-from mjctl import __version__
+from mjctl import __version__, metrics
 from mjctl.errors import first_line
 from mjctl.images.cache import open_file
 from mjctl.images.common import IMMUTABLE, REVALIDATE, ImageTooLarge, ImageTruncated, ImageUnavailable
@@ -192,6 +192,7 @@ class ImageForwarder:
             except StoreUnavailable as exc:
                 problem = exc.message
             else:
+                metrics.observe_image_cache(body is not None)
                 if body is not None:
                     return _stored_stream(body, source, cached=True)
         try:

@@ -44,7 +44,7 @@ def load_worker(settings: Settings) -> WSGIBridge:
 
     _die_with_parent()
     _end_without_finalizing()
-    configure_logging(settings.log.level)
+    configure_logging(settings.log.level, settings.log.format)
     open_store(settings, migrate_now=False)
     return make_bridge(settings, multiprocess=settings.server.workers > 1)
 

@@ -13,7 +13,9 @@ new area of the API is one module plus one line here. Every route gets, unless i
   pass ``skip=["mjctl_errors"]`` or catch the errors itself.
 
 Unknown paths (404), wrong methods (405) and crashes (500) are JSON too, and every request is logged once
-on the ``mjctl.access`` logger with its method, path (without ``sig`` or ``token`` parameters), status and time.
+on the ``mjctl.access`` logger with its method, path (without ``sig`` or ``token`` parameters), status and time,
+counted in the HTTP metrics under its route pattern, and answered with an ``X-Request-Id`` header: the
+caller's own when it is sane, else a new one; log lines written while serving it carry the same id.
 """
 
 from __future__ import annotations
@@ -21,8 +23,10 @@ from __future__ import annotations
 import importlib
 import json
 import logging
+import re
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -33,8 +37,10 @@ import bottle
 import orjson
 import peewee
 
+from mjctl import metrics
 from mjctl.config import Settings
 from mjctl.errors import MjctlError, first_line
+from mjctl.logs import request_id
 from mjctl.server.openapi import OpenAPI
 
 if TYPE_CHECKING:
@@ -51,6 +57,7 @@ ROUTE_MODULES = [
     "mjctl.server.images",
     "mjctl.server.openapi",
     "mjctl.server.web",
+    "mjctl.server.console",
 ]
 
 #: Query parameters left out of the log (their values are secrets).
@@ -215,18 +222,42 @@ class MjctlApp(bottle.Bottle):
 
     def wsgi(self, environ, start_response):
         began = time.perf_counter()
+        rid = request_id_of(environ)
+        token = request_id.set(rid)
         seen: list[str] = []
 
         def recording_start_response(status, headers, exc_info=None):
             seen.append(status)
-            return start_response(status, headers, exc_info)
+            return start_response(status, [*headers, ("X-Request-Id", rid)], exc_info)
 
-        out = super().wsgi(environ, recording_start_response)
-        if access_log.isEnabledFor(logging.INFO):
-            access_log.info("%s %s %s %s %.1fms", environ.get("REMOTE_ADDR", "-"), environ.get("REQUEST_METHOD"),
-                            loggable_path(environ), (seen[0].split(" ", 1)[0] if seen else "-"),
-                            (time.perf_counter() - began) * 1000)
+        try:
+            out = super().wsgi(environ, recording_start_response)
+            status = seen[0].split(" ", 1)[0] if seen else "-"
+            took = time.perf_counter() - began
+            route = environ.get("bottle.route")
+            metrics.observe_request(route.rule if route is not None else "(unmatched)", status, took)
+            if access_log.isEnabledFor(logging.INFO):
+                remote, method = environ.get("REMOTE_ADDR", "-"), environ.get("REQUEST_METHOD")
+                path = loggable_path(environ)
+                access_log.info("%s %s %s %s %.1fms", remote, method, path, status, took * 1000,
+                                extra={"remote_addr": remote, "method": method, "path": path,
+                                       "status": int(status) if status.isdigit() else None,
+                                       "duration_ms": round(took * 1000, 1)})
+        finally:
+            request_id.reset(token)
         return out
+
+
+#: A caller's X-Request-Id is kept when it is this (a UUID, a hex or dotted trace id); otherwise one is made.
+_SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+
+
+def request_id_of(environ: dict) -> str:
+    """The request's id: the caller's X-Request-Id when it is sane (bounded, safe characters), else new."""
+    given = environ.get("HTTP_X_REQUEST_ID", "")
+    if given and _SANE_REQUEST_ID.fullmatch(given):
+        return given
+    return uuid.uuid4().hex
 
 
 def loggable_path(environ: dict) -> str:

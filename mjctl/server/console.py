@@ -1,0 +1,130 @@
+"""The operator's console endpoints: GET /api/mj/stats (statistics), GET /api/mj/export (every matching
+task as CSV or JSON lines, streamed) and GET /metrics (Prometheus).
+
+Statistics and export take the listing's filters (mjctl.server.api.read_listing) and scope: a user sees
+their own tasks, an administrator all tasks, narrowed by ``channel_id`` and ``user_id``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import bottle
+
+from mjctl import export, metrics, stats
+from mjctl.server.api import MAX_WORD_LEN, query_int, query_text, read_listing
+from mjctl.server.app import AppContext, ok
+from mjctl.server.auth import authenticate_request, require_admin
+from mjctl.server.openapi import error_responses, json_response, query_param
+from mjctl.tasks import MAX_FILTER_LEN, TaskFilter
+
+log = logging.getLogger("mjctl.server")
+
+STATS_FAILED = "Failed to compute the statistics"
+EXPORT_FAILED = "Failed to export the tasks"
+METRICS_FAILED = "Failed to read the metrics"
+
+
+def read_scope() -> tuple[TaskFilter, bool]:
+    """The caller's filter and whether it sees every task (admin): the listing's parameters, plus
+    channel_id and user_id for administrators; a user's filter is fixed to their own tasks, last."""
+    user = authenticate_request(bottle.request)
+    admin = user.is_admin
+    filters, _page, _size = read_listing(admin=admin)
+    if admin:
+        filters.user_id = query_int(bottle.request.query, "user_id", minimum=0, meaning="a user id (a whole number)")
+    else:
+        filters.user_id = user.id
+    return filters, admin
+
+
+def install(app: bottle.Bottle, ctx: AppContext) -> None:
+    @app.get("/api/mj/stats", db_error=STATS_FAILED)
+    def task_stats():
+        filters, admin = read_scope()
+        group_by = stats.check_group(query_text(bottle.request.query, "group_by", max_len=MAX_WORD_LEN), admin=admin)
+        return ok(stats.compute_stats(filters, group_by))
+
+    @app.get("/api/mj/export", db_error=EXPORT_FAILED)
+    def task_export():
+        filters, admin = read_scope()
+        fmt = export.check_format(query_text(bottle.request.query, "format", max_len=MAX_WORD_LEN))
+        bottle.response.content_type = export.MEDIA_TYPES[fmt]
+        stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+        bottle.response.set_header("Content-Disposition", f'attachment; filename="mjctl-tasks-{stamp}.{fmt}"')
+        bottle.response.set_header("Cache-Control", "no-store")
+        return export.encode(export.iter_batches(filters, admin=admin, image_url=ctx.image_url), fmt, admin=admin)
+
+    @app.get("/metrics", db_error=METRICS_FAILED)
+    def prometheus_metrics():
+        if not ctx.settings.metrics.public:
+            require_admin(authenticate_request(bottle.request))
+        return bottle.HTTPResponse(metrics.render(), status=200,
+                                   headers={"Content-Type": metrics.CONTENT_TYPE, "Cache-Control": "no-store"})
+
+    _document(ctx)
+
+
+def _document(ctx: AppContext) -> None:
+    api = ctx.openapi
+    number = {"type": ["number", "null"]}
+    summary_props = {name: {"type": "integer", "minimum": 0} for name in stats.COUNTS}
+    summary_props["success_rate"] = {"type": ["number", "null"],
+                                     "description": "success / (success + failure + cancel); null when none finished."}
+    for name in ("queue_seconds_p50", "queue_seconds_p95", "run_seconds_p50", "run_seconds_p95"):
+        summary_props[name] = {**number, "description": "Seconds; null when unknown (too few durations)."}
+    summary_props["quota_charged"]["description"] = "Quota charged for these tasks (refunded or not)."
+    summary = api.schema("StatsSummary", {"type": "object", "required": list(stats.FIELDS),
+                                          "properties": summary_props})
+    group = {"allOf": [summary, {"type": "object", "required": ["key"], "properties": {
+        "key": {"type": ["string", "integer", "null"],
+                "description": "The day (YYYY-MM-DD, UTC), hour (YYYY-MM-DDTHH:00Z), action, status, channel id or "
+                               "user id; null for mode (tasks record no mode: one group)."},
+        "start": {"type": "integer", "description": "Day and hour groups: the bucket's first second (epoch)."},
+        "name": {"type": ["string", "null"], "description": "Channel and user groups: the name."}}}]}
+    api.schema("Stats", {
+        "type": "object", "required": ["success", "message", "data"],
+        "properties": {"success": {"const": True}, "message": {"type": "string"}, "data": {
+            "type": "object", "required": ["totals", "groups", "group_by", "percentiles"],
+            "properties": {
+                "totals": summary,
+                "groups": {"type": "array", "items": group},
+                "group_by": {"type": ["string", "null"]},
+                "percentiles": {"enum": ["exact", "sampled"],
+                                "description": f"sampled: from about {stats.SAMPLE_LIMIT} tasks, when more match."},
+            }}},
+    })
+    stamp = {"type": "integer", "minimum": 0}
+    filters = [
+        query_param("mj_id", {"type": "string", "maxLength": MAX_FILTER_LEN}, "Exact task id."),
+        query_param("start_timestamp", stamp, "submit_time >= this (epoch seconds; >= 100000000000 is milliseconds)."),
+        query_param("end_timestamp", stamp, "submit_time <= this (epoch seconds; >= 100000000000 is milliseconds)."),
+        query_param("status", {"type": "string", "maxLength": MAX_WORD_LEN}, "Exact status, e.g. SUCCESS."),
+        query_param("action", {"type": "string", "maxLength": MAX_WORD_LEN}, "Exact action, e.g. IMAGINE."),
+        query_param("channel_id", {"type": "integer", "minimum": 0}, "Exact channel id (administrators)."),
+        query_param("user_id", {"type": "integer", "minimum": 0}, "Exact user id (administrators)."),
+    ]
+    api.operation("/api/mj/stats", "get", tags=["console"],
+                  summary="Statistics of the caller's tasks (an administrator's: all tasks).",
+                  description="The same filters as the task list, so totals.tasks equals the list's total.",
+                  parameters=filters + [query_param("group_by", {"enum": list(stats.GROUPS)},
+                                                    "day, hour, action, status, mode; channel and user for "
+                                                    "administrators.")],
+                  responses={200: json_response("Stats", "Totals and groups."),
+                             **error_responses(400, 401, 403, 500, e500=f"The store failed: \"{STATS_FAILED}\".")})
+    columns = ", ".join(export.fields(admin=True))
+    api.operation("/api/mj/export", "get", tags=["console"],
+                  summary="Every matching task, newest first, streamed as CSV or JSON lines.",
+                  description=f"Fields: {columns} (user_id and the rest after quota only for administrators).",
+                  parameters=filters + [query_param("format", {"enum": list(export.FORMATS), "default": "csv"},
+                                                    "csv (with a header row) or jsonl (one item per line).")],
+                  responses={200: {"description": "The tasks.",
+                                   "content": {"text/csv": {"schema": {"type": "string"}},
+                                               "application/x-ndjson": {"schema": {"type": "string"}}}},
+                             **error_responses(400, 401, 403, 500, e500=f"The store failed: \"{EXPORT_FAILED}\".")})
+    api.operation("/metrics", "get", tags=["console"],
+                  summary="Prometheus metrics (an admin token unless [metrics] public = true).",
+                  responses={200: {"description": "The Prometheus text format.",
+                                   "content": {"text/plain": {"schema": {"type": "string"}}}},
+                             **error_responses(401, 403, 500)})
