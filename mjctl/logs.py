@@ -19,7 +19,7 @@ import time
 
 from mjctl.textsafe import VisibleFormatter, json_visible
 
-__all__ = ["configure_logging", "request_id", "FORMATS"]
+__all__ = ["configure_logging", "request_id", "timestamp", "FORMATS"]
 
 FORMATS = ("text", "json")
 
@@ -48,7 +48,7 @@ def _scrub(text: str) -> str:
     return scrub(text)
 
 
-def _timestamp(created: float) -> str:
+def timestamp(created: float) -> str:
     """ISO 8601 in local time with its UTC offset and milliseconds: 2026-11-30T14:03:07.123+01:00."""
     local = time.localtime(created)
     offset = time.strftime("%z", local)
@@ -65,7 +65,7 @@ class TextFormatter(VisibleFormatter):
     def format(self, record: logging.LogRecord) -> str:
         current = getattr(record, "request_id", None) or request_id.get()
         record.request_tag = f" [{current}]" if current else ""
-        return _timestamp(record.created) + " " + _scrub(super().format(record))
+        return timestamp(record.created) + " " + _scrub(super().format(record))
 
 
 class JsonFormatter(logging.Formatter):
@@ -73,7 +73,7 @@ class JsonFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         entry: dict = {
-            "timestamp": _timestamp(record.created),
+            "timestamp": timestamp(record.created),
             "level": record.levelname,
             "logger": record.name,
             "message": _scrub(record.getMessage()),

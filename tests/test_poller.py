@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import socket
 import sys
 import threading
@@ -385,9 +386,12 @@ def test_cli_poll_prints_a_summary_plain_and_json(cli, tmp_path):
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
     assert data["ran"] is True and data["checked"] == 0 and data["message"] == "nothing unfinished"
-    plain = cli("poll")
+    plain = cli("poll")  # one line, fit for a cron log: its date and time, then the counts
     assert plain.exit_code == 0
-    assert "tasks checked\t0" in plain.stdout and "upstream requests\t0" in plain.stdout
+    assert len(plain.stdout.splitlines()) == 1
+    assert re.match(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}\S* tasks checked 0; ", plain.stdout)
+    verbose = cli("poll", "--verbose")
+    assert "tasks checked\t0" in verbose.stdout and "upstream requests\t0" in verbose.stdout
 
 
 def test_cli_poll_exits_zero_when_nothing_is_left_to_claim(cli, tmp_path):
@@ -402,7 +406,8 @@ def test_cli_poll_exits_zero_when_nothing_is_left_to_claim(cli, tmp_path):
     PollClaim.create(channel_id=channel.id, holder="elsewhere:1:abc", expires_at=time.time() + 60)
     result = cli("poll")
     assert result.exit_code == 0
-    assert "nothing to claim: 1 channel(s) being polled by elsewhere:1:abc" in result.stderr
+    assert "skipped: nothing to claim: 1 channel(s) being polled by elsewhere:1:abc" in result.stdout
+    assert "nothing to claim" in cli("poll", "--verbose").stderr
     result = cli("poll", "--json")
     assert result.exit_code == 0
     data = json.loads(result.stdout)

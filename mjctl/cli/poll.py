@@ -36,15 +36,17 @@ ROWS = (
 )
 
 
-@app.command("poll", epilog=examples('mjctl poll', 'mjctl poll --every 15 --json'))
+@app.command("poll", epilog=examples('mjctl poll', 'mjctl poll --verbose', 'mjctl poll --every 15 --json'))
 def poll(
     ctx: typer.Context,
     every: Annotated[float | None, typer.Option("--every", min=0.1, help="Poll every SECONDS until SIGTERM or "
                                                 "Ctrl-C (the current cycle finishes first).")] = None,
     json_out: Annotated[bool, typer.Option(
         "--json", help="Print the summary as JSON (one line per cycle with --every).")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Print a one-shot cycle's summary as a "
+                                          "table.")] = False,
 ) -> None:
-    """Run one polling cycle and print its summary, or loop with --every."""
+    """Run one polling cycle and print its summary line (a table with --verbose), or loop with --every."""
     from mjctl.channels import list_channels
     from mjctl.poller import drain_prefetch, poll_once, run_loop
 
@@ -61,8 +63,10 @@ def poll(
                 "some images of the tasks that just succeeded were not cached within %s s", settings.images.timeout)
         if json_out:
             print_json(summary.to_dict())
-        else:
+        elif verbose:
             _render(summary.to_dict())
+        else:  # one line, like each cycle of a loop: what a cron log wants
+            _cycle_line(summary.to_dict(), False)
         return
 
     stop_event = threading.Event()
@@ -107,4 +111,6 @@ def _cycle_line(data: dict, json_out: bool) -> None:
 
 
 def _clock() -> str:
-    return time.strftime("%H:%M:%S")
+    from mjctl.logs import timestamp
+
+    return timestamp(time.time())

@@ -45,7 +45,7 @@ def serve(
     settings = st.open_store(create=True)
     configure_logging(settings.log.level, settings.log.format)
 
-    from mjctl import crypto
+    from mjctl import crypto, metrics
     from mjctl.httpserver import Limits, probe_port, serve_processes, url_for
     from mjctl.server import load_worker
 
@@ -64,6 +64,7 @@ def serve(
                      f"{', poller running' if poll else ', no poller'}). Press Ctrl-C to stop.\n")
     sys.stderr.flush()
     stop_event = threading.Event()
+    metrics_dir = metrics.use_run_directory()  # before the poller and the workers make any metric
     poller = _start_poller(settings, stop_event) if poll else None
     try:
         serve_processes(settings, load_worker, host=host_, port=bound, workers=count,
@@ -74,6 +75,7 @@ def serve(
         stop_event.set()
         if poller is not None:
             poller.join(timeout=30)
+        metrics.remove_run_directory(metrics_dir)
     sys.stderr.write("mjctl server stopped.\n")
 
 
