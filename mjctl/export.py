@@ -22,6 +22,8 @@ import io
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from peewee import JOIN
+
 from mjctl.errors import UsageError
 from mjctl.models import Channel, Task, User
 from mjctl.tasks import ADMIN_FIELDS, LISTING_COLUMNS, USER_FIELDS, TaskFilter, TaskPage, TaskRow, page_envelope
@@ -72,8 +74,8 @@ def _batch(filters: TaskFilter, admin: bool, before: int | None, size: int) -> l
     query = Task.select(*columns)
     if admin:  # names ride along: outer joins on primary keys, nothing kept between batches
         query = (Task.select(*columns, User.name, Channel.name)
-                 .join(User, join_type="LEFT OUTER", on=(User.id == Task.user_id))
-                 .join(Channel, join_type="LEFT OUTER", on=(Channel.id == Task.channel_id)))
+                 .join(User, join_type=JOIN.LEFT_OUTER, on=(User.id == Task.user_id))
+                 .join(Channel, join_type=JOIN.LEFT_OUTER, on=(Channel.id == Task.channel_id)))
     query = filters.where(query)
     if before is not None:
         query = query.where(Task.id < before)

@@ -21,8 +21,8 @@ def make_tasks(n: int = 60):
     from mjctl.db import write_tx
     from mjctl.models import Task
 
-    alice, _ = accounts.create_user("alice", quota=10**6)
-    bob, _ = accounts.create_user("bob", role="admin", quota=10**6)
+    alice, _ = accounts.create_user("alice", quota=10**9)
+    bob, _ = accounts.create_user("bob", role="admin", quota=10**9)
     ch1 = channels.add_channel(None, "one", "http://127.0.0.1:9", "", priority=1)
     ch2 = channels.add_channel(None, "two", "http://127.0.0.1:9", "", priority=0)
     statuses = ["SUCCESS", "SUCCESS", "FAILURE", "CANCEL", "IN_PROGRESS", "SUCCESS"]
