@@ -318,9 +318,14 @@ class WSGIBridge:
 
 
 async def _send_answer(send: Any, answer: Answer) -> None:
+    """An answer of the bridge's own (a refusal before the app is reached), with a fresh X-Request-Id like
+    every answer of the app."""
+    import uuid
+
     status, headers, body = answer
     await send({"type": "http.response.start", "status": status,
-                "headers": [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers]})
+                "headers": [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers]
+                + [(b"x-request-id", uuid.uuid4().hex.encode("ascii"))]})
     await send({"type": "http.response.body", "body": body, "more_body": False})
 
 

@@ -101,3 +101,25 @@ def test_log_format_is_checked(tmp_path):
     assert load_settings(None, {("log", "format"): "json"}).log.format == "json"
     with pytest.raises(ConfigError, match=r"\[log\] format must be text or json"):
         load_settings(None, {("log", "format"): "xml"})
+
+
+def test_the_bridges_own_refusals_carry_a_request_id_too(store):
+    """A body over [server] max_body_bytes is refused before the app is reached; the answer has an id all
+    the same."""
+    import socket
+
+    from mjctl.httpserver import ServerThread
+    from mjctl.server import make_bridge
+
+    store.values["server"]["max_body_bytes"] = 100
+    with ServerThread(make_bridge(store)) as server, socket.create_connection(("127.0.0.1", server.port)) as sock:
+        sock.sendall(b"POST /mj/submit/imagine HTTP/1.1\r\nHost: x\r\nContent-Length: 5000\r\n\r\n")
+        head = b""
+        while b"\r\n\r\n" not in head:
+            chunk = sock.recv(4096)
+            if not chunk:
+                break
+            head += chunk
+    lines = head.split(b"\r\n\r\n")[0].decode("latin-1").lower().splitlines()
+    assert lines[0].split()[1] == "413"
+    assert any(re.fullmatch(r"x-request-id: [0-9a-f]{32}", line) for line in lines), lines
