@@ -6,7 +6,8 @@ new area of the API is one module plus one line here. Every route gets, unless i
 
 - a database connection for the request (``mjctl.db.connection()``; on SQLite the worker thread's own,
   kept open); a route declares ``db=False`` to skip
-  it, and ``db_error="..."`` for the message of the 500 answered when the store fails; a store that is
+  it, and ``db_error="..."`` for the message of the 500 answered when the store fails (``sqlite_gate=False``
+  keeps a long read out of the SQLite gate, on a connection of its own); a store that is
   busy or unreachable (a lock, pool or connect timeout) is a 503 instead, after a bounded wait;
 - JSON errors: an ``MjctlError`` becomes ``{"success": false, "message": ...}`` with its ``http_status``,
   anything else a logged 500. A route that needs another error envelope (the midjourney-proxy relay) can
@@ -161,12 +162,13 @@ class StorePlugin:
         # A read is retried on a fresh connection after a connection error (a database restart).
         idempotent = route.method in ("GET", "HEAD")
         gate = self.sqlite_gate
+        gated = route.config.get("sqlite_gate", True)  # a long read (statistics, metrics) must not hold it
 
         def wrapper(*args, **kwargs):
             from mjctl.db import call_with_connection, database, end_unit_of_work, is_sqlite
 
             try:
-                if is_sqlite():
+                if is_sqlite() and gated:
                     # SQLite keeps one connection per worker thread (cheroot's pool is fixed): opening one
                     # per request re-runs five PRAGMAs and cost more than the query itself.
                     database.connect(reuse_if_open=True)

@@ -40,7 +40,8 @@ def read_scope() -> tuple[TaskFilter, bool]:
 
 
 def install(app: bottle.Bottle, ctx: AppContext) -> None:
-    @app.get("/api/mj/stats", db_error=STATS_FAILED)
+    # Long reads stay out of the SQLite gate (mjctl.server.app.StorePlugin), which the listings share.
+    @app.get("/api/mj/stats", db_error=STATS_FAILED, sqlite_gate=False)
     def task_stats():
         filters, admin = read_scope()
         group_by = stats.check_group(query_text(bottle.request.query, "group_by", max_len=MAX_WORD_LEN), admin=admin)
@@ -56,7 +57,7 @@ def install(app: bottle.Bottle, ctx: AppContext) -> None:
         bottle.response.set_header("Cache-Control", "no-store")
         return export.encode(export.iter_batches(filters, admin=admin, image_url=ctx.image_url), fmt, admin=admin)
 
-    @app.get("/metrics", db_error=METRICS_FAILED)
+    @app.get("/metrics", db_error=METRICS_FAILED, sqlite_gate=False)
     def prometheus_metrics():
         if not ctx.settings.metrics.public:
             require_admin(authenticate_request(bottle.request))
