@@ -125,7 +125,7 @@ def test_mode_is_one_group_and_admin_groups_carry_names(store):
     assert {g["name"] for g in users} == {"alice", "bob"}
 
 
-def test_a_large_match_is_sampled_evenly_across_a_periodic_pattern(store, monkeypatch):
+def test_a_large_match_is_sampled_evenly_across_a_periodic_pattern(any_store, monkeypatch):
     """Above SAMPLE_LIMIT the percentiles come from evenly spaced row ids; channels taken in turn (a period
     of 2 in the ids) must both be sampled, and the estimates must be near the truth."""
     from mjctl import stats
