@@ -233,3 +233,16 @@ def test_stats_command_prints_the_api_data_and_a_table(cli, store):
     assert {line.split("\t")[0] for line in lines[1:]} >= {"IMAGINE", "UPSCALE", "total"}
     bad = cli("stats", "--by", "week")
     assert bad.exit_code == 2 and "group_by must be one of" in bad.stderr and "Traceback" not in bad.output
+
+
+def test_live_stats_answers_match_the_documented_schema(api):
+    from tests.test_openapi import check
+
+    client, tokens, *_ = api
+    doc = client.get("/api/openapi.json").json()
+    for group_by in ("day", "user", "mode", ""):
+        response = get(client, tokens["bob"], "/api/mj/stats", group_by=group_by)
+        assert response.status_code == 200
+        check(doc, response, "/api/mj/stats")
+    check(doc, get(client, tokens["alice"], "/api/mj/stats", group_by="user"), "/api/mj/stats")
+    check(doc, get(client, None, "/api/mj/stats"), "/api/mj/stats")
