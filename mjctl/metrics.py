@@ -36,7 +36,6 @@ from typing import Any
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
-UNKNOWN_MODE = "unknown"  # tasks do not record the speed mode they were submitted with
 
 #: Upstream call durations: a submit is usually under a second, a slow list may take the whole timeout.
 UPSTREAM_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 15.0, 30.0, 60.0)
@@ -183,18 +182,22 @@ def store_totals() -> dict[str, Any]:
     the poll claims' times."""
     from peewee import Case, fn
 
+    from mjctl.db import database
     from mjctl.models import FINISHED_STATUSES, Channel, PollClaim, Task
+    from mjctl.stats import mode_expression, mode_name
 
     names = dict(Channel.select(Channel.id, Channel.name).tuples())
-    rows = (Task.select(Task.channel_id, Task.action, Task.status, fn.COUNT(Task.id), fn.SUM(Task.quota),
+    mode = mode_expression(database.obj)
+    rows = (Task.select(Task.channel_id, Task.action, Task.status, mode, fn.COUNT(Task.id), fn.SUM(Task.quota),
                         fn.SUM(Task.quota_refunded), fn.SUM(Case(None, [(Task.quota_refunded > 0, 1)], 0)))
-            .group_by(Task.channel_id, Task.action, Task.status).tuples())
+            .group_by(Task.channel_id, Task.action, Task.status, mode).tuples())
     out: dict[str, Any] = {"submitted": {}, "finished": {}, "unfinished": {}, "refunds": 0, "quota_charged": 0,
                            "quota_refunded": 0, "polled_at": {}}
-    for channel_id, action, status, count, quota, refunded, refunds in rows:
+    for channel_id, action, status, prefix, count, quota, refunded, refunds in rows:
         channel = names.get(channel_id, str(channel_id))
         count, quota, refunded, refunds = int(count), int(quota or 0), int(refunded or 0), int(refunds or 0)
-        out["submitted"][(action, channel)] = out["submitted"].get((action, channel), 0) + count
+        submitted = (action, channel, mode_name(prefix))
+        out["submitted"][submitted] = out["submitted"].get(submitted, 0) + count
         bucket = "finished" if status in FINISHED_STATUSES else "unfinished"
         label = (status, channel) if bucket == "finished" else channel
         out[bucket][label] = out[bucket].get(label, 0) + count
@@ -217,10 +220,10 @@ class StoreCollector:
 
         totals = store_totals()
         submitted = CounterMetricFamily("mjctl_tasks_submitted", "Tasks recorded (every task row), by action, "
-                                        "channel and mode (mode is not recorded: unknown).",
+                                        "channel and speed mode (fast, relax, turbo or default).",
                                         labels=["action", "channel", "mode"])
-        for (action, channel), n in sorted(totals["submitted"].items()):
-            submitted.add_metric([action, channel, UNKNOWN_MODE], n)
+        for (action, channel, mode), n in sorted(totals["submitted"].items()):
+            submitted.add_metric([action, channel, mode], n)
         finished = CounterMetricFamily("mjctl_tasks_finished", "Tasks that reached SUCCESS, FAILURE or CANCEL.",
                                        labels=["status", "channel"])
         for (status, channel), n in sorted(totals["finished"].items()):

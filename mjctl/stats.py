@@ -27,8 +27,10 @@ PostgreSQL's exact ``percentile_cont`` sorts every duration of every group, whic
 at 2.5–4.3x the counting aggregate on a million tasks, against 1.0–1.3x for the sample.
 
 Day and hour groups are UTC; their keys are ``YYYY-MM-DD`` and ``YYYY-MM-DDTHH:00Z`` and each carries
-``start`` (epoch seconds). Tasks carry no speed mode (the relay forwards the mode prefix without storing
-it), so ``mode`` is one group with key null.
+``start`` (epoch seconds). The mode is the speed prefix a task was submitted through (``/mj-fast``, …),
+which the relay keeps in the task's properties as ``speedPrefix``: keys ``fast``, ``relax``, ``turbo``, or
+``default`` for none. Grouping by it reads that one key out of the JSON of the tasks that have it (a
+``LIKE`` first, so the others cost a substring test).
 """
 
 from __future__ import annotations
@@ -108,8 +110,6 @@ def compute_stats(filters: TaskFilter, group_by: str | None = None) -> dict[str,
         if started > 0 and finished >= started:
             acc.run.append(finished - started)
     totals = _merge(groups.values())  # counts add up; samples of one step are a sample of the whole
-    if group_by == "mode" and totals.counts["tasks"]:
-        groups = {None: totals}
     return {
         "group_by": group_by,
         "percentiles": "sampled" if sampled else "exact",
@@ -145,14 +145,50 @@ def _prime_at_least(n: int) -> int:
 
 
 def _key_expression(group_by: str | None, db: peewee.Database):
-    if group_by is None or group_by == "mode":
+    if group_by is None:
         return None
+    if group_by == "mode":
+        return mode_expression(db)
     if group_by in TIME_GROUPS:
         width = TIME_GROUPS[group_by]
         if isinstance(db, peewee.MySQLDatabase):
             return NodeList((Task.submit_time, SQL("DIV"), width))
         return Task.submit_time / width  # integer division on SQLite and PostgreSQL (both sides integers)
     return {"action": Task.action, "status": Task.status, "channel": Task.channel_id, "user": Task.user_id}[group_by]
+
+
+#: The speed prefixes a relay submission may come through, by the mode they select.
+MODES = {"/mj-fast": "fast", "/mj-relax": "relax", "/mj-turbo": "turbo"}
+DEFAULT_MODE = "default"  # no prefix: the upstream's own default speed
+
+
+def mode_expression(db: peewee.Database):
+    """SQL for a task's speed prefix (its properties' ``speedPrefix``; NULL when it has none). Only rows
+    whose text mentions the key are parsed; mjctl writes that key itself (reports never take it from an
+    upstream), always as valid JSON."""
+    mentions = NodeList((Task.properties, SQL("LIKE"), "%speedPrefix%"))  # peewee's LIKE is GLOB on SQLite
+    if isinstance(db, peewee.PostgresqlDatabase):
+        value = NodeList((Task.properties.cast("jsonb"), SQL("->>"), "speedPrefix"))
+    elif isinstance(db, peewee.MySQLDatabase):
+        mentions = mentions & fn.JSON_VALID(Task.properties)
+        value = fn.JSON_UNQUOTE(fn.JSON_EXTRACT(Task.properties, "$.speedPrefix"))
+    else:
+        mentions = mentions & fn.json_valid(Task.properties)
+        value = fn.json_extract(Task.properties, "$.speedPrefix")
+    return Case(None, [(mentions, value)], None)
+
+
+def mode_name(prefix: str | None) -> str:
+    """fast, relax, turbo, or default (no prefix, or one mjctl does not know)."""
+    return MODES.get(prefix or "", DEFAULT_MODE)
+
+
+def _merge_keys(groups: dict[Any, _Acc], name: Callable[[Any], Any]) -> dict[Any, _Acc]:
+    """groups under new keys, merging the groups that get the same one."""
+    out: dict[Any, list[_Acc]] = {}
+    for key, acc in groups.items():
+        out.setdefault(name(key), []).append(acc)
+    return {key: accs[0] if len(accs) == 1 else _merge(accs) for key, accs in out.items()}
 
 
 def _when(condition):
@@ -224,7 +260,7 @@ def _group_list(group_by: str | None, groups: dict[Any, _Acc], filters: TaskFilt
     if group_by is None:
         return []
     if group_by == "mode":
-        return [{"key": None, **_summary(acc)} for acc in groups.values()]
+        groups = _merge_keys(groups, mode_name)
     if group_by in TIME_GROUPS:
         return _time_groups(group_by, groups, filters)
     rows = [{"key": key, **_summary(acc)} for key, acc in groups.items()]

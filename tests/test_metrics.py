@@ -51,7 +51,8 @@ def test_store_counters_agree_with_the_store_after_a_faulty_simulated_run(faulty
 
     before = samples(metrics.render().decode())  # process metrics outlive a test: compare differences
     for i in range(24):
-        env.submit("imagine", {"prompt": f"fox {i}"}, user="alice" if i % 2 else "bob")
+        speed = "/mj-fast" if i % 3 else ""
+        env.submit("imagine", {"prompt": f"fox {i}"}, user="alice" if i % 2 else "bob", prefix=speed)
     assert Task.select().count() > 0
     env.settings.poller["interval"] = 0.2
     stop = threading.Event()
@@ -78,7 +79,10 @@ def test_store_counters_agree_with_the_store_after_a_faulty_simulated_run(faulty
     charges = list(Ledger.select().where(Ledger.kind == "charge"))
     assert refunds, "the run must have refunded something for the check to mean anything"
     assert total(found, "mjctl_tasks_submitted_total") == len(tasks)
-    assert total(found, "mjctl_tasks_submitted_total", channel="sim", mode="unknown") == len(tasks)
+    fast = sum('"speedPrefix"' in t.properties for t in tasks)
+    assert 0 < fast < len(tasks)
+    assert total(found, "mjctl_tasks_submitted_total", channel="sim", mode="fast") == fast
+    assert total(found, "mjctl_tasks_submitted_total", channel="sim", mode="default") == len(tasks) - fast
     assert total(found, "mjctl_refunds_total") == len(refunds)
     assert total(found, "mjctl_quota_refunded_total") == sum(r.amount for r in refunds)
     assert total(found, "mjctl_quota_charged_total") == -sum(c.amount for c in charges)
@@ -96,7 +100,8 @@ def test_store_counters_agree_with_the_store_after_a_faulty_simulated_run(faulty
 
     routes = {lab["route"] for lab, _ in found["mjctl_http_requests_total"]}
     assert not [r for r in routes if any(t.mj_id in r for t in tasks) or "no/such" in r], routes
-    assert grew("mjctl_http_requests_total", route="/mj/submit/<kind>") == 24
+    assert grew("mjctl_http_requests_total", route="/mj/submit/<kind>") == 8
+    assert grew("mjctl_http_requests_total", route="/mj-fast/mj/submit/<kind>") == 16
     assert grew("mjctl_http_requests_total", route="/mj/task/<mj_id>/fetch") == 1
     assert grew("mjctl_http_requests_total", route="(unmatched)", status="404") == 1
 

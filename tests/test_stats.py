@@ -35,7 +35,8 @@ def make_tasks(n: int = 60):
         with write_tx():
             task = Task.create(user_id=user.id, channel_id=(ch1 if i % 2 else ch2).id, mj_id=f"t{i}",
                                action="IMAGINE" if i % 4 else "UPSCALE", status=status, submit_time=submit,
-                               start_time=start, finish_time=finish, quota=0, unfinished=int(status == "IN_PROGRESS"))
+                               start_time=start, finish_time=finish, quota=0, unfinished=int(status == "IN_PROGRESS"),
+                               properties=SPEEDS[i % len(SPEEDS)])
             accounts.charge(user.id, 100 + i, task_id=task.id, reason="test")
             Task.update(quota=100 + i).where(Task.id == task.id).execute()
             if status == "FAILURE":
@@ -43,6 +44,10 @@ def make_tasks(n: int = 60):
                 accounts.refund(user.id, 100 + i, task_id=task.id, reason="failed")
     return alice, bob, (ch1, ch2)
 
+
+#: properties as the relay writes them: a speed prefix for some tasks (and other keys beside it)
+SPEEDS = ['{"speedPrefix":"/mj-fast"}', "", '{"finalPrompt":"speedPrefix","speedPrefix":"/mj-relax"}', "",
+          '{"finalPrompt":"a cat"}']
 
 FILTERS = [
     {}, {"status": "SUCCESS"}, {"action": "UPSCALE"}, {"start": BASE + DAY}, {"end": BASE + DAY},
@@ -112,13 +117,13 @@ def test_day_groups_are_utc_days_with_the_empty_ones_listed(store):
     assert [g["key"] for g in hours] == [time.strftime("%Y-%m-%dT%H:00Z", time.gmtime(BASE))]
 
 
-def test_mode_is_one_group_and_admin_groups_carry_names(store):
+def test_modes_are_the_speed_prefixes_and_admin_groups_carry_names(any_store):
     from mjctl.stats import compute_stats
     from mjctl.tasks import TaskFilter
 
     make_tasks()
-    mode = compute_stats(TaskFilter(), "mode")["groups"]
-    assert len(mode) == 1 and mode[0]["key"] is None and mode[0]["tasks"] == 60
+    mode = {g["key"]: g["tasks"] for g in compute_stats(TaskFilter(), "mode")["groups"]}
+    assert mode == {"fast": 12, "relax": 12, "default": 36}
     channels = compute_stats(TaskFilter(), "channel")["groups"]
     assert {g["name"] for g in channels} == {"one", "two"}
     users = compute_stats(TaskFilter(), "user")["groups"]

@@ -79,9 +79,9 @@ def _document(ctx: AppContext) -> None:
     summary = api.schema("StatsSummary", {"type": "object", "required": list(stats.FIELDS),
                                           "properties": summary_props})
     group = {"allOf": [summary, {"type": "object", "required": ["key"], "properties": {
-        "key": {"type": ["string", "integer", "null"],
-                "description": "The day (YYYY-MM-DD, UTC), hour (YYYY-MM-DDTHH:00Z), action, status, channel id or "
-                               "user id; null for mode (tasks record no mode: one group)."},
+        "key": {"type": ["string", "integer"],
+                "description": "The day (YYYY-MM-DD, UTC), hour (YYYY-MM-DDTHH:00Z), action, status, mode (fast, "
+                               "relax, turbo or default), channel id or user id."},
         "start": {"type": "integer", "description": "Day and hour groups: the bucket's first second (epoch)."},
         "name": {"type": ["string", "null"], "description": "Channel and user groups: the name."}}}]}
     api.schema("Stats", {
