@@ -9,8 +9,9 @@ Two kinds, chosen by where the truth lives:
   several would need summing across hosts. Read from the tables, every worker answers the same numbers,
   they equal the store by construction (submitted = task rows, refunds = refund ledger entries, through
   task.quota_refunded, which a trigger keeps from the ledger) and they never reset on a restart. The cost is
-  one aggregate over the task table per scrape (GROUP BY channel, action and status: ~0.2–0.5 s on a
-  million tasks on SQLite, less on PostgreSQL), paid only when Prometheus asks.
+  one aggregate over the task table per scrape (GROUP BY channel, action, status and mode), paid only when
+  Prometheus asks: on a million tasks ~0.3 s on PostgreSQL and 1–2 s on SQLite, which sorts every row to
+  group them (measured on a busy 2-CPU machine); such a store is best scraped every 30 s or more.
 - **What happens inside a process is counted in that process**: upstream request durations, poll cycle
   durations, HTTP requests and their durations, image cache hits and misses. `mjctl serve` runs several
   processes (its workers and, in the parent, the poller), so it points ``PROMETHEUS_MULTIPROC_DIR`` at a
