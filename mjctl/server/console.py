@@ -7,7 +7,6 @@ their own tasks, an administrator all tasks, narrowed by ``channel_id`` and ``us
 
 from __future__ import annotations
 
-import logging
 import time
 
 import bottle
@@ -18,8 +17,6 @@ from mjctl.server.app import AppContext, ok
 from mjctl.server.auth import authenticate_request, require_admin
 from mjctl.server.openapi import error_responses, json_response, query_param
 from mjctl.tasks import MAX_FILTER_LEN, TaskFilter
-
-log = logging.getLogger("mjctl.server")
 
 STATS_FAILED = "Failed to compute the statistics"
 EXPORT_FAILED = "Failed to export the tasks"
