@@ -24,7 +24,7 @@ standard errors); a filter whose matches are thin in their id range (one user am
 a group with fewer than :data:`MIN_SAMPLE` sampled durations reports null rather than a guess. Why not in
 SQL: SQLite has no percentile function, MariaDB only its window form (a sort of every matching row), and
 PostgreSQL's exact ``percentile_cont`` sorts every duration of every group, which bench/stats.py measured
-at 2.5–4.3x the counting aggregate on a million tasks, against 1.0–1.3x for the sample.
+at 1.9–4.3x the counting aggregate on a million tasks, against 1.0–1.3x for the sample.
 
 Day and hour groups are UTC; their keys are ``YYYY-MM-DD`` and ``YYYY-MM-DDTHH:00Z`` and each carries
 ``start`` (epoch seconds). The mode is the speed prefix a task was submitted through (``/mj-fast``, …),
