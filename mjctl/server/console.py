@@ -12,7 +12,7 @@ import time
 import bottle
 
 from mjctl import export, metrics, stats
-from mjctl.server.api import MAX_WORD_LEN, query_int, query_text, read_listing
+from mjctl.server.api import MAX_WORD_LEN, query_text, read_listing
 from mjctl.server.app import AppContext, ok
 from mjctl.server.auth import authenticate_request, require_admin
 from mjctl.server.openapi import error_responses, json_response, query_param
@@ -24,14 +24,12 @@ METRICS_FAILED = "Failed to read the metrics"
 
 
 def read_scope() -> tuple[TaskFilter, bool]:
-    """The caller's filter and whether it sees every task (admin): the listing's parameters, plus
-    channel_id and user_id for administrators; a user's filter is fixed to their own tasks, last."""
+    """The caller's filter and whether it sees every task (admin): the listing's parameters (channel_id and
+    user_id for administrators); a user's filter is fixed to their own tasks, last."""
     user = authenticate_request(bottle.request)
     admin = user.is_admin
     filters, _page, _size = read_listing(admin=admin)
-    if admin:
-        filters.user_id = query_int(bottle.request.query, "user_id", minimum=0, meaning="a user id (a whole number)")
-    else:
+    if not admin:
         filters.user_id = user.id
     return filters, admin
 
