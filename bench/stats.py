@@ -14,7 +14,7 @@ days hold about 333,000):
    sample.
 
 Rounds alternate floor and measured; medians are printed with the ratio (target <= 1.5x, and under 1 s
-absolute on SQLite). Then the write cost of what migration 9 added: a refund's transaction with the
+absolute on SQLite). Then the write cost of what migration 10 added: a refund's transaction with the
 ledger trigger against the same transaction with the trigger dropped, in alternating blocks. (PostgreSQL's
 statistics on the day and hour buckets cost writes nothing; SQLite and MariaDB get no new index.)
 """
@@ -128,7 +128,7 @@ def refund_cost(url: str, n: int) -> dict:
         elif on:
             from mjctl.db import MIGRATIONS
 
-            dict((v, f) for v, _, f in MIGRATIONS)[9](db)  # puts the trigger back (idempotent)
+            dict((v, f) for v, _, f in MIGRATIONS)[10](db)  # puts the trigger back (idempotent)
         else:
             database.execute_sql("DROP TRIGGER ledger_refund_tally")
 

@@ -183,21 +183,18 @@ def store_totals() -> dict[str, Any]:
     the poll claims' times."""
     from peewee import Case, fn
 
-    from mjctl.db import database
     from mjctl.models import FINISHED_STATUSES, Channel, PollClaim, Task
-    from mjctl.stats import mode_expression, mode_name
 
     names = dict(Channel.select(Channel.id, Channel.name).tuples())
-    mode = mode_expression(database.obj)
-    rows = (Task.select(Task.channel_id, Task.action, Task.status, mode, fn.COUNT(Task.id), fn.SUM(Task.quota),
+    rows = (Task.select(Task.channel_id, Task.action, Task.status, Task.mode, fn.COUNT(Task.id), fn.SUM(Task.quota),
                         fn.SUM(Task.quota_refunded), fn.SUM(Case(None, [(Task.quota_refunded > 0, 1)], 0)))
-            .group_by(Task.channel_id, Task.action, Task.status, mode).tuples())
+            .group_by(Task.channel_id, Task.action, Task.status, Task.mode).tuples())
     out: dict[str, Any] = {"submitted": {}, "finished": {}, "unfinished": {}, "refunds": 0, "quota_charged": 0,
                            "quota_refunded": 0, "polled_at": {}}
-    for channel_id, action, status, prefix, count, quota, refunded, refunds in rows:
+    for channel_id, action, status, mode, count, quota, refunded, refunds in rows:
         channel = names.get(channel_id, str(channel_id))
         count, quota, refunded, refunds = int(count), int(quota or 0), int(refunded or 0), int(refunds or 0)
-        submitted = (action, channel, mode_name(prefix))
+        submitted = (action, channel, mode or "")
         out["submitted"][submitted] = out["submitted"].get(submitted, 0) + count
         bucket = "finished" if status in FINISHED_STATUSES else "unfinished"
         label = (status, channel) if bucket == "finished" else channel
@@ -221,7 +218,7 @@ class StoreCollector:
 
         totals = store_totals()
         submitted = CounterMetricFamily("mjctl_tasks_submitted", "Tasks recorded (every task row), by action, "
-                                        "channel and speed mode (fast, relax, turbo or default).",
+                                        "channel and speed (FAST, RELAX, TURBO; empty when none was named).",
                                         labels=["action", "channel", "mode"])
         for (action, channel, mode), n in sorted(totals["submitted"].items()):
             submitted.add_metric([action, channel, mode], n)

@@ -134,7 +134,7 @@ class Task(BaseModel):
     # The generation speed it was submitted for (FAST, RELAX, TURBO), "" when the caller named none.
     mode = CharField(max_length=16, default="", constraints=[SQL("DEFAULT ''")])
     # Quota given back for this task (the sum of its refund ledger entries), kept by a database trigger on
-    # the ledger (migration 9): quota charged for a task is quota + quota_refunded, readable in one scan.
+    # the ledger (migration 10): quota charged for a task is quota + quota_refunded, readable in one scan.
     quota_refunded = BigIntegerField(default=0, constraints=[SQL("DEFAULT 0")])
 
     class Meta:

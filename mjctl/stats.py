@@ -7,7 +7,7 @@ quota_refunded and the 50th and 95th percentiles of queue time (start − submit
 (finish − start).
 
 Everything comes from one aggregate statement over the task table. Quota charged is quota +
-quota_refunded (a refund sets a task's quota to 0; migration 9 keeps quota_refunded from the ledger), so
+quota_refunded (a refund sets a task's quota to 0; migration 10 keeps quota_refunded from the ledger), so
 no join is needed.
 
 Percentiles are exact when the filter matches at most :data:`SAMPLE_LIMIT` tasks (their durations are read
@@ -27,10 +27,8 @@ PostgreSQL's exact ``percentile_cont`` sorts every duration of every group, whic
 at 1.9–4.3x the counting aggregate on a million tasks, against 1.0–1.3x for the sample.
 
 Day and hour groups are UTC; their keys are ``YYYY-MM-DD`` and ``YYYY-MM-DDTHH:00Z`` and each carries
-``start`` (epoch seconds). The mode is the speed prefix a task was submitted through (``/mj-fast``, …),
-which the relay keeps in the task's properties as ``speedPrefix``: keys ``fast``, ``relax``, ``turbo``, or
-``default`` for none. Grouping by it reads that one key out of the JSON of the tasks that have it (a
-``LIKE`` first, so the others cost a substring test).
+``start`` (epoch seconds). Mode keys are the speed a task was submitted for (``FAST``, ``RELAX``,
+``TURBO``), ``""`` when none was named.
 """
 
 from __future__ import annotations
@@ -147,48 +145,13 @@ def _prime_at_least(n: int) -> int:
 def _key_expression(group_by: str | None, db: peewee.Database):
     if group_by is None:
         return None
-    if group_by == "mode":
-        return mode_expression(db)
     if group_by in TIME_GROUPS:
         width = TIME_GROUPS[group_by]
         if isinstance(db, peewee.MySQLDatabase):
             return NodeList((Task.submit_time, SQL("DIV"), width))
         return Task.submit_time / width  # integer division on SQLite and PostgreSQL (both sides integers)
-    return {"action": Task.action, "status": Task.status, "channel": Task.channel_id, "user": Task.user_id}[group_by]
-
-
-#: The speed prefixes a relay submission may come through, by the mode they select.
-MODES = {"/mj-fast": "fast", "/mj-relax": "relax", "/mj-turbo": "turbo"}
-DEFAULT_MODE = "default"  # no prefix: the upstream's own default speed
-
-
-def mode_expression(db: peewee.Database):
-    """SQL for a task's speed prefix (its properties' ``speedPrefix``; NULL when it has none). Only rows
-    whose text mentions the key are parsed; mjctl writes that key itself (reports never take it from an
-    upstream), always as valid JSON."""
-    mentions = NodeList((Task.properties, SQL("LIKE"), "%speedPrefix%"))  # peewee's LIKE is GLOB on SQLite
-    if isinstance(db, peewee.PostgresqlDatabase):
-        value = NodeList((Task.properties.cast("jsonb"), SQL("->>"), "speedPrefix"))
-    elif isinstance(db, peewee.MySQLDatabase):
-        mentions = mentions & fn.JSON_VALID(Task.properties)
-        value = fn.JSON_UNQUOTE(fn.JSON_EXTRACT(Task.properties, "$.speedPrefix"))
-    else:
-        mentions = mentions & fn.json_valid(Task.properties)
-        value = fn.json_extract(Task.properties, "$.speedPrefix")
-    return Case(None, [(mentions, value)], None)
-
-
-def mode_name(prefix: str | None) -> str:
-    """fast, relax, turbo, or default (no prefix, or one mjctl does not know)."""
-    return MODES.get(prefix or "", DEFAULT_MODE)
-
-
-def _merge_keys(groups: dict[Any, _Acc], name: Callable[[Any], Any]) -> dict[Any, _Acc]:
-    """groups under new keys, merging the groups that get the same one."""
-    out: dict[Any, list[_Acc]] = {}
-    for key, acc in groups.items():
-        out.setdefault(name(key), []).append(acc)
-    return {key: accs[0] if len(accs) == 1 else _merge(accs) for key, accs in out.items()}
+    return {"action": Task.action, "status": Task.status, "mode": Task.mode, "channel": Task.channel_id,
+            "user": Task.user_id}[group_by]
 
 
 def _when(condition):
@@ -259,8 +222,6 @@ def _summary(acc: _Acc) -> dict[str, Any]:
 def _group_list(group_by: str | None, groups: dict[Any, _Acc], filters: TaskFilter) -> list[dict[str, Any]]:
     if group_by is None:
         return []
-    if group_by == "mode":
-        groups = _merge_keys(groups, mode_name)
     if group_by in TIME_GROUPS:
         return _time_groups(group_by, groups, filters)
     rows = [{"key": key, **_summary(acc)} for key, acc in groups.items()]

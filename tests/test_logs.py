@@ -3,6 +3,7 @@ answer carries X-Request-Id; text lines are timestamped; secrets never reach a l
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import re
@@ -111,7 +112,7 @@ def test_the_bridges_own_refusals_carry_a_request_id_too(store):
     from mjctl.httpserver import ServerThread
     from mjctl.server import make_bridge
 
-    store.values["server"]["max_body_bytes"] = 100
+    store.server = dataclasses.replace(store.server, max_body_bytes=100)
     with ServerThread(make_bridge(store)) as server, socket.create_connection(("127.0.0.1", server.port)) as sock:
         sock.sendall(b"POST /mj/submit/imagine HTTP/1.1\r\nHost: x\r\nContent-Length: 5000\r\n\r\n")
         head = b""

@@ -36,7 +36,7 @@ def make_tasks(n: int = 60):
             task = Task.create(user_id=user.id, channel_id=(ch1 if i % 2 else ch2).id, mj_id=f"t{i}",
                                action="IMAGINE" if i % 4 else "UPSCALE", status=status, submit_time=submit,
                                start_time=start, finish_time=finish, quota=0, unfinished=int(status == "IN_PROGRESS"),
-                               properties=SPEEDS[i % len(SPEEDS)])
+                               mode=MODES[i % len(MODES)])
             accounts.charge(user.id, 100 + i, task_id=task.id, reason="test")
             Task.update(quota=100 + i).where(Task.id == task.id).execute()
             if status == "FAILURE":
@@ -45,9 +45,7 @@ def make_tasks(n: int = 60):
     return alice, bob, (ch1, ch2)
 
 
-#: properties as the relay writes them: a speed prefix for some tasks (and other keys beside it)
-SPEEDS = ['{"speedPrefix":"/mj-fast"}', "", '{"finalPrompt":"speedPrefix","speedPrefix":"/mj-relax"}', "",
-          '{"finalPrompt":"a cat"}']
+MODES = ["FAST", "", "RELAX", "", ""]  # the speed each task was submitted for ("" when none was named)
 
 FILTERS = [
     {}, {"status": "SUCCESS"}, {"action": "UPSCALE"}, {"start": BASE + DAY}, {"end": BASE + DAY},
@@ -117,13 +115,13 @@ def test_day_groups_are_utc_days_with_the_empty_ones_listed(store):
     assert [g["key"] for g in hours] == [time.strftime("%Y-%m-%dT%H:00Z", time.gmtime(BASE))]
 
 
-def test_modes_are_the_speed_prefixes_and_admin_groups_carry_names(any_store):
+def test_modes_are_the_submitted_speeds_and_admin_groups_carry_names(any_store):
     from mjctl.stats import compute_stats
     from mjctl.tasks import TaskFilter
 
     make_tasks()
     mode = {g["key"]: g["tasks"] for g in compute_stats(TaskFilter(), "mode")["groups"]}
-    assert mode == {"fast": 12, "relax": 12, "default": 36}
+    assert mode == {"FAST": 12, "RELAX": 12, "": 36}
     channels = compute_stats(TaskFilter(), "channel")["groups"]
     assert {g["name"] for g in channels} == {"one", "two"}
     users = compute_stats(TaskFilter(), "user")["groups"]
@@ -150,7 +148,7 @@ def test_a_large_match_is_sampled_evenly_across_a_periodic_pattern(any_store, mo
     assert abs(result["totals"]["run_seconds_p50"] - truth["run_seconds_p50"]) <= 10
 
 
-def test_refunded_quota_is_backfilled_from_the_ledger_by_migration_9(store):
+def test_refunded_quota_is_backfilled_from_the_ledger_by_migration_10(store):
     """A store whose refunds predate the column (trigger dropped, column zeroed) gets the ledger's sums."""
     from mjctl.db import MIGRATIONS, database, write_tx
     from mjctl.models import Task
@@ -161,8 +159,8 @@ def test_refunded_quota_is_backfilled_from_the_ledger_by_migration_9(store):
     database.execute_sql("DROP TRIGGER ledger_refund_tally")
     database.execute_sql("UPDATE task SET quota_refunded = 0")
     with write_tx():
-        dict((v, f) for v, _, f in MIGRATIONS)[9](database.obj)
-        dict((v, f) for v, _, f in MIGRATIONS)[9](database.obj)  # twice: each step can run again
+        dict((v, f) for v, _, f in MIGRATIONS)[10](database.obj)
+        dict((v, f) for v, _, f in MIGRATIONS)[10](database.obj)  # twice: each step can run again
     assert {t.id: t.quota_refunded for t in Task.select()} == before
 
 

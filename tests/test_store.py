@@ -299,6 +299,6 @@ def test_the_old_poller_lease_table_is_dropped_on_upgrade(any_store):
     db.database.execute_sql("CREATE TABLE lease (name VARCHAR(64) PRIMARY KEY, holder VARCHAR(128), expires_at REAL)")
     SchemaVersion.delete().where(SchemaVersion.version >= 5).execute()
     assert db.current_version() == 4
-    assert db.migrate() == [v for v, _, _ in db.MIGRATIONS if v >= 5]  # the later ones run again, harmlessly
+    assert db.migrate() == list(range(5, db.latest_version() + 1))  # the later ones run again, harmlessly
     assert "lease" not in db.database.get_tables()
     assert db.migrate() == []

@@ -89,7 +89,7 @@ def render_stats(data: dict) -> None:
         key = group["key"]
         if tty and group.get("name"):
             key = f"{group['name']} ({key})"
-        rows.append([("-" if key is None else key), group["tasks"], group["success"], group["failure"],
+        rows.append([("-" if key in (None, "") else key), group["tasks"], group["success"], group["failure"],
                      group["cancel"], group["unfinished"], _rate(group["success_rate"]), group["quota_charged"],
                      group["quota_refunded"], *(_seconds(group[name]) for name in (
                          "queue_seconds_p50", "queue_seconds_p95", "run_seconds_p50", "run_seconds_p95"))])

@@ -75,8 +75,8 @@ def _document(ctx: AppContext) -> None:
                                           "properties": summary_props})
     group = {"allOf": [summary, {"type": "object", "required": ["key"], "properties": {
         "key": {"type": ["string", "integer"],
-                "description": "The day (YYYY-MM-DD, UTC), hour (YYYY-MM-DDTHH:00Z), action, status, mode (fast, "
-                               "relax, turbo or default), channel id or user id."},
+                "description": "The day (YYYY-MM-DD, UTC), hour (YYYY-MM-DDTHH:00Z), action, status, mode (FAST, "
+                               "RELAX, TURBO, or \"\" when none was named), channel id or user id."},
         "start": {"type": "integer", "description": "Day and hour groups: the bucket's first second (epoch)."},
         "name": {"type": ["string", "null"], "description": "Channel and user groups: the name."}}}]}
     api.schema("Stats", {
