@@ -19,14 +19,17 @@ from __future__ import annotations
 
 import csv
 import io
-from collections.abc import Callable, Iterator
-from typing import Any
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
 
 from peewee import JOIN
 
 from mjctl.errors import UsageError
 from mjctl.models import Channel, Task, User
 from mjctl.tasks import ADMIN_FIELDS, LISTING_COLUMNS, USER_FIELDS, TaskFilter, TaskPage, TaskRow, page_envelope
+
+if TYPE_CHECKING:
+    from mjctl.images.urls import ResultLinks
 
 FORMATS = ("csv", "jsonl")
 BATCH = 1000
@@ -38,7 +41,7 @@ _FORMULA_START = frozenset("=+-@\t\r")  # a cell's first character that makes a 
 def check_format(value: str | None) -> str:
     fmt = (value or "csv").strip().lower()
     if fmt not in FORMATS:
-        raise UsageError(f"The export format must be csv or jsonl, not {value[:40]!r}.")
+        raise UsageError(f"The export format must be csv or jsonl, not {fmt[:40]!r}.")
     return fmt
 
 
@@ -46,7 +49,7 @@ def fields(*, admin: bool) -> tuple[str, ...]:
     return USER_FIELDS + (ADMIN_FIELDS + NAME_FIELDS if admin else ())
 
 
-def iter_batches(filters: TaskFilter, *, admin: bool, image_url: Callable | None = None,
+def iter_batches(filters: TaskFilter, *, admin: bool, image_url: ResultLinks | None = None,
                  batch: int = BATCH) -> Iterator[list[dict[str, Any]]]:
     """Lists of items (newest first) until every match has been given once."""
     from mjctl.db import connection

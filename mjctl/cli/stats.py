@@ -235,13 +235,14 @@ def export_tasks(
                     params["mj_id"] = mj_id
                 _copy_remote(settings, params, out, progress, fmt)
             else:
+                from mjctl.cli.tasks import image_links
                 from mjctl.tasks import count_tasks
 
                 filters, admin = _local_filter(st, mine=mine, user=user, channel=channel, status=status,
                                                action=action, since=since, until=until)
                 filters.mj_id = mj_id or None
                 task = progress.add_task("export", total=count_tasks(filters))
-                batches = _counted(export.iter_batches(filters, admin=admin, image_url=_image_url(settings)),
+                batches = _counted(export.iter_batches(filters, admin=admin, image_url=image_links(st)),
                                    progress, task)
                 for chunk in export.encode(batches, fmt, admin=admin):
                     _write(out, chunk, output is None)
@@ -250,12 +251,6 @@ def export_tasks(
             out.close()
         else:
             out.flush()
-
-
-def _image_url(settings):
-    from mjctl.images import image_url_for
-
-    return image_url_for(settings)
 
 
 def _counted(batches, progress, task):

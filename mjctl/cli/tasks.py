@@ -126,7 +126,7 @@ def list_(
         settings = st.open_store()
         f, admin = build_filter(mine=mine, user=user, channel=channel, mj_id=mj_id, status=status, action=action,
                                 start=start, end=end, token=settings.client.token, mode=mode)
-        envelope = page_envelope(list_tasks(f, page, page_size), admin=admin, image_url=_image_url(st))
+        envelope = page_envelope(list_tasks(f, page, page_size), admin=admin, image_url=image_links(st))
         names = _names(envelope["items"]) if admin and not json_out else None
     if page > 1 and not envelope["items"]:
         total = envelope["total"]
@@ -150,7 +150,7 @@ def _names(items: list[dict]) -> dict[str, dict[int, str]]:
             "channel": lookup(Channel, {i["channel_id"] for i in items})}
 
 
-def _image_url(st):
+def image_links(st):
     """The forwarded image URL of a task (None when [images] forward is off). Reading tasks never creates a
     server secret: without one, links are left out (one made here would not be the server's)."""
     from mjctl.images import image_url_for
@@ -192,7 +192,7 @@ def show(ctx: typer.Context, mj_id: TaskId, row: Row = None, raw: Raw = False, j
 
     st = state(ctx)
     st.open_store()
-    image_url = _image_url(st)
+    image_url = image_links(st)
     details = [task_detail(task, image_url=image_url) for task in tasks_named(mj_id, row)]
     _hide_push_links(details)
     if json_out:  # one task: its object, as always; several: a list of them, never one picked silently
