@@ -20,7 +20,8 @@ Two kinds, chosen by where the truth lives:
   any worker sums all of them. The folder is removed when `serve` ends: those counters start again at
   zero with the next run, which Prometheus's rate() reads as the reset it is.
 
-The core calls the ``observe_*`` functions; they cost a dictionary lookup and a lock when nothing scrapes.
+The core calls the ``observe_*`` functions (a dictionary lookup and a lock each); a process keeps what they
+report once it has called :func:`prepare`, as `mjctl serve`'s app and looping poller do when they start.
 """
 
 from __future__ import annotations
@@ -55,11 +56,11 @@ _lock = threading.Lock()
 _local: dict[str, Any] = {}
 
 
-def _metric(name: str) -> Any:
-    """This process's metric of that name, made on first use (after PROMETHEUS_MULTIPROC_DIR is known)."""
-    metric = _local.get(name)
-    if metric is not None:
-        return metric
+def prepare() -> None:
+    """Make this process's metrics, importing prometheus_client (after PROMETHEUS_MULTIPROC_DIR is known).
+    A server's app and a looping poller call it as they start, so that no request or cycle pays for it;
+    until a process has, what it observes is not kept: a one-shot command has nobody to report to, and
+    `mjctl poll` from cron does not load the library at all."""
     with _lock:
         if not _local:
             from prometheus_client import CollectorRegistry, Counter, Histogram
@@ -78,7 +79,6 @@ def _metric(name: str) -> Any:
                                     ["result"], registry=registry),
                 registry=registry,
             )
-    return _local[name]
 
 
 # -- what the core reports -----------------------------------------------------------------------------
@@ -95,6 +95,10 @@ def operation_of(path: str) -> str:
 @contextlib.contextmanager
 def upstream_timer(channel: str, path: str) -> Iterator[None]:
     """Time one upstream exchange; its outcome is ok or the kind of failure it raised."""
+    histogram = _local.get("upstream")
+    if histogram is None:
+        yield
+        return
     began = time.perf_counter()
     outcome = "ok"
     try:
@@ -103,7 +107,7 @@ def upstream_timer(channel: str, path: str) -> Iterator[None]:
         outcome = _outcome(exc)
         raise
     finally:
-        _metric("upstream").labels(channel or "-", operation_of(path), outcome).observe(time.perf_counter() - began)
+        histogram.labels(channel or "-", operation_of(path), outcome).observe(time.perf_counter() - began)
 
 
 def _outcome(exc: BaseException) -> str:
@@ -117,17 +121,20 @@ def _outcome(exc: BaseException) -> str:
 
 def observe_poll_cycle(summary: Any) -> None:
     """A looping poller's cycle (its summary's duration)."""
-    _metric("poll").observe(float(getattr(summary, "duration", 0.0) or 0.0))
+    if "poll" in _local:
+        _local["poll"].observe(float(getattr(summary, "duration", 0.0) or 0.0))
 
 
 def observe_request(route: str, status: str, seconds: float) -> None:
     """One HTTP answer: route is the matched pattern (never the raw path), status its code."""
-    _metric("http_total").labels(route, status).inc()
-    _metric("http_seconds").labels(route).observe(seconds)
+    if "http_total" in _local:
+        _local["http_total"].labels(route, status).inc()
+        _local["http_seconds"].labels(route).observe(seconds)
 
 
 def observe_image_cache(hit: bool) -> None:
-    _metric("image_cache").labels("hit" if hit else "miss").inc()
+    if "image_cache" in _local:
+        _local["image_cache"].labels("hit" if hit else "miss").inc()
 
 
 # -- one run of `mjctl serve` -----------------------------------------------------------------------------
@@ -159,11 +166,11 @@ def render() -> bytes:
     if os.environ.get(MULTIPROC_ENV):
         from prometheus_client import multiprocess
 
-        _metric("registry")  # make this process's metrics, so an unused kind still shows (at zero)
+        prepare()  # this process's metrics, so an unused kind still shows (at zero)
         multiprocess.MultiProcessCollector(registry)
     else:
-        local = _metric("registry")
-        registry.register(_Forward(local))
+        prepare()
+        registry.register(_Forward(_local["registry"]))
     registry.register(StoreCollector())
     return generate_latest(registry)
 

@@ -515,6 +515,7 @@ def run_loop(settings: Settings, stop_event: threading.Event, every: float | Non
     import schedule
 
     interval = float(every if every is not None else settings.poller.interval)
+    metrics.prepare()
     scheduler = schedule.Scheduler()
 
     def job() -> None:

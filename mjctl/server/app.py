@@ -280,6 +280,7 @@ def create_app(settings: Settings, *, extra: Iterable[Installer] = ()) -> bottle
     and benchmarks add routes this way). The store must already be bound (``mjctl.db.open_store``)."""
     ctx = AppContext(settings=settings)
     app = MjctlApp(ctx)
+    metrics.prepare()
     # Routes return dicts; orjson encodes them (a 20-item page: 9 us against json's 100 us).
     app.uninstall(bottle.JSONPlugin)
     app.install(bottle.JSONPlugin(json_dumps=orjson.dumps))
