@@ -14,8 +14,8 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.helpers import wait_until
-from tests.relay_fixtures import start_relay
+from tests.helpers import free_port, wait_until
+from tests.relay_helpers import start_relay
 
 
 def samples(text: str) -> dict[str, list]:
@@ -139,14 +139,7 @@ def test_image_cache_results_are_counted(store):
                                                                           result="miss") == 2
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
+@pytest.mark.slow
 def test_serve_workers_sum_their_metrics_and_the_run_folder_goes_away(tmp_path):
     """Two worker processes answer requests; every scrape, whichever worker answers it, counts them all."""
     port = free_port()
