@@ -111,12 +111,27 @@ def seed(url: str, tasks: int = 1_000_000, users: int = 10_000, channels: int = 
 
 def _copy_postgres(database, rows, chunk: int = 100_000) -> None:
     """COPY in chunks (about 10x faster than insert_many), the per-row count trigger off meanwhile and the
-    counts rebuilt once at the end. Seeded text holds no tab, newline or backslash, so no escaping."""
+    counts rebuilt once at the end. Seeded text holds no tab, newline or backslash, so no escaping.
+
+    Into an empty table the secondary indexes are dropped first and built again once the rows are in (one
+    sort each instead of ten million scattered inserts), and the rows are copied frozen: TRUNCATE in the
+    same transaction lets COPY mark them visible to everyone, so index-only scans work at once without a
+    VACUUM over the whole table. Ten million tasks take about (measured in the README) minutes this way."""
     import io
 
     conn = database.connection()
-    sql = f"COPY task ({', '.join(COLUMNS)}) FROM STDIN"
+    empty = database.execute_sql("SELECT NOT EXISTS (SELECT 1 FROM task)").fetchone()[0]
+    sql = f"COPY task ({', '.join(COLUMNS)}) FROM STDIN" + (" WITH (FREEZE)" if empty else "")
     with database.atomic():
+        indexes = []
+        if empty:
+            indexes = database.execute_sql(
+                "SELECT c.relname, pg_get_indexdef(i.indexrelid) FROM pg_index i "
+                "JOIN pg_class c ON c.oid = i.indexrelid WHERE i.indrelid = 'task'::regclass "
+                "AND NOT i.indisprimary").fetchall()
+            database.execute_sql("TRUNCATE task")
+            for name, _ in indexes:
+                database.execute_sql(f'DROP INDEX "{name}"')
         database.execute_sql("ALTER TABLE task DISABLE TRIGGER task_count_trigger")
         with conn.cursor() as cur:
             while True:
@@ -132,12 +147,15 @@ def _copy_postgres(database, rows, chunk: int = 100_000) -> None:
                     break
                 buf.seek(0)
                 cur.copy_expert(sql, buf)
+        database.execute_sql("SET LOCAL maintenance_work_mem = '512MB'")
+        for _, definition in indexes:
+            database.execute_sql(definition)
         database.execute_sql("ALTER TABLE task ENABLE TRIGGER task_count_trigger")
         database.execute_sql("DELETE FROM task_count")
         database.execute_sql("INSERT INTO task_count (channel_id, n) SELECT 0, COUNT(*) FROM task")
         database.execute_sql("INSERT INTO task_count (channel_id, n) SELECT channel_id, COUNT(*) FROM task "
                              "WHERE channel_id <> 0 GROUP BY channel_id")
-    database.execute_sql("ANALYZE task")
+    database.execute_sql("VACUUM ANALYZE task")
 
 
 def main() -> None:

@@ -186,6 +186,18 @@ class TaskCount(BaseModel):
         table_name = "task_count"
 
 
+class TaskChange(BaseModel):
+    """One counter (id 1) that triggers raise whenever a task row is deleted or its id, user, channel, upstream
+    id, action or submit time changes (migration 8): the deep-page anchors of mjctl.anchors are trusted only
+    while it stands still. Status and progress changes, and inserts, leave it alone."""
+
+    id = IntegerField(primary_key=True)
+    n = BigIntegerField(default=0)
+
+    class Meta:
+        table_name = "task_change"
+
+
 class PollClaim(BaseModel):
     """One channel's share of the polling work (mjctl.poller): a poller holds it while it polls that channel,
     until expires_at (renewed as batches complete), so several pollers split a cycle's channels between

@@ -112,16 +112,21 @@ for _index, _name in enumerate(LISTING_COLUMNS):
 del _index, _name
 
 
-def list_tasks(filters: TaskFilter, page: int = 1, page_size: int = DEFAULT_PAGE_SIZE) -> TaskPage:
+def list_tasks(filters: TaskFilter, page: int = 1, page_size: int = DEFAULT_PAGE_SIZE, *,
+               anchored: bool = True) -> TaskPage:
     """One page of tasks matching filters, newest first (id descending), with the total of all matches.
 
     The total rides along with the rows as a scalar subquery of the same statement: one round trip to the
     database instead of two (on PostgreSQL ~15% of an /api/mj/self request). A page with no rows (past
-    the end, or nothing matches) asks for the total on its own."""
+    the end, or nothing matches) asks for the total on its own. Deep pages start from a remembered row near
+    them (mjctl.anchors) unless anchored is False; the rows are the same either way."""
+    from mjctl import anchors
     from mjctl.db import compiled, database
 
     page, page_size = clamp_page(page, page_size)
     offset = (page - 1) * page_size
+    if anchored and anchors.applies(filters, offset):
+        return anchors.deep_page(filters, page, page_size)
     deferred = offset > 0
     count_key, count_params, count_query = _count_query(filters)
     sql, params = compiled(("page", deferred, count_key) + filters.shape(),
@@ -134,12 +139,13 @@ def list_tasks(filters: TaskFilter, page: int = 1, page_size: int = DEFAULT_PAGE
                     page_size=page_size)
 
 
-def _page_query(filters: TaskFilter, limit: int, offset: int, deferred: bool, total: peewee.Query):
-    """The rows of one page, each with the total as its last column. Past the first page the ids are chosen
-    first, from an index alone, and only those rows are read (a "deferred join"): skipping 40,000 matches
-    then steps over index entries instead of whole rows, on every backend, with the same rows in the same
-    order."""
-    columns = [getattr(Task, c) for c in LISTING_COLUMNS] + [total.alias("total")]
+def _page_query(filters: TaskFilter, limit: int, offset: int, deferred: bool, total: peewee.Query,
+                extra: tuple = ()):
+    """The rows of one page, each with the total (and then the extra columns) after its own. Past the first
+    page the ids are chosen first, from an index alone, and only those rows are read (a "deferred join"):
+    skipping 40,000 matches then steps over index entries instead of whole rows, on every backend, with
+    the same rows in the same order."""
+    columns = [getattr(Task, c) for c in LISTING_COLUMNS] + [total.alias("total"), *extra]
     if not deferred:
         return filters.where(Task.select(*columns)).order_by(Task.id.desc()).limit(limit).offset(offset)
     ids = filters.where(Task.select(Task.id)).order_by(Task.id.desc()).limit(limit).offset(offset).alias("page")
