@@ -299,13 +299,14 @@ def _check_statement(filters, high_id_then: int) -> tuple[str, list]:
 def _offset_statement(filters, limit: int, offset: int, high_id_then: int) -> tuple[str, list]:
     """The page read with OFFSET (tasks._page_query's deferred join), with the checks that record anchors."""
     from mjctl.db import compiled
-    from mjctl.tasks import _count_query, _page_query
+    from mjctl.tasks import _count_query, _page_query, range_first
 
     count_key, count_params, count_query = _count_query(filters)
+    by_range = range_first(filters)
 
     def build() -> peewee.Query:
         checks = _checks(filters, count_query(), high_id_then)
-        return _page_query(filters, limit, offset, True, checks[0], tuple(checks[1:]))
+        return _page_query(filters, limit, offset, True, checks[0], by_range, tuple(checks[1:]))
 
     params = _check_params(filters, count_params, high_id_then) + filters.params() + [limit, offset]
-    return compiled(("anchor-offset", count_key) + filters.shape(), build, params)
+    return compiled(("anchor-offset", by_range, count_key) + filters.shape(), build, params)

@@ -184,3 +184,28 @@ def test_the_change_counter_moves_on_deletions_and_identity_changes_only(any_sto
             before = counter()
     Task.delete().where(Task.id == 6).execute()
     assert counter() > before
+
+
+def test_time_ranges_far_back_are_read_range_first_with_the_same_rows(any_store, monkeypatch):
+    from mjctl import tasks as tasks_module
+
+    monkeypatch.setattr(tasks_module, "RANGE_FIRST_FROM", 5)
+    rng = random.Random(5)
+    alice, _ = accounts.create_user("alice")
+    Tasks(rng, [alice.id])
+    rows = [dict(user_id=alice.id, channel_id=1 + i % 2, mj_id=f"r{i}", status="SUCCESS", progress="100%",
+                 submit_time=BASE_TIME + i * 10 + rng.randint(-200, 200), unfinished=0) for i in range(120)]
+    Task.insert_many(rows).execute()  # submit times follow the ids, loosely
+    cases = [(TaskFilter(start=BASE_TIME, end=BASE_TIME + 300), True),
+             (TaskFilter(channel_id=2, start=BASE_TIME + 200, end=BASE_TIME + 600), True),
+             (TaskFilter(start=BASE_TIME + 1150), False),  # reaches the newest: walked from the top
+             (TaskFilter(start=BASE_TIME + 1000, end=BASE_TIME + 1400), False),  # none submitted after it
+             (TaskFilter(user_id=alice.id, start=BASE_TIME, end=BASE_TIME + 300), False)]
+    for filters, by_range in cases:
+        assert tasks_module.range_first(filters) is by_range, filters
+        expected = [t.id for t in filters.where(Task.select()).order_by(Task.id.desc())]
+        assert expected, filters
+        for size in (1, 4):
+            pages = [list_tasks(filters, n, size, anchored=False) for n in range(1, len(expected) // size + 2)]
+            assert [row.id for page in pages for row in page.items] == expected, (filters, size)
+            assert {page.total for page in pages} == {len(expected)}
