@@ -1,29 +1,46 @@
-"""Scaling out: /api/mj/self on PostgreSQL with 1 and 2 worker processes, against SQLite in one process.
+"""Scale: the listings on PostgreSQL with 1 and 2 worker processes, against SQLite in one process, up to ten
+million tasks; and the poller on that store.
 
     python bench/scale.py [--pg-url postgresql://postgres@127.0.0.1:5432/postgres] [--tasks 1000000]
-                          [--seconds 5] [--connections 16] [--threads 16]
+                          [--pg-database NAME] [--drop] [--no-sqlite] [--workers 1,2] [--seconds 5] [--rounds 3]
+                          [--connections 16] [--threads 16] [--unfinished 100000] [--poll-tasks 10000]
 
-1. Seeds 1,000,000 tasks over 10,000 users (bench/seed.py) into a SQLite file and into a PostgreSQL
-   database `mjctl_bench_scale` on the server of --pg-url; both are kept and reused by later runs.
-2. Runs `mjctl serve --no-poll` as a real process for each case (SQLite with 1 worker, PostgreSQL with
-   --workers 1 and --workers 2; same threads; pool_size = threads) and drives GET /api/mj/self with
-   bench/api.py's load generator (a separate process, one request in flight per connection, 16 users).
-3. Prints each case's throughput and latency, and the ratios against the SQLite single-process figure
-   measured in the same run.
-4. The poll cycle for 10,000 unfinished tasks with 1 and 3 pollers (upstream requests and wall time),
-   through bench/poll.py's run_pollers.
+1. Seeds --tasks tasks over 10,000 users (bench/seed.py, COPY on PostgreSQL: ten million in about 4.5
+   minutes) into a SQLite file (unless --no-sqlite) and into the PostgreSQL database --pg-database
+   (default mjctl_bench_scale, or mjctl_bench_scale_<N> for N other than a million) on the server of
+   --pg-url; both are kept and reused by later runs, unless --drop drops the database at the end.
+2. Runs `mjctl serve --no-poll` as a real process for each store (SQLite with 1 worker, PostgreSQL with
+   each of --workers; same threads; pool_size = threads) and drives each case with bench/api.py's load
+   generator (a separate process, one request in flight per connection): GET /healthz (the floor: one
+   round trip to the database), GET /api/mj/self for 16 users, and on PostgreSQL the admin listings of
+   one channel, of one day (the newest, and one 45 days back), of one upstream id, of all three at once
+   (the document's example request), and p=2000.
+3. Prints each case's throughput and latency, as ratios against the floor and against SQLite's
+   /api/mj/self measured in the same run; checks every listing's total against a COUNT of its own.
+4. The poller on the PostgreSQL store (--unfinished > 0): the idle cycle (nothing unfinished, median of
+   200), then --unfinished tasks held by a simulator in its own process (bench/poll.py), stored
+   unfinished over 4 channels and the seeded users (then ANALYZE) and polled: the steady cycle of a
+   looping poller against the floor of the same upstream requests made by a bare httpx loop (best of each
+   over --poll-rounds). Those tasks are deleted again afterwards.
+5. Work sharing: one round of 1 and of 3 pollers over --poll-tasks unfinished tasks on a fresh SQLite file
+   (bench/poll.py's run_pollers): upstream requests, which must not grow with the pollers.
 
-The access log is off in every case (it costs the same everywhere).
+Targets at ten million tasks: /api/mj/self p99 < 50 ms; the document's example request (channel, one day,
+upstream id) p99 < 100 ms; every total exact; the steady poll cycle <= 1.5x its floor; the idle cycle
+< 5 ms. The access log is off in every case (it costs the same everywhere).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 from urllib.parse import urlparse, urlunparse
@@ -34,7 +51,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
-PG_DATABASE = "mjctl_bench_scale"
+DAY = 86400
 
 
 def free_port() -> int:
@@ -45,38 +62,59 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def pg_database_url(server_url: str) -> str:
-    return urlunparse(urlparse(server_url)._replace(path="/" + PG_DATABASE))
+def pg_database_url(server_url: str, name: str) -> str:
+    return urlunparse(urlparse(server_url)._replace(path="/" + name))
 
 
-def ensure_pg_database(server_url: str) -> bool:
-    """Create the bench database when missing; True when it already exists."""
+def _pg_admin(server_url: str):
     import psycopg2
 
     parts = urlparse(server_url)
     admin = psycopg2.connect(host=parts.hostname, port=parts.port or 5432, user=parts.username or "postgres",
                              password=parts.password, dbname=parts.path.lstrip("/") or "postgres")
     admin.autocommit = True
+    return admin
+
+
+def ensure_pg_database(server_url: str, name: str) -> bool:
+    """Create the bench database when missing; True when it already exists."""
+    admin = _pg_admin(server_url)
     with admin.cursor() as cur:
-        cur.execute("SELECT 1 FROM pg_database WHERE datname = %s", (PG_DATABASE,))
+        cur.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,))
         exists = cur.fetchone() is not None
         if not exists:
-            cur.execute(f'CREATE DATABASE "{PG_DATABASE}"')
+            cur.execute(f'CREATE DATABASE "{name}"')
     admin.close()
     return exists
 
 
-def seeded_count(url: str) -> int:
+def drop_pg_database(server_url: str, name: str) -> None:
+    admin = _pg_admin(server_url)
+    with admin.cursor() as cur:
+        cur.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (name,))
+        cur.execute(f'DROP DATABASE IF EXISTS "{name}"')
+    admin.close()
+
+
+@contextlib.contextmanager
+def opened(url: str) -> Iterator[None]:
+    """The store at url, bound to the models for the with block."""
     from mjctl.config import load_settings
     from mjctl.db import open_store, unbind
-    from mjctl.models import TaskCount
 
     open_store(load_settings(None, {("database", "url"): url}))
     try:
-        row = TaskCount.get_or_none(TaskCount.channel_id == 0)
-        return row.n if row else 0
+        yield
     finally:
         unbind()
+
+
+def seeded_count(url: str) -> int:
+    from mjctl.models import TaskCount
+
+    with opened(url):
+        row = TaskCount.get_or_none(TaskCount.channel_id == 0)
+        return row.n if row else 0
 
 
 def prepare(url: str, tasks: int, users: int, exists: bool) -> None:
@@ -92,17 +130,55 @@ def prepare(url: str, tasks: int, users: int, exists: bool) -> None:
     print(f"  seeded in {time.perf_counter() - began:.0f} s", file=sys.stderr)
 
 
-def tokens_for(url: str, n: int) -> list[str]:
-    """Fresh tokens for n users (a seeded database keeps only hashes)."""
+def tokens_for(url: str, n: int) -> tuple[list[str], list[str]]:
+    """Fresh tokens (a seeded database keeps only hashes): the admin's, and one for each of n users."""
     from mjctl import accounts
-    from mjctl.config import load_settings
-    from mjctl.db import open_store, unbind
 
-    open_store(load_settings(None, {("database", "url"): url}))
-    try:
-        return [accounts.issue_token(f"user{i}") for i in range(2, 2 + n)]
-    finally:
-        unbind()
+    with opened(url):
+        return [accounts.issue_token("admin")], [accounts.issue_token(f"user{i}") for i in range(2, 2 + n)]
+
+
+def admin_cases(url: str) -> list[tuple[str, str, dict]]:
+    """(name, path, query) of the admin listings, built from what the store holds: a task 45 days back
+    gives the older day, its channel and its upstream id."""
+    from mjctl.models import Task
+
+    with opened(url):
+        newest = Task.select(Task.id, Task.submit_time).order_by(Task.id.desc()).first()
+        back = newest.submit_time - 45 * DAY
+        task = Task.select().where(Task.submit_time <= back).order_by(Task.submit_time.desc()).first()
+    day = {"start_timestamp": task.submit_time - DAY // 2, "end_timestamp": task.submit_time + DAY // 2}
+    return [
+        ("/api/mj/?channel_id", "/api/mj/", {"channel_id": task.channel_id}),
+        ("/api/mj/ one day, the newest", "/api/mj/",
+         {"start_timestamp": newest.submit_time - DAY, "end_timestamp": newest.submit_time}),
+        ("/api/mj/ one day, 45 days back", "/api/mj/", day),
+        ("/api/mj/?mj_id", "/api/mj/", {"mj_id": task.mj_id}),
+        ("/api/mj/ channel, day, mj_id", "/api/mj/", {"channel_id": task.channel_id, "mj_id": task.mj_id, **day}),
+        ("/api/mj/?p=2000", "/api/mj/", {"p": 2000}),
+    ]
+
+
+def expected_total(url: str, query: dict, user: str | None = None) -> int:
+    """The matches of a listing's query, counted by a plain COUNT(*) of their own."""
+    from mjctl.models import Task, User
+
+    with opened(url):
+        where = []
+        if user is not None:
+            where.append(Task.user_id == User.get(User.name == user).id)
+        if "channel_id" in query:
+            where.append(Task.channel_id == query["channel_id"])
+        if "mj_id" in query:
+            where.append(Task.mj_id == query["mj_id"])
+        if "start_timestamp" in query:
+            where.append(Task.submit_time >= query["start_timestamp"])
+        if "end_timestamp" in query:
+            where.append(Task.submit_time <= query["end_timestamp"])
+        counted = Task.select()
+        for condition in where:
+            counted = counted.where(condition)
+        return counted.count()
 
 
 def serve(url: str, workers: int, threads: int, tmp: str) -> tuple[subprocess.Popen, str]:
@@ -126,19 +202,107 @@ def serve(url: str, workers: int, threads: int, tmp: str) -> tuple[subprocess.Po
     raise SystemExit("mjctl serve did not start")
 
 
-def measure(url: str, workers: int, tokens: list[str], args) -> dict:
+def measure(url: str, workers: int, cases: list[tuple], args) -> dict:
+    """Each case against one `mjctl serve` of the store at url, every case in turn in each of args.rounds
+    rounds (medians of rps, p50 and p99 over them: a shared machine drifts); also checks each total."""
+    from urllib.parse import urlencode
+
     from api import run_case
 
+    rounds: list[dict] = []
+    totals = {}
     with tempfile.TemporaryDirectory() as tmp:
         proc, base = serve(url, workers, args.threads, tmp)
         try:
-            return run_case(base, "/api/mj/self", tokens, args)
+            for _ in range(args.rounds):
+                rounds.append({name: run_case(base, path + ("?" + urlencode(query) if query else ""), tokens, args)
+                               for name, path, query, tokens, _ in cases})
+            for name, path, query, tokens, total in cases:
+                if total is not None:
+                    answer = httpx.get(base + path, params=query, headers={"Authorization": f"Bearer {tokens[0]}"},
+                                       timeout=60)
+                    totals[name] = answer.json()["data"]["total"] == total
         finally:
             proc.terminate()
             proc.wait(timeout=60)
+    return {name: {**{key: statistics.median(r[name][key] for r in rounds) for key in ("rps", "p50", "p99")},
+                   "errors": sum(r[name]["errors"] for r in rounds), "total_ok": totals.get(name)}
+            for name, *_ in cases}
 
 
-def poll_section(args) -> None:
+def store_unfinished(settings, sim: str, ids_by_channel: list[list[str]], users: int) -> list[int]:
+    """A channel row per list of ids, all pointing at the simulator, and its ids as unfinished charged tasks
+    spread over the seeded users; returns the channel ids."""
+    from poll import SECRET
+
+    from mjctl import channels
+    from mjctl.db import connection, write_tx
+    from mjctl.models import Task
+
+    with connection():
+        added = [channels.add_channel(settings, f"scale-sim{c}", sim, SECRET).id for c in range(len(ids_by_channel))]
+        now = int(time.time())
+        rows = [{"user_id": 2 + n % (users - 1), "channel_id": added[c], "mj_id": mj_id, "status": "SUBMITTED",
+                 "progress": "0%", "quota": 1000, "unfinished": 1, "submit_time": now}
+                for c, ids in enumerate(ids_by_channel) for n, mj_id in enumerate(ids)]
+        with write_tx():
+            for i in range(0, len(rows), 2000):
+                Task.insert_many(rows[i:i + 2000]).execute()
+    return added
+
+
+def poll_at_scale(url: str, args) -> dict:
+    """The idle cycle on the seeded store, then one looping poller over args.unfinished tasks held by a
+    simulator: steady cycles against the floor of the same requests. The tasks are deleted afterwards."""
+    from poll import floor, seeded_upstream
+
+    from mjctl.config import load_settings
+    from mjctl.db import connection, database, open_store, unbind, write_tx
+    from mjctl.models import Channel, Task
+    from mjctl.poller import PollerMemory, poll_once
+
+    channels = 4
+    settings = load_settings(None, {("database", "url"): url, ("server", "secret"): "bench-secret",
+                                    ("poller", "batch_size"): args.batch_size, ("poller", "concurrency"): channels,
+                                    ("poller", "task_timeout"): 86400})
+    open_store(settings)
+    out: dict = {}
+    try:
+        with connection():
+            idle = []
+            for _ in range(200):
+                began = time.perf_counter()
+                assert poll_once(settings).message == "nothing unfinished"
+                idle.append(time.perf_counter() - began)
+        out["idle_ms"] = statistics.median(idle) * 1000
+        print(f"storing {args.unfinished:,} unfinished tasks held by a simulator …", file=sys.stderr)
+        with seeded_upstream(args.unfinished, channels, "mjctl-bench-scale-") as (sim, ids_by_channel, _):
+            added = store_unfinished(settings, sim, ids_by_channel, args.users)
+            try:
+                with connection():
+                    # Statistics taken while nothing was unfinished make a planner read `unfinished = 1` as
+                    # one row, and plan the apply path's compare-and-set update on that index (a walk of all
+                    # 100,000 entries, 79 ms, for each task): what autovacuum's analyze would see by now.
+                    database.execute_sql("ANALYZE task")
+                memory = PollerMemory()
+                floors, cycles = [], []
+                for _ in range(args.poll_rounds):
+                    floors.append(floor([sim] * channels, ids_by_channel, args.batch_size)[0])
+                    with connection():
+                        summary = poll_once(settings, memory=memory)
+                    assert summary.checked == args.unfinished, summary.to_dict()
+                    cycles.append(summary.duration)
+            finally:
+                with connection(), write_tx():
+                    Task.delete().where(Task.channel_id.in_(added)).execute()
+                    Channel.delete().where(Channel.id.in_(added)).execute()
+        out.update(floor_ms=min(floors) * 1000, first_ms=cycles[0] * 1000, steady_ms=min(cycles[2:]) * 1000)
+    finally:
+        unbind()
+    return out
+
+
+def sharing_section(args) -> None:
     from poll import run_pollers
 
     print()
@@ -156,42 +320,103 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pg-url", default=os.environ.get("MJCTL_TEST_POSTGRES_URL",
                                                            "postgresql://postgres@127.0.0.1:5432/postgres"))
+    parser.add_argument("--pg-database", default=None,
+                        help="default: mjctl_bench_scale, or mjctl_bench_scale_<tasks> for other sizes")
+    parser.add_argument("--drop", action="store_true", help="drop the PostgreSQL database at the end")
     parser.add_argument("--sqlite", default=os.path.join(tempfile.gettempdir(), "mjctl-bench-api-1m.db"))
+    parser.add_argument("--no-sqlite", action="store_true", help="no SQLite case (it needs its own seeded file)")
     parser.add_argument("--tasks", type=int, default=1_000_000)
     parser.add_argument("--users", type=int, default=10_000)
+    parser.add_argument("--workers", default="1,2", help="PostgreSQL worker processes to measure, e.g. 1,2")
     parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--warmup", type=float, default=1.0)
     parser.add_argument("--connections", type=int, default=16)
     parser.add_argument("--threads", type=int, default=16)
+    parser.add_argument("--unfinished", type=int, default=0,
+                        help="unfinished tasks for the poll cycle on the PostgreSQL store (0: skip)")
+    parser.add_argument("--batch-size", type=int, default=100)
+    parser.add_argument("--poll-rounds", type=int, default=5, help="floor/cycle pairs (at least 3)")
     parser.add_argument("--poll-tasks", type=int, default=10_000)
-    parser.add_argument("--skip-poll", action="store_true")
+    parser.add_argument("--skip-poll", action="store_true", help="skip the 1 vs 3 pollers round")
     args = parser.parse_args()
+    if args.unfinished and args.poll_rounds < 3:
+        raise SystemExit("--poll-rounds must be at least 3")
 
-    sqlite_url = f"sqlite:///{args.sqlite}"
-    prepare(sqlite_url, args.tasks, args.users, Path(args.sqlite).exists())
-    pg_url = pg_database_url(args.pg_url)
-    prepare(pg_url, args.tasks, args.users, ensure_pg_database(args.pg_url))
+    name = args.pg_database or ("mjctl_bench_scale" if args.tasks == 1_000_000 else f"mjctl_bench_scale_{args.tasks}")
+    pg_url = pg_database_url(args.pg_url, name)
+    prepare(pg_url, args.tasks, args.users, ensure_pg_database(args.pg_url, name))
+    sqlite_url = None if args.no_sqlite else f"sqlite:///{args.sqlite}"
+    if sqlite_url:
+        prepare(sqlite_url, args.tasks, args.users, Path(args.sqlite).exists())
     load = SimpleNamespace(connections=args.connections, seconds=args.seconds, warmup=args.warmup,
-                           threads=args.threads)
+                           threads=args.threads, rounds=args.rounds)
 
-    cases = [("SQLite, 1 process (floor)", sqlite_url, 1), ("PostgreSQL, 1 worker", pg_url, 1),
-             ("PostgreSQL, 2 workers", pg_url, 2)]
+    def cases_for(url: str, admin_too: bool) -> list:
+        admin, users = tokens_for(url, args.connections)
+        cases = [("GET /healthz (floor)", "/healthz", {}, [admin[0]], None),
+                 ("/api/mj/self", "/api/mj/self", {}, users, expected_total(url, {}, user="user2"))]
+        if admin_too:
+            cases += [(case, path, query, admin, expected_total(url, query)) for case, path, query in admin_cases(url)]
+        return cases
+
+    stores = ([("SQLite, 1 process", sqlite_url, 1)] if sqlite_url else []) + [
+        (f"PostgreSQL, {n} worker{'s' if n > 1 else ''}", pg_url, n) for n in map(int, args.workers.split(","))]
     results = {}
-    for name, url, workers in cases:
-        results[name] = measure(url, workers, tokens_for(url, args.connections), load)
-    floor = results[cases[0][0]]
-    print(f"GET /api/mj/self, {args.tasks:,} tasks, {args.users:,} users; {args.connections} connections, "
-          f"{args.threads} threads per worker, {args.seconds:g} s per case, {os.cpu_count()} CPUs")
-    header = f"{'case':28} {'rps':>7} {'x SQLite':>8} {'p50 ms':>7} {'p99 ms':>7} {'errors':>6}"
+    for store, url, workers in stores:
+        pg = url == pg_url
+        cases = cases_for(url, admin_too=pg and workers == 1)
+        # /api/mj/self's total is that of user2, the first connection's user: the check reads as that user.
+        results[store] = (cases, measure(url, workers, cases, load))
+
+    reference = results[stores[0][0]][1]["/api/mj/self"]
+    print(f"{args.tasks:,} tasks, {args.users:,} users; {args.connections} connections, {args.threads} threads per "
+          f"worker, {args.seconds:g} s per case, medians of {args.rounds} rounds; {os.cpu_count()} CPUs shared by "
+          f"the database, the server and the load generator; x self: /api/mj/self on {stores[0][0]}")
+    header = (f"{'store':22} {'case':32} {'rps':>7} {'x floor':>7} {'x self':>7} {'p50 ms':>7} {'p99 ms':>7} "
+              f"{'errors':>6} {'total':>6}")
     print(header)
     print("-" * len(header))
-    for name, _, _ in cases:
-        r = results[name]
-        print(f"{name:28} {r['rps']:7.0f} {r['rps'] / floor['rps']:8.2f} {r['p50']:7.2f} {r['p99']:7.2f} "
-              f"{r['errors']:6d}")
+    failures = []
+    for store, _, _ in stores:
+        cases, measured = results[store]
+        floor_rps = measured[cases[0][0]]["rps"]
+        for case, *_ in cases:
+            r = measured[case]
+            total = {True: "exact", False: "WRONG"}.get(r.get("total_ok"), "")
+            print(f"{store:22} {case:32} {r['rps']:7.0f} {r['rps'] / floor_rps:7.2f} "
+                  f"{r['rps'] / reference['rps']:7.2f} {r['p50']:7.2f} {r['p99']:7.2f} {r['errors']:6d} {total:>6}")
+            if r.get("total_ok") is False or r["errors"]:
+                failures.append(f"{store} {case}: total {total}, {r['errors']} errors")
+    pg_one = results.get("PostgreSQL, 1 worker", ([], {}))[1]
+    print()
+    for case, limit in (("/api/mj/self", 50), ("/api/mj/ channel, day, mj_id", 100)):
+        if case in pg_one:
+            p99 = pg_one[case]["p99"]
+            print(f"PostgreSQL, 1 worker, {case}: p99 {p99:.1f} ms (target < {limit} ms): "
+                  f"{'ok' if p99 < limit else 'MISSED'}")
+            if p99 >= limit:
+                failures.append(f"{case} p99 {p99:.1f} ms")
+
+    if args.unfinished:
+        polled = poll_at_scale(pg_url, args)
+        ratio = polled["steady_ms"] / polled["floor_ms"]
+        print(f"\nidle poll cycle on {args.tasks:,} finished tasks: median {polled['idle_ms']:.2f} ms (target < 5 ms): "
+              f"{'ok' if polled['idle_ms'] < 5 else 'MISSED'}")
+        print(f"poll cycle over {args.unfinished:,} unfinished tasks among {args.tasks:,}: floor (bare httpx, same "
+              f"requests) {polled['floor_ms']:.0f} ms; first cycle (writes every task) {polled['first_ms']:.0f} ms; "
+              f"steady cycle {polled['steady_ms']:.0f} ms = {ratio:.2f}x the floor (target <= 1.5x): "
+              f"{'ok' if ratio <= 1.5 else 'MISSED'}")
+        if polled["idle_ms"] >= 5 or ratio > 1.5:
+            failures.append("poll cycle")
     if not args.skip_poll:
-        poll_section(args)
+        sharing_section(args)
+    if args.drop:
+        drop_pg_database(args.pg_url, name)
+        print(f"\ndropped the PostgreSQL database {name}")
+    print("all targets met" if not failures else "missed: " + "; ".join(failures))
 
 
 if __name__ == "__main__":
+    os.environ.setdefault("MJCTL_LOG_LEVEL", "warning")
     main()

@@ -1,0 +1,147 @@
+"""What the task_change triggers (migration 8, guarding the deep-page anchors of mjctl.anchors) cost writes.
+
+    python bench/writes.py [--rows 2000] [--rounds 3] [--pg-url URL] [--mysql-url URL]
+
+On a fresh database of each kind (SQLite always; PostgreSQL and MariaDB when their server URLs are given, or
+$MJCTL_TEST_POSTGRES_URL / $MJCTL_TEST_MYSQL_URL are set; a database of its own, dropped at the end), --rows
+tasks are inserted one statement each, then each one's status and progress updated (what the poller
+writes), then each one's upstream id (what fires the update trigger), then each one deleted; 500 statements
+a transaction, so that commits do not drown the statements. The same work is timed without the triggers
+(dropped, then made again by running the migration's function) in alternating rounds: that is the floor,
+and each figure is printed as microseconds a row and as a ratio against it (medians over the rounds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from urllib.parse import urlparse, urlunparse
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+OPERATIONS = ("insert", "status update", "mj_id update", "delete")
+CHUNK = 500
+
+
+@contextlib.contextmanager
+def scratch_database(kind: str, server_url: str) -> Iterator[str]:
+    """A new database on the server of server_url, dropped afterwards."""
+    name = f"mjctl_bench_writes_{uuid.uuid4().hex[:8]}"
+    parts = urlparse(server_url)
+    if kind == "postgresql":
+        import psycopg2
+
+        admin = psycopg2.connect(host=parts.hostname, port=parts.port or 5432, user=parts.username or "postgres",
+                                 password=parts.password, dbname=parts.path.lstrip("/") or "postgres")
+        admin.autocommit = True
+        create, drop = f'CREATE DATABASE "{name}"', f'DROP DATABASE IF EXISTS "{name}"'
+    else:
+        import pymysql
+
+        admin = pymysql.connect(host=parts.hostname, port=parts.port or 3306, user=parts.username or "root",
+                                password=parts.password or "", autocommit=True)
+        create, drop = f"CREATE DATABASE `{name}`", f"DROP DATABASE IF EXISTS `{name}`"
+    admin.cursor().execute(create)
+    try:
+        yield urlunparse(parts._replace(path="/" + name))
+    finally:
+        from mjctl.db import unbind
+
+        unbind()
+        admin.cursor().execute(drop)
+        admin.close()
+
+
+def timed_rows(rows: int) -> dict[str, float]:
+    """Microseconds a row for each operation, on the bound store."""
+    from mjctl.db import write_tx
+    from mjctl.models import Task
+
+    first = (Task.select(Task.id).order_by(Task.id.desc()).scalar() or 0) + 1
+    ids = range(first, first + rows)
+
+    def each(work) -> float:
+        began = time.perf_counter()
+        for start in range(0, rows, CHUNK):
+            with write_tx():
+                for row_id in ids[start:start + CHUNK]:
+                    work(row_id)
+        return (time.perf_counter() - began) / rows * 1e6
+
+    now = int(time.time())
+    out = {
+        "insert": each(lambda i: Task.insert(id=i, user_id=1 + i % 50, channel_id=1 + i % 4, mj_id=f"w{i}",
+                                             status="SUBMITTED", submit_time=now, quota=100).execute()),
+        "status update": each(lambda i: Task.update(status="IN_PROGRESS", progress="50%", updated_at=time.time())
+                              .where(Task.id == i).execute()),
+        "mj_id update": each(lambda i: Task.update(mj_id=f"x{i}").where(Task.id == i).execute()),
+        "delete": each(lambda i: Task.delete().where(Task.id == i).execute()),
+    }
+    return out
+
+
+def drop_triggers() -> None:
+    from mjctl.db import database, is_sqlite
+
+    on = "" if is_sqlite() or "MySQL" in type(database.obj).__name__ else " ON task"
+    for trigger in ("task_change_delete", "task_change_update"):
+        database.execute_sql(f"DROP TRIGGER IF EXISTS {trigger}{on}")
+
+
+def measure(url: str, rows: int, rounds: int) -> dict[str, dict[str, float]]:
+    from mjctl.config import load_settings
+    from mjctl.db import _m8_task_change, database, open_store, unbind
+
+    open_store(load_settings(None, {("database", "url"): url}))
+    try:
+        with_triggers, without = [], []
+        timed_rows(rows)  # warm up: caches, the table's first pages
+        for _ in range(rounds):
+            with_triggers.append(timed_rows(rows))
+            drop_triggers()
+            without.append(timed_rows(rows))
+            _m8_task_change(database.obj)
+        return {op: {"with": statistics.median(r[op] for r in with_triggers),
+                     "without": statistics.median(r[op] for r in without)} for op in OPERATIONS}
+    finally:
+        unbind()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", type=int, default=2000)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--pg-url", default=os.environ.get("MJCTL_TEST_POSTGRES_URL"))
+    parser.add_argument("--mysql-url", default=os.environ.get("MJCTL_TEST_MYSQL_URL"))
+    args = parser.parse_args()
+    os.environ.setdefault("MJCTL_LOG_LEVEL", "warning")
+
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        results["SQLite"] = measure(f"sqlite:///{tmp}/writes.db", args.rows, args.rounds)
+    for kind, label, server in (("postgresql", "PostgreSQL", args.pg_url), ("mysql", "MariaDB", args.mysql_url)):
+        if server:
+            with scratch_database(kind, server) as url:
+                results[label] = measure(url, args.rows, args.rounds)
+
+    print(f"{args.rows:,} rows, one statement each, {CHUNK} a transaction; median of {args.rounds} rounds; "
+          f"us a row with the task_change triggers / without (the floor)")
+    header = f"{'database':12}" + "".join(f"{op:>26}" for op in OPERATIONS)
+    print(header)
+    print("-" * len(header))
+    for label, ops in results.items():
+        cells = "".join(f"{o['with']:9.1f} / {o['without']:6.1f} {o['with'] / o['without']:5.2f}x"
+                        for o in (ops[op] for op in OPERATIONS))
+        print(f"{label:12}{cells}")
+
+
+if __name__ == "__main__":
+    main()
