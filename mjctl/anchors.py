@@ -30,7 +30,6 @@ from __future__ import annotations
 import bisect
 import random
 import threading
-import weakref
 from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 
@@ -83,7 +82,7 @@ class _Anchors:
         self.ids.insert(i, row_id)
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class _Plan:
     """One anchored read: the anchor set as it stood (its counter, total and highest id), the rank of the
     page's first row under that total, and the anchor chosen for it."""
@@ -157,19 +156,22 @@ class _Cache:
                 del self.sets[key]
 
 
-_caches: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _caches_lock = threading.Lock()
 
 
 def _cache() -> _Cache:
-    """This process's anchors for the database the models are bound to (tests bind several in turn)."""
+    """This process's anchors for the database the models are bound to (tests bind several in turn): kept
+    on the database object, so they go with it."""
     from mjctl.db import database
 
-    with _caches_lock:
-        cache = _caches.get(database.obj)
-        if cache is None:
-            cache = _caches[database.obj] = _Cache()
-        return cache
+    db = database.obj
+    cache = getattr(db, "_mjctl_anchors", None)
+    if cache is None:
+        with _caches_lock:
+            cache = getattr(db, "_mjctl_anchors", None)
+            if cache is None:
+                cache = db._mjctl_anchors = _Cache()
+    return cache
 
 
 def _key(filters) -> tuple:
@@ -192,7 +194,8 @@ def deep_page(filters, page: int, page_size: int):
         rows = _run(_anchored_statement(filters, page_size, plan))
         if rows and _changes_and_total(rows[0]) == (plan.changes, plan.total):
             # Nothing deleted or moved, no match added: the anchors' snapshot, as far as these rows go.
-            cache.confirm(key, plan, plan.total, plan.high_id, (plan.rank, rows[0][0]))
+            if plan.anchor_rank != plan.rank:
+                cache.confirm(key, plan, plan.total, plan.high_id, (plan.rank, rows[0][0]))
             stats["anchored"] += 1
             return TaskPage(items=[TaskRow(row[:-2]) for row in rows], total=plan.total, page=page,
                             page_size=page_size)
