@@ -77,8 +77,8 @@ def timed_rows(rows: int) -> dict[str, float]:
     statements = {
         "insert": (f"INSERT INTO task ({', '.join(COLUMNS)}) VALUES ({', '.join([p] * len(COLUMNS))})",
                    lambda i: next(seeded)),
-        "status update": (f"UPDATE task SET status = 'SUCCESS', progress = '100%', updated_at = {p} WHERE id = {p}",
-                          lambda i: (time.time(), i)),
+        "status update": (f"UPDATE task SET status = {p}, progress = {p}, updated_at = {p} WHERE id = {p}",
+                          lambda i: ("SUCCESS", "100%", time.time(), i)),
         "mj_id update": (f"UPDATE task SET mj_id = {p} WHERE id = {p}", lambda i: (f"x{i}", i)),
         "delete": (f"DELETE FROM task WHERE id = {p}", lambda i: (i,)),
     }
