@@ -13,8 +13,8 @@ million tasks; and the poller on that store.
    each of --workers; same threads; pool_size = threads) and drives each case with bench/api.py's load
    generator (a separate process, one request in flight per connection): GET /healthz (the floor: one
    round trip to the database), GET /api/mj/self for 16 users, and on PostgreSQL the admin listings of
-   one channel, of one day (the newest, and one 45 days back), of one upstream id, of all three at once
-   (the document's example request), and p=2000.
+   one channel, of one day (the newest, and one 45 days back), of one upstream id, of all three at once,
+   and p=2000.
 3. Prints each case's throughput and latency, as ratios against the floor and against SQLite's
    /api/mj/self measured in the same run; checks every listing's total against a COUNT of its own.
 4. The poller on the PostgreSQL store (--unfinished > 0): the idle cycle (nothing unfinished, median of
@@ -25,8 +25,8 @@ million tasks; and the poller on that store.
 5. Work sharing: one round of 1 and of 3 pollers over --poll-tasks unfinished tasks on a fresh SQLite file
    (bench/poll.py's run_pollers): upstream requests, which must not grow with the pollers.
 
-Targets at ten million tasks: /api/mj/self p99 < 50 ms; the document's example request (channel, one day,
-upstream id) p99 < 100 ms; every total exact; the steady poll cycle <= 1.5x its floor; the idle cycle
+Targets at ten million tasks: /api/mj/self p99 < 50 ms; channel, one day and upstream id together p99
+< 100 ms; every total exact; the steady poll cycle <= 1.5x its floor; the idle cycle
 < 5 ms. The access log is off in every case (it costs the same everywhere).
 """
 

@@ -329,17 +329,14 @@ def call_with_connection(fn: Callable, *args, retry: bool = False, **kwargs):
 
 # --- migrations (the steps themselves are in mjctl.migrations) ------------------------------------
 
-#: The task columns a listing filters or orders on (mjctl.anchors); changing one on a row raises task_change.
-_ANCHORED_COLUMNS = ("id", "user_id", "channel_id", "mj_id", "action", "submit_time")
-
-
 @migration(8, "a counter of task deletions and identity changes, for deep-page anchors")
 def _m8_task_change(db: peewee.Database) -> None:
     """Create task_change (one row, id 1) and the triggers raising it: on every deleted task, and on an
-    update that changes one of _ANCHORED_COLUMNS. Inserts and status or progress updates do not touch it.
+    update that changes a column a listing filters or orders on. Inserts and status or progress updates do
+    not touch it.
 
     Frozen DDL, spelt out per database. Every step is safe to run again (MySQL commits each DDL at once)."""
-    columns = _ANCHORED_COLUMNS
+    columns = ("id", "user_id", "channel_id", "mj_id", "action", "submit_time")
     bump = "UPDATE task_change SET n = n + 1 WHERE id = 1"
     if isinstance(db, peewee.SqliteDatabase):
         db.execute_sql("CREATE TABLE IF NOT EXISTS task_change (id INTEGER NOT NULL PRIMARY KEY, "
