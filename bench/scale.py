@@ -19,9 +19,9 @@ million tasks; and the poller on that store.
    /api/mj/self measured in the same run; checks every listing's total against a COUNT of its own.
 4. The poller on the PostgreSQL store (--unfinished > 0): the idle cycle (nothing unfinished, median of
    200), then --unfinished tasks held by a simulator in its own process (bench/poll.py), stored
-   unfinished over 4 channels and the seeded users (then ANALYZE) and polled: the steady cycle of a
-   looping poller against the floor of the same upstream requests made by a bare httpx loop (best of each
-   over --poll-rounds). Those tasks are deleted again afterwards.
+   unfinished over 4 channels and the seeded users (then ANALYZE) and polled: the steady cycle (nothing
+   changed, the memo of unchanged reports held) against the floor of the same upstream requests made by a
+   bare httpx loop (best of each over --poll-rounds). Those tasks are deleted again afterwards.
 5. Work sharing: one round of 1 and of 3 pollers over --poll-tasks unfinished tasks on a fresh SQLite file
    (bench/poll.py's run_pollers): upstream requests, which must not grow with the pollers.
 
@@ -252,14 +252,14 @@ def store_unfinished(settings, sim: str, ids_by_channel: list[list[str]], users:
 
 
 def poll_at_scale(url: str, args) -> dict:
-    """The idle cycle on the seeded store, then one looping poller over args.unfinished tasks held by a
+    """The idle cycle on the seeded store, then one poller over args.unfinished tasks held by a
     simulator: steady cycles against the floor of the same requests. The tasks are deleted afterwards."""
     from poll import floor, seeded_upstream
 
     from mjctl.config import load_settings
     from mjctl.db import connection, database, open_store, unbind, write_tx
     from mjctl.models import Channel, Task
-    from mjctl.poller import PollerMemory, poll_once
+    from mjctl.poller import poll_once
 
     channels = 4
     settings = load_settings(None, {("database", "url"): url, ("server", "secret"): "bench-secret",
@@ -284,12 +284,11 @@ def poll_at_scale(url: str, args) -> dict:
                     # one row, and plan the apply path's compare-and-set update on that index (a walk of all
                     # 100,000 entries, 79 ms, for each task): what autovacuum's analyze would see by now.
                     database.execute_sql("ANALYZE task")
-                memory = PollerMemory()
                 floors, cycles = [], []
                 for _ in range(args.poll_rounds):
                     floors.append(floor([sim] * channels, ids_by_channel, args.batch_size)[0])
                     with connection():
-                        summary = poll_once(settings, memory=memory)
+                        summary = poll_once(settings)
                     assert summary.checked == args.unfinished, summary.to_dict()
                     cycles.append(summary.duration)
             finally:

@@ -1,4 +1,4 @@
-"""What the task_change triggers (migration 8, guarding the deep-page anchors of mjctl.anchors) cost writes.
+"""What the task_change triggers (migration 10, guarding the deep-page anchors of mjctl.anchors) cost writes.
 
     python bench/writes.py [--rows 5000] [--rounds 5] [--pg-url URL] [--mysql-url URL]
 
@@ -103,7 +103,8 @@ def drop_triggers() -> None:
 
 def measure(url: str, rows: int, rounds: int) -> dict[str, dict[str, float]]:
     from mjctl.config import load_settings
-    from mjctl.db import _m8_task_change, database, open_store, unbind
+    from mjctl.db import database, open_store, unbind
+    from mjctl.migrations import _m10_task_change
 
     open_store(load_settings(None, {("database", "url"): url}))
     try:
@@ -115,7 +116,7 @@ def measure(url: str, rows: int, rounds: int) -> dict[str, dict[str, float]]:
                     drop_triggers()
                 (with_triggers if triggers else without).append(timed_rows(rows))
                 if not triggers:
-                    _m8_task_change(database.obj)
+                    _m10_task_change(database.obj)
         return {op: {"with": statistics.median(r[op] for r in with_triggers),
                      "without": statistics.median(r[op] for r in without)} for op in OPERATIONS}
     finally:

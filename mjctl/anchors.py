@@ -12,8 +12,8 @@ the few matches between (at most REACH).
 A remembered row is used only when the statement that reads the page proves, in its own snapshot, that no
 match at or below the remembered rows has come or gone since they were counted:
 
-- the task_change counter (kept by triggers, migration 8) has not moved: no task was deleted, and no
-  task's id, user, channel, upstream id, action or submit time changed;
+- the task_change counter (kept by triggers, migration 10) has not moved: no task was deleted, and no
+  task's id, user, channel, upstream id, action, submit time or mode changed;
 - the number of matches equals the number then plus the matches above the highest task id then: every
   match that arrived since is newer than all the remembered rows. An insert that commits after newer
   ones (PostgreSQL and MariaDB allow it) breaks this, and so is caught.
@@ -28,6 +28,7 @@ pages (below ANCHOR_FROM matches, skipping costs less than proving). The anchors
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import random
 import threading
 from collections import Counter, OrderedDict
@@ -175,8 +176,8 @@ def _cache() -> _Cache:
 
 
 def _key(filters) -> tuple:
-    return (filters.user_id, filters.channel_id, filters.mj_id or None, filters.action or None, filters.start,
-            filters.end)
+    """Every filter's value: anchors belong to exactly one set of matches."""
+    return dataclasses.astuple(filters)
 
 
 def deep_page(filters, page: int, page_size: int):
@@ -201,7 +202,7 @@ def deep_page(filters, page: int, page_size: int):
                             page_size=page_size)
         # Something changed: only newer matches (the ranks hold, the page moved), or worse. One snapshot says.
         total, changes, fresh, high_id = _checks_of(_run(_check_statement(filters, plan.high_id))[0])
-        if not plan.holds(changes, total, fresh):
+        if high_id is None or not plan.holds(changes, total, fresh):
             cache.drop(key, plan)
             stats["dropped"] += 1
             break
@@ -215,9 +216,11 @@ def deep_page(filters, page: int, page_size: int):
         return TaskPage(items=[], total=count_tasks(filters), page=page, page_size=page_size)
     total, changes, fresh, high_id = _checks_of(rows[0])
     first = (total - offset, rows[0][0])
-    if base is not None and base.holds(changes, total, fresh):
+    if high_id is None or changes is None:  # no task_change row: nothing can be proven, so nothing is kept
+        pass
+    elif base is not None and base.holds(changes, total, fresh):
         cache.confirm(key, base, total, high_id, first)
-    elif changes is not None and high_id is not None:
+    else:
         anchors = _Anchors(int(changes), total, int(high_id))
         anchors.add(*first)
         cache.replace(key, anchors)

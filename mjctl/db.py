@@ -329,50 +329,6 @@ def call_with_connection(fn: Callable, *args, retry: bool = False, **kwargs):
 
 # --- migrations (the steps themselves are in mjctl.migrations) ------------------------------------
 
-@migration(8, "a counter of task deletions and identity changes, for deep-page anchors")
-def _m8_task_change(db: peewee.Database) -> None:
-    """Create task_change (one row, id 1) and the triggers raising it: on every deleted task, and on an
-    update that changes a column a listing filters or orders on. Inserts and status or progress updates do
-    not touch it.
-
-    Frozen DDL, spelt out per database. Every step is safe to run again (MySQL commits each DDL at once)."""
-    columns = ("id", "user_id", "channel_id", "mj_id", "action", "submit_time")
-    bump = "UPDATE task_change SET n = n + 1 WHERE id = 1"
-    if isinstance(db, peewee.SqliteDatabase):
-        db.execute_sql("CREATE TABLE IF NOT EXISTS task_change (id INTEGER NOT NULL PRIMARY KEY, "
-                       "n INTEGER NOT NULL DEFAULT 0)")
-        db.execute_sql("INSERT OR IGNORE INTO task_change (id, n) VALUES (1, 0)")
-        db.execute_sql(f"CREATE TRIGGER IF NOT EXISTS task_change_delete AFTER DELETE ON task BEGIN {bump}; END")
-        changed = " OR ".join(f"OLD.{c} IS NOT NEW.{c}" for c in columns)
-        db.execute_sql(f"CREATE TRIGGER IF NOT EXISTS task_change_update AFTER UPDATE OF {', '.join(columns)} "
-                       f"ON task WHEN {changed} BEGIN {bump}; END")
-    elif isinstance(db, peewee.PostgresqlDatabase):
-        db.execute_sql("CREATE TABLE IF NOT EXISTS task_change (id INTEGER NOT NULL PRIMARY KEY, "
-                       "n BIGINT NOT NULL DEFAULT 0)")
-        db.execute_sql("INSERT INTO task_change (id, n) VALUES (1, 0) ON CONFLICT (id) DO NOTHING")
-        db.execute_sql(f"CREATE OR REPLACE FUNCTION mjctl_task_change() RETURNS trigger AS $$ BEGIN {bump}; "
-                       "RETURN NULL; END $$ LANGUAGE plpgsql")
-        # Once per statement for deletions (and TRUNCATE, which fires no row trigger).
-        db.execute_sql("DROP TRIGGER IF EXISTS task_change_delete ON task")
-        db.execute_sql("CREATE TRIGGER task_change_delete AFTER DELETE OR TRUNCATE ON task "
-                       "FOR EACH STATEMENT EXECUTE FUNCTION mjctl_task_change()")
-        changed = " OR ".join(f"OLD.{c} IS DISTINCT FROM NEW.{c}" for c in columns)
-        db.execute_sql("DROP TRIGGER IF EXISTS task_change_update ON task")
-        db.execute_sql(f"CREATE TRIGGER task_change_update AFTER UPDATE OF {', '.join(columns)} ON task "
-                       f"FOR EACH ROW WHEN ({changed}) EXECUTE FUNCTION mjctl_task_change()")
-    else:
-        db.execute_sql("CREATE TABLE IF NOT EXISTS task_change (id INTEGER NOT NULL PRIMARY KEY, "
-                       "n BIGINT NOT NULL DEFAULT 0)")
-        db.execute_sql("INSERT IGNORE INTO task_change (id, n) VALUES (1, 0)")
-        db.execute_sql("DROP TRIGGER IF EXISTS task_change_delete")
-        db.execute_sql(f"CREATE TRIGGER task_change_delete AFTER DELETE ON task FOR EACH ROW {bump}")
-        # MariaDB has no UPDATE OF: the trigger runs on every update and compares.
-        same = " AND ".join(f"OLD.{c} <=> NEW.{c}" for c in columns)
-        db.execute_sql("DROP TRIGGER IF EXISTS task_change_update")
-        db.execute_sql(f"CREATE TRIGGER task_change_update AFTER UPDATE ON task FOR EACH ROW BEGIN "
-                       f"IF NOT ({same}) THEN {bump}; END IF; END")
-
-
 def current_version() -> int:
     try:
         value = SchemaVersion.select(peewee.fn.MAX(SchemaVersion.version)).scalar()

@@ -345,3 +345,43 @@ def _m10_refund_tally(db: peewee.Database) -> None:
         "UPDATE task SET quota_refunded = (SELECT COALESCE(SUM(refund.amount), 0) FROM ledger refund "
         "WHERE refund.task_id = task.id AND refund.kind = 'refund') "
         "WHERE id IN (SELECT task_id FROM ledger WHERE kind = 'refund' AND task_id IS NOT NULL)")
+
+
+@migration(11, "a counter of task deletions and identity changes, for deep-page anchors")
+def _m11_task_change(db: peewee.Database) -> None:
+    """Create task_change (one row, id 1) and the triggers raising it: on every deleted task, and on an
+    update that changes a column a listing filters or orders on. Inserts and status or progress updates do
+    not touch it.
+
+    Every step is safe to run again (MySQL commits each DDL at once)."""
+    db.create_tables([frozen_table(db, "task_change", id=IntegerField(primary_key=True), n=BigIntegerField())],
+                     safe=True)
+    columns = ("id", "user_id", "channel_id", "mj_id", "action", "submit_time", "mode")
+    bump = "UPDATE task_change SET n = n + 1 WHERE id = 1"
+    if isinstance(db, peewee.SqliteDatabase):
+        db.execute_sql("INSERT OR IGNORE INTO task_change (id, n) VALUES (1, 0)")
+        db.execute_sql(f"CREATE TRIGGER IF NOT EXISTS task_change_delete AFTER DELETE ON task BEGIN {bump}; END")
+        changed = " OR ".join(f"OLD.{c} IS NOT NEW.{c}" for c in columns)
+        db.execute_sql(f"CREATE TRIGGER IF NOT EXISTS task_change_update AFTER UPDATE OF {', '.join(columns)} "
+                       f"ON task WHEN {changed} BEGIN {bump}; END")
+    elif isinstance(db, peewee.PostgresqlDatabase):
+        db.execute_sql("INSERT INTO task_change (id, n) VALUES (1, 0) ON CONFLICT (id) DO NOTHING")
+        db.execute_sql(f"CREATE OR REPLACE FUNCTION mjctl_task_change() RETURNS trigger AS $$ BEGIN {bump}; "
+                       "RETURN NULL; END $$ LANGUAGE plpgsql")
+        # Once per statement for deletions (and TRUNCATE, which fires no row trigger).
+        db.execute_sql("DROP TRIGGER IF EXISTS task_change_delete ON task")
+        db.execute_sql("CREATE TRIGGER task_change_delete AFTER DELETE OR TRUNCATE ON task "
+                       "FOR EACH STATEMENT EXECUTE FUNCTION mjctl_task_change()")
+        changed = " OR ".join(f"OLD.{c} IS DISTINCT FROM NEW.{c}" for c in columns)
+        db.execute_sql("DROP TRIGGER IF EXISTS task_change_update ON task")
+        db.execute_sql(f"CREATE TRIGGER task_change_update AFTER UPDATE OF {', '.join(columns)} ON task "
+                       f"FOR EACH ROW WHEN ({changed}) EXECUTE FUNCTION mjctl_task_change()")
+    else:
+        db.execute_sql("INSERT IGNORE INTO task_change (id, n) VALUES (1, 0)")
+        db.execute_sql("DROP TRIGGER IF EXISTS task_change_delete")
+        db.execute_sql(f"CREATE TRIGGER task_change_delete AFTER DELETE ON task FOR EACH ROW {bump}")
+        # MariaDB has no UPDATE OF: the trigger runs on every update and compares.
+        same = " AND ".join(f"OLD.{c} <=> NEW.{c}" for c in columns)
+        db.execute_sql("DROP TRIGGER IF EXISTS task_change_update")
+        db.execute_sql(f"CREATE TRIGGER task_change_update AFTER UPDATE ON task FOR EACH ROW BEGIN "
+                       f"IF NOT ({same}) THEN {bump}; END IF; END")

@@ -188,8 +188,8 @@ class TaskCount(BaseModel):
 
 class TaskChange(BaseModel):
     """One counter (id 1) that triggers raise whenever a task row is deleted or its id, user, channel, upstream
-    id, action or submit time changes (migration 8): the deep-page anchors of mjctl.anchors are trusted only
-    while it stands still. Status and progress changes, and inserts, leave it alone."""
+    id, action, submit time or mode changes (migration 10): the deep-page anchors of mjctl.anchors are trusted
+    only while it stands still. Status and progress changes, and inserts, leave it alone."""
 
     id = IntegerField(primary_key=True)
     n = BigIntegerField(default=0)
@@ -271,4 +271,4 @@ def _json_or(text: str, fallback):
 
 
 ALL_MODELS = [Meta_, SchemaVersion, User, Token, Channel, Task, Ledger, TaskCount, Reservation,
-              PollClaim, PendingSubmission]
+              PollClaim, PendingSubmission, TaskChange]
