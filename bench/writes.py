@@ -1,4 +1,4 @@
-"""What the task_change triggers (migration 10, guarding the deep-page anchors of mjctl.anchors) cost writes.
+"""What the task_change triggers (migration 11, guarding the deep-page anchors of mjctl.anchors) cost writes.
 
     python bench/writes.py [--rows 5000] [--rounds 5] [--pg-url URL] [--mysql-url URL]
 

@@ -12,7 +12,7 @@ the few matches between (at most REACH).
 A remembered row is used only when the statement that reads the page proves, in its own snapshot, that no
 match at or below the remembered rows has come or gone since they were counted:
 
-- the task_change counter (kept by triggers, migration 10) has not moved: no task was deleted, and no
+- the task_change counter (kept by triggers, migration 11) has not moved: no task was deleted, and no
   task's id, user, channel, upstream id, action, submit time or mode changed;
 - the number of matches equals the number then plus the matches above the highest task id then: every
   match that arrived since is newer than all the remembered rows. An insert that commits after newer

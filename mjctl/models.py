@@ -188,7 +188,7 @@ class TaskCount(BaseModel):
 
 class TaskChange(BaseModel):
     """One counter (id 1) that triggers raise whenever a task row is deleted or its id, user, channel, upstream
-    id, action, submit time or mode changes (migration 10): the deep-page anchors of mjctl.anchors are trusted
+    id, action, submit time or mode changes (migration 11): the deep-page anchors of mjctl.anchors are trusted
     only while it stands still. Status and progress changes, and inserts, leave it alone."""
 
     id = IntegerField(primary_key=True)
