@@ -231,6 +231,11 @@ class Engine:
     def _not_found(self, description: str = "关联任务不存在或已失效") -> Reply:
         return Reply(404 if self.settings.flavor == "csharp" else 200, envelope(3, description))
 
+    def _refuse_banned(self, prompt: str) -> Reply | None:
+        """Code 24 for a prompt holding a banned word (with the word and the prompt), else None."""
+        banned = self._banned(prompt)
+        return Reply(200, envelope(24, "可能包含敏感词", None, promptEn=prompt, bannedWord=banned)) if banned else None
+
     def _banned(self, prompt: str) -> str | None:
         lowered = prompt.lower()
         return next((w for w in self.settings.banned_words if w and w.lower() in lowered), None)
@@ -307,9 +312,8 @@ class Engine:
         if images is not None and (not isinstance(images, list) or len(images) > 5
                                    or not all(_is_data_url(x) for x in images)):
             return self._invalid("base64格式错误")
-        banned = self._banned(prompt)
-        if banned:
-            return Reply(200, envelope(24, "可能包含敏感词", None, promptEn=prompt, bannedWord=banned))
+        if (refused := self._refuse_banned(prompt)) is not None:
+            return refused
         now = time.time()
         task = self._new_task("IMAGINE", prompt, f"/imagine {prompt}", body, base_url, mode, now)
         return self._accept(task, now)
@@ -318,9 +322,8 @@ class Engine:
         prompt = body.get("prompt")
         if not isinstance(prompt, str) or not prompt.strip():
             return self._invalid("prompt不能为空")
-        banned = self._banned(prompt)
-        if banned:
-            return Reply(200, envelope(24, "可能包含敏感词", None, promptEn=prompt, bannedWord=banned))
+        if (refused := self._refuse_banned(prompt)) is not None:
+            return refused
         now = time.time()
         task = self._new_task("SHORTEN", prompt, f"/shorten {prompt}", body, base_url, mode, now)
         task.extra["promptEn"] = " ".join(prompt.split()[:6])
@@ -425,9 +428,8 @@ class Engine:
             return self._invalid("任务状态错误")
         prompt = body.get("prompt")
         if isinstance(prompt, str) and prompt.strip():
-            banned = self._banned(prompt)
-            if banned:
-                return Reply(200, envelope(24, "可能包含敏感词", None, promptEn=prompt, bannedWord=banned))
+            if (refused := self._refuse_banned(prompt)) is not None:
+                return refused
             task.prompt, task.final_prompt = prompt, f"{prompt} --v 6.1"
         return self._accept(task, time.time(), pinned=task.account)
 
@@ -469,9 +471,8 @@ class Engine:
             return self._invalid("image不能为空")
         if body.get("image") and not _is_data_url(body["image"]):
             return self._invalid("base64格式错误")
-        banned = self._banned(prompt)
-        if banned:
-            return Reply(200, envelope(24, "可能包含敏感词", None, promptEn=prompt, bannedWord=banned))
+        if (refused := self._refuse_banned(prompt)) is not None:
+            return refused
         now = time.time()
         task = self._new_task("EDITS", prompt, f"/edits {prompt}", body, base_url, mode, now)
         return self._accept(task, now)
