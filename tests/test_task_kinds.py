@@ -507,3 +507,35 @@ def test_tasks_list_filters_by_mode_and_shows_it(cli):
     wrong = cli("tasks", "list", "--mode", "slow")
     assert wrong.exit_code == 2 and "fast, relax, turbo" in wrong.output
     assert '"mode": "RELAX"' in cli("tasks", "show", "1700000000000001", "--json").output
+
+
+def test_a_client_of_the_public_api_runs_video_and_face_swap_end_to_end_over_sockets(csharp_env):
+    """Only what a midjourney-proxy client knows, over real sockets both ways: submit, fetch until
+    finished, download the results through the links it is given."""
+    from mjctl.poller import poll_once
+    from mjctl.sim.mp4 import clip
+
+    env = csharp_env
+    env.push_here()  # [server] public_url: the links handed out (and the notify hooks) name this server
+    with env.socket_client() as client:
+        def finished(mj_id: str) -> dict:
+            def done():
+                poll_once(env.settings)  # mjctl's poller, as `mjctl serve` runs it
+                task = client.get(f"/mj/task/{mj_id}/fetch").json()
+                return task if task["status"] in ("SUCCESS", "FAILURE", "CANCEL") else None
+            return wait_until(done, message=f"task {mj_id} finishes")
+
+        grid = client.post("/mj/submit/imagine", json={"prompt": "a fox in the snow"}).json()
+        assert grid["code"] == 1 and finished(grid["result"])["status"] == "SUCCESS"
+        video = client.post("/mj/submit/video", json={"taskId": grid["result"], "index": 1, "motion": "low"}).json()
+        swap = client.post("/mj/insight-face/swap", json={"sourceBase64": PNG, "targetBase64": PNG}).json()
+        assert video["code"] == 1 and swap["code"] == 1, (video, swap)
+        shown = finished(video["result"])
+        assert shown["status"] == "SUCCESS" and shown["action"] == "VIDEO"
+        got = client.get(shown["videoUrl"])
+        assert got.status_code == 200 and got.content.startswith(clip())
+        faces = finished(swap["result"])
+        assert faces["status"] == "SUCCESS" and faces["action"] == "SWAP_FACE"
+        assert client.get(faces["imageUrl"]).headers["content-type"] == "image/png"
+    assert balance("alice") == 10_000 - 3000
+    assert_books()
