@@ -10,7 +10,9 @@ a transaction, so that commits do not drown the statements. The same work is tim
 (dropped, then made again by running the migration's function), before or after in turn: that is the
 floor, and each figure is printed as microseconds a row with and without, and their ratio (medians over
 the rounds). Plain SQL statements, so that the database's work is what is timed: through peewee each
-statement costs some 50 us more, the same with and without.
+statement costs some 50 us more, the same with and without. On PostgreSQL each trigger's own time is also
+read from EXPLAIN ANALYZE (one statement over all the rows, rolled back), beside the task_count and
+task_version triggers of earlier steps: on a shared machine the wall clock wavers by more than a trigger.
 """
 
 from __future__ import annotations
@@ -71,12 +73,12 @@ def timed_rows(rows: int) -> dict[str, float]:
     from mjctl.db import database, write_tx
 
     first = (database.execute_sql("SELECT MAX(id) FROM task").fetchone()[0] or 0) + 1
-    ids = range(first, first + rows)  # one writer: the ids the inserts below are given
+    ids = range(first, first + rows)  # given explicitly: a sequence need not start where MAX(id) ends
     seeded = iter(task_rows(rows, users=50, channels=4, unfinished=rows))
     p = database.obj.param
     statements = {
-        "insert": (f"INSERT INTO task ({', '.join(COLUMNS)}) VALUES ({', '.join([p] * len(COLUMNS))})",
-                   lambda i: next(seeded)),
+        "insert": (f"INSERT INTO task (id, {', '.join(COLUMNS)}) VALUES ({', '.join([p] * (len(COLUMNS) + 1))})",
+                   lambda i: (i, *next(seeded))),
         "status update": (f"UPDATE task SET status = {p}, progress = {p}, updated_at = {p} WHERE id = {p}",
                           lambda i: ("SUCCESS", "100%", time.time(), i)),
         "mj_id update": (f"UPDATE task SET mj_id = {p} WHERE id = {p}", lambda i: (f"x{i}", i)),
@@ -104,7 +106,7 @@ def drop_triggers() -> None:
 def measure(url: str, rows: int, rounds: int) -> dict[str, dict[str, float]]:
     from mjctl.config import load_settings
     from mjctl.db import database, open_store, unbind
-    from mjctl.migrations import _m10_task_change
+    from mjctl.migrations import _m11_task_change
 
     open_store(load_settings(None, {("database", "url"): url}))
     try:
@@ -116,9 +118,41 @@ def measure(url: str, rows: int, rounds: int) -> dict[str, dict[str, float]]:
                     drop_triggers()
                 (with_triggers if triggers else without).append(timed_rows(rows))
                 if not triggers:
-                    _m10_task_change(database.obj)
+                    _m11_task_change(database.obj)
         return {op: {"with": statistics.median(r[op] for r in with_triggers),
                      "without": statistics.median(r[op] for r in without)} for op in OPERATIONS}
+    finally:
+        unbind()
+
+
+def postgres_trigger_times(url: str, rows: int) -> dict[str, float]:
+    """PostgreSQL's own account (EXPLAIN ANALYZE) of the microseconds a row each trigger took, for one
+    statement over `rows` rows of each kind, rolled back: exact where the wall clock of a shared machine
+    is not."""
+    from seed import COLUMNS, task_rows
+
+    from mjctl.config import load_settings
+    from mjctl.db import database, open_store, unbind
+
+    open_store(load_settings(None, {("database", "url"): url}))
+    try:
+        p = database.obj.param
+        with database.atomic():
+            for row in task_rows(rows, users=50, channels=4, unfinished=0):
+                database.execute_sql(f"INSERT INTO task ({', '.join(COLUMNS)}) VALUES "
+                                     f"({', '.join([p] * len(COLUMNS))})", row)
+        out: dict[str, float] = {}
+        for op, sql in (("status update", "UPDATE task SET status = 'CANCEL', progress = ''"),
+                        ("mj_id update", "UPDATE task SET mj_id = mj_id || 'x'"), ("delete", "DELETE FROM task")):
+            with database.atomic() as tx:
+                plan = [line for (line,) in database.execute_sql("EXPLAIN (ANALYZE) " + sql).fetchall()]
+                tx.rollback()
+            for line in plan:
+                if line.startswith("Trigger "):
+                    name, rest = line[len("Trigger "):].split(": ", 1)
+                    took = float(rest.split("time=")[1].split()[0])
+                    out[f"{op}: {name}"] = took * 1000 / rows
+        return out
     finally:
         unbind()
 
@@ -149,6 +183,12 @@ def main() -> None:
         cells = "".join(f"{o['with']:9.1f} / {o['without']:6.1f} {o['with'] / o['without']:5.2f}x"
                         for o in (ops[op] for op in OPERATIONS))
         print(f"{label:12}{cells}")
+    if args.pg_url:
+        with scratch_database("postgresql", args.pg_url) as url:
+            times = postgres_trigger_times(url, args.rows)
+        print(f"\nPostgreSQL's own timing (EXPLAIN ANALYZE), one statement over {args.rows:,} rows, us a row:")
+        for what, us in times.items():
+            print(f"  {what:45} {us:8.2f}")
 
 
 if __name__ == "__main__":
