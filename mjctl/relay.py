@@ -522,13 +522,13 @@ def upload_images(settings, user: User, body: dict, prefix: str = "") -> Envelop
             raise _Refusal(400, 4, "base64Array must be a non-empty list of data URLs")
         channels = _channels_for(None)
         price = settings.price("UPLOAD")
+        ttl = reservation_ttl(settings, len(channels))
         record = None
         if price:
-            ttl = reservation_ttl(settings, len(channels))
             fields = dict(nonce=pending.new_nonce(), kind="upload", action="UPLOAD",
                           channel_ids=str(channels[0].id), parent_task_id=None, state="", prompt="", properties="")
             record = retry_transaction(lambda: _write_ahead(user.id, price, ttl, fields), what="reserving quota")
-        not_after = time.monotonic() + reservation_ttl(settings, len(channels)) - RESERVATION_SLACK
+        not_after = time.monotonic() + ttl - RESERVATION_SLACK
     except _Refusal as refusal:
         return refusal.answer()
     forwarded = {k: v for k, v in body.items() if k not in ("notifyHook", "state")}
