@@ -69,7 +69,9 @@ def test_workers_share_the_port_survive_a_killed_worker_and_stop_together(tmp_pa
         workers = sorted(children_of(proc.pid))
         os.kill(workers[0], signal.SIGKILL)
         wait_until(lambda: len(children_of(proc.pid) - {workers[0]}) == 2, timeout=10, message="a replacement")
-        assert answers(url)
+        # The replacement is a process before its socket accepts (it connects to the database first): wait
+        # for the server to answer every request again, rather than asking at the moment it was spawned.
+        wait_until(lambda: answers(url), timeout=20, message="every request answered after the kill")
         proc.send_signal(sig)
         _out, err = proc.communicate(timeout=30)
     finally:
