@@ -272,6 +272,24 @@ def connection() -> Iterator[None]:
             end_unit_of_work(close=True)
 
 
+@contextlib.contextmanager
+def request_connection() -> Iterator[None]:
+    """The connection of one request that does not hold it to its end (an image route streams long after
+    its lookup). On SQLite that is the thread's own, left open for the thread's next request: opening one
+    re-runs the PRAGMAs, which costs more than the lookup. Elsewhere it is `connection()`: from the pool,
+    returned at the end."""
+    if not is_sqlite():
+        with connection():
+            yield
+        return
+    database.connect(reuse_if_open=True)
+    try:
+        yield
+    finally:
+        if database.in_transaction():
+            end_unit_of_work(close=False)
+
+
 def end_unit_of_work(*, close: bool) -> None:
     """Roll back whatever transaction this thread left open, then return its connection (close=True)."""
     if database.in_transaction():

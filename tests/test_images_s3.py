@@ -16,6 +16,7 @@ import pytest
 
 from mjctl import crypto, images
 from mjctl.images import ImageCache, ImagePrefetcher, ImageSource, result_store
+from mjctl.images.common import ImageTruncated
 from mjctl.images.store import ByteRange, RangeNotSatisfiable, row_key
 from mjctl.models import Task
 from tests.helpers import closed_port_url, make_settings, wait_until
@@ -130,6 +131,37 @@ def test_the_bucket_keeps_each_image_whole_under_its_task_row(tmp_path, moto, bu
     pruned = store.prune(60, now=time.time() + 3600)
     assert (pruned["removed"], pruned["removed_bytes"], pruned["kept"]) == (1, len(data), 0)
     assert set(moto.keys(bucket)) == {"mjctl/notes.txt", "elsewhere/ab/" + "a" * 40}
+
+
+def test_a_stored_image_is_read_on_a_presigned_link_and_anything_else_is_asked_of_the_client(tmp_path, moto, bucket):
+    """Serving reads the object with one plain GET on a presigned link (botocore's per-call work is the
+    hot path's biggest cost); a missing object, a range past the end and a truncated read still mean what
+    they mean through the client."""
+    store = result_store(make_settings(tmp_path, **s3_overrides(moto.url, bucket)))
+    data = os.urandom(3 * 1024 * 1024 + 17)  # several chunks
+    source = ImageSource("1700000000000002", "http://img.example/c.png", True, task_id=9)
+    write_image(store, source, data)
+    calls: list[str] = []
+    store.client().meta.events.register("before-call.s3", lambda model, **_: calls.append(model.name))
+
+    whole = store.open_image(source)
+    assert b"".join(whole.chunks) == data and calls == []
+    part = store.open_image(source, ByteRange(5, 1024 * 1024 + 5))
+    assert b"".join(part.chunks) == data[5:1024 * 1024 + 6] and calls == []
+
+    missing = ImageSource("1700000000000003", "http://img.example/d.png", True, task_id=10)
+    assert store.open_image(missing) is None and calls == ["GetObject"]
+    with pytest.raises(RangeNotSatisfiable):
+        store.open_image(source, ByteRange(len(data) + 1, None))
+
+    # A read that breaks off part-way ends in ImageTruncated, never as if the image were complete.
+    cut = store.open_image(source)
+    first = next(cut.chunks)
+    cut.close()
+    with pytest.raises(ImageTruncated):
+        for _ in cut.chunks:
+            pass
+    assert len(first) < len(data)
 
 
 # -- serving ---------------------------------------------------------------------------------------------

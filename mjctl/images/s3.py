@@ -25,10 +25,11 @@ import logging
 import re
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from mjctl.errors import first_line
 from mjctl.images.common import EXTENSIONS, STALE_TEMP_SECONDS, ImageTruncated
 from mjctl.images.store import (
     ByteRange,
@@ -51,6 +52,7 @@ DOWN_SECONDS = 5.0
 #: Bytes read from the store per chunk passed on: fewer, larger chunks cost the server less per byte.
 STREAM_CHUNK = 1024 * 1024
 POOL_CONNECTIONS = 64  # kept-alive connections to the store per process (server threads share them)
+PRESIGNED_READ_SECONDS = 300  # the lifetime of the link a read is made on (it is used at once)
 _OUR_KEY = re.compile(r"^[0-9a-f]{2}/[0-9a-f]{40}$")
 _MISSING = {"NoSuchKey", "404", "NotFound"}
 _REFUSED = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "403", "InvalidToken",
@@ -78,6 +80,7 @@ class S3Store:
         self.attempts = max(1, attempts)
         self.down_seconds = DOWN_SECONDS
         self._client: Any = None
+        self._pool: Any = None
         self._lock = threading.Lock()
         self._down_until = 0.0
         self._down_reason = ""
@@ -226,11 +229,20 @@ class S3Store:
         return _stored(key, head) if head is not None else None
 
     def open_image(self, source: ImageSource, byte_range: ByteRange | None = None) -> StoredBody | None:
-        """Source's image (or one range of it) as a stream from one GET; None when the bucket has none."""
+        """Source's image (or one range of it) as a stream from one GET; None when the bucket has none.
+
+        The GET goes to a presigned link (signed by boto3) over a plain urllib3 pool: serving is the hot
+        path, and botocore's per-call machinery costs more CPU than the bytes of a 6 MB image. Any answer but
+        the object (missing, refused, a 5xx, a bad range) is asked again through the client's get_object,
+        so every fault means what it means for every other call."""
         key = self.key_for(source)
         params: dict[str, Any] = {"Key": key}
         if byte_range is not None:
             params["Range"] = byte_range.header()
+        response = self._presigned_get(key, {"Range": params["Range"]} if byte_range is not None else {})
+        if response is not None:
+            return self._body(response.headers, response, lambda: response.read(STREAM_CHUNK, decode_content=False),
+                              response.release_conn)
         try:
             got = self._call("get_object", **params)
         except RangeNotSatisfiable:
@@ -240,30 +252,84 @@ class S3Store:
             raise RangeNotSatisfiable(int(head.get("ContentLength", 0))) from None
         if got is None:
             return None
-        content_type = str(got.get("ContentType", "")).split(";")[0].strip().lower()
         body = got["Body"]
-        if not self.accepts(content_type):  # not an object mjctl wrote: asked of the upstream instead
+        headers = {"Content-Type": got.get("ContentType", ""), "Content-Length": got.get("ContentLength", 0),
+                   "Content-Range": got.get("ContentRange", "")}
+        return self._body(headers, body, lambda: body.read(STREAM_CHUNK), body.close)
+
+    def _body(self, headers: Any, body: Any, read: Callable[[], bytes], release: Callable[[], None]
+              ) -> StoredBody | None:
+        """The StoredBody of an answer with these headers; None (the answer closed) when it is not an object
+        mjctl wrote, which is then asked of the upstream instead."""
+        content_type = str(headers.get("Content-Type", "")).split(";")[0].strip().lower()
+        if not self.accepts(content_type):
             body.close()
             return None
-        length = int(got.get("ContentLength", 0))
+        length = int(headers.get("Content-Length") or 0)
         start, end, size = 0, length - 1, length
-        match = re.match(r"bytes (\d+)-(\d+)/(\d+)", str(got.get("ContentRange", "")))
+        match = re.match(r"bytes (\d+)-(\d+)/(\d+)", str(headers.get("Content-Range") or ""))
         if match:
             start, end, size = (int(g) for g in match.groups())
-        return StoredBody(content_type, size, start, end, self._chunks(body, end + 1 - start), body.close)
+        return StoredBody(content_type, size, start, end, self._chunks(read, end + 1 - start, release, body.close),
+                          body.close)
 
-    def _chunks(self, body: Any, length: int) -> Iterator[bytes]:
-        """The body's chunks; a failure part-way (the store breaks off or stalls) is ImageTruncated."""
+    def _presigned_get(self, key: str, headers: dict[str, str]) -> Any:
+        """A GET of key on a presigned link: the urllib3 response of a 200 or 206 (body unread), or None for
+        any other answer (for the client to ask again). A connection that cannot be made or a store that
+        stays silent raises StoreUnavailable, as _call does."""
+        import urllib3
+
+        self._ensure_up()
+        try:
+            link = self.client().generate_presigned_url(
+                "get_object", Params={"Bucket": self.bucket, "Key": key}, ExpiresIn=PRESIGNED_READ_SECONDS)
+        except Exception:  # noqa: BLE001 - no credentials, a broken client: _call says which
+            return None
+        where = self.endpoint_url or "AWS"
+        for attempt in range(self.attempts):
+            try:
+                response = self._reader().request("GET", link, headers=headers, preload_content=False,
+                                                  redirect=False, retries=False)
+            except (urllib3.exceptions.ConnectTimeoutError, urllib3.exceptions.NewConnectionError):
+                fault = f"cannot connect to {where}"
+            except urllib3.exceptions.ReadTimeoutError:
+                fault = f"no answer from {where} within {self.read_timeout:g} s"
+            except Exception as exc:  # noqa: BLE001 - urllib3's transport errors
+                fault = f"{type(exc).__name__}: {first_line(exc)[:200]}"
+            else:
+                if response.status in (200, 206):
+                    return response
+                response.close()  # an error's body is not worth keeping the connection for
+                return None
+            if attempt + 1 == self.attempts:
+                raise self._down(fault)
+        return None
+
+    def _reader(self) -> Any:
+        """The urllib3 pool for reads on presigned links, with the store's timeouts, the CA bundle botocore
+        would use (AWS_CA_BUNDLE, else certifi's) and the proxy the environment names for the endpoint."""
+        if self._pool is not None:
+            return self._pool
+        with self._lock:
+            if self._pool is None:
+                self._pool = _pool_for(self.endpoint_url or "https://s3.amazonaws.com",
+                                       self.connect_timeout, self.read_timeout)
+        return self._pool
+
+    def _chunks(self, read: Callable[[], bytes], length: int, release: Callable[[], None],
+                close: Callable[[], None]) -> Iterator[bytes]:
+        """The body's chunks; a failure part-way (the store breaks off or stalls) is ImageTruncated. A body
+        read to its end releases its connection for the next GET; any other end closes it."""
         received = 0
         try:
-            for chunk in body.iter_chunks(STREAM_CHUNK):
+            while chunk := read():
                 received += len(chunk)
                 yield chunk
         except Exception as exc:  # noqa: BLE001 - botocore's and urllib3's read errors share no base class
             raise ImageTruncated(f"The image store broke off after {received} of {length} bytes: "
                                  f"{type(exc).__name__}.") from None
         finally:
-            body.close()
+            (release if received == length else close)()
         if received != length:
             raise ImageTruncated(f"The image store sent {received} of {length} bytes.")
 
@@ -367,6 +433,26 @@ def _stored(key: str, head: dict) -> StoredImage | None:
     modified = head.get("LastModified")
     return StoredImage(key, content_type, int(head.get("ContentLength", 0)),
                        modified.timestamp() if modified is not None else 0.0)
+
+
+def _pool_for(endpoint: str, connect_timeout: float, read_timeout: float) -> Any:
+    import os
+    import urllib.parse
+    import urllib.request
+
+    import urllib3
+    from botocore.httpsession import get_cert_path
+
+    options: dict[str, Any] = {"maxsize": POOL_CONNECTIONS, "block": False, "retries": False,
+                               "timeout": urllib3.Timeout(connect=connect_timeout, read=read_timeout)}
+    bundle = os.environ.get("AWS_CA_BUNDLE") or get_cert_path(True)
+    if isinstance(bundle, str):
+        options["ca_certs"] = bundle
+    parsed = urllib.parse.urlsplit(endpoint)
+    proxy = urllib.request.getproxies().get(parsed.scheme)
+    if proxy and not urllib.request.proxy_bypass(parsed.hostname or ""):
+        return urllib3.ProxyManager(proxy, **options)
+    return urllib3.PoolManager(**options)
 
 
 def _is_invalid_range(exc: Exception) -> bool:

@@ -104,9 +104,9 @@ def find_source(ctx: AppContext, mj_id: str, sig: str | None, token: str | None,
                          {"WWW-Authenticate": "Bearer"})
     if not images.MJ_ID_RE.fullmatch(mj_id):
         raise not_found()
-    from mjctl.db import connection
+    from mjctl.db import request_connection
 
-    with connection():
+    with request_connection():
         user = None
         if not (public or signed):
             user = accounts.authenticate(token)
