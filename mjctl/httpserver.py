@@ -120,8 +120,10 @@ class WSGIBridge:
         self._api_pool: ThreadPoolExecutor | None = None
         self._upstream_pool: ThreadPoolExecutor | None = None
         self.upstream_in_flight = 0  # only touched on the event loop
+        self.closed = False
 
     def close(self) -> None:
+        self.closed = True  # streams cut short by the pools' end are the server stopping, not failures
         for pool in (self._api_pool, self._upstream_pool):
             if pool is not None:
                 pool.shutdown(wait=False, cancel_futures=True)
@@ -279,12 +281,15 @@ class WSGIBridge:
             log.warning("dropped a client that read nothing of %s for %g s", environ.get("PATH_INFO", "")[:200],
                         timeout)
         except Exception as exc:  # noqa: BLE001 - a client gone mid-stream, or the app failing mid-body
-            if not _is_disconnect(exc):
+            if not (_is_disconnect(exc) or self.closed):
                 log.error("streaming %s failed: %s", environ.get("PATH_INFO", "")[:200], exc)
         finally:
             close = getattr(result, "close", None)
             if close is not None:
-                await loop.run_in_executor(pool, _quietly, close)
+                try:
+                    await loop.run_in_executor(pool, _quietly, close)
+                except RuntimeError:  # the pool is shut down: the server is stopping, close it here
+                    _quietly(close)
 
     def _call_app(self, environ: dict[str, Any]) -> tuple[int, list[tuple[str, str]], bytes, Any]:
         """Run the app on a pool thread: (status, headers, the whole body or the first chunk, the rest)."""

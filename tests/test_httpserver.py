@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import subprocess
@@ -85,6 +86,37 @@ def test_generator_bodies_stream_chunk_by_chunk():
             release.set()
             rest = b"".join(chunks)
         assert (first + rest).endswith(b"second-chunk")
+
+
+def test_a_stream_cut_short_by_the_bridge_closing_is_closed_and_not_reported(caplog):
+    """Stopping the server while a body streams ends the stream quietly: its close() still runs (a cache
+    file is finished there) and no error is logged for a pool that is gone."""
+    produced, closed = threading.Event(), threading.Event()
+    release = threading.Event()
+
+    class Body:
+        def __iter__(self):
+            yield b"first-chunk"
+            produced.set()
+            release.wait(5)
+            yield b"second-chunk"
+
+        def close(self):
+            closed.set()
+
+    def app(environ, start_response):
+        start_response("200 OK", [("Content-Type", "application/octet-stream")])
+        return Body()
+
+    caplog.set_level("INFO", logger="mjctl")
+    with ServerThread(app) as server, httpx.Client() as client:
+        with client.stream("GET", server.url) as response:
+            next(response.iter_raw())
+            assert produced.wait(5)
+            server.bridge.close()  # the pools end while the second chunk is being made
+            release.set()
+            assert closed.wait(5)
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
 
 
 def test_serve_forever_stops_cleanly_on_sigterm_and_sigint():
