@@ -72,13 +72,14 @@ def test_three_pollers_share_each_round_and_an_expired_claim_is_polled_again(kin
     from mjctl.models import PollClaim
 
     # Slow answers (50 ms a request) keep each channel's claim held long enough that the three pollers'
-    # cycles overlap as they would in production, whatever the thread scheduling.
+    # cycles overlap as they would in production, whatever the thread scheduling; the lease outlasts a
+    # round on a busy machine (a claim that expired mid-round would be taken and polled twice).
     sim = _simulator(step_seconds=1.5, fail_rate=0.3, seed=7, slow_seconds=0.05, faults={"slow": 1.0})
     try:
         sqlite = contextlib.nullcontext(f"sqlite:///{tmp_path}/claims.db")
         with (temp_database(kind) if kind != "sqlite" else sqlite) as url:
             settings = make_settings(tmp_path, url, poller__batch_size=10, poller__concurrency=2,
-                                     poller__lease_seconds=1, poller__task_timeout=60, database__pool_size=20)
+                                     poller__lease_seconds=10, poller__task_timeout=60, database__pool_size=20)
             open_store(settings)
             users = [accounts.create_user(f"u{i}", quota=100 * PRICE)[0] for i in range(3)]
             channels = [add_channel(settings, f"sim{i}", sim.url) for i in range(2)]
