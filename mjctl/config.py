@@ -7,6 +7,7 @@ folder when there is no file). This module knows nothing of the CLI or the web s
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import tomllib
@@ -354,9 +355,12 @@ def _coerce(value: Any, typ: type, where: str, section: str, key: str) -> Any:
                 return False
             raise ConfigError(f"{problem} must be true or false, not {value!r}.")
         try:
-            return typ(text)
+            converted = typ(text)
         except ValueError:
             raise ConfigError(f"{problem} must be {_type_word(typ)}, not {value!r}.") from None
+        if typ is float and not math.isfinite(converted):
+            raise ConfigError(f"{problem} must be a finite number, not {value!r}.")
+        return converted
     if typ is bool:
         if isinstance(value, bool):
             return value
@@ -367,6 +371,8 @@ def _coerce(value: Any, typ: type, where: str, section: str, key: str) -> Any:
         raise ConfigError(f"{problem} must be an integer, not {value!r}.")
     if typ is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):  # TOML has inf and nan
+                raise ConfigError(f"{problem} must be a finite number, not {value!r}.")
             return float(value)
         raise ConfigError(f"{problem} must be a number, not {value!r}.")
     if typ is str:

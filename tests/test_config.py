@@ -55,3 +55,14 @@ def test_prices_are_an_open_read_only_mapping(tmp_path):
         prices["FOO"] = 1  # type: ignore[index]
     assert settings.sources[("prices", "FOO")] == f"file {conf}"
     assert Prices()["default"] == SCHEMA["prices"]["default"][0] == 1000
+
+
+@pytest.mark.parametrize(("source", "value"), [("env", "nan"), ("env", "inf"), ("toml", "inf"), ("toml", "nan")])
+def test_a_number_setting_must_be_finite(tmp_path, source, value):
+    from mjctl.config import ConfigError
+
+    conf = tmp_path / "mjctl.toml"
+    conf.write_text(f"[server]\nheader_timeout = {value}\n" if source == "toml" else "")
+    env = {"MJCTL_SERVER_HEADER_TIMEOUT": value} if source == "env" else {}
+    with pytest.raises(ConfigError, match=r"\[server\] header_timeout must be a finite number"):
+        load_settings(str(conf), {}, environ=env)
