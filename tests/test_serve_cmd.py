@@ -55,6 +55,22 @@ def test_serve_answers_and_stops_cleanly(tmp_path, sig):
     assert "stopped" in err
 
 
+def test_the_serving_line_comes_once_the_port_accepts(tmp_path):
+    """Whoever waits for the "serving on" line can connect the moment it appears (workers bind late)."""
+    port = free_port()
+    proc = start(tmp_path, "--port", str(port), "--threads", "2", "--no-poll")
+    try:
+        for line in proc.stderr:
+            if "serving on" in line:
+                break
+        else:
+            pytest.fail(f"no serving line; exit {proc.wait()}")
+        assert httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=5).status_code == 200
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=15)
+
+
 def test_a_busy_port_is_one_sentence_and_exit_1(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -60,10 +60,9 @@ def serve(
     poll = not no_poll and settings.poller.in_server
     per_worker = f"{settings.server.threads} threads"
     shape = f"{count} workers x {per_worker}" if count > 1 else per_worker
-    sys.stderr.write(f"mjctl serving on {url_for(host_, bound)} ({shape}"
-                     f"{', poller running' if poll else ', no poller'}). Press Ctrl-C to stop.\n")
-    sys.stderr.flush()
     stop_event = threading.Event()
+    _announce_when_listening(host_, bound, stop_event, f"mjctl serving on {url_for(host_, bound)} ({shape}"
+                             f"{', poller running' if poll else ', no poller'}). Press Ctrl-C to stop.\n")
     metrics_dir = metrics.use_run_directory()  # before the poller and the workers make any metric
     poller = _start_poller(settings, stop_event) if poll else None
     try:
@@ -77,6 +76,30 @@ def serve(
             poller.join(timeout=30)
         metrics.remove_run_directory(metrics_dir)
     sys.stderr.write("mjctl server stopped.\n")
+
+
+def _announce_when_listening(host: str, port: int, stop_event: threading.Event, line: str) -> None:
+    """Write line to stderr once the workers accept connections on the port (they bind after they start),
+    so that whoever waits for it can connect at once."""
+    import socket
+    import time
+
+    from mjctl.httpserver import connect_host
+
+    def wait_then_write() -> None:
+        deadline = time.monotonic() + 120
+        while not stop_event.is_set() and time.monotonic() < deadline:
+            try:
+                with socket.create_connection((connect_host(host), port), timeout=1):
+                    break
+            except OSError:
+                stop_event.wait(0.05)
+        else:
+            return
+        sys.stderr.write(line)
+        sys.stderr.flush()
+
+    threading.Thread(target=wait_then_write, name="mjctl-announce", daemon=True).start()
 
 
 def _start_poller(settings, stop_event: threading.Event):
