@@ -1,5 +1,6 @@
-"""The operator's console endpoints: GET /api/mj/stats (statistics), GET /api/mj/export (every matching
-task as CSV or JSON lines, streamed) and GET /metrics (Prometheus).
+"""The operator's console endpoints: GET /api/mj/stats (statistics), GET /api/mj/stats/chart (a chart of
+them, SVG drawn by mjctl.charts), GET /api/mj/export (every matching task as CSV or JSON lines, streamed)
+and GET /metrics (Prometheus).
 
 Statistics and export take the listing's filters (mjctl.server.api.read_listing) and scope: a user sees
 their own tasks, an administrator all tasks, narrowed by ``channel_id`` and ``user_id``.
@@ -11,14 +12,18 @@ import time
 
 import bottle
 
-from mjctl import export, metrics, stats
-from mjctl.server.api import MAX_WORD_LEN, query_text, read_listing
+from mjctl import charts, export, metrics, stats
+from mjctl.server.api import MAX_WORD_LEN, query_int, query_text, read_listing
 from mjctl.server.app import AppContext, ok
 from mjctl.server.auth import authenticate_request, require_admin
 from mjctl.server.openapi import error_responses, json_response, query_param
 from mjctl.tasks import MAX_FILTER_LEN, TaskFilter
 
 STATS_FAILED = "Failed to compute the statistics"
+#: A chart is an image made of escaped text: nothing in it may run or load, even opened on its own.
+CHART_HEADERS = {"Content-Type": charts.MEDIA_TYPE, "Cache-Control": "no-store",
+                 "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'",
+                 "X-Content-Type-Options": "nosniff"}
 EXPORT_FAILED = "Failed to export the tasks"
 METRICS_FAILED = "Failed to read the metrics"
 
@@ -41,6 +46,15 @@ def install(app: bottle.Bottle, ctx: AppContext) -> None:
         filters, admin = read_scope()
         group_by = stats.check_group(query_text(bottle.request.query, "group_by", max_len=MAX_WORD_LEN), admin=admin)
         return ok(stats.compute_stats(filters, group_by))
+
+    @app.get("/api/mj/stats/chart", db_error=STATS_FAILED, sqlite_gate=False)
+    def task_chart():
+        filters, admin = read_scope()
+        query = bottle.request.query
+        chart = charts.check_chart(query_text(query, "chart", max_len=MAX_WORD_LEN), admin=admin)
+        width = charts.check_width(query_int(query, "width", minimum=0, meaning="a whole number of pixels"))
+        data = stats.compute_stats(filters, charts.CHARTS[chart].group_by)
+        return bottle.HTTPResponse(charts.render(chart, data, width=width), status=200, headers=CHART_HEADERS)
 
     @app.get("/api/mj/export", db_error=EXPORT_FAILED)
     def task_export():
@@ -108,6 +122,22 @@ def _document(ctx: AppContext) -> None:
                                                     "day, hour, action, status, mode; channel and user for "
                                                     "administrators.")],
                   responses={200: json_response("Stats", "Totals and groups."),
+                             **error_responses(400, 401, 403, 500, e500=f"The store failed: \"{STATS_FAILED}\".")})
+    kinds = "; ".join(f"{name}: {chart.title.lower()}" + (" (administrators)" if chart.admin else "")
+                      for name, chart in charts.CHARTS.items())
+    api.operation("/api/mj/stats/chart", "get", tags=["console"],
+                  summary="A chart of the statistics, as an SVG image with a text alternative.",
+                  description="The statistics of the same filters and scope as GET /api/mj/stats, drawn by the "
+                              f"server: {kinds}. Day charts are UTC days, every day of the period shown. The "
+                              "image names itself (role img, named by its title and desc elements, which carry "
+                              "the totals); names from the store are drawn as escaped text.",
+                  parameters=filters + [
+                      query_param("chart", {"enum": list(charts.CHARTS)}, "Which chart.", required=True),
+                      query_param("width", {"type": "integer", "minimum": charts.MIN_WIDTH,
+                                            "maximum": charts.MAX_WIDTH, "default": charts.DEFAULT_WIDTH},
+                                  "The width to lay the chart out for, in pixels.")],
+                  responses={200: {"description": "The chart.",
+                                   "content": {"image/svg+xml": {"schema": {"type": "string"}}}},
                              **error_responses(400, 401, 403, 500, e500=f"The store failed: \"{STATS_FAILED}\".")})
     columns = ", ".join(export.fields(admin=True))
     api.operation("/api/mj/export", "get", tags=["console"],
