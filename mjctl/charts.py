@@ -7,7 +7,9 @@ One function, :func:`render`, turns the statistics of one grouping into one char
 - ``run_time`` and ``queue_time``: the 50th and 95th percentiles per day as two lines (solid and dashed);
 - ``quota``: quota spent (charged minus refunded) per day as bars;
 - ``users`` and ``channels`` (administrators): the first :data:`TOP` by tasks and the first by quota spent,
-  as horizontal bars with their names.
+  as horizontal bars with their names; each bar's group carries its figures as data attributes (name, tasks,
+  quota spent, success rate), so a page can list them as a table without asking for every user's
+  statistics.
 
 The document is built with xml.etree, which escapes every text and attribute value, and every name from the
 store first goes through :func:`mjctl.textsafe.visible` (controls, bidi overrides and lone surrogates shown
@@ -497,7 +499,11 @@ def _top(canvas: _Canvas, data: dict[str, Any]) -> ET.Element:
         for group in ranked:
             name = display_name(group)
             value = measure(group)
-            item = ET.SubElement(panel, "g", {"data-key": str(group["key"]), "data-value": str(value)})
+            rate = group["success_rate"]
+            item = ET.SubElement(panel, "g", {  # the row's figures, for a table beside the chart
+                "data-key": str(group["key"]), "data-value": str(value), "data-name": name,
+                "data-tasks": str(group["tasks"]), "data-spent": str(spent(group)),
+                "data-rate": "" if rate is None else str(rate)})
             _tooltip(item, f"{name} (#{group['key']}): {number(group['tasks'])} tasks, "
                            f"{number(spent(group))} quota spent")
             _text(item, 8, y + 14, short(name))

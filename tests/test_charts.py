@@ -123,6 +123,9 @@ def test_names_from_the_store_are_text_whatever_they_hold(name):
     assert texts[0] == charts.short(charts.clean(name))
     assert not re.search("[\x00-\x08\x0b\x0c\x0e-\x1f\u202a-\u202e\ud800-\udfff\ufffe\uffff]", svg)
     assert charts.clean(name) in root.find("svg:desc", NS).text
+    row = root.find(".//svg:g[@data-key='7']", NS)
+    assert row.get("data-name") == charts.clean(name)  # the figures a page lists beside the chart
+    assert (row.get("data-tasks"), row.get("data-spent"), row.get("data-rate")) == ("3", "30", "1.0")
 
 
 def test_the_palette_reaches_wcag_aa_on_white():

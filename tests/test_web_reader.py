@@ -80,7 +80,7 @@ def test_phones_get_a_card_per_task_and_folded_filters(screen_page, site):
     else:
         expect(by(page, "filters-toggle")).to_be_hidden()
         expect(by(page, "filters")).to_be_visible()
-        expect(page.locator("thead")).to_be_visible()
+        expect(by(page, "task-table").locator("thead")).to_be_visible()
         assert first.evaluate("r => getComputedStyle(r).display") == "table-row"
         wrap = by(page, "table-wrap")
         assert wrap.evaluate("w => w.scrollWidth <= w.clientWidth")  # every column fits at 1366 px

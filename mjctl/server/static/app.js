@@ -1,5 +1,8 @@
 // mjctl's task page. Reads GET /api/user/self (who is signed in, the balance), GET /api/mj/self or, for
 // admins, GET /api/mj/ with GET /api/admin/users and /api/admin/channels for the names behind the ids.
+// The Statistics view reads GET /api/mj/stats (the numbers) and GET /api/mj/stats/chart (the charts, SVG
+// drawn and escaped by the server, parsed as XML and placed without running anything); the tables of the
+// top users and channels are read from their charts' data attributes.
 // Every piece of task text reaches the page through textContent or a checked URL, never through innerHTML.
 "use strict";
 
@@ -14,6 +17,11 @@
   // The listing's parameters that live in the page's address, so reload and back/forward keep them.
   const URL_FILTERS = ["mj_id", "user_id", "channel_id", "status", "action", "start_timestamp", "end_timestamp"];
   const NUMBER = new Intl.NumberFormat("en-US");
+  const VIEWS = ["tasks", "stats"];
+  const PERIODS = [7, 30, 90]; // the Statistics view's periods, in UTC days ending today
+  const DEFAULT_PERIOD = 7;
+  const DAY = 86400;
+  const SVG_NS = "http://www.w3.org/2000/svg";
 
   // Upstream messages (midjourney-proxy answers in Chinese), shown in English; the original stays in the
   // API and in the element's title. [pattern, English text or a function of the match].
@@ -46,7 +54,8 @@
     rows: $("task-rows"), prev: $("prev"), next: $("next"), pageInfo: $("page-info"), pageSize: $("page-size"),
     live: $("live"), lightbox: $("lightbox"), lightboxImage: $("lightbox-image"), lightboxVideo: $("lightbox-video"),
     lightboxPrompt: $("lightbox-prompt"), lightboxId: $("lightbox-id"), lightboxLink: $("lightbox-link"),
-    lightboxClose: $("lightbox-close"),
+    lightboxClose: $("lightbox-close"), views: $("views"), stats: $("stats"), statsPeriod: $("stats-period"),
+    statsScope: $("stats-scope"), statsRefresh: $("stats-refresh"),
   };
 
   const state = {
@@ -62,6 +71,9 @@
     channels: null, // Map id -> {name, enabled}, admins only
     users: new Map(), // id -> name, admins only
     opener: null, // what opened the lightbox, to give focus back
+    view: "tasks", // "tasks" | "stats", from the address
+    period: DEFAULT_PERIOD, // days the Statistics view covers
+    statsGeneration: 0, // counts statistics loads, so only the latest one renders
   };
 
   // --- talking to the server -------------------------------------------------------------------------
@@ -73,7 +85,8 @@
   class FilterError extends Error {}
 
   // The listing request is the one a newer one replaces (abortable); the small look-ups run beside it.
-  async function getJSON(path, params = {}, { abortable = false } = {}) {
+  // A chart (svg) answers an SVG document on success and the JSON envelope on failure.
+  async function getJSON(path, params = {}, { abortable = false, svg = false } = {}) {
     const query = new URLSearchParams();
     for (const [key, value] of Object.entries(params)) {
       if (value !== undefined && value !== null && value !== "") query.set(key, String(value));
@@ -86,7 +99,7 @@
     let response;
     try {
       response = await fetch(query.size ? `${path}?${query}` : path, {
-        headers: { Authorization: `Bearer ${state.token}`, Accept: "application/json" },
+        headers: { Authorization: `Bearer ${state.token}`, Accept: svg ? "image/svg+xml, application/json" : "application/json" },
         cache: "no-store",
         signal: controller ? controller.signal : undefined,
       });
@@ -96,6 +109,7 @@
     } finally {
       if (controller && state.request === controller) state.request = null;
     }
+    if (svg && response.ok) return response.text();
     let body = null;
     try { body = await response.json(); } catch (err) { body = null; }
     if (!response.ok || !body || body.success !== true) {
@@ -139,9 +153,13 @@
 
   // --- loading and refreshing ------------------------------------------------------------------------
 
+  function refresh() {
+    return state.view === "stats" ? loadStats() : load();
+  }
+
   async function load() {
     stopTimer();
-    if (!state.token) return;
+    if (!state.token || state.view !== "tasks") return;
     const generation = ++state.generation; // a newer load (a click, a refresh) makes this one stale
     let data;
     try {
@@ -184,6 +202,11 @@
       showMessage("error", `Your token was not accepted (${err.status}): ${err.message}`);
       el.token.value = stored || "";
       return;
+    }
+    if (state.view === "stats") {
+      showMessage("error", err instanceof NetworkError ? "Cannot reach the mjctl server."
+        : `The server could not compute the statistics (${err.status || "error"}): ${err.message}`);
+      return; // the Refresh button tries again
     }
     if (err instanceof NetworkError) {
       showMessage("error", "Cannot reach the mjctl server. Retrying every few seconds…");
@@ -426,6 +449,138 @@
 
   function announce(text) {
     el.announce.textContent = text;
+  }
+
+
+  // --- the Statistics view ---------------------------------------------------------------------------
+
+  // The period: whole UTC days, the last `period` of them, today included (the server's day groups are UTC).
+  function statsParams() {
+    const today = Math.floor(Date.now() / 1000 / DAY) * DAY;
+    return { start_timestamp: today - (state.period - 1) * DAY };
+  }
+
+  async function loadStats() {
+    stopTimer();
+    if (!state.token || state.view !== "stats") return;
+    const generation = ++state.statsGeneration;
+    const params = statsParams();
+    let days;
+    try {
+      if (!state.account) await fetchAccount();
+      else fetchAccount().catch(() => {});
+      const admin = state.role === "admin";
+      const charts = [...el.stats.querySelectorAll(".chart")].filter((node) => admin || !node.closest(".admin-only"));
+      const drawn = charts.map((node) => getJSON("api/mj/stats/chart",
+        { ...params, chart: node.dataset.chart, width: chartWidth(node) }, { svg: true }));
+      days = await getJSON("api/mj/stats", { ...params, group_by: "day" });
+      const svgs = await Promise.all(drawn);
+      if (generation !== state.statsGeneration) return;
+      charts.forEach((node, i) => placeChart(node, svgs[i]));
+    } catch (err) {
+      if (err.name === "AbortError" || generation !== state.statsGeneration) return;
+      handleFailure(err);
+      return;
+    }
+    hideMessage();
+    renderStats(days);
+  }
+
+  // The width the chart is laid out for: its box on the page (the server accepts 240 to 2400).
+  function chartWidth(node) {
+    return Math.max(240, Math.min(2400, Math.round(node.clientWidth || node.parentElement.clientWidth || 640)));
+  }
+
+  // The server's SVG, parsed as XML (nothing in it runs) and taken only if it is an SVG document.
+  function placeChart(node, text) {
+    const doc = new DOMParser().parseFromString(text, "image/svg+xml");
+    const svg = doc.documentElement;
+    if (svg.namespaceURI !== SVG_NS || svg.localName !== "svg" || doc.getElementsByTagName("parsererror").length) {
+      throw new Error("the server sent a chart that is not an SVG image");
+    }
+    for (const script of svg.getElementsByTagName("script")) script.remove();
+    node.replaceChildren(document.importNode(svg, true));
+  }
+
+  const pct = (rate) => (rate === null || rate === undefined ? "—" : `${(rate * 100).toFixed(1)}%`);
+  const secs = (value) => (value === null || value === undefined ? "—" : formatSeconds(Math.round(value)));
+  const spent = (s) => (Number(s.quota_charged) || 0) - (Number(s.quota_refunded) || 0);
+
+  function renderStats(days) {
+    const t = days.totals;
+    const admin = state.role === "admin";
+    const first = days.groups.length ? days.groups[0].key : "", last = days.groups.length ? days.groups[days.groups.length - 1].key : "";
+    el.statsScope.textContent = `${admin ? "All tasks" : "Your tasks"}, UTC days ${first} to ${last}`
+      + `${days.percentiles === "sampled" ? " (percentiles from a sample)" : ""}.`;
+    $("total-tasks").textContent = NUMBER.format(t.tasks);
+    $("total-success-rate").textContent = pct(t.success_rate);
+    $("total-quota").textContent = NUMBER.format(spent(t));
+    $("total-run").textContent = `${secs(t.run_seconds_p50)} / ${secs(t.run_seconds_p95)}`;
+    $("total-queue").textContent = `${secs(t.queue_seconds_p50)} / ${secs(t.queue_seconds_p95)}`;
+    const dayRow = (s, label, tag) => {
+      const tr = document.createElement("tr");
+      const head = cell("th", label);
+      head.scope = "row";
+      tr.append(head);
+      for (const text of [NUMBER.format(s.tasks), NUMBER.format(s.success), NUMBER.format(s.failure),
+        NUMBER.format(s.cancel), NUMBER.format(s.unfinished), pct(s.success_rate), secs(s.run_seconds_p50),
+        secs(s.run_seconds_p95), secs(s.queue_seconds_p50), secs(s.queue_seconds_p95), NUMBER.format(spent(s))]) {
+        tr.append(cell(tag, text, "number"));
+      }
+      return tr;
+    };
+    $("days-rows").replaceChildren(...[...days.groups].reverse().map((g) => {
+      const tr = dayRow(g, g.key, "td");
+      tr.dataset.testid = "day-row";
+      tr.dataset.key = g.key;
+      return tr;
+    }));
+    const total = dayRow(t, "Total", "td");
+    total.dataset.testid = "day-total";
+    $("days-total").replaceChildren(total);
+    if (admin) {
+      rankRows($("users-rows"), el.stats.querySelector('.chart[data-chart="users"]'));
+      rankRows($("channels-rows"), el.stats.querySelector('.chart[data-chart="channels"]'));
+    }
+  }
+
+  // The users or channels of either ranking (the first ten by tasks, the first ten by quota spent), by tasks:
+  // read from the chart's own rows (their data attributes), so no one asks for every user's statistics.
+  function rankRows(body, chart) {
+    const rows = new Map();
+    for (const g of chart.querySelectorAll("g[data-by] > g[data-key]")) rows.set(g.getAttribute("data-key"), g);
+    const shown = [...rows.values()].sort((a, b) => Number(b.getAttribute("data-tasks")) - Number(a.getAttribute("data-tasks")));
+    body.replaceChildren(...shown.map((g) => {
+      const tr = document.createElement("tr");
+      tr.dataset.testid = "rank-row";
+      tr.dataset.key = g.getAttribute("data-key");
+      const head = cell("th", g.getAttribute("data-name"));
+      head.scope = "row";
+      const rate = g.getAttribute("data-rate");
+      tr.append(head, cell("td", NUMBER.format(Number(g.getAttribute("data-tasks"))), "number"),
+        cell("td", pct(rate === "" ? null : Number(rate)), "number"),
+        cell("td", NUMBER.format(Number(g.getAttribute("data-spent"))), "number"));
+      return tr;
+    }));
+    if (shown.length === 0) {
+      const td = cell("td", "Nothing in this period.", "empty");
+      td.colSpan = 4;
+      const tr = document.createElement("tr");
+      tr.append(td);
+      body.replaceChildren(tr);
+    }
+  }
+
+  // The view switch: links (the keyboard and the address work as for any link), the current one marked.
+  function showView() {
+    el.tasks.hidden = state.view !== "tasks";
+    el.stats.hidden = state.view !== "stats";
+    for (const link of el.views.querySelectorAll("a")) {
+      if (link.dataset.view === state.view) link.setAttribute("aria-current", "page");
+      else link.removeAttribute("aria-current");
+    }
+    el.statsPeriod.value = String(state.period);
+    if (state.view !== "tasks") el.live.hidden = true;
   }
 
   // --- the lightbox: a modal dialog that keeps the focus until it closes -----------------------------
@@ -687,7 +842,11 @@
     const size = Number(query.get("page_size")) || Number(localStorage.getItem(PAGE_SIZE_KEY));
     state.pageSize = PAGE_SIZES.includes(size) ? size : DEFAULT_PAGE_SIZE;
     el.pageSize.value = String(state.pageSize);
+    state.view = VIEWS.includes(query.get("view")) ? query.get("view") : "tasks";
+    const days = Number(query.get("days"));
+    state.period = PERIODS.includes(days) ? days : DEFAULT_PERIOD;
     showFilters();
+    if (state.token) showView();
   }
 
   // Filters, page and page size go into the address: a new history entry for each change the user makes.
@@ -696,6 +855,8 @@
     for (const name of URL_FILTERS) if (state.filters[name]) query.set(name, state.filters[name]);
     if (state.page > 1) query.set("p", String(state.page));
     if (state.pageSize !== DEFAULT_PAGE_SIZE) query.set("page_size", String(state.pageSize));
+    if (state.view !== "tasks") query.set("view", state.view);
+    if (state.view === "stats" && state.period !== DEFAULT_PERIOD) query.set("days", String(state.period));
     const search = query.toString() ? `?${query}` : "";
     if (search === window.location.search) return;
     const url = window.location.pathname + search;
@@ -706,7 +867,8 @@
     Object.assign(state, changes);
     writeUrl();
     showFilters();
-    load();
+    showView();
+    refresh();
   }
 
   function narrow() {
@@ -726,25 +888,29 @@
     state.users = new Map();
     localStorage.setItem(TOKEN_KEY, token);
     el.signin.hidden = true;
-    el.tasks.hidden = false;
+    el.views.hidden = false;
+    showView();
     el.who.hidden = false;
     el.role.textContent = "Signing in…";
     el.accountName.textContent = "";
     el.balance.hidden = true;
     el.rows.replaceChildren();
     hideMessage();
-    load();
+    refresh();
   }
 
   function signOut() {
     stopTimer();
     state.generation += 1;
+    state.statsGeneration += 1;
     if (state.request) state.request.abort();
     localStorage.removeItem(TOKEN_KEY);
     state.token = null;
     state.account = null;
     state.role = null;
     el.tasks.hidden = true;
+    el.stats.hidden = true;
+    el.views.hidden = true;
     el.who.hidden = true;
     el.live.hidden = true;
     el.rows.replaceChildren();
@@ -797,7 +963,16 @@
     localStorage.setItem(PAGE_SIZE_KEY, String(size));
     go({ pageSize: size, page: 1 });
   });
-  window.addEventListener("popstate", () => { readUrl(); load(); });
+  window.addEventListener("popstate", () => { readUrl(); refresh(); });
+  for (const link of el.views.querySelectorAll("a")) {
+    link.addEventListener("click", (event) => {
+      if (event.ctrlKey || event.metaKey || event.shiftKey || event.button !== 0) return; // a new tab or window
+      event.preventDefault();
+      if (link.dataset.view !== state.view) go({ view: link.dataset.view });
+    });
+  }
+  el.statsPeriod.addEventListener("change", () => go({ period: Number(el.statsPeriod.value) }));
+  el.statsRefresh.addEventListener("click", loadStats);
   el.lightboxClose.addEventListener("click", closeLightbox);
   el.lightbox.addEventListener("click", (event) => { if (event.target === el.lightbox) closeLightbox(); });
   el.lightbox.addEventListener("keydown", trapFocus);
