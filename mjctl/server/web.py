@@ -5,9 +5,10 @@ the files named in STATIC_FILES are served, so no request path can reach anythin
 answer carries an ETag and ``Cache-Control: no-cache``: browsers keep the files but revalidate them, so an
 upgraded mjctl is picked up on the next load while an unchanged file costs a 304.
 
-The page talks only to documented JSON endpoints: GET /api/user/self (who is signed in, the balance),
+The page talks only to documented endpoints: GET /api/user/self (who is signed in, the balance),
 GET /api/mj/self or, for admins, GET /api/mj/ with GET /api/admin/users and /api/admin/channels for the
-names behind the ids (mjctl.server.directory). README's "The web page" says what it shows.
+names behind the ids (mjctl.server.directory); its Statistics view GET /api/mj/stats and the SVG charts of
+GET /api/mj/stats/chart (mjctl.server.console). README's "The web page" says what it shows.
 """
 
 from __future__ import annotations
