@@ -216,6 +216,8 @@ def test_axe_finds_nothing_in_the_statistics_views(screen_page, stats_site):
     for who in ("alice", "admin"):
         if who == "admin":
             by(page, "sign-out").click()
+            expect(by(page, "total-tasks")).to_have_text("—")  # nothing of alice's figures stays behind
+            expect(page.locator("[data-testid=stats] svg")).to_have_count(0)
         open_stats(page, site.tokens[who])
         for details in page.locator("[data-testid=stats] details:visible").all():
             details.locator("summary").click()

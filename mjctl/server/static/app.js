@@ -571,6 +571,12 @@
     }
   }
 
+  function clearStats() {
+    for (const node of el.stats.querySelectorAll(".chart, tbody, tfoot")) node.replaceChildren();
+    for (const node of el.stats.querySelectorAll("dd")) node.textContent = "—";
+    el.statsScope.textContent = "";
+  }
+
   // The view switch: links (the keyboard and the address work as for any link), the current one marked.
   function showView() {
     el.tasks.hidden = state.view !== "tasks";
@@ -911,6 +917,7 @@
     el.tasks.hidden = true;
     el.stats.hidden = true;
     el.views.hidden = true;
+    clearStats(); // the next person at this browser sees nothing of the last one's figures
     el.who.hidden = true;
     el.live.hidden = true;
     el.rows.replaceChildren();
