@@ -94,6 +94,17 @@ def check_chart(chart: str | None, *, admin: bool) -> str:
     return value
 
 
+def check_charts(names: str | None, *, admin: bool) -> list[str]:
+    """A comma-separated list of charts validated as check_chart does, each at most once, at least one."""
+    parts = [part for part in (names or "").split(",") if part.strip()]
+    if not parts:
+        raise UsageError(f"charts must name at least one of {', '.join(CHARTS)}.")
+    checked = [check_chart(part, admin=admin) for part in parts]
+    if len(set(checked)) != len(checked):
+        raise UsageError("charts names a chart twice.")
+    return checked
+
+
 def check_width(width: int | None) -> int:
     if width is None:
         return DEFAULT_WIDTH

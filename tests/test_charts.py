@@ -246,3 +246,52 @@ def test_the_chart_route_is_documented_with_its_choices(api):
     assert params["chart"]["schema"]["enum"] == list(charts.CHARTS) and params["chart"]["required"] is True
     assert {"start_timestamp", "end_timestamp", "user_id", "channel_id", "width"} <= set(params)
     assert "image/svg+xml" in op["responses"]["200"]["content"]
+
+
+def test_several_charts_come_from_one_computation_per_grouping(api, monkeypatch):
+    from mjctl import stats
+    from tests.test_openapi import check
+
+    client, tokens, alice, _bob, _chans = api
+    since = {"start_timestamp": BASE}
+    computed: list = []
+    real = stats.compute_stats
+    monkeypatch.setattr(stats, "compute_stats", lambda filters, group_by=None: computed.append(group_by) or real(
+        filters, group_by))
+    names = "tasks,success_rate,run_time,queue_time,quota,users,channels"
+    answer = client.get("/api/mj/stats/charts", params={**since, "charts": names, "width": 500},
+                        headers={"Authorization": f"Bearer {tokens['bob']}"})
+    assert answer.status_code == 200, answer.text
+    check(client.get("/api/openapi.json").json(), answer, "/api/mj/stats/charts")
+    data = answer.json()["data"]
+    assert sorted(computed) == ["channel", "day", "user"] and set(data["stats"]) == {"day", "user", "channel"}
+    computed.clear()
+    for name in names.split(","):  # each is the chart its own route draws
+        assert data["charts"][name] == get(client, tokens["bob"], chart=name, width=500, **since).text
+    assert data["stats"]["day"] == client.get("/api/mj/stats", params={**since, "group_by": "day"},
+                                              headers={"Authorization": f"Bearer {tokens['bob']}"}).json()["data"]
+
+    # A user's charts are their own tasks, whatever user_id they name.
+    own = client.get("/api/mj/stats/charts", params={**since, "charts": "tasks,quota", "user_id": 999},
+                     headers={"Authorization": f"Bearer {tokens['alice']}"}).json()["data"]
+    assert own["charts"]["tasks"] == get(client, tokens["alice"], chart="tasks", **since).text
+    assert set(own["charts"]) == {"tasks", "quota"} and set(own["stats"]) == {"day"}
+
+
+@pytest.mark.parametrize("who,charts_param,words", [
+    ("alice", "tasks,users", "administrators"),
+    ("bob", "tasks,tasks", "twice"),
+    ("bob", "", "at least one"),
+    ("bob", ",,", "at least one"),
+    ("bob", "tasks,pie", "chart must be one of"),
+    ("bob", "x" * 201, "too long"),
+])
+def test_the_charts_route_refuses_bad_lists_in_json(api, who, charts_param, words):
+    from tests.test_openapi import check
+
+    client, tokens, *_ = api
+    response = client.get("/api/mj/stats/charts", params={"charts": charts_param},
+                          headers={"Authorization": f"Bearer {tokens[who]}"})
+    assert response.status_code == 400
+    assert response.json()["success"] is False and words in response.json()["message"]
+    check(client.get("/api/openapi.json").json(), response, "/api/mj/stats/charts")

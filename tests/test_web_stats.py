@@ -63,14 +63,24 @@ def stats_site(site):
 
 
 def open_stats(page, token: str, path: str = "/?view=stats"):
-    """Sign in on the Statistics view; the page's own request for the day statistics (params, data)."""
-    with page.expect_response(lambda r: "/api/mj/stats?" in r.url and "group_by=day" in r.url) as info:
+    """Sign in on the Statistics view; the page's own request for the day charts and their statistics
+    (params, the day statistics)."""
+    with page.expect_response(day_charts) as info:
         sign_in(page, token, path)
     response = info.value
     assert response.ok
     params = {k: v[0] for k, v in parse_qs(urlparse(response.url).query).items()}
     expect(by(page, "total-tasks")).not_to_have_text("—")
-    return params, json.loads(response.body())["data"]
+    return params, json.loads(response.body())["data"]["stats"]["day"]
+
+
+def day_charts(response) -> bool:
+    """The page's one request for the day charts (the tasks chart first) and the numbers."""
+    return "/api/mj/stats/charts?" in response.url and "tasks" in charts_asked(response.url)
+
+
+def charts_asked(url: str) -> list[str]:
+    return parse_qs(urlparse(url).query).get("charts", [""])[0].split(",")
 
 
 def expected_tasks(start: int, user: int | None = None) -> int:
@@ -130,8 +140,8 @@ def test_a_user_sees_their_own_figures_and_a_stacked_bar_per_day(page, stats_sit
 
     expect(by(page, "top-users")).to_be_hidden()
     expect(by(page, "top-channels")).to_be_hidden()
-    assert not [u for u in asked if "group_by=user" in u or "group_by=channel" in u or "chart=users" in u
-                or "chart=channels" in u]
+    assert not [u for u in asked if {"users", "channels"} & set(charts_asked(u)) or "group_by=" in u]
+    assert len(asked) == 1  # one request: the day charts and their statistics
     shot(page, "statistics-user")
 
 
@@ -165,6 +175,7 @@ def test_an_admin_sees_everything_and_the_top_users_and_channels(page, stats_sit
                                 f"{spent_quota(int(params['start_timestamp']), site.users['alice']):,}"])
     # the tables come from the charts: nobody asked for every user's or channel's statistics
     assert not [u for u in asked if "group_by=user" in u or "group_by=channel" in u]
+    assert sorted(charts_asked(u)[0] for u in asked) == ["tasks", "users"]  # the day charts, the top lists
     assert page.locator("main img, main script").count() == 0
     assert page.evaluate("window.pwned") is None
     shot(page, "statistics-admin")
@@ -180,7 +191,7 @@ def test_the_view_is_reached_by_keyboard_and_kept_in_the_address(page, stats_sit
         if page.evaluate("document.activeElement.dataset.testid") == "view-stats":
             break
     expect(by(page, "view-stats")).to_be_focused()
-    with page.expect_response(lambda r: "group_by=day" in r.url):
+    with page.expect_response(day_charts):
         page.keyboard.press("Enter")
     expect(by(page, "stats")).to_be_visible()
     expect(by(page, "tasks")).to_be_hidden()
@@ -189,7 +200,7 @@ def test_the_view_is_reached_by_keyboard_and_kept_in_the_address(page, stats_sit
     week = by(page, "total-tasks").inner_text()
 
     by(page, "stats-period").focus()
-    with page.expect_response(lambda r: "group_by=day" in r.url) as info:
+    with page.expect_response(day_charts) as info:
         by(page, "stats-period").select_option("30")
     assert int(parse_qs(urlparse(info.value.url).query)["start_timestamp"][0]) == TODAY - 29 * DAY
     assert "days=30" in page.url

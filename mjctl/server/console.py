@@ -1,6 +1,7 @@
 """The operator's console endpoints: GET /api/mj/stats (statistics), GET /api/mj/stats/chart (a chart of
-them, SVG drawn by mjctl.charts), GET /api/mj/export (every matching task as CSV or JSON lines, streamed)
-and GET /metrics (Prometheus).
+them, SVG drawn by mjctl.charts), GET /api/mj/stats/charts (several charts from one computation per
+grouping), GET /api/mj/export (every matching task as CSV or JSON lines, streamed) and GET /metrics
+(Prometheus).
 
 Statistics and export take the listing's filters (mjctl.server.api.read_listing) and scope: a user sees
 their own tasks, an administrator all tasks, narrowed by ``channel_id`` and ``user_id``.
@@ -24,6 +25,7 @@ STATS_FAILED = "Failed to compute the statistics"
 CHART_HEADERS = {"Content-Type": charts.MEDIA_TYPE, "Cache-Control": "no-store",
                  "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'",
                  "X-Content-Type-Options": "nosniff"}
+MAX_CHARTS_LEN = 200  # the charts parameter: every chart's name, comma-separated, fits with room to spare
 EXPORT_FAILED = "Failed to export the tasks"
 METRICS_FAILED = "Failed to read the metrics"
 
@@ -55,6 +57,19 @@ def install(app: bottle.Bottle, ctx: AppContext) -> None:
         width = charts.check_width(query_int(query, "width", minimum=0, meaning="a whole number of pixels"))
         data = stats.compute_stats(filters, charts.CHARTS[chart].group_by)
         return bottle.HTTPResponse(charts.render(chart, data, width=width), status=200, headers=CHART_HEADERS)
+
+    @app.get("/api/mj/stats/charts", db_error=STATS_FAILED, sqlite_gate=False)
+    def task_charts():
+        filters, admin = read_scope()
+        query = bottle.request.query
+        names = charts.check_charts(query_text(query, "charts", max_len=MAX_CHARTS_LEN), admin=admin)
+        width = charts.check_width(query_int(query, "width", minimum=0, meaning="a whole number of pixels"))
+        # One computation per grouping, however many charts draw it (the day charts share one).
+        computed = {group_by: stats.compute_stats(filters, group_by)
+                    for group_by in dict.fromkeys(charts.CHARTS[name].group_by for name in names)}
+        return ok({"stats": computed,
+                   "charts": {name: charts.render(name, computed[charts.CHARTS[name].group_by], width=width)
+                              for name in names}})
 
     @app.get("/api/mj/export", db_error=EXPORT_FAILED)
     def task_export():
@@ -138,6 +153,33 @@ def _document(ctx: AppContext) -> None:
                                   "The width to lay the chart out for, in pixels.")],
                   responses={200: {"description": "The chart.",
                                    "content": {"image/svg+xml": {"schema": {"type": "string"}}}},
+                             **error_responses(400, 401, 403, 500, e500=f"The store failed: \"{STATS_FAILED}\".")})
+    api.schema("StatsCharts", {
+        "type": "object", "required": ["success", "message", "data"],
+        "properties": {"success": {"const": True}, "message": {"type": "string"}, "data": {
+            "type": "object", "required": ["stats", "charts"],
+            "properties": {
+                "stats": {"type": "object", "description": "The statistics each grouping the charts draw was "
+                                                           "computed as (keys: day, user, channel), shaped as "
+                                                           "GET /api/mj/stats's data.",
+                          "additionalProperties": {"type": "object"}},
+                "charts": {"type": "object", "description": "Each chart asked for: its SVG document.",
+                           "additionalProperties": {"type": "string"}}}}},
+    })
+    api.operation("/api/mj/stats/charts", "get", tags=["console"],
+                  summary="Several charts at once, with the statistics they draw, as JSON.",
+                  description="As GET /api/mj/stats/chart for each name in charts, but the statistics of each "
+                              "grouping are computed once for all the charts that draw it (the day charts share "
+                              "one), and returned beside the SVG documents. What the web page's Statistics view "
+                              "loads.",
+                  parameters=filters + [
+                      query_param("charts", {"type": "string", "maxLength": MAX_CHARTS_LEN},
+                                  f"Chart names, comma-separated ({', '.join(charts.CHARTS)}); each at most once.",
+                                  required=True),
+                      query_param("width", {"type": "integer", "minimum": charts.MIN_WIDTH,
+                                            "maximum": charts.MAX_WIDTH, "default": charts.DEFAULT_WIDTH},
+                                  "The width to lay every chart out for, in pixels.")],
+                  responses={200: json_response("StatsCharts", "The statistics and the charts."),
                              **error_responses(400, 401, 403, 500, e500=f"The store failed: \"{STATS_FAILED}\".")})
     columns = ", ".join(export.fields(admin=True))
     api.operation("/api/mj/export", "get", tags=["console"],

@@ -1,6 +1,6 @@
 // mjctl's task page. Reads GET /api/user/self (who is signed in, the balance), GET /api/mj/self or, for
 // admins, GET /api/mj/ with GET /api/admin/users and /api/admin/channels for the names behind the ids.
-// The Statistics view reads GET /api/mj/stats (the numbers) and GET /api/mj/stats/chart (the charts, SVG
+// The Statistics view reads GET /api/mj/stats/charts (the numbers and the charts, SVG
 // drawn and escaped by the server, parsed as XML and placed without running anything); the tables of the
 // top users and channels are read from their charts' data attributes.
 // Every piece of task text reaches the page through textContent or a checked URL, never through innerHTML.
@@ -86,7 +86,7 @@
 
   // The listing request is the one a newer one replaces (abortable); the small look-ups run beside it.
   // A chart (svg) answers an SVG document on success and the JSON envelope on failure.
-  async function getJSON(path, params = {}, { abortable = false, svg = false } = {}) {
+  async function getJSON(path, params = {}, { abortable = false } = {}) {
     const query = new URLSearchParams();
     for (const [key, value] of Object.entries(params)) {
       if (value !== undefined && value !== null && value !== "") query.set(key, String(value));
@@ -99,7 +99,7 @@
     let response;
     try {
       response = await fetch(query.size ? `${path}?${query}` : path, {
-        headers: { Authorization: `Bearer ${state.token}`, Accept: svg ? "image/svg+xml, application/json" : "application/json" },
+        headers: { Authorization: `Bearer ${state.token}`, Accept: "application/json" },
         cache: "no-store",
         signal: controller ? controller.signal : undefined,
       });
@@ -109,7 +109,6 @@
     } finally {
       if (controller && state.request === controller) state.request = null;
     }
-    if (svg && response.ok) return response.text();
     let body = null;
     try { body = await response.json(); } catch (err) { body = null; }
     if (!response.ok || !body || body.success !== true) {
@@ -470,13 +469,16 @@
       if (!state.account) await fetchAccount();
       else fetchAccount().catch(() => {});
       const admin = state.role === "admin";
-      const charts = [...el.stats.querySelectorAll(".chart")].filter((node) => admin || !node.closest(".admin-only"));
-      const drawn = charts.map((node) => getJSON("api/mj/stats/chart",
-        { ...params, chart: node.dataset.chart, width: chartWidth(node) }, { svg: true }));
-      days = await getJSON("api/mj/stats", { ...params, group_by: "day" });
-      const svgs = await Promise.all(drawn);
+      // One request per layout: the day charts (their statistics computed once, and returned for the
+      // numbers too) and, for admins, the top users and channels, laid out for their own boxes.
+      const nodes = [...el.stats.querySelectorAll(".chart")];
+      const sets = [nodes.filter((node) => !node.closest(".admin-only"))];
+      if (admin) sets.push(nodes.filter((node) => node.closest(".admin-only")));
+      const answers = await Promise.all(sets.map((set) => getJSON("api/mj/stats/charts",
+        { ...params, charts: set.map((node) => node.dataset.chart).join(","), width: chartWidth(set[0]) })));
       if (generation !== state.statsGeneration) return;
-      charts.forEach((node, i) => placeChart(node, svgs[i]));
+      sets.forEach((set, i) => set.forEach((node) => placeChart(node, answers[i].charts[node.dataset.chart])));
+      days = answers[0].stats.day;
     } catch (err) {
       if (err.name === "AbortError" || generation !== state.statsGeneration) return;
       handleFailure(err);
