@@ -40,6 +40,8 @@ def gz(body: bytes) -> int:
 def kind(url: str, content_type: str) -> str:
     if "/static/" in url or content_type.startswith("text/html"):
         return "page files"
+    if "/api/mj/stats/charts" in url:
+        return "charts with their statistics (JSON)"
     if "svg" in content_type:
         return "SVG charts"
     return "JSON"
