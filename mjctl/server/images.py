@@ -136,8 +136,11 @@ def _lookup(mj_id: str, task_id: int | None, user):
     from mjctl import tasks
     from mjctl.models import Task
 
-    if task_id is not None:
-        task = Task.get_or_none((Task.id == task_id) & (Task.mj_id == mj_id))
+    if task_id is not None:  # a signed link's row: only the columns a source needs (building a whole row's
+        # SELECT cost more than the lookup itself)
+        fields = (Task.id, Task.mj_id, Task.user_id, Task.channel_id, Task.status, Task.image_url, Task.video_url,
+                  Task.video_urls)
+        task = Task.select(*fields).where((Task.id == task_id) & (Task.mj_id == mj_id)).first()
         if task is not None and user is not None and not user.is_admin and task.user_id != user.id:
             return None
         return task
