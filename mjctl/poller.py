@@ -14,7 +14,8 @@ A cycle (the task lifecycle and what upstreams get wrong: docs/upstream.md, "Lif
    answer is written by :func:`mjctl.reports.apply_reports` in one transaction — the one path every change
    to a task takes (pushes and timeouts too), which makes every refund exactly-once.
    The poller's memo lives on the task rows (``memo_digest``, ``memo_version``): the digest of the last
-   report taken whole, which the same report would not change again, with the row version it met. A
+   report worked out against the row that left it unfinished, which the same report would not change
+   again (what it set is set; what it asked backwards is refused again), with the row version it met. A
    report its task's memo holds, while the row is still at that version, is skipped unread — so a one-shot
    ``mjctl poll`` from cron skips unchanged reports as a looping poller does. Every write of a task moves
    its version (a database trigger sees to writers that do not), so no write leaves a memo standing; a
@@ -23,7 +24,8 @@ A cycle (the task lifecycle and what upstreams get wrong: docs/upstream.md, "Lif
    that says why: still running, no longer reported, channel failing. A removed channel's tasks fail at
    once; a disabled channel's tasks keep being polled until they finish or time out.
 5. Upstream faults are logged and counted per kind; they end that channel's work for this cycle at most,
-   never the cycle or the other channels.
+   never the cycle or the other channels. A report refused in part (``progress_backwards``) is counted
+   when it comes, not again in each cycle that brings it unchanged: the memo holds it like any other.
 
 Before all that, every cycle finishes the submissions a dead process left in flight
 (:func:`mjctl.pending.adopt`): one seek on the pending records' expiry index, nothing more when there

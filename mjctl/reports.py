@@ -20,7 +20,8 @@ Inside a write transaction rows are locked in one order on PostgreSQL/MariaDB: t
 users a refund may touch, by id (:func:`_read_states_by_id`).
 
 Given the poller's report digests, the path also keeps the poller's memo on each row it reads
-(:mod:`mjctl.poller`): a report taken whole is remembered with the version of the row it leaves behind.
+(:mod:`mjctl.poller`): a report that leaves its task unfinished is remembered with the version of the row
+it leaves behind — whatever of it was refused is refused again, so it changes nothing when it comes again.
 """
 
 from __future__ import annotations
@@ -239,8 +240,10 @@ def _same_json(stored: str, value: Any) -> bool:
 
 def _changes_for(row: TaskState, report: dict, stats: ApplyStats) -> tuple[dict, bool]:
     """The changes a report asks of a task after the monotonicity rules (none for a finished task), and
-    whether the report was taken whole: nothing refused, and the task still unfinished afterwards — only
-    such a report changes nothing when it comes again. Counts refusals, and reports with nothing to write."""
+    whether the same report, coming again, would change nothing: true while the task stays unfinished.
+    Working a report out against the row it left gives no change: what it set, it finds set; what was
+    refused (a status or a progress going backwards) is refused again, as the row still holds what
+    refused it. Counts refusals, and reports with nothing to write."""
     if row.unfinished == 0 or row.status in FINISHED_STATUSES:
         stats.ignored += 1
         return {}, False
@@ -250,7 +253,7 @@ def _changes_for(row: TaskState, report: dict, stats: ApplyStats) -> tuple[dict,
         log.info("task %s: %s", row.mj_id, "; ".join(notes))
     if not changes:
         stats.ignored += 1
-    return changes, not notes and changes.get("unfinished") != 0
+    return changes, changes.get("unfinished") != 0
 
 
 def _refund_of(row: TaskState, changes: dict) -> int:
@@ -284,7 +287,8 @@ def _apply(read: Targets, stats: ApplyStats, digests: Mapping[str, str] | None =
     back for a fresh read. The last attempt on SQLite reads inside the transaction, where nothing can move.
 
     digests (mj_id -> digest of the report as the upstream sent it) are recorded in the poller's memo of
-    each report taken whole: with the change it makes, or on its own when it changes nothing.
+    each report that leaves its task unfinished: with the change it makes, or on its own when it changes
+    nothing (or only asks what the monotonicity rules refuse).
     """
     digests = digests or {}
     for attempt in range(1, MAX_ATTEMPTS + 1):
@@ -471,7 +475,8 @@ def apply_reports(channel_id: int, reports: Iterable[dict], *, scope: PushScope 
     """Apply upstream task reports from one channel, in one transaction. Reports for ids this channel has
     no task for, and reports without an id, are counted and skipped. With a scope (a push through a notify
     link) only the tasks that link may change are considered; the others count as unknown. digests (the
-    poller's, by id) are remembered on the rows of the reports taken whole (see :func:`_apply`)."""
+    poller's, by id) are remembered on the rows of the reports that leave their tasks unfinished (see
+    :func:`_apply`)."""
     stats = ApplyStats()
     by_id: dict[str, dict] = {}
     for report in reports:

@@ -98,12 +98,23 @@ def test_unchanged_reports_are_skipped_until_the_row_or_the_report_changes(runni
     assert running.cycle().skipped == 3 and worked_out == []
 
     # A push moves m1 on: the poller's report (the upstream still says 10%) is worked out again against the
-    # row as it is now, refused as a step backwards, and not remembered while it is refused.
+    # row as it is now and refused as a step backwards; refused again against the same row, it is remembered
+    # too, and counted once.
     reports.apply_report(running.channel.id, {"id": "m1", "status": "IN_PROGRESS", "progress": "80%"})
-    for _ in range(2):
-        summary = running.cycle()
-        assert worked_out == ["m1"] and summary.updated == 0 and summary.faults["progress_backwards"] == 1
+    summary = running.cycle()
+    assert worked_out == ["m1"] and summary.updated == 0 and summary.faults["progress_backwards"] == 1
+    summary = running.cycle()
+    assert (worked_out, summary.skipped, summary.faults["progress_backwards"]) == ([], 3, 0)
     assert _task("m1").progress == "80%"
+    # A report refused in part still brings what it may: m2's goes back to 5% with a new description.
+    running.reports["m2"] = dict(running.reports["m2"], progress="5%", description="still going")
+    summary = running.cycle()
+    assert worked_out == ["m2"] and summary.updated == 1 and summary.faults["progress_backwards"] == 1
+    assert (_task("m2").progress, _task("m2").description) == ("55%", "still going")
+    assert running.cycle().skipped == 3 and worked_out == []
+    # The upstream moving on is a new report: applied as usual.
+    running.reports["m1"] = dict(running.reports["m1"], progress="90%")
+    assert running.cycle().updated == 1 and worked_out == ["m1"] and _task("m1").progress == "90%"
     assert book_problems() == []
 
 
@@ -173,6 +184,27 @@ def test_a_report_that_cannot_be_remembered_is_worked_out_every_time(running, wo
     running.cycle()
     for _ in range(2):
         assert running.cycle().skipped == 2 and worked_out == ["m1"]
+
+
+def test_queued_tasks_the_upstream_reports_behind_their_rows_are_remembered_too(any_store):
+    """More tasks than the upstream runs at once: the queued ones report NOT_START, behind the SUBMITTED
+    their rows hold (a status refused as a step backwards). The second cycle skips every report, queued or
+    running, and the books hold."""
+    from mjctl import accounts
+    from mjctl.poller import poll_once
+    from mjctl.sim import run_simulator_in_thread
+
+    with run_simulator_in_thread(secret="sim-secret", step_seconds=3600) as sim:
+        sim.sim.update({"accounts": 1, "concurrency": 2, "queue_size": 100})  # 2 run, the rest wait
+        user, _ = accounts.create_user("queued", quota=10 * PRICE)
+        channel = add_channel(any_store, "sim", sim.url)
+        submit_charged(user.id, channel.id, sim_submit(sim.url, 7))
+        first = poll_once(any_store)
+        second = poll_once(any_store)
+    assert (first.checked, first.updated, first.skipped, first.faults["progress_backwards"]) == (7, 7, 0, 5)
+    assert (second.checked, second.updated, second.skipped) == (7, 0, 7)
+    assert "progress_backwards" not in second.faults
+    assert book_problems() == []
 
 
 def test_one_shot_mjctl_poll_processes_skip_what_an_earlier_one_remembered(tmp_path):
