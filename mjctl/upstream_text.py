@@ -273,23 +273,130 @@ def _video_urls(value: Any) -> list[Any] | None:
 _TEXT_FIELDS = (("description", MAX_TEXT_CHARS), ("failReason", MAX_TEXT_CHARS), ("state", MAX_STATE_CHARS),
                 ("prompt", MAX_PROMPT_CHARS), ("promptEn", MAX_PROMPT_CHARS))
 _URL_FIELDS = ("imageUrl", "videoUrl")
+_TIME_FIELDS = ("submitTime", "startTime", "finishTime")
+#: The text and URL fields in the order clean_report adds them, with their caps (a URL over its cap is
+#: dropped rather than cut, so only :func:`_clean_fields` handles one).
+_PLAIN_FIELDS = (*_TEXT_FIELDS, *((key, MAX_URL_CHARS) for key in _URL_FIELDS))
 
 
 def clean_report(report: Any) -> dict[str, Any]:
     """A task report (a list-by-condition item, a fetch answer, a push body) as mjctl may apply it: only the
     fields mjctl reads, each typed, bounded and scrubbed. Raises UpstreamTextError when the report cannot
-    be applied at all: not an object, no valid id, a status outside the protocol."""
+    be applied at all: not an object, no valid id, a status outside the protocol.
+
+    Most reports are already clean: every text within its cap, no NUL, no unpaired surrogate, no secret.
+    :func:`_clean_plain` takes those with a walk that checks each field's type and size and one check of
+    all their text together; a report with anything else in it is cleaned field by field
+    (:func:`_clean_fields`), and both give the same result for any report the first one takes."""
     if not isinstance(report, dict):
         raise UpstreamTextError("a task report must be an object")
     out: dict[str, Any] = {"id": task_id(report.get("id"))}
     status = report.get("status")
     if status is not None and status != "":
-        if not isinstance(status, str) or status.upper() not in STATUSES:
+        upper = status.upper() if isinstance(status, str) else None
+        if upper not in STATUSES:
             raise UpstreamTextError(f"status {_show(str(status))} is not one of the protocol's")
-        out["status"] = status.upper()
+        out["status"] = upper
     action = report.get("action")
     if isinstance(action, str) and ACTION_RE.fullmatch(action):
         out["action"] = action.upper()
+    if _clean_plain(report, out):
+        return out
+    return _clean_fields(report, {key: out[key] for key in _HEAD if key in out})
+
+
+_HEAD = ("id", "status", "action")
+
+
+def _clean_plain(report: dict, out: dict[str, Any]) -> bool:
+    """The rest of a report whose texts need no change, added to out; False when any value is not like that
+    (a text over its cap, a number where a text goes, a long URL, nested properties, buttons…) or when all
+    its texts together hold a NUL, an unpaired surrogate or a known secret. Each text is then exactly what
+    :func:`clean_text` would make of it: within its cap, scrubbing, NUL and surrogate repair change nothing.
+    The texts are checked as one string: a secret inside any of them is inside their concatenation too."""
+    texts: list[str] = []
+    get = report.get
+    value = get("progress")
+    if value is not None:
+        if type(value) is not str or len(value) > MAX_PROGRESS_CHARS:
+            return False
+        out["progress"] = value
+        texts.append(value)
+    for key, limit in _PLAIN_FIELDS:
+        value = get(key)
+        if value is None:
+            continue
+        if type(value) is not str or len(value) > limit:
+            return False
+        out[key] = value
+        texts.append(value)
+    if get("videoUrls") is not None:
+        return False
+    for key in _TIME_FIELDS:
+        if key in report:
+            value = report[key]
+            out[key] = value if value is None or (type(value) is int and 0 <= value <= MAX_TIME_MS) \
+                else clean_time(value)
+    if "buttons" in report:
+        value = report["buttons"]
+        if type(value) is list:
+            if value:
+                return False
+            out["buttons"] = []
+        elif isinstance(value, list):
+            return False
+    value = get("properties")
+    if isinstance(value, dict):
+        properties = _plain_properties(value, texts)
+        if properties is None:
+            return False
+        out["properties"] = properties
+    joined = "".join(texts)
+    if "\x00" in joined:
+        return False
+    if not joined.isascii():
+        try:
+            joined.encode("utf-8")
+        except UnicodeEncodeError:
+            return False
+    for secret in _secrets:
+        if secret in joined:
+            return False
+    return True
+
+
+def _plain_properties(value: dict, texts: list[str]) -> dict[str, Any] | None:
+    """A flat properties map that :func:`clean_properties` would keep as it is, but for notifyHook; its
+    keys and texts are added to texts. None for anything else: nested values, too many entries, texts
+    over their caps or over the budget, numbers a column cannot hold, empty keys."""
+    if type(value) is not dict or len(value) > MAX_PROPERTY_ENTRIES:
+        return None
+    out: dict[str, Any] = {}
+    used = 0
+    for key, item in value.items():
+        if key in DROPPED_KEYS:
+            continue
+        if type(key) is not str or not 0 < len(key) <= MAX_PROPERTY_KEY_CHARS:
+            return None
+        kind = type(item)
+        if kind is str:
+            if len(item) > MAX_PROMPT_CHARS:
+                return None
+            used += len(item)
+            texts.append(item)
+        elif kind is int or kind is float:
+            if not (item == item and abs(item) < 1e18):
+                return None
+        elif item is not None and kind is not bool:
+            return None
+        used += len(key)
+        texts.append(key)
+        out[key] = item
+    return out if used < MAX_PROPERTIES_CHARS else None
+
+
+def _clean_fields(report: dict, out: dict[str, Any]) -> dict[str, Any]:
+    """The rest of a report, field by field, added to out."""
     progress = report.get("progress")
     if progress is not None:
         text = clean_text(progress, MAX_PROGRESS_CHARS)
@@ -309,7 +416,7 @@ def clean_report(report: Any) -> dict[str, Any]:
         urls = _video_urls(report["videoUrls"])
         if urls is not None:
             out["videoUrls"] = urls
-    for key in ("submitTime", "startTime", "finishTime"):
+    for key in _TIME_FIELDS:
         if key in report:
             out[key] = clean_time(report[key])
     if "buttons" in report:
