@@ -130,8 +130,13 @@ class _Pending:
 
 
 def _has_unfinished() -> bool:
-    """The idle check: one seek on the (unfinished, channel_id) index."""
-    return Task.select(Task.id).where(Task.unfinished == 1).limit(1).exists()
+    """The idle check: one seek on the (unfinished, channel_id) index. Asked in that index's order, so no
+    planner scans the table instead: with statistics taken while many tasks were unfinished, PostgreSQL
+    expects a plain ``LIMIT 1`` to meet one at once and reads every row of a store whose tasks have all
+    finished since (0.4-0.7 s at a million tasks, every idle cycle until the next ANALYZE)."""
+    sql, params = compiled(("poller_has_unfinished",), lambda: (
+        Task.select(Task.channel_id).where(Task.unfinished == 1).order_by(Task.channel_id).limit(1)), [1, 1])
+    return database.execute_sql(sql, params).fetchone() is not None
 
 
 def _channels_with_unfinished() -> list[int]:

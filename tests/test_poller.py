@@ -332,9 +332,8 @@ def test_idle_cycle_is_one_indexed_lookup(store):
     # Two seeks: submissions a dead process left in flight (none), then unfinished tasks (none).
     assert len(statements) == 2 and "pending_submission" in statements[0] and "unfinished" in statements[1]
     assert PollClaim.select().count() == 0
-    sql, params = Task.select(Task.id).where(Task.unfinished == 1).limit(1).sql()
-    plan = " ".join(str(r) for r in database.execute_sql("EXPLAIN QUERY PLAN " + sql, params).fetchall())
-    assert "INDEX task_unfinished_channel_id" in plan
+    plan = " ".join(str(r) for r in database.execute_sql("EXPLAIN QUERY PLAN " + statements[1], [1, 1]).fetchall())
+    assert "INDEX task_unfinished_channel_id" in plan and "TEMP B-TREE" not in plan, plan
     plan = " ".join(str(r) for r in database.execute_sql("EXPLAIN QUERY PLAN " + statements[0], [1e12, 100]).fetchall())
     assert "INDEX pendingsubmission_expires_at" in plan or "INDEX pending_submission_expires_at" in plan, plan
     assert _has_unfinished() is False
