@@ -250,20 +250,39 @@ def store_unfinished(settings, sim: str, ids_by_channel: list[list[str]], users:
         rows = [{"user_id": 2 + n % (users - 1), "channel_id": added[c], "mj_id": mj_id, "status": "SUBMITTED",
                  "progress": "0%", "quota": 1000, "unfinished": 1, "submit_time": now}
                 for c, ids in enumerate(ids_by_channel) for n, mj_id in enumerate(ids)]
-        with write_tx():
-            for i in range(0, len(rows), 2000):
+        # A transaction per 2,000 rows: the count trigger bumps one counter row per task, and within one
+        # transaction PostgreSQL walks all of that row's versions for each bump (100,000 rows took minutes).
+        for i in range(0, len(rows), 2000):
+            with write_tx():
                 Task.insert_many(rows[i:i + 2000]).execute()
     return added
 
 
-def poll_at_scale(url: str, args) -> dict:
+def remove_unfinished(channel_ids: list[int]) -> None:
+    """Delete the channels store_unfinished added, and their tasks, 2,000 a transaction (the count trigger,
+    as in store_unfinished); then VACUUM ANALYZE on PostgreSQL, or the dead rows stay at the newest end of
+    the indexes, where every listing begins, until autovacuum comes (after 2 million at ten million)."""
+    from mjctl.db import database, is_sqlite, write_tx
+    from mjctl.models import Channel, Task
+
+    ids = [i for (i,) in Task.select(Task.id).where(Task.channel_id.in_(channel_ids)).tuples()]
+    for i in range(0, len(ids), 2000):
+        with write_tx():
+            Task.delete().where(Task.id.in_(ids[i:i + 2000])).execute()
+    with write_tx():
+        Channel.delete().where(Channel.id.in_(channel_ids)).execute()
+    if not is_sqlite():
+        database.execute_sql("VACUUM ANALYZE task")
+
+
+def poll_at_scale(url: str, args, upstream: tuple[str, list[list[str]]] | None = None) -> dict:
     """The idle cycle on the seeded store, then one poller over args.unfinished tasks held by a
-    simulator: steady cycles against the floor of the same requests. The tasks are deleted afterwards."""
+    simulator (upstream: its URL and ids by channel, else one is started and seeded here): steady cycles
+    against the floor of the same requests. The tasks are deleted afterwards."""
     from poll import floor, seeded_upstream
 
     from mjctl.config import load_settings
-    from mjctl.db import connection, database, is_sqlite, open_store, unbind, write_tx
-    from mjctl.models import Channel, Task
+    from mjctl.db import connection, open_store, unbind
     from mjctl.poller import poll_once
 
     channels = 4
@@ -281,15 +300,13 @@ def poll_at_scale(url: str, args) -> dict:
                 idle.append(time.perf_counter() - began)
         out["idle_ms"] = statistics.median(idle) * 1000
         print(f"storing {args.unfinished:,} unfinished tasks held by a simulator …", file=sys.stderr)
-        with seeded_upstream(args.unfinished, channels, "mjctl-bench-scale-") as (sim, ids_by_channel, _):
+        held = (contextlib.nullcontext((*upstream, None)) if upstream is not None
+                else seeded_upstream(args.unfinished, channels, "mjctl-bench-scale-"))
+        with held as (sim, ids_by_channel, _):
+            # No ANALYZE: the statistics are those of a store where nothing was unfinished, as right after a
+            # burst of submissions (the apply path's updates find their rows by id all the same).
             added = store_unfinished(settings, sim, ids_by_channel, args.users)
             try:
-                if not is_sqlite():
-                    with connection():
-                        # Statistics taken while nothing was unfinished make a planner read `unfinished = 1`
-                        # as one row, and plan the apply path's compare-and-set update on that index (a walk
-                        # of all 100,000 entries, 79 ms, for each task): what autovacuum's analyze would see.
-                        database.execute_sql("ANALYZE task")
                 floors, cycles, skipped, cpu = [], [], [], []
                 for _ in range(args.poll_rounds):
                     floors.append(floor([sim] * channels, ids_by_channel, args.batch_size)[0])
@@ -301,14 +318,9 @@ def poll_at_scale(url: str, args) -> dict:
                     cycles.append(summary.duration)
                     skipped.append(summary.skipped)
             finally:
-                with connection():
-                    with write_tx():
-                        Task.delete().where(Task.channel_id.in_(added)).execute()
-                        Channel.delete().where(Channel.id.in_(added)).execute()
-                    if not is_sqlite():
-                        # Else the dead rows stay at the newest end of the indexes, where every listing
-                        # begins, until autovacuum comes (after 2 million dead rows at ten million).
-                        database.execute_sql("VACUUM ANALYZE task")
+                if upstream is None:  # poll_only drops its stores whole
+                    with connection():
+                        remove_unfinished(added)
         out.update(floor_ms=min(floors) * 1000, first_ms=cycles[0] * 1000, steady_ms=min(cycles[2:]) * 1000,
                    floors_ms=[round(f * 1000) for f in floors], cycles_ms=[round(c * 1000) for c in cycles],
                    skipped=skipped, cpu_ms=[round(c * 1000) for c in cpu])
@@ -333,6 +345,7 @@ def print_poll(polled: dict, unfinished: int, among: str) -> bool:
 
 def poll_only(args) -> None:
     """The poll cycle over args.unfinished tasks on fresh stores holding only args.users users."""
+    from poll import seeded_upstream
     from seed import seed
 
     name = "mjctl_bench_poll"
@@ -344,12 +357,14 @@ def poll_only(args) -> None:
     try:
         drop_pg_database(args.pg_url, name)
         ensure_pg_database(args.pg_url, name)
-        for store, url in stores:
-            seed(url, tasks=0, users=args.users, token_users=0)
-            polled = poll_at_scale(url, args)
-            print(f"\n{store}:")
-            if not print_poll(polled, args.unfinished, "a store of nothing else"):
-                failures.append(store)
+        print(f"seeding a simulator with {args.unfinished:,} tasks …", file=sys.stderr)
+        with seeded_upstream(args.unfinished, 4, "mjctl-bench-scale-") as (sim, ids_by_channel, _):
+            for store, url in stores:
+                seed(url, tasks=0, users=args.users, token_users=0)
+                polled = poll_at_scale(url, args, (sim, ids_by_channel))
+                print(f"\n{store}:")
+                if not print_poll(polled, args.unfinished, "a store of nothing else"):
+                    failures.append(store)
     finally:
         drop_pg_database(args.pg_url, name)
         import shutil
