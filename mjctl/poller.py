@@ -44,7 +44,7 @@ from collections import Counter, defaultdict
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 
@@ -119,8 +119,9 @@ class CycleSummary(reports.ApplyStats):
 # --- one cycle -----------------------------------------------------------------------------------------
 
 
-@dataclass
-class _Pending:
+class _Pending(NamedTuple):
+    """An unfinished task as read when its channel was claimed (a tuple: a cycle makes one per task)."""
+
     id: int
     mj_id: str
     since: int  # submit time (seconds), the start of its timeout
@@ -292,7 +293,8 @@ class _Cycle:
             # A report its task's memo holds, against a row nobody has written since (its version as read
             # when the channel was claimed), changes nothing: it is not read against the row or worked out.
             digests = {mj_id: report_digest(report) for mj_id, report in by_id.items()}
-            fresh = [r for r in answer if not _remembered(r, requested, digests)]
+            fresh = [r for r in answer if not _remembered(r, requested, digests)] if any(
+                t.memo_digest and t.memo_version == t.version for t in batch) else answer
             stats = _with_db_retries(label, functools.partial(reports.apply_reports, channel.id, fresh,
                                                               digests=digests), summary)
             summary.skipped += len(answer) - len(fresh)
