@@ -13,6 +13,8 @@
    worked out, as every cron cycle was before the memo lived in the store, and then remembered); and
    cycles in which nothing changed, with the memo in the store (what `mjctl poll` from cron and each
    cycle of a looping poller cost).
+   Also the CPU of cleaning the cycle's reports (`upstream_text.clean_report`) as it is, against the field
+   by field cleaning that a report with anything unusual in it still takes.
 5. `mjctl poll --json` as a whole process over the same store, against `python -c "import httpx"`: the
    process start-up, reported apart from the cycle.
 6. The idle cycle on a seeded store of --idle-tasks finished tasks (bench/seed.py): median of 200.
@@ -136,6 +138,34 @@ def floor(urls: list[str], ids_by_channel: list[list[str]], batch: int) -> tuple
     with ThreadPoolExecutor(len(urls)) as pool:
         requests = sum(pool.map(channel, zip(urls, ids_by_channel)))
     return time.perf_counter() - began, requests
+
+
+def cleaning_cpu(url: str, ids_by_channel: list[list[str]], batch: int) -> dict:
+    """CPU seconds (best of 5) of cleaning every report of a cycle: clean_report as the poller calls it,
+    and the field by field cleaning alone (what a report that is not already clean takes)."""
+    import httpx
+
+    from mjctl import upstream_text
+
+    with httpx.Client(base_url=url, headers={"mj-api-secret": SECRET}, timeout=30) as client:
+        reports = [r for ids in ids_by_channel for i in range(0, len(ids), batch)
+                   for r in client.post("/mj/task/list-by-condition", json={"ids": ids[i:i + batch]}).json()]
+
+    def field_by_field(report: dict) -> dict:
+        head = {"id": upstream_text.task_id(report.get("id")), "status": str(report["status"]).upper()}
+        return upstream_text._clean_fields(report, head)
+
+    def best(clean) -> float:
+        runs = []
+        for _ in range(5):
+            began = time.process_time()
+            for report in reports:
+                clean(report)
+            runs.append(time.process_time() - began)
+        return min(runs)
+
+    return {"clean_reports": len(reports), "clean_quick_ms": round(best(upstream_text.clean_report) * 1000, 1),
+            "clean_field_by_field_ms": round(best(field_by_field) * 1000, 1)}
 
 
 def store_tasks(settings, urls: list[str], ids_by_channel: list[list[str]]) -> None:
@@ -315,6 +345,7 @@ def main() -> None:
             "cycle_cpu_ms": [round(c * 1000, 1) for c in cpu_times],
         })
         unbind()
+        results.update(cleaning_cpu(url, ids_by_channel, args.batch_size))
         results.update(process_start(settings, args, workdir))
 
         # The idle cycle on a million finished tasks.
@@ -348,6 +379,8 @@ def main() -> None:
           f"{results['import_httpx_ms']} ms for `python -c \"import httpx\"`")
     print(f"CPU of this process per cycle, in order (less noisy than wall times on a busy machine): "
           f"{results['cycle_cpu_ms']} ms")
+    print(f"cleaning the cycle's {results['clean_reports']} reports (CPU, best of 5): {results['clean_quick_ms']} ms; "
+          f"field by field, as a report with anything unusual in it is: {results['clean_field_by_field_ms']} ms")
     print(f"upstream requests per cycle: {results['cycle_requests']} "
           f"(simulator saw {results['requests_seen_by_upstream']}; "
           f"target ceil({results['tasks']}/{results['batch_size']}) = {results['target_requests']})")
