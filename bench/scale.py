@@ -20,9 +20,10 @@ million tasks; and the poller on that store.
    /api/mj/self measured in the same run; checks every listing's total against a COUNT of its own.
 4. The poller on the PostgreSQL store (--unfinished > 0): the idle cycle (nothing unfinished, median of
    200), then --unfinished tasks held by a simulator in its own process (bench/poll.py), stored
-   unfinished over 4 channels and the seeded users (then ANALYZE) and polled: the steady cycle (nothing
-   changed, the memo of unchanged reports held) against the floor of the same upstream requests made by a
-   bare httpx loop (best of each over --poll-rounds). Those tasks are deleted again afterwards.
+   unfinished over 4 channels and the seeded users (no ANALYZE, as right after a burst of submissions)
+   and polled: the steady cycle (nothing changed, the memo of unchanged reports held) against the floor
+   of the same upstream requests made by a bare httpx loop (best of each over --poll-rounds). Those tasks
+   are deleted again afterwards.
 5. Work sharing: one round of 1 and of 3 pollers over --poll-tasks unfinished tasks on a fresh SQLite file
    (bench/poll.py's run_pollers): upstream requests, which must not grow with the pollers.
 
