@@ -359,7 +359,10 @@ def receiver():
     rec.server.stop()
 
 
-def test_pushes_follow_the_task(api, receiver):
+def test_pushes_follow_the_task(make_api, receiver):
+    # The pusher samples the task a few times a step: with 20 ms steps a busy machine can delay a sample past
+    # a whole step (the SUBMITTED push then never exists); 200 ms steps leave it 50 ms samples to spare.
+    api = make_api(step_seconds=0.2)
     task_id = api.imagine(notifyHook=receiver.server.url + "/hook")
     wait_until(lambda: any(b["status"] == "SUCCESS" for b in receiver.for_task(task_id)))
     pushes = receiver.for_task(task_id)
