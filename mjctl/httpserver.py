@@ -32,6 +32,7 @@ import re
 import socket
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -374,6 +375,20 @@ def probe_port(host: str, port: int) -> int:
         return sock.getsockname()[1]
 
 
+def wait_accepting(host: str, port: int, *, timeout: float, keep_waiting: Callable[[], bool] = lambda: True,
+                   pause: Callable[[float], object] = time.sleep) -> bool:
+    """Whether a server bound to host:port accepts a connection within timeout; gives up early (False) once
+    keep_waiting() is false. pause sleeps between tries (an Event's wait ends the waiting with its event)."""
+    deadline = time.monotonic() + timeout
+    while keep_waiting() and time.monotonic() < deadline:
+        try:
+            with socket.create_connection((connect_host(host), port), timeout=min(1.0, timeout)):
+                return True
+        except OSError:
+            pause(0.02)
+    return False
+
+
 def connect_host(host: str) -> str:
     """The address a local client uses to reach a server bound to ``host``."""
     return {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}.get(host, host)
@@ -494,19 +509,11 @@ class ServerThread:
                 loop.close()
 
     def _wait_accepting(self, timeout: float = 10.0) -> None:
-        import time
+        def alive() -> bool:
+            return self._thread is not None and self._thread.is_alive()
 
-        deadline = time.monotonic() + timeout
-        while True:
-            if self._thread is None or not self._thread.is_alive():
-                raise OSError(f"the server on port {self.port} did not start")
-            try:
-                with socket.create_connection((connect_host(self.host), self.port), timeout=timeout):
-                    return
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.01)
+        if self.port is None or not wait_accepting(self.host, self.port, timeout=timeout, keep_waiting=alive):
+            raise OSError(f"the server on port {self.port} did not start")
 
     def stop(self) -> None:
         thread, loop, server = self._thread, self._loop, self._server

@@ -81,23 +81,13 @@ def serve(
 def _announce_when_listening(host: str, port: int, stop_event: threading.Event, line: str) -> None:
     """Write line to stderr once the workers accept connections on the port (they bind after they start),
     so that whoever waits for it can connect at once."""
-    import socket
-    import time
-
-    from mjctl.httpserver import connect_host
+    from mjctl.httpserver import wait_accepting
 
     def wait_then_write() -> None:
-        deadline = time.monotonic() + 120
-        while not stop_event.is_set() and time.monotonic() < deadline:
-            try:
-                with socket.create_connection((connect_host(host), port), timeout=1):
-                    break
-            except OSError:
-                stop_event.wait(0.05)
-        else:
-            return
-        sys.stderr.write(line)
-        sys.stderr.flush()
+        if wait_accepting(host, port, timeout=120, keep_waiting=lambda: not stop_event.is_set(),
+                          pause=stop_event.wait):
+            sys.stderr.write(line)
+            sys.stderr.flush()
 
     threading.Thread(target=wait_then_write, name="mjctl-announce", daemon=True).start()
 

@@ -286,7 +286,8 @@ class S3Store:
         except Exception:  # noqa: BLE001 - no credentials, a broken client: _call says which
             return None
         where = self.endpoint_url or "AWS"
-        for attempt in range(self.attempts):
+        fault = ""
+        for _ in range(self.attempts):
             try:
                 response = self._reader().request("GET", link, headers=headers, preload_content=False,
                                                   redirect=False, retries=False)
@@ -301,9 +302,7 @@ class S3Store:
                     return response
                 response.close()  # an error's body is not worth keeping the connection for
                 return None
-            if attempt + 1 == self.attempts:
-                raise self._down(fault)
-        return None
+        raise self._down(fault)
 
     def _reader(self) -> Any:
         """The urllib3 pool for reads on presigned links, with the store's timeouts, the CA bundle botocore

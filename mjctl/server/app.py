@@ -165,19 +165,13 @@ class StorePlugin:
         gated = route.config.get("sqlite_gate", True)  # a long read (statistics, metrics) must not hold it
 
         def wrapper(*args, **kwargs):
-            from mjctl.db import call_with_connection, database, end_unit_of_work, is_sqlite
+            from mjctl.db import call_with_connection, is_sqlite, request_connection
 
             try:
                 if is_sqlite() and gated:
-                    # SQLite keeps one connection per worker thread (cheroot's pool is fixed): opening one
-                    # per request re-runs five PRAGMAs and cost more than the query itself.
-                    database.connect(reuse_if_open=True)
-                    try:
-                        with gate:
-                            return callback(*args, **kwargs)
-                    finally:
-                        if database.in_transaction():
-                            end_unit_of_work(close=False)
+                    # the thread's own SQLite connection, kept open between requests
+                    with request_connection(), gate:
+                        return callback(*args, **kwargs)
                 # a pooled server connection, returned to the pool after the request
                 return call_with_connection(callback, *args, retry=idempotent, **kwargs)
             except peewee.PeeweeException as exc:

@@ -41,6 +41,12 @@ def read_scope() -> tuple[TaskFilter, bool]:
     return filters, admin
 
 
+def read_width() -> int:
+    """The width a chart is laid out for (the chart routes' ``width``), validated."""
+    return charts.check_width(query_int(bottle.request.query, "width", minimum=0,
+                                        meaning="a whole number of pixels"))
+
+
 def install(app: bottle.Bottle, ctx: AppContext) -> None:
     # Long reads stay out of the SQLite gate (mjctl.server.app.StorePlugin), which the listings share.
     @app.get("/api/mj/stats", db_error=STATS_FAILED, sqlite_gate=False)
@@ -52,18 +58,16 @@ def install(app: bottle.Bottle, ctx: AppContext) -> None:
     @app.get("/api/mj/stats/chart", db_error=STATS_FAILED, sqlite_gate=False)
     def task_chart():
         filters, admin = read_scope()
-        query = bottle.request.query
-        chart = charts.check_chart(query_text(query, "chart", max_len=MAX_WORD_LEN), admin=admin)
-        width = charts.check_width(query_int(query, "width", minimum=0, meaning="a whole number of pixels"))
+        chart = charts.check_chart(query_text(bottle.request.query, "chart", max_len=MAX_WORD_LEN), admin=admin)
+        width = read_width()
         data = stats.compute_stats(filters, charts.CHARTS[chart].group_by)
         return bottle.HTTPResponse(charts.render(chart, data, width=width), status=200, headers=CHART_HEADERS)
 
     @app.get("/api/mj/stats/charts", db_error=STATS_FAILED, sqlite_gate=False)
     def task_charts():
         filters, admin = read_scope()
-        query = bottle.request.query
-        names = charts.check_charts(query_text(query, "charts", max_len=MAX_CHARTS_LEN), admin=admin)
-        width = charts.check_width(query_int(query, "width", minimum=0, meaning="a whole number of pixels"))
+        names = charts.check_charts(query_text(bottle.request.query, "charts", max_len=MAX_CHARTS_LEN), admin=admin)
+        width = read_width()
         # One computation per grouping, however many charts draw it (the day charts share one).
         computed = {group_by: stats.compute_stats(filters, group_by)
                     for group_by in dict.fromkeys(charts.CHARTS[name].group_by for name in names)}
