@@ -12,7 +12,8 @@ A cycle (the task lifecycle and what upstreams get wrong: docs/upstream.md, "Lif
 3. Claimed channels are polled in parallel (``concurrency`` threads, each with its own database
    connection) with ``POST /mj/task/list-by-condition`` in batches of ``batch_size`` ids, and each batch's
    answer is written by :func:`mjctl.reports.apply_reports` in one transaction — the one path every change
-   to a task takes (pushes and timeouts too), which makes every refund exactly-once.
+   to a task takes (pushes and timeouts too), which makes every refund exactly-once. On SQLite those
+   writes go through one :class:`_StoreLane` (one thread, one connection) while the workers fetch on.
    The poller's memo lives on the task rows (``memo_digest``, ``memo_version``): the digest of the last
    report worked out against the row that left it unfinished, which the same report would not change
    again (what it set is set; what it asked backwards is refused again), with the row version it met. A
@@ -40,22 +41,25 @@ import hashlib
 import logging
 import threading
 import time
-from collections import Counter, defaultdict
+from collections import Counter, defaultdict, deque
 from collections.abc import Callable, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 import orjson
 
 from mjctl import metrics, reports, upstream_text
 from mjctl.claims import Claims
 from mjctl.config import Settings
-from mjctl.db import compiled, connection, database, retry_transaction
+from mjctl.db import compiled, connection, database, end_unit_of_work, is_sqlite, retry_transaction
 from mjctl.models import FINISHED_STATUSES, Channel, Task
 
 log = logging.getLogger("mjctl.poller")
 
+T = TypeVar("T")
+
+LANE_DEPTH = 2  # answers a worker may have waiting in the store lane (SQLite) before it waits for the oldest
 DB_ATTEMPTS = 4  # a batch's transaction is retried on a deadlock or a lock timeout
 
 
@@ -206,6 +210,61 @@ def _remembered(report: Any, tasks: Mapping[str, _Pending], digests: Mapping[str
             and task.memo_digest == digests.get(mj_id))
 
 
+class _StoreLane:
+    """SQLite's writer for one cycle: a thread with its own connection that runs every worker's database
+    work in the order it is handed over, while the workers go on with their upstream requests.
+
+    SQLite lets one connection write at a time. With each worker writing on its own connection, the others
+    wait in SQLite's busy handler (which sleeps, 1 ms and more, even when the lock comes free sooner), and
+    every commit on one connection empties the page cache of the others, whose next reads start cold."""
+
+    def __init__(self) -> None:
+        self._ident = 0
+        self._used = False
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mjctl-poll-store",
+                                        initializer=self._start)
+
+    def _start(self) -> None:
+        self._ident = threading.get_ident()
+
+    def submit(self, fn: Callable[[], T]) -> Future[T]:
+        """fn to run in the lane (which starts with the first, and connects when it is not connected)."""
+        self._used = True
+        return self._pool.submit(_connected, fn)
+
+    def run(self, fn: Callable[[], T]) -> T:
+        """fn's result, run in the lane (at once when called from the lane itself)."""
+        if threading.get_ident() == self._ident:
+            return fn()
+        return self.submit(fn).result()
+
+    def close(self) -> None:
+        """Return the lane's connection, if it ever made one, and end its thread."""
+        if self._used:  # a cycle whose reports were all remembered never started it
+            self._pool.submit(end_unit_of_work, close=True).result()
+        self._pool.shutdown(wait=True)
+
+
+def _connected(fn: Callable[[], T]) -> T:
+    database.connect(reuse_if_open=True)
+    return fn()
+
+
+def _collect(handed: deque[Future[CycleSummary]], summary: CycleSummary, keep: int) -> None:
+    """Merge into summary the oldest answers handed to the lane until at most keep are outstanding. With
+    keep 0 it waits for every one, even after one failed, and then raises the first failure."""
+    failure: BaseException | None = None
+    while len(handed) > keep:
+        try:
+            summary.merge(handed.popleft().result())
+        except BaseException as exc:  # noqa: BLE001 - re-raised once the lane holds nothing of this channel
+            if keep:
+                raise
+            failure = failure or exc
+    if failure is not None:
+        raise failure
+
+
 class _Cycle:
     def __init__(self, settings: Settings, claims: Claims | None, now: float | None,
                  clients: Mapping[int, Any] | None, transport: Any):
@@ -219,6 +278,11 @@ class _Cycle:
         self.task_timeout = int(poller.task_timeout)
         self.request_timeout = float(poller.request_timeout)
         self.prefetch = _prefetch_hook(settings)
+        self.lane: _StoreLane | None = None  # set for the claimed channels' work on SQLite
+
+    def in_store(self, fn: Callable[[], T]) -> T:
+        """fn's result, run where the cycle writes: in the store lane on SQLite, here elsewhere."""
+        return fn() if self.lane is None else self.lane.run(fn)
 
     def now(self) -> float:
         return self.fixed_now if self.fixed_now is not None else time.time()
@@ -227,8 +291,8 @@ class _Cycle:
         for reason, ids in ids_by_reason.items():
             if not ids:
                 continue
-            stats = _with_db_retries("failing tasks",
-                                     lambda: reports.fail_tasks(ids, reason), summary)  # noqa: B023 - called before the loop moves on
+            stats = self.in_store(lambda: _with_db_retries(  # noqa: B023 - called before the loop moves on
+                "failing tasks", lambda: reports.fail_tasks(ids, reason), summary))  # noqa: B023
             summary.add_stats(stats)
             if timed_out:
                 summary.timed_out += stats.failed
@@ -266,43 +330,63 @@ class _Cycle:
                    label: str) -> None:
         from mjctl.upstream import UpstreamError
 
-        for index, batch in enumerate(batches):
-            if self.claims is not None and not self.claims.renew_if_due(channel.id):
-                summary.faults["claim_lost"] += 1
-                return
-            summary.requests += 1
-            try:
-                answer = client.list_by_condition([t.mj_id for t in batch])
-            except UpstreamError as exc:
-                kind = _fault_kind(exc)
-                summary.faults[kind] += 1
-                summary.channels_with_errors.append(channel.name)
-                log.warning("%s: %s (%s)", label, exc, kind)
-                if kind == "malformed_answer":
-                    self._time_out(batch, {}, summary, f"{label} keeps answering malformed lists ({exc})")
+        handed: deque[Future] = deque()  # answers handed to the store lane, not yet written
+        try:
+            for index, batch in enumerate(batches):
+                if self.claims is not None and not self.claims.renew_if_due(channel.id):
+                    summary.faults["claim_lost"] += 1
+                    return
+                summary.requests += 1
+                try:
+                    answer = client.list_by_condition([t.mj_id for t in batch])
+                except UpstreamError as exc:
+                    kind = _fault_kind(exc)
+                    summary.faults[kind] += 1
+                    summary.channels_with_errors.append(channel.name)
+                    log.warning("%s: %s (%s)", label, exc, kind)
+                    if kind == "malformed_answer":
+                        self._time_out(batch, {}, summary, f"{label} keeps answering malformed lists ({exc})")
+                        continue
+                    # A channel that is down, refusing us or rate limiting gets no more requests this cycle.
+                    rest = [t for b in batches[index:] for t in b]
+                    self._time_out(rest, {}, summary, f"{label} keeps failing ({kind}: {exc})")
+                    return
+                requested = {t.mj_id: t for t in batch}
+                by_id = {str(r.get("id")): r for r in answer if isinstance(r, dict)}
+                missing = requested.keys() - by_id.keys()
+                if missing:
+                    summary.faults["missing_ids"] += len(missing)
+                # A report its task's memo holds, against a row nobody has written since (its version as read
+                # when the channel was claimed), changes nothing: it is not read against the row or worked out.
+                digests = {mj_id: report_digest(report) for mj_id, report in by_id.items()}
+                fresh = [r for r in answer if not _remembered(r, requested, digests)] if any(
+                    t.memo_digest and t.memo_version == t.version for t in batch) else answer
+                skipped = len(answer) - len(fresh)
+                summary.skipped += skipped
+                work = functools.partial(self._apply_answer, channel, batch, by_id, fresh, skipped, digests, label)
+                if self.lane is None or not fresh:
+                    summary.merge(work())
                     continue
-                # A channel that is down, refusing us or rate limiting gets no more requests this cycle.
-                rest = [t for b in batches[index:] for t in b]
-                self._time_out(rest, {}, summary, f"{label} keeps failing ({kind}: {exc})")
-                return
-            requested = {t.mj_id: t for t in batch}
-            by_id = {str(r.get("id")): r for r in answer if isinstance(r, dict)}
-            missing = requested.keys() - by_id.keys()
-            if missing:
-                summary.faults["missing_ids"] += len(missing)
-            # A report its task's memo holds, against a row nobody has written since (its version as read
-            # when the channel was claimed), changes nothing: it is not read against the row or worked out.
-            digests = {mj_id: report_digest(report) for mj_id, report in by_id.items()}
-            fresh = [r for r in answer if not _remembered(r, requested, digests)] if any(
-                t.memo_digest and t.memo_version == t.version for t in batch) else answer
+                handed.append(self.lane.submit(work))
+                _collect(handed, summary, LANE_DEPTH)
+        finally:
+            _collect(handed, summary, 0)
+
+    def _apply_answer(self, channel: Channel, batch: list[_Pending], answered: Mapping[str, dict],
+                      fresh: list, skipped: int, digests: Mapping[str, str], label: str) -> CycleSummary:
+        """Write the fresh reports of one batch's answer, then fail its overdue tasks (in the store lane on
+        SQLite): what that did, to merge into the channel's summary."""
+        summary = CycleSummary(channels=0)
+        stats = reports.ApplyStats()
+        if fresh:
             stats = _with_db_retries(label, functools.partial(reports.apply_reports, channel.id, fresh,
                                                               digests=digests), summary)
-            summary.skipped += len(answer) - len(fresh)
-            stats.ignored += len(answer) - len(fresh)
-            summary.add_stats(stats)
-            if stats.succeeded_ids:
-                self._prefetch(stats.succeeded_ids)
-            self._time_out(batch, by_id, summary, None, label=label)
+        stats.ignored += skipped
+        summary.add_stats(stats)
+        if stats.succeeded_ids:
+            self._prefetch(stats.succeeded_ids)
+        self._time_out(batch, answered, summary, None, label=label)
+        return summary
 
     def _time_out(self, tasks: list[_Pending], answered: Mapping[str, dict], summary: CycleSummary,
                   why: str | None, *, label: str = "") -> None:
@@ -486,12 +570,17 @@ def _run_cycle(settings: Settings, summary: CycleSummary, claims: Claims | None,
         return results
 
     workers = max(1, min(settings.poller.concurrency, len(work)))
-    if workers == 1:
-        results = worker()
-    else:
-        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="mjctl-poll") as pool:
-            futures = [pool.submit(worker) for _ in range(workers)]
-            results = [r for f in futures for r in f.result()]
+    cycle.lane = _StoreLane() if is_sqlite() and database.obj.database != ":memory:" else None  # a file's
+    try:
+        if workers == 1:
+            results = worker()
+        else:
+            with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="mjctl-poll") as pool:
+                futures = [pool.submit(worker) for _ in range(workers)]
+                results = [r for f in futures for r in f.result()]
+    finally:
+        if cycle.lane is not None:
+            cycle.lane.close()
     for result in results:
         summary.merge(result)
     if claims is not None and not claims.taken and not removed:

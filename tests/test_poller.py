@@ -238,6 +238,53 @@ def test_a_crash_on_one_channel_is_counted_and_the_rest_goes_on(store):
     assert _tasks([good_task])[good_task].status == "SUCCESS"
 
 
+def test_on_sqlite_every_write_of_a_cycle_goes_through_one_connection(store, monkeypatch):
+    """Workers fetch in parallel; their answers are written by one store thread, each channel's before its
+    claim is released, and a write that fails is that channel's fault alone."""
+    from mjctl import accounts, reports
+    from mjctl.claims import Claims
+    from mjctl.poller import poll_once
+
+    user, _ = accounts.create_user("dora", quota=100 * PRICE)
+    channels = [add_channel(store, f"c{n}", f"http://c{n}:1") for n in range(4)]
+    tasks = {c.id: submit_charged(user.id, c.id, [f"{c.id}00{n}" for n in range(6)]) for c in channels}
+    broken = channels[3].id
+    events: list[tuple[str, int, int]] = []
+    apply_reports, release = reports.apply_reports, Claims.release
+
+    def recorded_apply(channel_id, answer, **kwargs):
+        events.append(("write", channel_id, threading.get_ident()))
+        if channel_id == broken:
+            raise RuntimeError("disk full")
+        return apply_reports(channel_id, answer, **kwargs)
+
+    def recorded_release(self, channel_id):
+        events.append(("release", channel_id, threading.get_ident()))
+        return release(self, channel_id)
+
+    monkeypatch.setattr(reports, "apply_reports", recorded_apply)
+    monkeypatch.setattr(Claims, "release", recorded_release)
+    transport = httpx.MockTransport(lambda r: httpx.Response(200, json=[
+        {"id": mj_id, "status": "IN_PROGRESS", "progress": "40%"} for mj_id in json.loads(r.content)["ids"]]))
+    store.poller = replace(store.poller, concurrency=4, batch_size=2)
+    summary = poll_once(store, transport=transport)
+
+    writers = {ident for kind, _, ident in events if kind == "write"}
+    releasers = {ident for kind, _, ident in events if kind == "release"}
+    assert len(writers) == 1 and not writers & (releasers | {threading.get_ident()})
+    for channel in channels:
+        mine = [kind for kind, cid, _ in events if cid == channel.id]
+        # the broken channel stops at its first failed write, with at most the batches handed over by then
+        assert mine[-1] == "release" and (1 <= mine.count("write") <= 3 if channel.id == broken
+                                          else mine.count("write") == 3), mine
+    assert summary.faults["error_RuntimeError"] == 1 and summary.updated == 18
+    for channel in channels:
+        progress = {t.progress for t in _tasks(tasks[channel.id]).values()}
+        assert progress == ({"0%"} if channel.id == broken else {"40%"})
+    assert not [t for t in threading.enumerate() if t.name.startswith("mjctl-poll")]
+    assert book_problems() == []
+
+
 # --- claims and idle cost -----------------------------------------------------------------------------
 
 
