@@ -206,6 +206,31 @@ def test_a_row_that_moved_between_the_read_and_the_write_is_recomputed(any_store
     assert_books()
 
 
+def test_one_moved_row_among_rows_updated_together_stops_none_of_the_others(any_store, monkeypatch):
+    """Rows that change the same columns are updated together (on SQLite in one statement); one of them
+    having moved since the read is found, and only that one keeps what it had."""
+    user, _ = accounts.create_user("alice", quota=2000)
+    tasks = [charged_task(user, mj_id=f"173000000000001{n}") for n in range(4)]
+    moved = tasks[2]
+    reports.apply_report(1, {"id": moved.mj_id, "status": "IN_PROGRESS", "progress": "60%"})
+    real, calls = reports._read_states_by_mj_id, []
+
+    def stale_once(channel_id, mj_ids):
+        rows = real(channel_id, mj_ids)
+        calls.append(1)
+        if len(calls) == 1:  # the first read sees the moved task as it was before
+            rows = [r._replace(status="SUBMITTED", progress="0%") if r.id == moved.id else r for r in rows]
+        return rows
+
+    reports._update_sql_cache.clear()
+    monkeypatch.setattr(reports, "_read_states_by_mj_id", stale_once)
+    stats = reports.apply_reports(1, [{"id": t.mj_id, "status": "IN_PROGRESS", "progress": "50%"} for t in tasks])
+    assert [Task.get_by_id(t.id).progress for t in tasks] == ["50%", "50%", "60%", "50%"]
+    assert stats.updated == 3 and len(calls) == (2 if db.is_sqlite() else 1)
+    assert any(key[0] == "joined" for key in reports._update_sql_cache) == db.is_sqlite()
+    assert_books()
+
+
 def test_reports_merge_properties_and_keep_mjctls_own(store):
     user, _ = accounts.create_user("alice", quota=1000)
     task = charged_task(user)
