@@ -346,7 +346,7 @@ def _write(planned: list[_Planned], reread: bool) -> ApplyStats:
     """Inside the write transaction: the rows to change.
 
     reread: read the rows again (locked, on PostgreSQL/MariaDB) and work out again any that moved.
-    Updates go out grouped by the columns they set with ``executemany``, each a compare-and-set on the
+    Updates go out grouped by the columns they set (:func:`_update_rows`), each a compare-and-set on the
     state its changes were worked out from; a refund's ledger entry follows its row's update.
     """
     stats = ApplyStats()
