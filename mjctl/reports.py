@@ -33,6 +33,8 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
+import peewee
+
 from mjctl import accounts, jsontext, upstream_text
 from mjctl.crypto import same
 from mjctl.db import compiled, database, is_sqlite, write_tx
@@ -334,7 +336,12 @@ def _apply(read: Targets, stats: ApplyStats, digests: Mapping[str, str] | None =
 def _remember(memos: list[tuple]) -> None:
     """Record reports that changed nothing in their rows' memo, each against the version it was checked
     against (a row written since is left alone), without moving the row's version."""
-    if memos:
+    if not memos:
+        return
+    # one row's params: digest, the version it was checked against, id (the version compared twice)
+    table = database.obj.quote[0] + Task._meta.table_name + database.obj.quote[1]
+    if _joined(("memo_digest", "memo_version"), ("id", "updated_at"), [(d, v, i, v) for d, v, i, _, _ in memos],
+               f" AND ({table}.memo_digest <> v.column1 OR {table}.memo_version <> {table}.updated_at)") is None:
         database.cursor().executemany(_memo_sql(), memos)
 
 
@@ -437,46 +444,62 @@ def _update_sql(sets: tuple[str, ...], where: tuple[str, ...], also: str = "") -
 def _update_rows(columns: tuple[str, ...], params: list[tuple]) -> None:
     """The compare-and-set updates of rows that change the same columns (each row's params: the new values,
     updated_at, then id, status, progress and quota as read); _LostRace when any row had moved."""
-    cursor = database.cursor()
-    if len(params) > 1 and _joined_updates():
-        for start in range(0, len(params), JOINED_ROWS):
-            chunk = params[start:start + JOINED_ROWS]
-            cursor.execute(_joined_update_sql(columns, len(chunk)), [value for row in chunk for value in row])
-            if cursor.rowcount != len(chunk):
-                raise _LostRace(f"{cursor.rowcount} of {len(chunk)} rows updated")
-        return
-    cursor.executemany(_grouped_update_sql(columns), params)
-    if cursor.rowcount != len(params):
-        raise _LostRace(f"{cursor.rowcount} of {len(params)} rows updated")
+    sets = (*columns, "updated_at")
+    updated = _joined(sets, ("id", "status", "progress", "quota"), params)
+    if updated is None:
+        cursor = database.cursor()
+        cursor.executemany(_grouped_update_sql(columns), params)
+        updated = cursor.rowcount
+    if updated != len(params):
+        raise _LostRace(f"{updated} of {len(params)} rows updated")
 
 
 #: Rows per joined update: 200 rows of the widest change stay far below SQLite's 32,766 parameters.
 JOINED_ROWS = 200
 
 
-def _joined_updates() -> bool:
-    """Whether the store takes a batch's updates as one statement (SQLite 3.33 and later: ``UPDATE … FROM
-    (VALUES …)``). ``executemany`` steps one row at a time, and each step hands Python's interpreter lock
-    to the poller's other threads and waits to get it back: 100 rows cost 100 such hand-overs."""
+def _joined(sets: tuple[str, ...], where: tuple[str, ...], params: list[tuple], also: str = "") -> int | None:
+    """Rows updated as one ``UPDATE … FROM (VALUES …)`` per JOINED_ROWS rows, where the store has it
+    (PostgreSQL; SQLite 3.33 and later), else None for ``executemany``. Each row's params are the values
+    of sets, then those compared in where; also is added to the WHERE clause as it is, with ``v.columnN``
+    naming the Nth param of a row.
+
+    ``executemany`` is one statement per row: on PostgreSQL a round trip each, and on SQLite a step each
+    that hands Python's interpreter lock to the poller's other threads and waits to get it back."""
+    if len(params) < 2 or not _has_joined_updates():
+        return None
+    cursor, updated = database.cursor(), 0
+    for start in range(0, len(params), JOINED_ROWS):
+        chunk = params[start:start + JOINED_ROWS]
+        cursor.execute(_joined_sql(sets, where, also, len(chunk)), [value for row in chunk for value in row])
+        updated += cursor.rowcount
+    return updated
+
+
+def _has_joined_updates() -> bool:
     import sqlite3
 
-    return is_sqlite() and sqlite3.sqlite_version_info >= (3, 33)
+    if is_sqlite():
+        return sqlite3.sqlite_version_info >= (3, 33)
+    return isinstance(database.obj, peewee.PostgresqlDatabase)
 
 
-def _joined_update_sql(columns: tuple[str, ...], rows: int) -> str:
-    """The grouped update of ``rows`` rows as one statement (SQLite): the rows' params in a VALUES list
-    joined to the table by id, each row updated only where it still holds the state it was read with."""
-    key = ("joined", columns, rows)
+def _joined_sql(sets: tuple[str, ...], where: tuple[str, ...], also: str, rows: int) -> str:
+    """UPDATE task SET <sets> FROM (VALUES <rows>) AS v WHERE unfinished = 1 AND <where> <also>: each
+    VALUES row names the row to update by id, and the state it must still hold (see _update_sql)."""
+    db = database.obj
+    key = ("joined", type(db).__name__, sets, where, also, rows)
     sql = _update_sql_cache.get(key)
     if sql is None:
-        sets = (*columns, "updated_at")
-        table = Task._meta.table_name
-        assign = ", ".join(f'"{c}" = v.column{i + 1}' for i, c in enumerate(sets))
-        where = " AND ".join(f'"{table}"."{c}" = v.column{len(sets) + i + 1}'
-                             for i, c in enumerate(("id", "status", "progress", "quota")))
-        row = "(" + ", ".join(["?"] * (len(sets) + 4)) + ")"
-        sql = (f'UPDATE "{table}" SET {assign} FROM (VALUES {", ".join([row] * rows)}) AS v '
-               f'WHERE "{table}"."unfinished" + 0 = 1 AND {where}')
+        def q(name: str) -> str:
+            return f"{db.quote[0]}{name}{db.quote[1]}"
+
+        table = q(Task._meta.table_name)
+        assign = ", ".join(f"{q(c)} = v.column{i + 1}" for i, c in enumerate(sets))
+        match = "".join(f" AND {table}.{q(c)} = v.column{len(sets) + i + 1}" for i, c in enumerate(where))
+        row = "(" + ", ".join([db.param] * (len(sets) + len(where))) + ")"
+        sql = (f"UPDATE {table} SET {assign} FROM (VALUES {', '.join([row] * rows)}) AS v "
+               f"WHERE {table}.{q('unfinished')} + 0 = 1{match}{also}")
         _update_sql_cache[key] = sql
     return sql
 

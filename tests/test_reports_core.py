@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 
+import peewee
 import pytest
 
 from mjctl import accounts, db, reports
@@ -207,8 +208,8 @@ def test_a_row_that_moved_between_the_read_and_the_write_is_recomputed(any_store
 
 
 def test_one_moved_row_among_rows_updated_together_stops_none_of_the_others(any_store, monkeypatch):
-    """Rows that change the same columns are updated together (on SQLite in one statement); one of them
-    having moved since the read is found, and only that one keeps what it had."""
+    """Rows that change the same columns are updated together (one statement where the database has
+    UPDATE … FROM); one of them having moved since the read is found, and only that one keeps what it had."""
     user, _ = accounts.create_user("alice", quota=2000)
     tasks = [charged_task(user, mj_id=f"173000000000001{n}") for n in range(4)]
     moved = tasks[2]
@@ -227,7 +228,8 @@ def test_one_moved_row_among_rows_updated_together_stops_none_of_the_others(any_
     stats = reports.apply_reports(1, [{"id": t.mj_id, "status": "IN_PROGRESS", "progress": "50%"} for t in tasks])
     assert [Task.get_by_id(t.id).progress for t in tasks] == ["50%", "50%", "60%", "50%"]
     assert stats.updated == 3 and len(calls) == (2 if db.is_sqlite() else 1)
-    assert any(key[0] == "joined" for key in reports._update_sql_cache) == db.is_sqlite()
+    joined = not isinstance(db.database.obj, peewee.MySQLDatabase)  # SQLite and PostgreSQL: one statement
+    assert any(key[0] == "joined" for key in reports._update_sql_cache) == joined
     assert_books()
 
 
