@@ -462,6 +462,8 @@ def _connect_of(timeouts: Any) -> float | None:
 
 _ssl_context = None
 _ssl_lock = threading.Lock()
+_JSON_BODY = {"Content-Type": "application/json"}
+MAX_CACHED_URLS = 32  # per client: every route without a task id fits, and paths naming one cannot grow it
 
 
 def shared_ssl_context():
@@ -511,6 +513,7 @@ class UpstreamClient:
             follow_redirects=False,
         )
         self._where = _redact_url(self.base_url)
+        self._urls: dict[str, httpx.URL] = {}  # by path: the routes without a task id in them, in practice
 
     def __repr__(self) -> str:
         return f"UpstreamClient({self._where!r})"
@@ -618,10 +621,16 @@ class UpstreamClient:
             deadline = Deadline(self.timeout if timeout is None else timeout)
         kwargs: dict[str, Any] = {}
         if json_body is not None:
-            kwargs["json"] = json_body
+            kwargs["content"] = jsontext.dumps(json_body).encode()
+            kwargs["headers"] = _JSON_BODY
         where = f"{self._where}{path}"
+        url = self._urls.get(path)
+        if url is None:  # parsed once per path: merging the base URL and the path parses both every time
+            url = httpx.URL(self.base_url + path)
+            if len(self._urls) < MAX_CACHED_URLS:
+                self._urls[path] = url
         try:
-            request = self._client.build_request(method, path, **kwargs)
+            request = self._client.build_request(method, url, **kwargs)
             response = read_within(self._client, request, deadline)
         except httpx.TimeoutException as exc:
             if isinstance(exc, DeadlineExceeded) or deadline.expired():  # cut at the deadline, trickling or not
@@ -652,7 +661,7 @@ class UpstreamClient:
         return message
 
     def _protocol(self, response: httpx.Response, what: str) -> UpstreamProtocolError:
-        where = f"{self._where}{response.request.url.path}"
+        where = _redact_url(str(response.request.url))
         return UpstreamProtocolError(self._clean(f"{where} {what} (HTTP {response.status_code})"),
                                      status=response.status_code)
 
@@ -664,7 +673,7 @@ class UpstreamClient:
         if isinstance(data, dict) and data.get("success") is False:
             detail = str(data.get("message") or data.get("description") or "no message")[:300]
             raise UpstreamProtocolError(
-                self._clean(f"{self._where}{response.request.url.path} reported an error: {detail}"),
+                self._clean(f"{_redact_url(str(response.request.url))} reported an error: {detail}"),
                 status=response.status_code,
             )
         return data

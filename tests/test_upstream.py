@@ -78,6 +78,28 @@ def test_submit_sends_secret_json_and_prefix():
         mock_client(handler).submit("imagine", {}, prefix="/mj-slow")
 
 
+def test_requests_go_under_the_base_urls_path_and_the_parsed_urls_kept_stay_few():
+    seen = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append((str(request.url), request.headers.get("content-type"), request.content))
+        if request.method == "POST":
+            return httpx.Response(200, text="[]")  # not a SubmitResult: the error names the whole URL once
+        return httpx.Response(200, json={"id": request.url.path.split("/")[-2], "status": "SUBMITTED"})
+
+    from mjctl.upstream import MAX_CACHED_URLS
+
+    client = UpstreamClient("http://upstream.test/proxy/", SECRET, transport=httpx.MockTransport(handler))
+    for n in range(MAX_CACHED_URLS * 2):
+        assert client.fetch(f"17300000000{n:05d}")["id"] == f"17300000000{n:05d}"
+    with pytest.raises(UpstreamProtocolError, match=r"^http://upstream.test/proxy/mj/submit/imagine answered"):
+        client.submit("imagine", {"prompt": "猫"})
+    assert seen[0] == ("http://upstream.test/proxy/mj/task/1730000000000000/fetch", None, b"")
+    assert seen[-1][:2] == ("http://upstream.test/proxy/mj/submit/imagine", "application/json")
+    assert json.loads(seen[-1][2]) == {"prompt": "猫"}
+    assert len(client._urls) <= MAX_CACHED_URLS
+
+
 # -- errors -----------------------------------------------------------------------------------------------
 
 
