@@ -291,8 +291,8 @@ class _Cycle:
         for reason, ids in ids_by_reason.items():
             if not ids:
                 continue
-            stats = self.in_store(lambda: _with_db_retries(  # noqa: B023 - called before the loop moves on
-                "failing tasks", lambda: reports.fail_tasks(ids, reason), summary))  # noqa: B023
+            stats = self.in_store(functools.partial(
+                _with_db_retries, "failing tasks", functools.partial(reports.fail_tasks, ids, reason), summary))
             summary.add_stats(stats)
             if timed_out:
                 summary.timed_out += stats.failed
