@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sqlite3
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -339,7 +340,7 @@ def _remember(memos: list[tuple]) -> None:
     if not memos:
         return
     # one row's params: digest, the version it was checked against, id (the version compared twice)
-    table = database.obj.quote[0] + Task._meta.table_name + database.obj.quote[1]
+    table = _quoted(Task._meta.table_name)
     if _joined(("memo_digest", "memo_version"), ("id", "updated_at"), [(d, v, i, v) for d, v, i, _, _ in memos],
                f" AND ({table}.memo_digest <> v.column1 OR {table}.memo_version <> {table}.updated_at)") is None:
         database.cursor().executemany(_memo_sql(), memos)
@@ -419,6 +420,12 @@ def _count(stats: ApplyStats, row: TaskState, changes: dict, refund: int) -> Non
 _update_sql_cache: dict[tuple, str] = {}
 
 
+def _quoted(name: str) -> str:
+    """A table or column name quoted for the bound database."""
+    quote = database.obj.quote
+    return f"{quote[0]}{name}{quote[1]}"
+
+
 def _update_sql(sets: tuple[str, ...], where: tuple[str, ...], also: str = "") -> str:
     """UPDATE task SET <sets> WHERE unfinished = 1 AND <where> (each a parameter) <also>, for executemany.
 
@@ -431,10 +438,7 @@ def _update_sql(sets: tuple[str, ...], where: tuple[str, ...], also: str = "") -
     key = (type(db).__name__, sets, where, also)
     sql = _update_sql_cache.get(key)
     if sql is None:
-        def q(name: str) -> str:
-            return f"{db.quote[0]}{name}{db.quote[1]}"
-
-        p = db.param
+        q, p = _quoted, db.param
         sql = (f"UPDATE {q(Task._meta.table_name)} SET {', '.join(f'{q(c)} = {p}' for c in sets)} "
                f"WHERE {q('unfinished')} + 0 = 1" + "".join(f" AND {q(c)} = {p}" for c in where) + also)
         _update_sql_cache[key] = sql
@@ -477,8 +481,6 @@ def _joined(sets: tuple[str, ...], where: tuple[str, ...], params: list[tuple], 
 
 
 def _has_joined_updates() -> bool:
-    import sqlite3
-
     if is_sqlite():
         return sqlite3.sqlite_version_info >= (3, 33)
     return isinstance(database.obj, peewee.PostgresqlDatabase)
@@ -491,9 +493,7 @@ def _joined_sql(sets: tuple[str, ...], where: tuple[str, ...], also: str, rows: 
     key = ("joined", type(db).__name__, sets, where, also, rows)
     sql = _update_sql_cache.get(key)
     if sql is None:
-        def q(name: str) -> str:
-            return f"{db.quote[0]}{name}{db.quote[1]}"
-
+        q = _quoted
         table = q(Task._meta.table_name)
         assign = ", ".join(f"{q(c)} = v.column{i + 1}" for i, c in enumerate(sets))
         match = "".join(f" AND {table}.{q(c)} = v.column{len(sets) + i + 1}" for i, c in enumerate(where))
