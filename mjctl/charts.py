@@ -139,8 +139,19 @@ def number(value: float) -> str:
     return f"{round(value):,}"
 
 
+def rate_text(rate: float) -> str:
+    """A success rate (a fraction with at most four decimals, as the statistics give it) as a percentage
+    with one decimal, halves rounded up: 0.8125 is "81.3". The page, the charts and the CLI all show
+    rates this way, so one rate never reads 81.2% in one place and 81.3% in another: formatting the float
+    (``f"{x:.1f}"`` rounds an exact half to even, ``toFixed`` up, and 0.0105 * 100 is just under 1.05)
+    would let them disagree. Counting in whole basis points first makes the rule exact."""
+    basis_points = round(rate * 10000)
+    tenths = (basis_points + 5) // 10
+    return f"{tenths // 10}.{tenths % 10}"
+
+
 def percent(rate: float | None) -> str:
-    return "—" if rate is None else f"{rate * 100:.1f}%"
+    return "—" if rate is None else f"{rate_text(rate)}%"
 
 
 def seconds(value: float | None) -> str:

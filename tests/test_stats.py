@@ -249,3 +249,13 @@ def test_live_stats_answers_match_the_documented_schema(api):
         check(doc, response, "/api/mj/stats")
     check(doc, get(client, tokens["alice"], "/api/mj/stats", group_by="user"), "/api/mj/stats")
     check(doc, get(client, None, "/api/mj/stats"), "/api/mj/stats")
+
+
+@pytest.mark.parametrize(("rate", "shown"), [(0.8125, "81.3"), (0.8124, "81.2"), (0.0005, "0.1"), (0.0004, "0.0"),
+                                             (0.0, "0.0"), (1.0, "100.0"), (0.3333, "33.3"), (0.0105, "1.1")])
+def test_a_rate_is_shown_with_one_decimal_and_halves_rounded_up(rate, shown):
+    from mjctl.charts import percent, rate_text
+
+    assert rate_text(rate) == shown
+    assert percent(rate) == f"{shown}%"
+    assert percent(None) == "—"

@@ -6,6 +6,7 @@ nothing at all on a phone or a laptop."""
 from __future__ import annotations
 
 import json
+from decimal import ROUND_HALF_UP, Decimal
 from urllib.parse import parse_qs, urlparse
 
 import pytest
@@ -98,7 +99,10 @@ def chart_rate(chart, key: int) -> float:
 
 
 def percent(rate: float | None) -> str:
-    return "—" if rate is None else f"{rate * 100:.1f}%"
+    """The page's rule, worked out here in decimals: one decimal, halves rounded up."""
+    if rate is None:
+        return "—"
+    return f"{(Decimal(str(rate)) * 100).quantize(Decimal('0.1'), rounding=ROUND_HALF_UP)}%"
 
 
 def test_a_user_sees_their_own_figures_and_a_stacked_bar_per_day(page, stats_site):
@@ -238,3 +242,24 @@ def test_axe_finds_nothing_in_the_statistics_views(screen_page, stats_site):
             f"{v['id']} ({v['impact']}): {v['help']} at {[n['target'] for n in v['nodes'][:3]]}" for v in found)
         if page.screen == "phone":
             shot(page, f"statistics-{who}-phone")
+
+
+def test_a_rate_on_an_exact_half_reads_the_same_in_the_table_the_totals_and_the_chart(page, site):
+    """13 of 16 finished is 81.25%: rounded the same way everywhere (halves up), not 81.2% in one place
+    and 81.3% in another."""
+    from mjctl import accounts
+
+    user, token = accounts.create_user("halfway", quota=10_000)
+    for i in range(16):
+        submit = TODAY - DAY + 600 * i + 60
+        status = "SUCCESS" if i < 13 else "FAILURE"
+        Task.create(user_id=user.id, channel_id=1, mj_id=f"half-{i}", status=status, submit_time=submit,
+                    start_time=submit + 5, finish_time=submit + 50, progress="100%",
+                    quota=100 if status == "SUCCESS" else 0, quota_refunded=0 if status == "SUCCESS" else 100)
+    _params, data = open_stats(page, token)
+    assert data["totals"]["success_rate"] == 0.8125
+    expect(by(page, "total-success-rate")).to_have_text("81.3%")
+    by(page, "days-details").locator("summary").click()
+    key = data["groups"][-2]["key"]
+    expect(page.locator(f'[data-testid=day-row][data-key="{key}"] td').nth(5)).to_have_text("81.3%")
+    expect(by(page, "figure-success_rate").locator("svg")).to_contain_text(f"{key}: success rate 81.3%")

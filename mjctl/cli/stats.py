@@ -106,7 +106,9 @@ def render_stats(data: dict) -> None:
 
 
 def _rate(value: float | None) -> str:
-    return "-" if value is None else f"{value * 100:.1f}"
+    from mjctl.charts import rate_text
+
+    return "-" if value is None else rate_text(value)
 
 
 def _seconds(value: float | None) -> str:

@@ -504,7 +504,13 @@
     node.replaceChildren(document.importNode(svg, true));
   }
 
-  const pct = (rate) => (rate === null || rate === undefined ? "—" : `${(rate * 100).toFixed(1)}%`);
+  // A rate as a percentage with one decimal, halves rounded up from its four decimals (0.8125 is 81.3%),
+  // the same rule as the server's charts and the CLI.
+  const pct = (rate) => {
+    if (rate === null || rate === undefined) return "—";
+    const tenths = Math.floor((Math.round(rate * 10000) + 5) / 10);
+    return `${Math.floor(tenths / 10)}.${tenths % 10}%`;
+  };
   const secs = (value) => (value === null || value === undefined ? "—" : formatSeconds(Math.round(value)));
   const spent = (s) => (Number(s.quota_charged) || 0) - (Number(s.quota_refunded) || 0);
 
