@@ -260,3 +260,34 @@ def test_json_text_takes_what_only_json_takes():
     assert jsontext.dumps({"s": "ü"}) == '{"s":"ü"}'
     with pytest.raises(ValueError):
         jsontext.loads("{not json")
+
+
+def test_the_rows_read_on_sqlite_as_one_json_value_are_the_rows_as_stored(store):
+    """Every kind of value a state column can hold comes back exactly: the full float of a row version,
+    large integers, text JSON must escape; a task of another channel is left out; a value JSON
+    cannot hold makes the read fall back to rows one by one."""
+    user, _ = accounts.create_user("alice", quota=1000)
+    odd = 'quote " back \\ tab \t nul-free \x01 中文 🙂 </script>'
+    tasks = [
+        Task.create(user_id=user.id, channel_id=1, mj_id="a1", status="IN_PROGRESS", progress="5%", prompt_en=odd,
+                    description="", state="", properties='{"k": "v"}', buttons="[]", start_time=0,
+                    finish_time=2**40, quota=2**62, unfinished=1, nonce="n1"),
+        Task.create(user_id=user.id, channel_id=1, mj_id="a2", status="SUBMITTED", fail_reason=odd * 3, quota=0),
+        Task.create(user_id=user.id, channel_id=2, mj_id="a3", status="SUBMITTED", quota=5),
+    ]
+    db.database.execute_sql("UPDATE task SET updated_at = ? WHERE id = ?", [1796611326.1234567, tasks[0].id])
+    db.database.execute_sql("UPDATE task SET updated_at = ? WHERE id = ?", [1e-300, tasks[1].id])
+    ids = ["a1", "a2", "a3", "absent"]
+
+    def plain() -> list[reports.TaskState]:
+        rows = Task.select(*reports._STATE_COLUMNS).where(Task.mj_id.in_(ids[:2])).order_by(Task.id).tuples()
+        return [reports.TaskState._make(r) for r in rows]
+
+    as_json = reports._read_states_as_json(1, ids)
+    assert sorted(as_json) == plain() and len(as_json) == 2
+    assert as_json == sorted(reports._read_states_by_mj_id(1, ids))
+    assert {r.updated_at for r in as_json} == {1796611326.1234567, 1e-300}
+    db.database.execute_sql("UPDATE task SET description = X'00ff' WHERE id = ?", [tasks[1].id])
+    with pytest.raises(peewee.OperationalError):
+        reports._read_states_as_json(1, ids)
+    assert len(reports._read_states_by_mj_id(1, ids)) == 2  # read one by one instead
