@@ -99,11 +99,15 @@ def test_every_submit_kind_reaches_the_upstream_and_is_priced(relay_env):
     assert (parked.status, parked.action, parked.quota) == ("MODAL", "ZOOM", 1000)
     before = balance("alice")
     modal = env.submit("modal", {"taskId": zoom["result"], "prompt": "zoomed --zoom 2"})
-    assert modal.status_code == 200 and modal.json()["code"] == 1 and modal.json()["result"] == zoom["result"]
+    # 1, or 22 when the account the zoom is pinned to still has every slot busy (a matter of timing)
+    assert modal.status_code == 200 and modal.json()["code"] in (1, 22), modal.text
+    assert modal.json()["result"] == zoom["result"]
     from mjctl.models import Task
 
     rows = list(Task.select().where(Task.mj_id == zoom["result"]))
-    assert len(rows) == 1 and rows[0].status == "SUBMITTED" and rows[0].prompt == "zoomed --zoom 2"
+    queued = modal.json()["code"] == 22
+    assert len(rows) == 1 and rows[0].status == ("NOT_START" if queued else "SUBMITTED")
+    assert rows[0].prompt == "zoomed --zoom 2"
     assert balance("alice") == before  # [prices] MODAL is 0: the action was charged
     assert stats["modal"] == 0 and env.sim.sim.stats()["modal"] == 1
     assert_books()
