@@ -118,8 +118,8 @@ def test_a_timeout_planned_against_a_task_that_then_succeeded_changes_nothing(an
     real = reports._read_states_by_id
     reads = []
 
-    def succeed_after_the_first_read(ids, *, lock):
-        rows = real(ids, lock=lock)
+    def succeed_after_the_first_read(ids, *, lock, **kwargs):
+        rows = real(ids, lock=lock, **kwargs)
         reads.append(lock)
         if len(reads) == 1:  # the task succeeds between the timeout's read and its write
             reports.apply_report(1, {"id": task.mj_id, "status": "SUCCESS", "imageUrl": "http://i/x.png"})
@@ -291,3 +291,32 @@ def test_the_rows_read_on_sqlite_as_one_json_value_are_the_rows_as_stored(store)
     with pytest.raises(peewee.OperationalError):
         reports._read_states_as_json(1, ids)
     assert len(reports._read_states_by_mj_id(1, ids)) == 2  # read one by one instead
+
+
+def test_batches_of_one_users_tasks_that_refund_nothing_do_not_wait_for_each_other(any_store):
+    """Only a refund needs its user's row: while one batch that moves a task's progress is still open,
+    another batch of the same user's tasks goes through (PostgreSQL and MariaDB lock rows; SQLite has one
+    writer at a time, so its batches always take turns)."""
+    if db.is_sqlite():
+        pytest.skip("SQLite has one writer at a time: nothing to lock row by row")
+    user, _ = accounts.create_user("alice", quota=1000)
+    first, second = charged_task(user, "1730000000000001"), charged_task(user, "1730000000000002")
+    held, other_done, waited = threading.Event(), threading.Event(), []
+
+    def open_batch() -> None:
+        with db.connection(), db.write_tx():
+            reports._read_states_by_id([first.id], lock=True,
+                                       reports_by_id={first.id: {"status": "IN_PROGRESS", "progress": "10%"}})
+            held.set()
+            waited.append(other_done.wait(20))  # False: the other batch was kept waiting until this timed out
+
+    opener = threading.Thread(target=open_batch)
+    opener.start()
+    assert held.wait(20)
+    try:
+        stats = reports.apply_report(1, {"id": second.mj_id, "status": "IN_PROGRESS", "progress": "20%"})
+    finally:
+        other_done.set()
+        opener.join(30)
+    assert waited == [True] and stats.updated == 1
+    assert Task.get_by_id(second.id).progress == "20%"
