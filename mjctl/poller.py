@@ -151,6 +151,9 @@ def _channels_with_unfinished() -> list[int]:
     return sorted(cid for (cid,) in database.execute_sql(sql, params).fetchall())
 
 
+_SQLITE_READS = threading.Lock()  # the claim-time reads of one process's pollers, on SQLite
+
+
 def _unfinished_of(channel_id: int) -> list[_Pending]:
     """One channel's unfinished tasks, read when its claim is taken. Whether a task's memo holds (it was
     recorded at the row's current version) is decided by the database, on the floats as stored.
@@ -166,9 +169,6 @@ def _unfinished_of(channel_id: int) -> list[_Pending]:
         rows = database.execute_sql(sql, params).fetchall()
     return [_Pending(task_id, mj_id or "", int(submit_time or updated_at or 0), digest or "")
             for task_id, mj_id, submit_time, updated_at, digest in rows]
-
-
-_SQLITE_READS = threading.Lock()
 
 
 def _fault_kind(exc: Exception) -> str:

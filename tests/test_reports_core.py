@@ -223,13 +223,13 @@ def test_one_moved_row_among_rows_updated_together_stops_none_of_the_others(any_
             rows = [r._replace(status="SUBMITTED", progress="0%") if r.id == moved.id else r for r in rows]
         return rows
 
-    reports._update_sql_cache.clear()
+    reports._sql_text_cache.clear()
     monkeypatch.setattr(reports, "_read_states_by_mj_id", stale_once)
     stats = reports.apply_reports(1, [{"id": t.mj_id, "status": "IN_PROGRESS", "progress": "50%"} for t in tasks])
     assert [Task.get_by_id(t.id).progress for t in tasks] == ["50%", "50%", "60%", "50%"]
     assert stats.updated == 3 and len(calls) == (2 if db.is_sqlite() else 1)
     joined = not isinstance(db.database.obj, peewee.MySQLDatabase)  # SQLite and PostgreSQL: one statement
-    assert any(key[0] == "joined" for key in reports._update_sql_cache) == joined
+    assert any(key[0] == "joined" for key in reports._sql_text_cache) == joined
     assert_books()
 
 
