@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import gc
 import hashlib
 import logging
 import threading
@@ -472,6 +473,40 @@ def drain_prefetch(settings: Settings, timeout: float | None = None) -> bool:
     return bool(prefetcher.wait_idle(float(timeout if timeout is not None else settings.images.timeout)))
 
 
+#: Allocations between young-generation collections while a cycle runs (Python's default is 700).
+CYCLE_GC_THRESHOLD = 50_000
+_gc_lock = threading.Lock()
+_gc_cycles = 0  # cycles running in this process
+_gc_saved: tuple[int, ...] = ()  # the thresholds to restore when the last one ends
+
+
+@contextlib.contextmanager
+def _collections_spaced() -> Any:
+    """Space the cyclic garbage collector's young collections out while a cycle runs, process-wide.
+
+    A first cycle allocates a dozen containers per report (the parsed answer, the cleaned report, the row
+    read, its changes). At the default threshold the collector ran ~200 young collections and a full one
+    per cycle over 10,000 reports, walking the answers still in flight each time: a fifth of the cycle's
+    interpreter time. Collections still run, every CYCLE_GC_THRESHOLD allocations, so a long cycle
+    in a server never stops collecting what its request threads leave. Cycles running together share one
+    setting; the last to end restores what was there before (a higher threshold set by the operator is
+    kept)."""
+    global _gc_cycles, _gc_saved
+    with _gc_lock:
+        if _gc_cycles == 0:
+            _gc_saved = gc.get_threshold()
+            if _gc_saved[0] < CYCLE_GC_THRESHOLD:
+                gc.set_threshold(CYCLE_GC_THRESHOLD, *_gc_saved[1:])
+        _gc_cycles += 1
+    try:
+        yield
+    finally:
+        with _gc_lock:
+            _gc_cycles -= 1
+            if _gc_cycles == 0:
+                gc.set_threshold(*_gc_saved)
+
+
 def poll_once(settings: Settings, *, clients: Mapping[int, Any] | None = None, now: float | None = None,
               transport: Any = None, take_claims: bool = True, fresh_for: float = 0.0) -> CycleSummary:
     """Run one polling cycle over the channels this poller can claim, and return what it did.
@@ -491,7 +526,8 @@ def poll_once(settings: Settings, *, clients: Mapping[int, Any] | None = None, n
         summary.duration = time.perf_counter() - started
         return summary
     claims = Claims(settings.poller.lease_seconds, summary.started_at, fresh_for) if take_claims else None
-    _run_cycle(settings, summary, claims, now, clients, transport)
+    with _collections_spaced():
+        _run_cycle(settings, summary, claims, now, clients, transport)
     if claims is not None and claims.lost:
         summary.message = "a claim was lost during the cycle; that channel stopped early"
     summary.duration = time.perf_counter() - started

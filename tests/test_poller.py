@@ -238,6 +238,52 @@ def test_a_crash_on_one_channel_is_counted_and_the_rest_goes_on(store):
     assert _tasks([good_task])[good_task].status == "SUCCESS"
 
 
+def test_a_cycle_spaces_young_collections_out_and_restores_the_thresholds_even_after_a_crash(store):
+    """While a cycle runs the collector's young collections are spaced out (process-wide, so cycles that
+    overlap share it); when the last cycle ends, the thresholds are what they were, a crash included."""
+    import gc
+
+    from mjctl import accounts
+    from mjctl.poller import CYCLE_GC_THRESHOLD, poll_once
+
+    seen = []
+
+    class Recording:
+        def __init__(self, *, fail=False, nested=None):
+            self.fail, self.nested = fail, nested
+
+        def list_by_condition(self, ids):
+            seen.append(gc.get_threshold())
+            if self.fail:
+                raise RuntimeError("boom")
+            if self.nested is not None:  # another cycle runs and ends inside this one
+                inner.append(poll_once(store, clients=self.nested, take_claims=False))
+                seen.append(gc.get_threshold())
+            return [{"id": i, "status": "IN_PROGRESS", "progress": "5%"} for i in ids]
+
+    user, _ = accounts.create_user("gina", quota=10 * PRICE)
+    ok, bad = add_channel(store, "ok", "http://ok:1"), add_channel(store, "bad", "http://bad:1")
+    submit_charged(user.id, ok.id, ["1"])
+    submit_charged(user.id, bad.id, ["2"])
+    leaves = {ok.id: Recording(), bad.id: Recording()}
+    before = gc.get_threshold()
+    inner = []
+    try:
+        gc.set_threshold(900, 11, 12)
+        summary = poll_once(store, clients={ok.id: Recording(nested=leaves), bad.id: Recording(fail=True)},
+                            take_claims=False)
+        after = gc.get_threshold()
+        gc.set_threshold(80_000, 11, 12)  # an operator's higher threshold is kept
+        poll_once(store, clients={ok.id: Recording(), bad.id: Recording(fail=True)}, take_claims=False)
+        kept = gc.get_threshold()
+    finally:
+        gc.set_threshold(*before)
+    assert summary.faults["error_RuntimeError"] == 1 and inner[0].checked == 2 and inner[0].updated == 2
+    assert len(seen) == 7 and all(t == (CYCLE_GC_THRESHOLD, 11, 12) for t in seen[:5]), seen
+    assert after == (900, 11, 12)
+    assert all(t == (80_000, 11, 12) for t in seen[5:]) and kept == (80_000, 11, 12), seen
+
+
 def test_on_sqlite_every_write_of_a_cycle_goes_through_one_connection(store, monkeypatch):
     """Workers fetch in parallel; their answers are written by one store thread, each channel's before its
     claim is released, and a write that fails is that channel's fault alone."""
