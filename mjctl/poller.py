@@ -44,7 +44,7 @@ import logging
 import threading
 import time
 from collections import Counter, defaultdict, deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, TypeVar
@@ -481,7 +481,7 @@ _gc_saved: tuple[int, ...] = ()  # the thresholds to restore when the last one e
 
 
 @contextlib.contextmanager
-def _collections_spaced() -> Any:
+def _collections_spaced() -> Iterator[None]:
     """Space the cyclic garbage collector's young collections out while a cycle runs, process-wide.
 
     A first cycle allocates a dozen containers per report (the parsed answer, the cleaned report, the row
