@@ -346,9 +346,8 @@ def _remember(memos: list[tuple]) -> None:
     if not memos:
         return
     # one row's params: digest, the version it was checked against, id (the version compared twice)
-    table = _quoted(Task._meta.table_name)
-    if _joined(("memo_digest", "memo_version"), ("id", "updated_at"), [(d, v, i, v) for d, v, i, _, _ in memos],
-               f" AND ({table}.memo_digest <> v.column1 OR {table}.memo_version <> {table}.updated_at)") is None:
+    if _joined(_MEMO_SETS, _MEMO_WHERE, [(d, v, i, v) for d, v, i, _, _ in memos],
+               _unless_memo_held("v.column1")) is None:
         database.cursor().executemany(_memo_sql(), memos)
 
 
@@ -517,12 +516,22 @@ def _grouped_update_sql(columns: tuple[str, ...]) -> str:
     return _update_sql((*columns, "updated_at"), ("id", "status", "progress", "quota"))
 
 
+_MEMO_SETS = ("memo_digest", "memo_version")
+_MEMO_WHERE = ("id", "updated_at")
+
+
+def _unless_memo_held(digest: str) -> str:
+    """The end of a memo update's WHERE clause: unless the row holds that memo already (a write that moved
+    neither the memo nor updated_at would make the database move the version: migration 8). digest names
+    the new digest in the statement (a parameter, or a column of a joined VALUES row)."""
+    table, q = _quoted(Task._meta.table_name), _quoted
+    return (f" AND ({table}.{q('memo_digest')} <> {digest}"
+            f" OR {table}.{q('memo_version')} <> {table}.{q('updated_at')})")
+
+
 def _memo_sql() -> str:
-    """The memo update of a row still at the version checked, unless it holds that memo already (a write
-    that moved neither the memo nor updated_at would make the database move the version: migration 8)."""
-    p = database.obj.param
-    return _update_sql(("memo_digest", "memo_version"), ("id", "updated_at"),
-                       f" AND (memo_digest <> {p} OR memo_version <> updated_at)")
+    """The memo update of a row still at the version checked, one row per statement."""
+    return _update_sql(_MEMO_SETS, _MEMO_WHERE, _unless_memo_held(database.obj.param))
 
 
 _STATE_COLUMNS = [getattr(Task, name) for name in TaskState._fields]
