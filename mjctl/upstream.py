@@ -32,6 +32,7 @@ import json
 import socket
 import threading
 import time
+import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -39,11 +40,12 @@ from typing import Any
 import httpcore
 import httpx
 
-from mjctl import jsontext, upstream_text
+from mjctl import __version__, jsontext, upstream_text
 from mjctl.protocol import ACCEPTED_CODES, FINISHED_STATUSES, PREFIXES, SUBMIT_KINDS, SWAP_FACE_PATH
 
 __all__ = [
     "ACCEPTED_CODES",
+    "AnswerRefused",
     "Deadline",
     "DeadlineExceeded",
     "FINISHED_STATUSES",
@@ -63,6 +65,7 @@ __all__ = [
     "deadline_transport",
     "guarded_by",
     "is_public_address",
+    "MAX_ANSWER_BYTES",
     "read_within",
     "task_is_finished",
 ]
@@ -425,32 +428,85 @@ def deadline_transport(*, guarded: bool = False, **kwargs: Any) -> httpx.HTTPTra
     return transport
 
 
-def read_within(client: httpx.Client, request: httpx.Request, deadline: Deadline) -> httpx.Response:
-    """Send request and read its whole answer by deadline; returns a read response.
+#: The most an upstream API answer may hold, as sent and once decoded: a list-by-condition answer of 100
+#: tasks is well under 1 MiB; the whole-list route of a busy upstream is the largest. More is refused
+#: rather than held in memory, and a compressed answer is decoded only up to this size.
+MAX_ANSWER_BYTES = 64 * 1024 * 1024
+#: The content codings an upstream may answer in: what mjctl asks for, and decodes within the cap.
+_CODINGS = {"gzip": zlib.MAX_WBITS | 16, "x-gzip": zlib.MAX_WBITS | 16, "deflate": zlib.MAX_WBITS}
+
+
+class AnswerRefused(Exception):
+    """An upstream answer mjctl will not read: larger than the cap, or in a coding it did not ask for."""
+
+
+def read_within(transport: httpx.BaseTransport, request: httpx.Request, deadline: Deadline,
+                limit: int = MAX_ANSWER_BYTES) -> httpx.Response:
+    """Send request through transport and read its whole answer, at most limit bytes, by deadline; returns
+    a read response, decoded (gzip or deflate, within the limit too).
 
     The one place a bounded exchange is implemented: the pool wait, connect and every read are capped at
     the time left (through :func:`deadline_transport`), and the deadline is checked after each chunk, so
     even on a transport without the cap (a test's mock) a trickle ends one chunk after the deadline.
-    Raises ``DeadlineExceeded`` (an ``httpx.TimeoutException``) or httpx's own errors.
+    The transport is called directly: an upstream call needs none of what ``httpx.Client.send`` adds
+    around it (cookies kept from answers, authentication flows, redirects, which mjctl never follows),
+    and those layers cost a poll cycle more CPU than reading the answers' JSON.
+    Raises ``DeadlineExceeded`` (an ``httpx.TimeoutException``), httpx's own errors, or
+    :class:`AnswerRefused`.
     """
     request.extensions["timeout"] = deadline.timeout(
         _connect_of(request.extensions.get("timeout"))).as_dict()
     with bounded_by(deadline):
-        response = client.send(request, stream=True)
+        response = transport.handle_request(request)
+        response.request = request
         if response.is_stream_consumed:  # a transport that answered from memory (a test's mock)
             response.close()
+            if len(response.content) > limit:
+                raise AnswerRefused(f"answered with more than {limit} bytes")
             return response
         try:
+            declared = response.headers.get("Content-Length", "")
+            if declared.isdigit() and int(declared) > limit:
+                raise AnswerRefused(f"announced an answer of {declared} bytes, more than {limit}")
             raw = bytearray()
             for chunk in response.iter_raw():
                 raw += chunk
+                if len(raw) > limit:
+                    raise AnswerRefused(f"answered with more than {limit} bytes")
                 if deadline.expired():
                     raise DeadlineExceeded(f"no complete answer within {deadline.seconds:g} s", request=request)
         finally:
             response.close()
-    # A new response over the raw bytes decodes them once, as httpx would have.
-    return httpx.Response(response.status_code, headers=response.headers, content=bytes(raw), request=request,
+    headers = response.headers
+    content = bytes(raw)
+    coding = headers.get("Content-Encoding", "").strip().lower()
+    if coding and coding != "identity":
+        content = _decoded(content, coding, limit)
+        headers = headers.copy()
+        del headers["Content-Encoding"]
+        headers["Content-Length"] = str(len(content))
+    return httpx.Response(response.status_code, headers=headers, content=content, request=request,
                           extensions={"http_version": response.extensions.get("http_version", b"HTTP/1.1")})
+
+
+def _decoded(raw: bytes, coding: str, limit: int) -> bytes:
+    """raw in one of the codings mjctl asks for, decoded to at most limit bytes (a small compressed answer
+    can stand for gigabytes). A deflate body without its zlib header (some servers send one) is taken too."""
+    wbits = _CODINGS.get(coding)
+    if wbits is None:
+        raise AnswerRefused(f"answered in a content coding it was not asked for ({coding[:32]!r})")
+    for bits in (wbits, -zlib.MAX_WBITS) if coding == "deflate" else (wbits,):
+        decoder = zlib.decompressobj(bits)
+        try:
+            content = decoder.decompress(raw, limit + 1)
+            if len(content) <= limit and not decoder.unconsumed_tail:
+                content += decoder.flush()
+            if len(content) > limit or decoder.unconsumed_tail:
+                raise AnswerRefused(f"answered with more than {limit} bytes once decoded")
+            return content
+        except zlib.error:
+            continue
+    raise AnswerRefused(f"answered with a body that is not valid {coding}")
 
 
 def _connect_of(timeouts: Any) -> float | None:
@@ -501,17 +557,15 @@ class UpstreamClient:
         self.channel = channel  # the channel's name, for the request metrics
         self._secret = secret or ""
         upstream_text.remember_secret(self._secret)  # scrubbed from whatever an upstream writes
-        headers = {"Accept": "application/json"}
+        headers = {"Accept": "application/json", "Accept-Encoding": "gzip, deflate",
+                   "User-Agent": f"mjctl/{__version__}"}
         if self._secret:
             headers["mj-api-secret"] = self._secret
+        self._headers = httpx.Headers(headers)
+        self._json_headers = httpx.Headers({**headers, **_JSON_BODY})
         self.timeout = float(timeout)
-        self._client = httpx.Client(
-            base_url=self.base_url,
-            headers=headers,
-            timeout=httpx.Timeout(timeout, connect=connect_timeout),
-            transport=transport if transport is not None else deadline_transport(verify=shared_ssl_context()),
-            follow_redirects=False,
-        )
+        self._connect_timeout = float(connect_timeout)
+        self._transport = transport if transport is not None else deadline_transport(verify=shared_ssl_context())
         self._where = _redact_url(self.base_url)
         self._urls: dict[str, httpx.URL] = {}  # by path: the routes without a task id in them, in practice
 
@@ -519,7 +573,7 @@ class UpstreamClient:
         return f"UpstreamClient({self._where!r})"
 
     def close(self) -> None:
-        self._client.close()
+        self._transport.close()
 
     def __enter__(self) -> UpstreamClient:
         return self
@@ -616,13 +670,11 @@ class UpstreamClient:
         deadline: Deadline | None = None,
     ) -> httpx.Response:
         """One bounded exchange: the whole answer arrives within ``timeout`` (the client's by default) or
-        the call fails as ``UpstreamUnavailable``, like any other timeout."""
+        the call fails as ``UpstreamUnavailable``, like any other timeout; an answer over
+        MAX_ANSWER_BYTES, or in a coding mjctl did not ask for, is ``UpstreamProtocolError``."""
         if deadline is None:
             deadline = Deadline(self.timeout if timeout is None else timeout)
-        kwargs: dict[str, Any] = {}
-        if json_body is not None:
-            kwargs["content"] = jsontext.dumps(json_body).encode()
-            kwargs["headers"] = _JSON_BODY
+        content = jsontext.dumps(json_body).encode() if json_body is not None else None
         where = f"{self._where}{path}"
         url = self._urls.get(path)
         if url is None:  # parsed once per path: merging the base URL and the path parses both every time
@@ -630,8 +682,12 @@ class UpstreamClient:
             if len(self._urls) < MAX_CACHED_URLS:
                 self._urls[path] = url
         try:
-            request = self._client.build_request(method, url, **kwargs)
-            response = read_within(self._client, request, deadline)
+            request = httpx.Request(method, url, content=content,
+                                    headers=self._json_headers if content is not None else self._headers,
+                                    extensions={"timeout": {"connect": self._connect_timeout}})
+            response = read_within(self._transport, request, deadline, MAX_ANSWER_BYTES)
+        except AnswerRefused as exc:
+            raise UpstreamProtocolError(self._clean(f"{where} {exc}")) from None
         except httpx.TimeoutException as exc:
             if isinstance(exc, DeadlineExceeded) or deadline.expired():  # cut at the deadline, trickling or not
                 raise UpstreamUnavailable(self._clean(

@@ -273,3 +273,104 @@ def test_an_echoed_notify_hook_reaches_no_answer_and_no_terminal(env, cli):
         shown = cli(*args)
         assert shown.exit_code == 0, shown.output
         assert "notifyHook" not in shown.output and "/mj/notify/" not in shown.output
+
+
+# -- the size and coding of an answer ---------------------------------------------------------------------
+
+
+class Answering:
+    """An upstream on a real port that answers every call with one body, headers and chunking, and records
+    the Accept-Encoding each request asked for."""
+
+    def __init__(self):
+        self.body = b"[]"
+        self.headers: list[tuple[str, str]] = []
+        self.chunk = 0  # 0: one piece with its Content-Length; else pieces of this size, no length
+        self.asked: list[str] = []
+        self.server = ServerThread(self._app, threads=2).start()
+
+    def _app(self, environ, start_response):
+        self.asked.append(environ.get("HTTP_ACCEPT_ENCODING", ""))
+        headers = [("Content-Type", "application/json"), *self.headers]
+        body = self.body
+        if not self.chunk:
+            if not any(name.lower() == "content-length" for name, _ in headers):
+                headers.append(("Content-Length", str(len(body))))
+            start_response("200 OK", headers)
+            return [body]
+        start_response("200 OK", headers)
+        return (body[i:i + self.chunk] for i in range(0, len(body), self.chunk))
+
+
+@pytest.fixture
+def answering(monkeypatch):
+    from mjctl import upstream
+
+    monkeypatch.setattr(upstream, "MAX_ANSWER_BYTES", 4096)
+    server = Answering()
+    yield server
+    server.server.stop()
+
+
+def _task_list(n: int) -> bytes:
+    return json.dumps([{"id": str(1000 + i), "status": "IN_PROGRESS", "progress": "5%"} for i in range(n)]).encode()
+
+
+def _raw_deflate(data: bytes) -> bytes:
+    import zlib
+
+    packer = zlib.compressobj(wbits=-zlib.MAX_WBITS)
+    return packer.compress(data) + packer.flush()
+
+
+@pytest.mark.parametrize("coding", ["", "gzip", "deflate", "raw deflate"])
+def test_an_answer_within_the_cap_is_read_in_any_coding_mjctl_asks_for(answering, coding):
+    import gzip
+    import zlib
+
+    from mjctl.upstream import UpstreamClient
+
+    plain = _task_list(20)
+    encode = {"": lambda b: b, "gzip": gzip.compress, "deflate": zlib.compress, "raw deflate": _raw_deflate}[coding]
+    answering.body = encode(plain)
+    if coding:
+        answering.headers = [("Content-Encoding", coding.split()[-1])]
+    with UpstreamClient(answering.server.url, SIM_SECRET) as client:
+        tasks = client.list_by_condition([str(1000 + i) for i in range(20)])
+    assert [t["id"] for t in tasks] == [str(1000 + i) for i in range(20)]
+    assert answering.asked == ["gzip, deflate"]
+
+
+@pytest.mark.parametrize("case, expected", [
+    ("streamed past the cap", "answered with more than 4096 bytes"),
+    ("announced past the cap", "announced an answer of 8192 bytes"),
+    ("a gzip bomb", "more than 4096 bytes once decoded"),
+    ("a coding not asked for", "content coding it was not asked for ('br')"),
+    ("broken gzip", "not valid gzip"),
+])
+def test_an_answer_too_large_or_in_a_coding_not_asked_for_is_refused_unread(answering, case, expected):
+    import gzip
+
+    from mjctl.upstream import UpstreamClient, UpstreamProtocolError
+
+    big = b"[" + b" " * 8190 + b"]"
+    if case == "streamed past the cap":
+        answering.body, answering.chunk = big, 512
+    elif case == "announced past the cap":
+        answering.body, answering.headers = b"[]", [("Content-Length", "8192")]
+        answering.chunk = 2  # the body itself is short: the announcement alone is refused
+    elif case == "a gzip bomb":
+        answering.body = gzip.compress(b"[" + b" " * 3_000_000 + b"]")  # 700 times the cap
+        answering.headers = [("Content-Encoding", "gzip")]
+        assert len(answering.body) < 4096
+    elif case == "a coding not asked for":
+        answering.body, answering.headers = b"[]", [("Content-Encoding", "br")]
+    else:
+        answering.body, answering.headers = b"not gzip at all", [("Content-Encoding", "gzip")]
+    with UpstreamClient(answering.server.url, SIM_SECRET) as client:
+        with pytest.raises(UpstreamProtocolError) as caught:
+            client.list_by_condition(["1000"])
+        assert expected in str(caught.value)
+        assert SIM_SECRET not in str(caught.value)
+        answering.body, answering.headers, answering.chunk = _task_list(1), [], 0
+        assert client.list_by_condition(["1000"])[0]["id"] == "1000"  # the client works on after a refusal
