@@ -13,8 +13,8 @@ Rules (docs/upstream.md, "Lifecycle"):
 - every transition of a charged task to FAILURE or CANCEL refunds its quota exactly once, in the same
   transaction, with a ledger entry, and the task's quota then reads 0.
 
-Exactly-once comes from compare-and-set updates: a row is only updated WHERE it still has the status,
-progress and quota the change was computed from and is still unfinished, so of two racing writers (two
+Exactly-once comes from compare-and-set updates: a row is only updated WHERE it still has the version,
+status, progress and quota the change was computed from and is still unfinished, so of two racing writers (two
 pollers, a push and a poll, a timeout and a report) only one changes the row, and only that one refunds.
 Inside a write transaction rows are locked in one order on PostgreSQL/MariaDB: tasks by id, then the
 users a refund may touch, by id (:func:`_read_states_by_id`).
@@ -392,7 +392,7 @@ def _write(planned: list[_Planned], reread: bool) -> ApplyStats:
         params = groups.get(columns := tuple(changes))
         if params is None:
             params = groups[columns] = []
-        params.append((*changes.values(), now, row.id, row.status, row.progress, row.quota))
+        params.append((*changes.values(), now, row.id, row.updated_at, row.status, row.progress, row.quota))
         _count(stats, row, changes, refund)
     for columns, params in groups.items():
         _update_rows(columns, params)
@@ -453,9 +453,9 @@ def _update_sql(sets: tuple[str, ...], where: tuple[str, ...], also: str = "") -
 
 def _update_rows(columns: tuple[str, ...], params: list[tuple]) -> None:
     """The compare-and-set updates of rows that change the same columns (each row's params: the new values,
-    updated_at, then id, status, progress and quota as read); _LostRace when any row had moved."""
+    updated_at, then _CHANGE_WHERE as read); _LostRace when any row had moved."""
     sets = (*columns, "updated_at")
-    updated = _joined(sets, ("id", "status", "progress", "quota"), params)
+    updated = _joined(sets, _CHANGE_WHERE, params)
     if updated is None:
         cursor = database.cursor()
         cursor.executemany(_grouped_update_sql(columns), params)
@@ -513,7 +513,13 @@ def _joined_sql(sets: tuple[str, ...], where: tuple[str, ...], also: str, rows: 
 def _grouped_update_sql(columns: tuple[str, ...]) -> str:
     """The compare-and-set update of a change: its columns and updated_at, where the row still holds the
     state the change was worked out from."""
-    return _update_sql((*columns, "updated_at"), ("id", "status", "progress", "quota"))
+    return _update_sql((*columns, "updated_at"), _CHANGE_WHERE)
+
+
+#: What a change's row must still hold: the version it was worked out from (every writer moves it, so a
+#: write to any column since is found, as a memo written with the change must be checked against the row
+#: it leaves), and the status, progress and quota a refund and the monotonicity rules were decided on.
+_CHANGE_WHERE = ("id", "updated_at", "status", "progress", "quota")
 
 
 _MEMO_SETS = ("memo_digest", "memo_version")

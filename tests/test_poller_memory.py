@@ -176,6 +176,33 @@ def test_a_report_is_remembered_only_against_the_version_it_was_checked_against(
     assert worked_out == ["m1"] and summary.updated == 1 and _task("m1").prompt_en == "en m1"
 
 
+def test_a_change_planned_against_a_row_written_since_is_worked_out_again(running, worked_out, monkeypatch):
+    """A row written between the read a change was worked out from and the change's write, in a column the
+    change does not touch, is read again and the change worked out afresh: otherwise the change would be
+    remembered as leaving a row the report matches, while the other write had made it differ."""
+    from mjctl import reports
+    from mjctl.db import database
+
+    running.cycle()
+    running.reports["m1"] = dict(running.reports["m1"], progress="20%")  # a change to make
+    real, reads = reports._read_states_by_mj_id, []
+
+    def edited_after_the_read(channel_id, mj_ids):
+        rows = real(channel_id, mj_ids)
+        reads.append(mj_ids)
+        if len(reads) == 1:
+            database.execute_sql("UPDATE task SET prompt_en = 'edited by hand' WHERE mj_id = 'm1'")
+        return rows
+
+    monkeypatch.setattr(reports, "_read_states_by_mj_id", edited_after_the_read)
+    summary = running.cycle()
+    assert summary.updated == 1 and _task("m1").progress == "20%"
+    assert _task("m1").prompt_en == "en m1"  # the report's, worked out against the row as it was written
+    monkeypatch.setattr(reports, "_read_states_by_mj_id", real)
+    assert running.cycle().skipped == 3 and worked_out == []  # and remembered against that row
+    assert book_problems() == []
+
+
 def test_a_report_that_cannot_be_remembered_is_worked_out_every_time(running, worked_out):
     deep: list = []
     for _ in range(300):  # read by the client, but deeper than orjson writes: the report has no digest
