@@ -51,6 +51,7 @@ __all__ = [
     "FINISHED_STATUSES",
     "FetchPolicy",
     "FetchRefused",
+    "MAX_ANSWER_BYTES",
     "PREFIXES",
     "SUBMIT_KINDS",
     "ProbeResult",
@@ -65,7 +66,6 @@ __all__ = [
     "deadline_transport",
     "guarded_by",
     "is_public_address",
-    "MAX_ANSWER_BYTES",
     "read_within",
     "task_is_finished",
 ]
@@ -498,14 +498,14 @@ def _decoded(raw: bytes, coding: str, limit: int) -> bytes:
     for bits in (wbits, -zlib.MAX_WBITS) if coding == "deflate" else (wbits,):
         decoder = zlib.decompressobj(bits)
         try:
-            content = decoder.decompress(raw, limit + 1)
-            if len(content) <= limit and not decoder.unconsumed_tail:
+            content = decoder.decompress(raw, limit + 1)  # input left over means the output reached limit + 1
+            if not decoder.unconsumed_tail:
                 content += decoder.flush()
-            if len(content) > limit or decoder.unconsumed_tail:
-                raise AnswerRefused(f"answered with more than {limit} bytes once decoded")
-            return content
         except zlib.error:
             continue
+        if len(content) > limit or decoder.unconsumed_tail:
+            raise AnswerRefused(f"answered with more than {limit} bytes once decoded")
+        return content
     raise AnswerRefused(f"answered with a body that is not valid {coding}")
 
 
