@@ -63,6 +63,11 @@ log = logging.getLogger("mjctl.poller")
 T = TypeVar("T")
 
 LANE_DEPTH = 2  # answers a worker may have waiting in the store lane (SQLite) before it waits for the oldest
+#: On SQLite, the most rows of a claimed channel whose memo does not hold (a first cycle's, say) that are
+#: read whole with the channel's list, in one step, instead of batch by batch in the store lane: each of
+#: the lane's reads handed the interpreter lock to the workers and waited to get it back. The bound keeps
+#: the rows held per channel to a few megabytes; past it, batches read their own rows.
+PREREAD_ROWS = 10_000
 DB_ATTEMPTS = 4  # a batch's transaction is retried on a deadlock or a lock timeout
 
 
@@ -133,6 +138,7 @@ class _Pending(NamedTuple):
     mj_id: str
     since: int  # submit time (seconds), the start of its timeout
     memo: str  # the poller's memo digest while it holds (its version is the row's, as read), else ""
+    state: reports.TaskState | None = None  # the whole row, when it was read with the channel's (PREREAD_ROWS)
 
 
 def _has_unfinished() -> bool:
@@ -155,20 +161,24 @@ def _channels_with_unfinished() -> list[int]:
 _SQLITE_READS = threading.Lock()  # the claim-time reads of one process's pollers, on SQLite
 
 
-def _unfinished_of(channel_id: int) -> list[_Pending]:
+def _unfinished_of(channel_id: int, *, polled: bool = False) -> list[_Pending]:
     """One channel's unfinished tasks, read when its claim is taken. Whether a task's memo holds (it was
     recorded at the row's current version) is decided by the database, on the floats as stored.
 
     On SQLite the cycle's workers read one at a time: fetching a row steps SQLite without the interpreter
     lock, and four threads stepping at once hand the lock back and forth at every row (an unchanged cycle
-    over 10,000 tasks spent about a third more CPU so)."""
+    over 10,000 tasks spent about a third more CPU so). There, for a channel to be polled, up to PREREAD_ROWS
+    rows whose memo does not hold are also read whole, for their batches to be worked out from."""
     memo = peewee.Case(None, [(Task.memo_version == Task.updated_at, Task.memo_digest)], peewee.SQL("''"))
     sql, params = compiled(("poller_unfinished_of",), lambda: (
         Task.select(Task.id, Task.mj_id, Task.submit_time, Task.updated_at, memo)
         .where((Task.unfinished == 1) & (Task.channel_id == channel_id)).order_by(Task.id)), [1, channel_id])
     with _SQLITE_READS if is_sqlite() else contextlib.nullcontext():
         rows = database.execute_sql(sql, params).fetchall()
-    return [_Pending(task_id, mj_id or "", int(submit_time or updated_at or 0), digest or "")
+        unremembered = sum(1 for row in rows if not row[4])
+        states = (reports.unremembered_states(channel_id) if polled and 0 < unremembered <= PREREAD_ROWS
+                  else None) or {}
+    return [_Pending(task_id, mj_id or "", int(submit_time or updated_at or 0), digest or "", states.get(mj_id))
             for task_id, mj_id, submit_time, updated_at, digest in rows]
 
 
@@ -389,8 +399,9 @@ class _Cycle:
         summary = CycleSummary(channels=0)
         stats = reports.ApplyStats()
         if fresh:
+            known = {t.mj_id: t.state for t in batch if t.state is not None}
             stats = _with_db_retries(label, functools.partial(reports.apply_reports, channel.id, fresh,
-                                                              digests=digests), summary)
+                                                              digests=digests, known=known), summary)
         stats.ignored += skipped
         summary.add_stats(stats)
         if stats.succeeded_ids:
@@ -637,7 +648,7 @@ def _guarded(cycle: _Cycle, channel: Channel) -> CycleSummary:
     """A claimed channel's work; an unexpected error is counted for that channel and never ends the cycle."""
     tasks: list[_Pending] = []
     try:
-        tasks = _unfinished_of(channel.id)
+        tasks = _unfinished_of(channel.id, polled=True)
         return cycle.poll_channel(channel, tasks)
     except Exception as exc:
         log.exception("channel %s: polling failed", channel.name)

@@ -293,15 +293,17 @@ class _Planned(NamedTuple):
     digest: str  # the report's memo digest when it is to be remembered with the change, else ""
 
 
-def _apply(read: Targets, stats: ApplyStats, digests: Mapping[str, str] | None = None) -> ApplyStats:
+def _apply(read: Targets, stats: ApplyStats, digests: Mapping[str, str] | None = None,
+           first_read: Targets | None = None) -> ApplyStats:
     """Apply reports to the rows read() returns, and add what happened to stats.
 
-    The changes are worked out from a plain read outside any transaction; a read with nothing to write
-    opens no write transaction at all. The write transaction then checks each row against that read:
-    PostgreSQL/MariaDB lock the rows again (tasks by id, then the users a refund touches, by id) and work
-    out again any row that moved in between; on SQLite, whose IMMEDIATE transaction excludes every other
-    writer, the compare-and-set of a row that moved matches nothing and :class:`_LostRace` rolls the batch
-    back for a fresh read. The last attempt on SQLite reads inside the transaction, where nothing can move.
+    The changes are worked out from a plain read outside any transaction (first_read, when given, for the
+    first attempt: rows read earlier still); a read with nothing to write opens no write transaction at
+    all. The write transaction then checks each row against that read: PostgreSQL/MariaDB lock the rows
+    again (tasks by id, then the users a refund touches, by id) and work out again any row that moved in
+    between; on SQLite, whose IMMEDIATE transaction excludes every other writer, the compare-and-set of a
+    row that moved matches nothing and :class:`_LostRace` rolls the batch back for a fresh read. The last
+    attempt on SQLite reads inside the transaction, where nothing can move.
 
     digests (mj_id -> digest of the report as the upstream sent it) are recorded in the poller's memo of
     each report that leaves its task unfinished: with the change it makes, or on its own when it changes
@@ -312,7 +314,7 @@ def _apply(read: Targets, stats: ApplyStats, digests: Mapping[str, str] | None =
         planning = ApplyStats()
         planned: list[_Planned] = []
         memos: list[tuple] = []
-        for row, report in read():
+        for row, report in (first_read if attempt == 1 and first_read is not None else read)():
             if row is None:
                 planning.unknown += 1
                 continue
@@ -595,6 +597,36 @@ def _read_states_as_json(channel_id: int, mj_ids: list[str]) -> list[TaskState]:
     return rows
 
 
+def unremembered_states(channel_id: int) -> dict[str, TaskState] | None:
+    """The channel's unfinished tasks whose memo does not hold, by mj_id: the rows a poll cycle will work out,
+    read in one step (SQLite with JSON, as :func:`_read_states_as_json`); None where that read is not to be
+    had (another database, an older SQLite, a value JSON cannot hold)."""
+    if not _json_reads():
+        return None
+    key = ("json_unremembered", type(database.obj).__name__)
+    sql = _sql_text_cache.get(key)
+    if sql is None:
+        q = _quoted
+        values = ", ".join(f"quote({q(c.column_name)})" if i in _FLOAT_STATE else q(c.column_name)
+                           for i, c in enumerate(_STATE_COLUMNS))
+        sql = _sql_text_cache[key] = (
+            f"SELECT json_group_array(json_array({values})) FROM {q(Task._meta.table_name)} "
+            f"WHERE {q('unfinished')} = 1 AND {q('channel_id')} = ? "
+            f"AND NOT ({q('memo_version')} = {q('updated_at')} AND {q('memo_digest')} <> '')")
+    try:
+        (text,), = database.execute_sql(sql, [channel_id]).fetchall()
+    except peewee.OperationalError as exc:
+        log.debug("channel %s: rows read batch by batch: %s", channel_id, exc)
+        return None
+    states = {}
+    for row in jsontext.loads(text):
+        for i in _FLOAT_STATE:
+            row[i] = float(row[i])
+        state = TaskState._make(row)
+        states[state.mj_id] = state
+    return states
+
+
 def _read_states_by_id(ids: list[int], *, lock: bool,
                        reports_by_id: Mapping[int, dict] | None = None) -> list[TaskState]:
     """The rows of ids. lock (PostgreSQL/MariaDB, inside the write transaction): locked in id order, then
@@ -630,12 +662,15 @@ def _read_states_by_id(ids: list[int], *, lock: bool,
 
 
 def apply_reports(channel_id: int, reports: Iterable[dict], *, scope: PushScope | None = None,
-                  digests: Mapping[str, str] | None = None) -> ApplyStats:
+                  digests: Mapping[str, str] | None = None, known: Mapping[str, TaskState] | None = None
+                  ) -> ApplyStats:
     """Apply upstream task reports from one channel, in one transaction. Reports for ids this channel has
     no task for, and reports without an id, are counted and skipped. With a scope (a push through a notify
     link) only the tasks that link may change are considered; the others count as unknown. digests (the
     poller's, by id) are remembered on the rows of the reports that leave their tasks unfinished (see
-    :func:`_apply`)."""
+    :func:`_apply`). known (the poller's rows by mj_id, read when it claimed the channel) stands in for the
+    first read when it holds every report's row: the write checks each row's version against it, so a row
+    written since sends the batch back for a fresh read like any row that moved."""
     stats = ApplyStats()
     by_id: dict[str, dict] = {}
     for report in reports:
@@ -656,7 +691,12 @@ def apply_reports(channel_id: int, reports: Iterable[dict], *, scope: PushScope 
         found = {row.mj_id: row for row in rows}
         return [(found.get(mj_id), report) for mj_id, report in by_id.items()]
 
-    return _apply(read, stats, digests)
+    first_read = None
+    if known and scope is None and all(mj_id in known for mj_id in by_id):
+        def first_read() -> list[tuple[TaskState | None, dict]]:  # rows read earlier: see known
+            return [(known[mj_id], report) for mj_id, report in by_id.items()]
+
+    return _apply(read, stats, digests, first_read)
 
 
 def apply_report(channel_id: int, report: dict, scope: PushScope | None = None) -> ApplyStats:

@@ -203,6 +203,48 @@ def test_a_change_planned_against_a_row_written_since_is_worked_out_again(runnin
     assert book_problems() == []
 
 
+def test_rows_no_memo_covers_are_read_with_their_channel_and_read_again_only_when_written_since(
+        running, monkeypatch):
+    """On SQLite the rows of a claimed channel that no memo covers (a first cycle's) are read whole with the
+    channel's list, and their batch is worked out from them without a read of its own. A row written after
+    that read is found by the write, which compares each row's version, and the batch is read again and
+    worked out afresh: the change, and the memo recorded with it, are those of the row as written."""
+    from mjctl import reports
+    from mjctl.db import database, is_sqlite
+
+    real_read, batch_reads = reports._read_states_by_mj_id, []
+
+    def counted(channel_id, mj_ids):
+        batch_reads.append(sorted(mj_ids))
+        return real_read(channel_id, mj_ids)
+
+    monkeypatch.setattr(reports, "_read_states_by_mj_id", counted)
+    assert running.cycle().updated == 3
+    assert batch_reads == ([] if is_sqlite() else [running.ids])  # elsewhere each batch reads its own rows
+
+    # Every memo voided by hand (the versions stay), and a change to make: the rows are read whole again,
+    # and m2 is edited by hand just after that read.
+    database.execute_sql("UPDATE task SET memo_digest = ''")
+    for mj_id in running.ids:
+        running.reports[mj_id] = dict(running.reports[mj_id], progress="20%")
+    real_whole = reports.unremembered_states
+
+    def edited_after_the_read(channel_id):
+        states = real_whole(channel_id)
+        database.execute_sql("UPDATE task SET prompt_en = 'edited by hand' WHERE mj_id = 'm2'")
+        return states
+
+    monkeypatch.setattr(reports, "unremembered_states", edited_after_the_read)
+    batch_reads.clear()
+    assert running.cycle().updated == 3
+    assert batch_reads == [running.ids]  # SQLite: read again once the write found m2 moved
+    assert [(_task(m).progress, _task(m).prompt_en) for m in running.ids] == [
+        ("20%", "en m1"), ("20%", "en m2"), ("20%", "en m3")]
+    monkeypatch.setattr(reports, "unremembered_states", real_whole)
+    assert running.cycle().skipped == 3  # remembered against the rows as written
+    assert book_problems() == []
+
+
 def test_a_report_that_cannot_be_remembered_is_worked_out_every_time(running, worked_out):
     deep: list = []
     for _ in range(300):  # read by the client, but deeper than orjson writes: the report has no digest
