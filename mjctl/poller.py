@@ -65,9 +65,11 @@ T = TypeVar("T")
 LANE_DEPTH = 2  # answers a worker may have waiting in the store lane (SQLite) before it waits for the oldest
 #: On SQLite, the most rows of a claimed channel whose memo does not hold (a first cycle's, say) that are
 #: read whole with the channel's list, in one step, instead of batch by batch in the store lane: each of
-#: the lane's reads handed the interpreter lock to the workers and waited to get it back. The bound keeps
-#: the rows held per channel to a few megabytes; past it, batches read their own rows.
-PREREAD_ROWS = 10_000
+#: the lane's reads handed the interpreter lock to the workers and waited to get it back. A row read so
+#: is held at about 0.8 KB until its channel is done, and the read peaks at about 5 KB a row (measured
+#: on simulator reports), so the bound keeps a channel to ~4 MB held and ~25 MB at the read; past it,
+#: batches read their own rows.
+PREREAD_ROWS = 5_000
 DB_ATTEMPTS = 4  # a batch's transaction is retried on a deadlock or a lock timeout
 
 

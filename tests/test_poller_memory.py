@@ -245,6 +245,21 @@ def test_rows_no_memo_covers_are_read_with_their_channel_and_read_again_only_whe
     assert book_problems() == []
 
 
+def test_a_channel_with_more_rows_to_work_out_than_the_bound_reads_them_batch_by_batch(running, monkeypatch):
+    from mjctl import poller, reports
+
+    real_read, batch_reads = reports._read_states_by_mj_id, []
+
+    def counted(channel_id, mj_ids):
+        batch_reads.append(sorted(mj_ids))
+        return real_read(channel_id, mj_ids)
+
+    monkeypatch.setattr(reports, "_read_states_by_mj_id", counted)
+    monkeypatch.setattr(poller, "PREREAD_ROWS", len(running.ids) - 1)
+    assert running.cycle().updated == 3 and batch_reads == [running.ids]
+    assert [_task(m).prompt_en for m in running.ids] == ["en m1", "en m2", "en m3"]
+
+
 def test_a_report_that_cannot_be_remembered_is_worked_out_every_time(running, worked_out):
     deep: list = []
     for _ in range(300):  # read by the client, but deeper than orjson writes: the report has no digest
