@@ -63,12 +63,13 @@ log = logging.getLogger("mjctl.poller")
 T = TypeVar("T")
 
 LANE_DEPTH = 2  # answers a worker may have waiting in the store lane (SQLite) before it waits for the oldest
-#: On SQLite, the most rows of a claimed channel whose memo does not hold (a first cycle's, say) that are
-#: read whole with the channel's list, in one step, instead of batch by batch in the store lane: each of
-#: the lane's reads handed the interpreter lock to the workers and waited to get it back. A row read so
-#: is held at about 0.8 KB until its channel is done, and the read peaks at about 5 KB a row (measured
-#: on simulator reports), so the bound keeps a channel to ~4 MB held and ~25 MB at the read; past it,
-#: batches read their own rows.
+#: On SQLite, the most rows of a claimed channel whose memo does not hold (a first cycle's, say) that the
+#: store lane reads whole, in one step, before the channel's first answer, instead of batch by batch: each
+#: batch's read handed the interpreter lock to the workers and waited to get it back. Read in the lane,
+#: not when the channel is claimed, so that the workers start asking the upstream at once and SQLite
+#: builds the rows while they do. A row read so is held at about 0.8 KB until its channel is done, and the
+#: read peaks at about 5 KB a row (measured on simulator reports), so the bound keeps a channel to ~4 MB
+#: held and ~25 MB at the read; past it, batches read their own rows.
 PREREAD_ROWS = 5_000
 DB_ATTEMPTS = 4  # a batch's transaction is retried on a deadlock or a lock timeout
 
@@ -140,7 +141,6 @@ class _Pending(NamedTuple):
     mj_id: str
     since: int  # submit time (seconds), the start of its timeout
     memo: str  # the poller's memo digest while it holds (its version is the row's, as read), else ""
-    state: reports.TaskState | None = None  # the whole row, when it was read with the channel's (PREREAD_ROWS)
 
 
 def _has_unfinished() -> bool:
@@ -163,24 +163,20 @@ def _channels_with_unfinished() -> list[int]:
 _SQLITE_READS = threading.Lock()  # the claim-time reads of one process's pollers, on SQLite
 
 
-def _unfinished_of(channel_id: int, *, polled: bool = False) -> list[_Pending]:
+def _unfinished_of(channel_id: int) -> list[_Pending]:
     """One channel's unfinished tasks, read when its claim is taken. Whether a task's memo holds (it was
     recorded at the row's current version) is decided by the database, on the floats as stored.
 
     On SQLite the cycle's workers read one at a time: fetching a row steps SQLite without the interpreter
     lock, and four threads stepping at once hand the lock back and forth at every row (an unchanged cycle
-    over 10,000 tasks spent about a third more CPU so). There, for a channel to be polled, up to PREREAD_ROWS
-    rows whose memo does not hold are also read whole, for their batches to be worked out from."""
+    over 10,000 tasks spent about a third more CPU so)."""
     memo = peewee.Case(None, [(Task.memo_version == Task.updated_at, Task.memo_digest)], peewee.SQL("''"))
     sql, params = compiled(("poller_unfinished_of",), lambda: (
         Task.select(Task.id, Task.mj_id, Task.submit_time, Task.updated_at, memo)
         .where((Task.unfinished == 1) & (Task.channel_id == channel_id)).order_by(Task.id)), [1, channel_id])
     with _SQLITE_READS if is_sqlite() else contextlib.nullcontext():
         rows = database.execute_sql(sql, params).fetchall()
-        unremembered = sum(1 for row in rows if not row[4])
-        states = (reports.unremembered_states(channel_id) if polled and 0 < unremembered <= PREREAD_ROWS
-                  else None) or {}
-    return [_Pending(task_id, mj_id or "", int(submit_time or updated_at or 0), digest or "", states.get(mj_id))
+    return [_Pending(task_id, mj_id or "", int(submit_time or updated_at or 0), digest or "")
             for task_id, mj_id, submit_time, updated_at, digest in rows]
 
 
@@ -265,6 +261,14 @@ class _StoreLane:
         if self._used:  # a cycle whose reports were all remembered never started it
             self._pool.submit(end_unit_of_work, close=True).result()
         self._pool.shutdown(wait=True)
+
+
+def _read_whole(channel_id: int, known: dict[str, reports.TaskState]) -> CycleSummary:
+    """In the store lane, before a channel's first answer: its rows whose memo does not hold, read whole in
+    one step into known, for its batches to be worked out from (a batch whose rows are not all there reads
+    its own). The lane runs jobs in order, so every batch of the channel finds them read."""
+    known.update(reports.unremembered_states(channel_id) or {})
+    return CycleSummary(channels=0)
 
 
 def _connected(fn: Callable[[], T]) -> T:
@@ -353,6 +357,9 @@ class _Cycle:
         from mjctl.upstream import UpstreamError
 
         handed: deque[Future] = deque()  # answers handed to the store lane, not yet written
+        known: dict[str, reports.TaskState] = {}  # rows read whole by the lane, by mj_id (see _read_whole)
+        if self.lane is not None and 0 < sum(1 for b in batches for t in b if not t.memo) <= PREREAD_ROWS:
+            handed.append(self.lane.submit(functools.partial(_read_whole, channel.id, known)))
         try:
             for index, batch in enumerate(batches):
                 if self.claims is not None and not self.claims.renew_if_due(channel.id):
@@ -385,7 +392,8 @@ class _Cycle:
                     t.memo for t in batch) else answer
                 skipped = len(answer) - len(fresh)
                 summary.skipped += skipped
-                work = functools.partial(self._apply_answer, channel, batch, by_id, fresh, skipped, digests, label)
+                work = functools.partial(self._apply_answer, channel, batch, by_id, fresh, skipped, digests, label,
+                                         known)
                 if self.lane is None or not fresh:
                     summary.merge(work())
                     continue
@@ -395,13 +403,13 @@ class _Cycle:
             _collect(handed, summary, 0)
 
     def _apply_answer(self, channel: Channel, batch: list[_Pending], answered: Mapping[str, dict],
-                      fresh: list, skipped: int, digests: Mapping[str, str], label: str) -> CycleSummary:
+                      fresh: list, skipped: int, digests: Mapping[str, str], label: str,
+                      known: Mapping[str, reports.TaskState]) -> CycleSummary:
         """Write the fresh reports of one batch's answer, then fail its overdue tasks (in the store lane on
-        SQLite): what that did, to merge into the channel's summary."""
+        SQLite): what that did, to merge into the channel's summary. known: rows read earlier, by mj_id."""
         summary = CycleSummary(channels=0)
         stats = reports.ApplyStats()
         if fresh:
-            known = {t.mj_id: t.state for t in batch if t.state is not None}
             stats = _with_db_retries(label, functools.partial(reports.apply_reports, channel.id, fresh,
                                                               digests=digests, known=known), summary)
         stats.ignored += skipped
@@ -650,7 +658,7 @@ def _guarded(cycle: _Cycle, channel: Channel) -> CycleSummary:
     """A claimed channel's work; an unexpected error is counted for that channel and never ends the cycle."""
     tasks: list[_Pending] = []
     try:
-        tasks = _unfinished_of(channel.id, polled=True)
+        tasks = _unfinished_of(channel.id)
         return cycle.poll_channel(channel, tasks)
     except Exception as exc:
         log.exception("channel %s: polling failed", channel.name)
