@@ -331,6 +331,53 @@ def test_on_sqlite_every_write_of_a_cycle_goes_through_one_connection(store, mon
     assert book_problems() == []
 
 
+@pytest.mark.parametrize(("lane_reports", "depth"), [(6, 3), (1, 1)])
+def test_a_worker_fetches_at_most_its_bound_ahead_of_the_store_lane(store, monkeypatch, lane_reports, depth):
+    """A worker hands its answers to the store lane and fetches on, with at most LANE_REPORTS reports waiting
+    there, in whole answers (at least one): past that it waits for its oldest to be written."""
+    from mjctl import accounts, poller
+    from mjctl.poller import poll_once
+
+    class Unwritten:  # an answer handed over, written only when the worker waits for it
+        def __init__(self, fn):
+            self.fn, self.done, self.value = fn, False, None
+
+        def result(self):
+            if not self.done:
+                self.value, self.done = self.fn(), True
+            return self.value
+
+    handed: list[Unwritten] = []
+    waiting: list[int] = []  # as each job is handed over: the jobs handed and not yet run, itself included
+
+    class IdleLane:  # runs a job only when it is waited for, so nothing is written unless the worker waits
+        def submit(self, fn):
+            handed.append(job := Unwritten(fn))
+            waiting.append(sum(not j.done for j in handed))
+            return job
+
+        def run(self, fn):
+            return fn()
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(poller, "_StoreLane", IdleLane)
+    monkeypatch.setattr(poller, "LANE_REPORTS", lane_reports)
+    user, _ = accounts.create_user("erin", quota=100 * PRICE)
+    channel = add_channel(store, "lane", "http://lane:1")
+    submit_charged(user.id, channel.id, [f"l{n:02d}" for n in range(20)])
+    transport = httpx.MockTransport(lambda r: httpx.Response(200, json=[
+        {"id": mj_id, "status": "IN_PROGRESS", "progress": "40%"} for mj_id in json.loads(r.content)["ids"]]))
+    store.poller = replace(store.poller, concurrency=1, batch_size=2)
+    summary = poll_once(store, transport=transport)
+
+    assert summary.updated == 20 and all(job.done for job in handed)
+    assert len(handed) == 1 + 10  # the channel's rows read whole, then its 10 answers
+    assert max(waiting) == depth + 1  # its bound of answers waiting, and the one just handed over
+    assert book_problems() == []
+
+
 # --- claims and idle cost -----------------------------------------------------------------------------
 
 
