@@ -127,6 +127,8 @@ class ImagesSettings:
     cache_dir: str = setting("", "where finished images are kept; default: images/ next to the database")
     max_bytes: int = setting(104857600, "largest image forwarded, in bytes", _positive)
     timeout: float = setting(30.0, "seconds before an upstream image request is given up", _positive)
+    max_streams: int = setting(64, "image and video answers served at once per process, streaming to their clients included; more are answered 429", _positive)
+    max_streams_per_user: int = setting(16, "answers of one user's images and videos served at once per process (whoever asks, by link or token); more are answered 429", _positive)
     allow_hosts: str = setting("", "comma-separated host names, IPs or CIDRs image fetches may reach although they are not public (an internal object store); a channel's own origin is always allowed", _hosts)
     store: str = setting("local", "where finished images are kept: local (cache_dir) or s3://BUCKET/PREFIX, shared by every host", _store)
     s3_endpoint_url: str = setting("", "S3 endpoint for MinIO, Ceph, R2 and other S3-compatible stores; empty = AWS", _http_url)
@@ -145,7 +147,7 @@ class RelaySettings:
     """[relay]: what a submission may carry and how much upstream-bound work runs at once."""
 
     max_prompt_chars: int = setting(8000, "longest prompt a submission may carry")
-    max_in_flight: int = setting(64, "upstream-bound requests (submissions, image-seed, image streaming) served at once per process; more are answered 429")
+    max_in_flight: int = setting(64, "upstream-bound requests (submissions, image-seed, cancel, face swap) served at once per process; more are answered 429")
     max_in_flight_per_user: int = setting(8, "upstream-bound requests one user may have in flight at once per process; more are answered 429")
     channel_cooldown: float = setting(300.0, "seconds a channel stays out of rotation after \"no available account\", "
                                              "a refused secret or 3 transport failures in a row; 0 = never")

@@ -11,10 +11,11 @@ an ASGI application (granian's ASGI writes wait for the client, its RSGI ones do
 - answers a declared body over ``max_body_bytes`` with 413 before reading any of it, reads the rest
   (chunked bodies included) on the event loop with a deadline (408 when the client stalls, never a
   thread held), and hands the app a complete, bounded ``wsgi.input``;
-- runs the app in one of two thread pools: upstream-bound routes (submissions, image-seed, image
-  streaming: see :data:`UPSTREAM_BOUND`) in their own, bounded by ``max_in_flight`` and answered 429 when
-  full, everything else (listings, ``/healthz``, the page) in the other, so a hanging upstream cannot
-  starve the API;
+- runs the app in one of three thread pools: upstream-bound routes (submissions, image-seed, cancel:
+  see :data:`UPSTREAM_BOUND`) in one, bounded by ``max_in_flight``; image and video answers
+  (:data:`MEDIA_ROUTES`) in another, bounded by ``max_media_streams``; each answered 429 when full, so
+  clients holding downloads open cannot refuse anyone a submission; everything else (listings,
+  ``/healthz``, the page) in the third, so a hanging upstream cannot starve the API;
 - streams iterable bodies chunk by chunk (each ``next()`` on a pool thread, each write awaited on the
   loop until the client has taken it), so an image of any size passes with flat memory, a slow reader
   holds no thread, and one that stops reading is dropped after ``send_timeout``.
@@ -39,14 +40,16 @@ from dataclasses import dataclass
 from typing import Any
 
 __all__ = ["Limits", "WSGIBridge", "ServerThread", "serve_forever", "serve_processes", "probe_port",
-           "UPSTREAM_BOUND"]
+           "UPSTREAM_BOUND", "MEDIA_ROUTES"]
 
 log = logging.getLogger("mjctl.httpserver")
 
-#: Routes whose work waits on an upstream: relay submissions (every speed prefix), image-seed, cancel,
-#: face swap, and the forwarded images and videos. They run in the bounded upstream pool.
-UPSTREAM_BOUND = re.compile(
-    r"^/mj(?:-[a-z]+)?/(?:submit/|insight-face/|task/[^/]+/(?:image-seed|cancel)$)|^/mj/(?:image|video)/")
+#: Routes whose work waits on an upstream: relay submissions (every speed prefix), image-seed, cancel and
+#: face swap. They run in the bounded upstream pool.
+UPSTREAM_BOUND = re.compile(r"^/mj(?:-[a-z]+)?/(?:submit/|insight-face/|task/[^/]+/(?:image-seed|cancel)$)")
+#: The forwarded images and videos: streamed from the result store or an upstream for as long as the client
+#: takes to read them, in a bounded pool of their own.
+MEDIA_ROUTES = re.compile(r"^/mj/(?:image|video)/")
 
 WSGIApp = Callable[..., Iterable[bytes]]
 Answer = tuple[int, list[tuple[str, str]], bytes]
@@ -58,6 +61,7 @@ class Limits:
 
     threads: int = 16  # API threads
     max_in_flight: int = 64  # upstream-bound requests at once (their own threads)
+    max_media_streams: int = 64  # image and video answers at once (their own threads)
     max_connections: int = 4096
     header_timeout: float = 10.0
     body_timeout: float = 10.0
@@ -69,6 +73,7 @@ class Limits:
     def from_settings(cls, settings) -> Limits:
         server, relay = settings.server, settings.relay
         return cls(threads=server.threads, max_in_flight=relay.max_in_flight,
+                   max_media_streams=settings.images.max_streams,
                    max_connections=server.max_connections, header_timeout=server.header_timeout,
                    body_timeout=server.body_timeout, max_header_bytes=server.max_header_bytes,
                    max_body_bytes=server.max_body_bytes, send_timeout=3 * server.body_timeout)
@@ -102,40 +107,70 @@ class _BadBody(Exception):
     pass
 
 
+class _Family:
+    """Routes with a thread pool of their own and a cap on the requests in flight (refused beyond it)."""
+
+    def __init__(self, routes: re.Pattern[str], limit: int, name: str):
+        self.routes = routes
+        self.limit = max(1, limit)
+        self.name = name
+        self.in_flight = 0  # only touched on the event loop
+        self.pool: ThreadPoolExecutor | None = None
+
+    def executor(self) -> ThreadPoolExecutor:
+        if self.pool is None:
+            self.pool = ThreadPoolExecutor(self.limit, thread_name_prefix=f"mjctl-{self.name}")
+        return self.pool
+
+
 class WSGIBridge:
     """An ASGI application serving a WSGI app from thread pools, with the request limits of ``limits``.
 
-    ``overloaded(path)`` builds the answer for an upstream-bound request refused because the upstream pool
-    is full (the relay's callers expect their own envelope). Without ``upstream_routes`` every request
-    runs in the API pool (the simulator, test apps).
+    ``upstream_routes`` and ``media_routes`` each run in a pool of their own, capped at ``max_in_flight``
+    and ``max_media_streams`` requests; ``overloaded(path)`` builds the answer for one refused because its
+    pool is full (the relay's callers expect their own envelope). Without them every request runs in the
+    API pool (the simulator, test apps).
     """
 
     def __init__(self, app: WSGIApp, limits: Limits = Limits(), *,
                  overloaded: Callable[[str], Answer] = default_overloaded,
-                 upstream_routes: re.Pattern[str] | None = None, multiprocess: bool = False):
+                 upstream_routes: re.Pattern[str] | None = None, media_routes: re.Pattern[str] | None = None,
+                 multiprocess: bool = False):
         self.app = app
         self.limits = limits
         self.overloaded = overloaded
-        self.upstream_routes = upstream_routes
         self.multiprocess = multiprocess
         self._api_pool: ThreadPoolExecutor | None = None
-        self._upstream_pool: ThreadPoolExecutor | None = None
-        self.upstream_in_flight = 0  # only touched on the event loop
+        self._upstream = (_Family(upstream_routes, limits.max_in_flight, "upstream")
+                          if upstream_routes is not None else None)
+        self._media = _Family(media_routes, limits.max_media_streams, "media") if media_routes is not None else None
+        self._families = tuple(f for f in (self._upstream, self._media) if f is not None)
         self.closed = False
+
+    @property
+    def upstream_in_flight(self) -> int:
+        """Upstream-bound requests being served (submissions and the like)."""
+        return self._upstream.in_flight if self._upstream is not None else 0
+
+    @property
+    def media_in_flight(self) -> int:
+        """Image and video answers being served, streaming included."""
+        return self._media.in_flight if self._media is not None else 0
 
     def close(self) -> None:
         self.closed = True  # streams cut short by the pools' end are the server stopping, not failures
-        for pool in (self._api_pool, self._upstream_pool):
+        pools = [self._api_pool] + [family.pool for family in self._families]
+        for pool in pools:
             if pool is not None:
                 pool.shutdown(wait=False, cancel_futures=True)
-        self._api_pool = self._upstream_pool = None
+        self._api_pool = None
+        for family in self._families:
+            family.pool = None
 
-    def _pools(self) -> tuple[ThreadPoolExecutor, ThreadPoolExecutor]:
-        if self._api_pool is None or self._upstream_pool is None:
+    def _api(self) -> ThreadPoolExecutor:
+        if self._api_pool is None:
             self._api_pool = ThreadPoolExecutor(max(1, self.limits.threads), thread_name_prefix="mjctl-api")
-            self._upstream_pool = ThreadPoolExecutor(max(1, self.limits.max_in_flight),
-                                                     thread_name_prefix="mjctl-upstream")
-        return self._api_pool, self._upstream_pool
+        return self._api_pool
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":  # no lifespan (ASGINL) and websockets are off: nothing else arrives
@@ -188,19 +223,18 @@ class WSGIBridge:
             if length_text is not None and len(body) != length:
                 return await _send_answer(send, _json_answer(
                     400, "The request body is shorter than its Content-Length.", close=True))
-        api_pool, upstream_pool = self._pools()
         path: str = scope["path"]
-        upstream_bound = self.upstream_routes is not None and self.upstream_routes.match(path) is not None
-        if upstream_bound:
-            if self.upstream_in_flight >= limits.max_in_flight:
+        family = next((f for f in self._families if f.routes.match(path) is not None), None)
+        if family is not None:
+            if family.in_flight >= family.limit:
                 return await _send_answer(send, self.overloaded(path))
-            self.upstream_in_flight += 1
+            family.in_flight += 1
         try:
-            await self._respond(send, upstream_pool if upstream_bound else api_pool,
+            await self._respond(send, family.executor() if family is not None else self._api(),
                                 self._environ(scope, headers, body, length_text is not None or chunked))
         finally:
-            if upstream_bound:
-                self.upstream_in_flight -= 1
+            if family is not None:
+                family.in_flight -= 1
 
     async def _read_body(self, receive: Any) -> bytes:
         limit = self.limits.max_body_bytes

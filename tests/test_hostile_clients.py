@@ -4,7 +4,8 @@ and chunked bodies, and more upstream-bound work than the caps allow.
 Each test checks the answer (status, envelope, how fast) and that the store did not change: no task, no
 charge, no ledger row, no reservation beyond what an accepted request explains. The server runs with small
 limits (header and body timeouts of 1 s, a 64 KiB body limit, 4 API threads, 4 upstream slots and 2 per
-user) so the cases stay fast; one test runs a real `mjctl serve` process the same way.
+user, 4 image and video answers and 4 per owner) so the cases stay fast; one test runs a real `mjctl serve`
+process the same way.
 """
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ BODY_TIMEOUT = 1.0
 MAX_BODY = 64 * 1024
 LIMITS = dict(server__header_timeout=HEADER_TIMEOUT, server__body_timeout=BODY_TIMEOUT,
               server__max_body_bytes=MAX_BODY, server__threads=4,
-              relay__max_in_flight=4, relay__max_in_flight_per_user=2)
+              relay__max_in_flight=4, relay__max_in_flight_per_user=2,
+              images__max_streams=4, images__max_streams_per_user=4)
 PROMPT = {"prompt": "a red fox in the snow"}
 
 
@@ -563,7 +565,7 @@ def _rss_mb() -> float:
 
 @pytest.mark.slow
 def test_clients_that_do_not_read_an_image_hold_a_slot_not_the_image_and_are_dropped(env):
-    """Writes wait for the client: readers that take nothing of a 16 MB image cost their upstream slots (four
+    """Writes wait for the client: readers that take nothing of a 16 MB image cost their download slots (four
     here) and a few buffered chunks each, not the image (64 MB for four); one more is refused 429; all are
     dropped once send_timeout (3 x body_timeout) passes, and their slots come back."""
     from mjctl.poller import drain_prefetch, poll_once
@@ -586,16 +588,113 @@ def test_clients_that_do_not_read_an_image_hold_a_slot_not_the_image_and_are_dro
         for sock in readers:  # each answer has begun (its head is here; the body is read no further)
             sock.settimeout(10)
             assert sock.recv(12, socket.MSG_PEEK).startswith(b"HTTP/1.1 200")
-        wait_until(lambda: env.bridge.upstream_in_flight == 4, timeout=10, message="every reader holds its slot")
+        wait_until(lambda: env.bridge.media_in_flight == 4, timeout=10, message="every reader holds its slot")
         grown = _rss_mb() - before
         assert grown < 32, f"{grown:.0f} MB held for 4 clients that read nothing of a 16 MB image"
         assert exchange(env.addr, request("GET", f"/mj/image/{mj_id}", env.tokens["alice"])).status == 429
         # nobody reads: each is dropped after send_timeout and its slot comes back
-        wait_until(lambda: env.bridge.upstream_in_flight == 0, timeout=3 * BODY_TIMEOUT + 10,
+        wait_until(lambda: env.bridge.media_in_flight == 0, timeout=3 * BODY_TIMEOUT + 10,
                    message="stalled readers dropped")
     finally:
         for sock in readers:
             sock.close()
+
+
+def _finished_image_link(env, user: str) -> str:
+    """A finished task of user's and the path and query of its signed image link (which needs no token)."""
+    from mjctl.poller import drain_prefetch, poll_once
+
+    with env.relay.socket_client(user) as client:
+        mj_id = client.post("/mj/submit/imagine", json=PROMPT).json()["result"]
+
+        def finished():
+            poll_once(env.relay.settings)
+            task = client.get(f"/mj/task/{mj_id}/fetch").json()
+            return task if task["status"] == "SUCCESS" else None
+
+        task = wait_until(finished, timeout=15, message=f"{user}'s task finished")
+    drain_prefetch(env.relay.settings, 30)
+    link = httpx.URL(task["imageUrl"])
+    return link.raw_path.decode("ascii")
+
+
+def test_downloads_held_open_fill_the_download_slots_and_refuse_no_submission(env):
+    """Clients that open downloads through a signed image link (no token) and never read them can fill the
+    server's download slots (4 here): one more download is 429 at once, but submissions have slots of their
+    own and are served meanwhile; the download slots come back when the clients leave."""
+    env.sim.update({"image_bytes": 4_000_000})
+    alice_link, bob_link = _finished_image_link(env, "alice"), _finished_image_link(env, "bob")
+    readers = []
+    try:
+        for _ in range(4):
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.connect(env.addr)
+            sock.sendall(request("GET", alice_link))
+            readers.append(sock)
+        for sock in readers:  # each answer has begun; nobody reads further
+            sock.settimeout(10)
+            assert sock.recv(12, socket.MSG_PEEK).startswith(b"HTTP/1.1 200")
+        wait_until(lambda: env.bridge.media_in_flight == 4, timeout=10, message="four downloads held open")
+        refused = exchange(env.addr, request("GET", bob_link))
+        assert refused.status == 429 and refused.json()["success"] is False, refused
+        with env.relay.socket_client("carol") as carol:
+            began = time.monotonic()
+            submitted = carol.post("/mj/submit/imagine", json=PROMPT)
+            assert submitted.status_code == 200 and submitted.json()["code"] == 1, submitted.text
+            assert time.monotonic() - began < 5
+        assert env.bridge.media_in_flight == 4
+    finally:
+        for sock in readers:
+            sock.close()
+    wait_until(lambda: env.bridge.media_in_flight == 0, timeout=10, message="the slots came back")
+    assert httpx.get(env.url + bob_link, timeout=10).status_code == 200
+
+
+def test_one_owners_downloads_are_capped_per_owner(tmp_path, new_store):
+    """With a share of 2 per owner (of 4): after answers that stream nothing (416, HEAD, 304), two downloads
+    of alice's image held open, a third of hers is 429 with a JSON message and Retry-After, whoever asks;
+    bob's image is served; once one leaves, alice's is served again."""
+    settings = new_store(make_settings(tmp_path, **{**LIMITS, "images__max_streams_per_user": 2}))
+    relay = start_relay(settings, users=tuple((name, 10_000) for name in USERS), threads=32)
+    host, port = relay.url.removeprefix("http://").rsplit(":", 1)
+    env = SimpleNamespace(relay=relay, url=relay.url, addr=(host, int(port)), tokens=relay.tokens,
+                          bridge=relay.server.bridge, sim=relay.sim.sim)
+    try:
+        env.sim.update({"image_bytes": 4_000_000})
+        alice_link, bob_link = _finished_image_link(env, "alice"), _finished_image_link(env, "bob")
+        # answers that end without a stream, or whose stream is dropped unread, give their place back
+        for _ in range(3):
+            assert httpx.get(env.url + alice_link, headers={"Range": "bytes=99999999-"}).status_code == 416
+            assert httpx.head(env.url + alice_link).status_code == 200
+            assert httpx.get(env.url + alice_link, headers={"If-None-Match": "*"}).status_code == 304
+        readers = []
+        try:
+            for _ in range(2):
+                sock = socket.socket()
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+                sock.connect(env.addr)
+                sock.sendall(request("GET", alice_link))
+                sock.settimeout(10)
+                assert sock.recv(12, socket.MSG_PEEK).startswith(b"HTTP/1.1 200")
+                readers.append(sock)
+            for token in (None, env.tokens["alice"], env.tokens["bob"]):
+                refused = exchange(env.addr, request("GET", alice_link, token))
+                assert refused.status == 429 and refused.headers["retry-after"] == "1", refused
+                body = refused.json()
+                assert body["success"] is False and "at most 2" in body["message"], body
+            assert httpx.get(env.url + bob_link, timeout=10).status_code == 200
+            readers.pop().close()
+            wait_until(lambda: env.bridge.media_in_flight == 1, timeout=10, message="one download left")
+            again = httpx.get(env.url + alice_link, timeout=10)
+            assert again.status_code == 200 and len(again.content) > 3_900_000
+        finally:
+            for sock in readers:
+                sock.close()
+        wait_until(lambda: env.bridge.media_in_flight == 0, timeout=10, message="the slots came back")
+    finally:
+        relay.server.stop()
+        relay.sim.stop()
 
 
 # -- a real `mjctl serve` ----------------------------------------------------------------------------------

@@ -181,6 +181,8 @@ class ImageSource:
     channel_url: str = ""
     #: Which of the task's videos (video_list order) this source is; None: the task's image.
     video: int | None = None
+    #: The task's owner (a user id): whose share of the image answers served at once a request for it takes.
+    owner: int | None = None
 
     @classmethod
     def from_task(cls, task: Task, video: int | None = None) -> ImageSource:
@@ -192,7 +194,7 @@ class ImageSource:
             videos = video_list(task.video_url, task.video_urls)
             url = videos[video] if 0 <= video < len(videos) else ""
         return cls(mj_id=task.mj_id, url=url, final=task.status == "SUCCESS", task_id=task.id,
-                   channel=channel, channel_url=channel_url, video=video)
+                   channel=channel, channel_url=channel_url, video=video, owner=getattr(task, "user_id", None))
 
     @classmethod
     def all_of(cls, task: Task) -> list[ImageSource]:

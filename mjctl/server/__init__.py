@@ -15,8 +15,9 @@ __all__ = ["AppContext", "create_app", "make_bridge", "load_worker"]
 
 
 def overloaded(path: str) -> Answer:
-    """The answer to an upstream-bound request when the upstream pool is full: HTTP 429, and on the relay
-    routes the midjourney-proxy "queue full" envelope (code 23) its clients already handle."""
+    """The answer to a request refused because its pool is full (the upstream-bound routes', or the image and
+    video answers'): HTTP 429, and on the relay routes the midjourney-proxy "queue full" envelope (code 23)
+    its clients already handle."""
     import orjson
 
     from mjctl.relay import envelope
@@ -31,10 +32,11 @@ def overloaded(path: str) -> Answer:
 
 def make_bridge(settings: Settings, app=None, *, multiprocess: bool = False) -> WSGIBridge:
     """The app (create_app(settings) unless given) behind the request limits and the two thread pools."""
-    from mjctl.httpserver import UPSTREAM_BOUND, Limits, WSGIBridge
+    from mjctl.httpserver import MEDIA_ROUTES, UPSTREAM_BOUND, Limits, WSGIBridge
 
     return WSGIBridge(app if app is not None else create_app(settings), Limits.from_settings(settings),
-                      overloaded=overloaded, upstream_routes=UPSTREAM_BOUND, multiprocess=multiprocess)
+                      overloaded=overloaded, upstream_routes=UPSTREAM_BOUND, media_routes=MEDIA_ROUTES,
+                      multiprocess=multiprocess)
 
 
 def load_worker(settings: Settings) -> WSGIBridge:

@@ -12,6 +12,11 @@ a database connection that is closed before the upstream is contacted, so a slow
 never holds a connection, and the streamed body touches no database; a database that fails that read is a
 503, to be retried.
 
+One user's images and videos are served at most ``[images] max_streams_per_user`` at a time per process,
+whoever asks for them (a signed link needs no token): more are answered 429 at once, so a client that opens
+downloads of one task's image and never reads them holds that many and no more of the server's
+``[images] max_streams``.
+
 An image from the store answers one byte range when asked (``Range: bytes=…``, 206; 416 past its end);
 with ``[images] redirect`` and an S3 store, a stored image is answered with a redirect to a short-lived
 presigned link instead, so its bytes do not pass through mjctl.
@@ -21,6 +26,8 @@ from __future__ import annotations
 
 import errno
 import logging
+import threading
+from collections.abc import Callable
 
 import bottle
 import peewee
@@ -36,12 +43,15 @@ from mjctl.server.openapi import error_responses, header_param, query_param
 log = logging.getLogger("mjctl.server")
 
 FORWARDER_KEY = "images.forwarder"
+GATE_KEY = "images.streams_per_user"
 #: Headers every image answer carries: an image never runs as a document on our origin.
 SAFE_HEADERS = {"X-Content-Type-Options": "nosniff", "Content-Security-Policy": "default-src 'none'; sandbox"}
 #: The one answer for every image the caller may not know of: unknown, someone else's, or a signature that
 #: is not this row's. Always the same status and body, so that none of them tells which ids exist.
 NOT_FOUND_STATUS = 404
 NOT_FOUND_MESSAGE = "No such image: the task does not exist, or this link or token does not open it."
+STREAMS_429 = ("Too many image and video answers are being served at once: by this server process "
+               "([images] max_streams) or of this task's owner ([images] max_streams_per_user); with Retry-After.")
 MAX_ROW_ID = 2**63 - 1
 #: Rows named in the answer to an admin whose id matches several tasks.
 MAX_LISTED = 20
@@ -52,6 +62,16 @@ def forwarder(ctx: AppContext) -> ImageForwarder:
     if fw is None:
         fw = ctx.cache[FORWARDER_KEY] = ImageForwarder(ctx.settings)
     return fw
+
+
+def stream_gate(ctx: AppContext):
+    """The per-process count of image and video answers being served, by the owner of the task."""
+    from mjctl.server.capacity import UserGate
+
+    gate = ctx.cache.get(GATE_KEY)
+    if gate is None:
+        gate = ctx.cache[GATE_KEY] = UserGate(ctx.settings.images.max_streams_per_user)
+    return gate
 
 
 def not_found() -> bottle.HTTPResponse:
@@ -160,8 +180,10 @@ class StreamBody:
     """The response body: the image's chunks; a failure after the first byte aborts the connection
     (a short body against the declared Content-Length) instead of ending it as if complete."""
 
-    def __init__(self, stream: ImageStream):
+    def __init__(self, stream: ImageStream, on_close: Callable[[], None] | None = None):
         self.stream = stream
+        self._on_close = on_close
+        self._lock = threading.Lock()
 
     def __iter__(self):
         sent = False
@@ -171,14 +193,21 @@ class StreamBody:
                 yield chunk
         except ImageTruncated as exc:
             if not sent:  # Bottle reads the first chunk before sending headers: a JSON 502 is still possible
-                self.stream.close()
+                self.close()
                 raise json_error(502, exc.message) from None
             log.warning("aborting an image response: %s", exc.message)
             # cheroot drops a connection quietly on this error; the client sees the body cut short.
             raise ConnectionAbortedError(errno.ECONNABORTED, exc.message) from None
 
     def close(self) -> None:
-        self.stream.close()
+        """Close the stream and give back its place among the owner's answers (once, however often called)."""
+        with self._lock:
+            on_close, self._on_close = self._on_close, None
+        try:
+            self.stream.close()
+        finally:
+            if on_close is not None:
+                on_close()
 
 
 def install(app: bottle.Bottle, ctx: AppContext) -> None:
@@ -204,10 +233,11 @@ def install(app: bottle.Bottle, ctx: AppContext) -> None:
                    302: {"description": "With `[images] redirect` and an S3 store: a short-lived presigned link "
                                         "to the stored image (`Location`)."},
                    304: {"description": "Not modified."},
-                   **error_responses(401, 403, 404, 409, 416, 502, 503, 500,
+                   **error_responses(401, 403, 404, 409, 416, 429, 502, 503, 500,
                                      e403="The user is disabled.",
                                      e409="An admin named an id several tasks share, without `t`.",
                                      e416="The range starts past the end of the image (`Content-Range: bytes */size`).",
+                                     e429=STREAMS_429,
                                      e502="The upstream failed, timed out, sent no image or one too large, and the "
                                           "store does not hold it or cannot be reached.",
                                      e503="The database is busy or unreachable; try again shortly.")},
@@ -231,10 +261,11 @@ def install(app: bottle.Bottle, ctx: AppContext) -> None:
                          "content": {"video/*": {"schema": {"type": "string", "format": "binary"}}}},
                    302: {"description": "With `[images] redirect` and an S3 store: a short-lived presigned link."},
                    304: {"description": "Not modified."},
-                   **error_responses(401, 403, 404, 409, 416, 502, 503, 500,
+                   **error_responses(401, 403, 404, 409, 416, 429, 502, 503, 500,
                                      e403="The user is disabled.",
                                      e409="An admin named an id several tasks share, without `t`.",
                                      e416="The range starts past the end of the video.",
+                                     e429=STREAMS_429,
                                      e502="The upstream failed and the store does not hold the video.",
                                      e503="The database is busy or unreachable; try again shortly.")},
     )
@@ -270,14 +301,23 @@ def install(app: bottle.Bottle, ctx: AppContext) -> None:
                                                             "ETag": source.etag, **SAFE_HEADERS})
         if_range = request.get_header("If-Range")
         byte_range = parse_range(request.get_header("Range")) if if_range in (None, source.etag) else None
+        gate, owner = stream_gate(ctx), source.owner
+        if owner is not None and not gate.acquire(owner):
+            return json_error(429, f"Too many of this user's images and videos are being downloaded at once "
+                                   f"(at most {gate.limit}); try again shortly.", {"Retry-After": "1"})
+        release = (lambda: gate.release(owner)) if owner is not None else None
         try:
             stream = fw.open(source, byte_range)
-        except RangeNotSatisfiable as exc:
-            return json_error(416, f"The range starts past the end of the image ({exc.size} bytes).",
-                              {"Content-Range": f"bytes */{exc.size}"})
-        except ImageUnavailable as exc:
-            log.warning("%s %s: %s", source.kind, source.mj_id, exc.message)
-            return json_error(502, exc.message)
+        except BaseException as exc:
+            if release is not None:
+                release()
+            if isinstance(exc, RangeNotSatisfiable):
+                return json_error(416, f"The range starts past the end of the image ({exc.size} bytes).",
+                                  {"Content-Range": f"bytes */{exc.size}"})
+            if isinstance(exc, ImageUnavailable):
+                log.warning("%s %s: %s", source.kind, source.mj_id, exc.message)
+                return json_error(502, exc.message)
+            raise
         headers = {"Content-Type": stream.content_type, "ETag": stream.etag,
                    "Cache-Control": stream.cache_control, "X-Cache": "HIT" if stream.cached else "MISS",
                    **SAFE_HEADERS}
@@ -287,4 +327,5 @@ def install(app: bottle.Bottle, ctx: AppContext) -> None:
             headers["Content-Range"] = stream.content_range
         if stream.length is not None:
             headers["Content-Length"] = str(stream.length)
-        return bottle.HTTPResponse(StreamBody(stream), status=206 if stream.content_range else 200, headers=headers)
+        return bottle.HTTPResponse(StreamBody(stream, release), status=206 if stream.content_range else 200,
+                                   headers=headers)
