@@ -563,6 +563,18 @@ def _rss_mb() -> float:
         return next(int(line.split()[1]) for line in status if line.startswith("VmRSS:")) / 1024
 
 
+def unread_download(addr, path: str, token: str | None = None) -> socket.socket:
+    """A download whose answer has begun (its head is here) and that reads no further: a small receive
+    buffer, so the server's writes soon wait on it."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(addr)
+    sock.sendall(request("GET", path, token))
+    sock.settimeout(10)
+    assert sock.recv(12, socket.MSG_PEEK).startswith(b"HTTP/1.1 200")
+    return sock
+
+
 @pytest.mark.slow
 def test_clients_that_do_not_read_an_image_hold_a_slot_not_the_image_and_are_dropped(env):
     """Writes wait for the client: readers that take nothing of a 16 MB image cost their download slots (four
@@ -580,14 +592,7 @@ def test_clients_that_do_not_read_an_image_hold_a_slot_not_the_image_and_are_dro
     readers = []
     try:
         for _ in range(4):
-            sock = socket.socket()
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-            sock.connect(env.addr)
-            sock.sendall(request("GET", f"/mj/image/{mj_id}", env.tokens["alice"]))
-            readers.append(sock)
-        for sock in readers:  # each answer has begun (its head is here; the body is read no further)
-            sock.settimeout(10)
-            assert sock.recv(12, socket.MSG_PEEK).startswith(b"HTTP/1.1 200")
+            readers.append(unread_download(env.addr, f"/mj/image/{mj_id}", env.tokens["alice"]))
         wait_until(lambda: env.bridge.media_in_flight == 4, timeout=10, message="every reader holds its slot")
         grown = _rss_mb() - before
         assert grown < 32, f"{grown:.0f} MB held for 4 clients that read nothing of a 16 MB image"
@@ -627,14 +632,7 @@ def test_downloads_held_open_fill_the_download_slots_and_refuse_no_submission(en
     readers = []
     try:
         for _ in range(4):
-            sock = socket.socket()
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-            sock.connect(env.addr)
-            sock.sendall(request("GET", alice_link))
-            readers.append(sock)
-        for sock in readers:  # each answer has begun; nobody reads further
-            sock.settimeout(10)
-            assert sock.recv(12, socket.MSG_PEEK).startswith(b"HTTP/1.1 200")
+            readers.append(unread_download(env.addr, alice_link))
         wait_until(lambda: env.bridge.media_in_flight == 4, timeout=10, message="four downloads held open")
         refused = exchange(env.addr, request("GET", bob_link))
         assert refused.status == 429 and refused.json()["success"] is False, refused
@@ -671,13 +669,7 @@ def test_one_owners_downloads_are_capped_per_owner(tmp_path, new_store):
         readers = []
         try:
             for _ in range(2):
-                sock = socket.socket()
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-                sock.connect(env.addr)
-                sock.sendall(request("GET", alice_link))
-                sock.settimeout(10)
-                assert sock.recv(12, socket.MSG_PEEK).startswith(b"HTTP/1.1 200")
-                readers.append(sock)
+                readers.append(unread_download(env.addr, alice_link))
             for token in (None, env.tokens["alice"], env.tokens["bob"]):
                 refused = exchange(env.addr, request("GET", alice_link, token))
                 assert refused.status == 429 and refused.headers["retry-after"] == "1", refused
