@@ -10,6 +10,7 @@ process the same way.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -42,9 +43,10 @@ PROMPT = {"prompt": "a red fox in the snow"}
 # -- the server and the store ---------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def env(tmp_path, new_store):
-    settings = new_store(make_settings(tmp_path, **LIMITS))
+@contextlib.contextmanager
+def relay_env(tmp_path, new_store, **limits):
+    """A relay server and its simulator with LIMITS (changed by limits), and the users, for one test."""
+    settings = new_store(make_settings(tmp_path, **{**LIMITS, **limits}))
     relay = start_relay(settings, users=tuple((name, 10_000) for name in USERS), threads=32)
     host, port = relay.url.removeprefix("http://").rsplit(":", 1)
     try:
@@ -53,6 +55,12 @@ def env(tmp_path, new_store):
     finally:
         relay.server.stop()
         relay.sim.stop()
+
+
+@pytest.fixture
+def env(tmp_path, new_store):
+    with relay_env(tmp_path, new_store) as made:
+        yield made
 
 
 def store_state() -> tuple:
@@ -653,12 +661,7 @@ def test_one_owners_downloads_are_capped_per_owner(tmp_path, new_store):
     """With a share of 2 per owner (of 4): after answers that stream nothing (416, HEAD, 304), two downloads
     of alice's image held open, a third of hers is 429 with a JSON message and Retry-After, whoever asks;
     bob's image is served; once one leaves, alice's is served again."""
-    settings = new_store(make_settings(tmp_path, **{**LIMITS, "images__max_streams_per_user": 2}))
-    relay = start_relay(settings, users=tuple((name, 10_000) for name in USERS), threads=32)
-    host, port = relay.url.removeprefix("http://").rsplit(":", 1)
-    env = SimpleNamespace(relay=relay, url=relay.url, addr=(host, int(port)), tokens=relay.tokens,
-                          bridge=relay.server.bridge, sim=relay.sim.sim)
-    try:
+    with relay_env(tmp_path, new_store, images__max_streams_per_user=2) as env:
         env.sim.update({"image_bytes": 4_000_000})
         alice_link, bob_link = _finished_image_link(env, "alice"), _finished_image_link(env, "bob")
         # answers that end without a stream, or whose stream is dropped unread, give their place back
@@ -684,9 +687,6 @@ def test_one_owners_downloads_are_capped_per_owner(tmp_path, new_store):
             for sock in readers:
                 sock.close()
         wait_until(lambda: env.bridge.media_in_flight == 0, timeout=10, message="the slots came back")
-    finally:
-        relay.server.stop()
-        relay.sim.stop()
 
 
 # -- a real `mjctl serve` ----------------------------------------------------------------------------------

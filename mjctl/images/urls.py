@@ -194,7 +194,7 @@ class ImageSource:
             videos = video_list(task.video_url, task.video_urls)
             url = videos[video] if 0 <= video < len(videos) else ""
         return cls(mj_id=task.mj_id, url=url, final=task.status == "SUCCESS", task_id=task.id,
-                   channel=channel, channel_url=channel_url, video=video, owner=getattr(task, "user_id", None))
+                   channel=channel, channel_url=channel_url, video=video, owner=task.user_id)
 
     @classmethod
     def all_of(cls, task: Task) -> list[ImageSource]:

@@ -31,7 +31,8 @@ def overloaded(path: str) -> Answer:
 
 
 def make_bridge(settings: Settings, app=None, *, multiprocess: bool = False) -> WSGIBridge:
-    """The app (create_app(settings) unless given) behind the request limits and the two thread pools."""
+    """The app (create_app(settings) unless given) behind the request limits and the thread pools of
+    the upstream-bound routes, the image and video answers, and the rest."""
     from mjctl.httpserver import MEDIA_ROUTES, UPSTREAM_BOUND, Limits, WSGIBridge
 
     return WSGIBridge(app if app is not None else create_app(settings), Limits.from_settings(settings),

@@ -24,6 +24,7 @@ presigned link instead, so its bytes do not pass through mjctl.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import threading
@@ -305,19 +306,18 @@ def install(app: bottle.Bottle, ctx: AppContext) -> None:
         if owner is not None and not gate.acquire(owner):
             return json_error(429, f"Too many of this user's images and videos are being downloaded at once "
                                    f"(at most {gate.limit}); try again shortly.", {"Retry-After": "1"})
-        release = (lambda: gate.release(owner)) if owner is not None else None
-        try:
-            stream = fw.open(source, byte_range)
-        except BaseException as exc:
-            if release is not None:
-                release()
-            if isinstance(exc, RangeNotSatisfiable):
+        with contextlib.ExitStack() as place:  # the owner's place is given back here, unless a body takes it
+            if owner is not None:
+                place.callback(gate.release, owner)
+            try:
+                stream = fw.open(source, byte_range)
+            except RangeNotSatisfiable as exc:
                 return json_error(416, f"The range starts past the end of the image ({exc.size} bytes).",
                                   {"Content-Range": f"bytes */{exc.size}"})
-            if isinstance(exc, ImageUnavailable):
+            except ImageUnavailable as exc:
                 log.warning("%s %s: %s", source.kind, source.mj_id, exc.message)
                 return json_error(502, exc.message)
-            raise
+            body = StreamBody(stream, place.pop_all().close)
         headers = {"Content-Type": stream.content_type, "ETag": stream.etag,
                    "Cache-Control": stream.cache_control, "X-Cache": "HIT" if stream.cached else "MISS",
                    **SAFE_HEADERS}
@@ -327,5 +327,4 @@ def install(app: bottle.Bottle, ctx: AppContext) -> None:
             headers["Content-Range"] = stream.content_range
         if stream.length is not None:
             headers["Content-Length"] = str(stream.length)
-        return bottle.HTTPResponse(StreamBody(stream, release), status=206 if stream.content_range else 200,
-                                   headers=headers)
+        return bottle.HTTPResponse(body, status=206 if stream.content_range else 200, headers=headers)
