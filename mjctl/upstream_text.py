@@ -11,10 +11,11 @@ of the cleaners below first:
   ignored as malformed.
 - **status** must be one of :data:`STATUSES` (case-insensitive); another value makes the report malformed
   (ignored whole: a status mjctl does not know cannot be ranked, and guessing could finish or refund a
-  task wrongly). ``action`` must look like an action name or is dropped.
-- **texts** (``description``, ``failReason``, ``state``, ``prompt``, ``promptEn``, property values, button
-  labels) are cut to their cap, with ``…`` marking the cut; numbers become their text, other non-strings
-  are dropped; NUL and unpaired surrogates (which some databases refuse to store) are replaced.
+  task wrongly). What a task keeps from its submission (``action``, ``prompt``, ``state``, ``submitTime``)
+  is not read from a report, and not cleaned.
+- **texts** (``description``, ``failReason``, ``promptEn``, property values, button labels) are cut to
+  their cap, with ``…`` marking the cut; numbers become their text, other non-strings are dropped; NUL and
+  unpaired surrogates (which some databases refuse to store) are replaced.
 - **URLs** longer than :data:`MAX_URL_CHARS` are dropped rather than cut: a cut link would only fail later.
 - **secrets**: every channel secret this process has handed to an upstream client, and the server secret
   when known, is replaced by ``***`` wherever it appears — before the cut, so a cut cannot leave half of
@@ -44,11 +45,8 @@ MAX_ID_CHARS = 64  # Task.mj_id
 ID_RE = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 MAX_TEXT_CHARS = 2048  # description, failReason, a property value, a button label
 MAX_PROMPT_CHARS = 8192  # prompt and promptEn: the relay accepts prompts of 8000 characters, echoed back
-MAX_STATE_CHARS = 1024  # the caller's state, echoed (the relay accepts 1024)
 MAX_URL_CHARS = 2048
 MAX_PROGRESS_CHARS = 32
-MAX_ACTION_CHARS = 32  # Task.action
-ACTION_RE = re.compile(r"[A-Za-z0-9_]{1,32}")
 MAX_BUTTONS = 32
 MAX_CUSTOM_ID_CHARS = 256  # what a submission's customId may be, so a button can be pressed again
 MAX_VIDEO_URLS = 16
@@ -269,11 +267,12 @@ def _video_urls(value: Any) -> list[Any] | None:
     return out
 
 
-#: Report fields that are plain text, and their caps.
-_TEXT_FIELDS = (("description", MAX_TEXT_CHARS), ("failReason", MAX_TEXT_CHARS), ("state", MAX_STATE_CHARS),
-                ("prompt", MAX_PROMPT_CHARS), ("promptEn", MAX_PROMPT_CHARS))
+#: The report fields mjctl reads (what :func:`mjctl.reports.compute_changes` works out changes from), by kind.
+#: Not ``prompt``, ``state``, ``submitTime`` or ``action``: a task keeps what its submission gave them, and
+#: what an upstream echoes back is never read, so it is not cleaned either.
+_TEXT_FIELDS = (("description", MAX_TEXT_CHARS), ("failReason", MAX_TEXT_CHARS), ("promptEn", MAX_PROMPT_CHARS))
 _URL_FIELDS = ("imageUrl", "videoUrl")
-_TIME_FIELDS = ("submitTime", "startTime", "finishTime")
+_TIME_FIELDS = ("startTime", "finishTime")
 #: The text and URL fields in the order clean_report adds them, with their caps (a URL over its cap is
 #: dropped rather than cut, so only :func:`_clean_fields` handles one).
 _PLAIN_FIELDS = (*_TEXT_FIELDS, *((key, MAX_URL_CHARS) for key in _URL_FIELDS))
@@ -287,25 +286,27 @@ def clean_report(report: Any) -> dict[str, Any]:
     Most reports are already clean: every text within its cap, no NUL, no unpaired surrogate, no secret.
     :func:`_clean_plain` takes those with a walk that checks each field's type and size and one check of
     all their text together; a report with anything else in it is cleaned field by field
-    (:func:`_clean_fields`), and both give the same result for any report the first one takes."""
+    (:func:`_clean_fields`), and both give the same result for any report the first one takes. The poller
+    cleans every report of every answer that its memo does not hold, so the common case (an id of letters
+    and digits, a status already upper-case) is taken without a pattern match or a new string."""
     if not isinstance(report, dict):
         raise UpstreamTextError("a task report must be an object")
-    out: dict[str, Any] = {"id": task_id(report.get("id"))}
+    mj_id = report.get("id")
+    if not (type(mj_id) is str and len(mj_id) <= MAX_ID_CHARS and mj_id.isalnum() and mj_id.isascii()):
+        mj_id = task_id(mj_id)
+    out: dict[str, Any] = {"id": mj_id}
     status = report.get("status")
     if status is not None and status != "":
-        upper = status.upper() if isinstance(status, str) else None
+        upper = (status if status in STATUSES else status.upper()) if type(status) is str else None
         if upper not in STATUSES:
             raise UpstreamTextError(f"status {_show(str(status))} is not one of the protocol's")
         out["status"] = upper
-    action = report.get("action")
-    if isinstance(action, str) and ACTION_RE.fullmatch(action):
-        out["action"] = action.upper()
     if _clean_plain(report, out):
         return out
     return _clean_fields(report, {key: out[key] for key in _HEAD if key in out})
 
 
-_HEAD = ("id", "status", "action")
+_HEAD = ("id", "status")
 
 
 def _clean_plain(report: dict, out: dict[str, Any]) -> bool:
@@ -333,18 +334,18 @@ def _clean_plain(report: dict, out: dict[str, Any]) -> bool:
     if get("videoUrls") is not None:
         return False
     for key in _TIME_FIELDS:
-        if key in report:
-            value = report[key]
-            out[key] = value if value is None or (type(value) is int and 0 <= value <= MAX_TIME_MS) \
-                else clean_time(value)
-    if "buttons" in report:
-        value = report["buttons"]
-        if type(value) is list:
-            if value:
+        value = get(key)
+        if value is not None:
+            out[key] = value if type(value) is int and 0 <= value <= MAX_TIME_MS else clean_time(value)
+    value = get("buttons")
+    if value is not None:
+        if type(value) is not list:
+            if isinstance(value, list):
                 return False
-            out["buttons"] = []
-        elif isinstance(value, list):
+        elif value:
             return False
+        else:
+            out["buttons"] = []
     value = get("properties")
     if isinstance(value, dict):
         properties = _plain_properties(value, texts)
@@ -417,7 +418,7 @@ def _clean_fields(report: dict, out: dict[str, Any]) -> dict[str, Any]:
         if urls is not None:
             out["videoUrls"] = urls
     for key in _TIME_FIELDS:
-        if key in report:
+        if report.get(key) is not None:
             out[key] = clean_time(report[key])
     if "buttons" in report:
         buttons = clean_buttons(report["buttons"])

@@ -34,9 +34,6 @@ def _field_by_field(report: dict) -> dict:
     head = {"id": upstream_text.task_id(report.get("id"))}
     if report.get("status"):
         head["status"] = report["status"].upper()
-    action = report.get("action")
-    if isinstance(action, str) and upstream_text.ACTION_RE.fullmatch(action):
-        head["action"] = action.upper()
     return upstream_text._clean_fields(report, head)
 
 
@@ -55,7 +52,9 @@ def test_a_clean_report_takes_the_quick_walk_and_loses_only_what_is_never_kept(q
                                      "flags": 0, "ratio": 1.5, "nsfw": False}
     assert (cleaned["status"], cleaned["progress"], cleaned["description"], cleaned["buttons"]) == (
         "IN_PROGRESS", "46%", "Submit success", [])
-    assert "state" not in cleaned and cleaned["finishTime"] is None
+    assert cleaned["startTime"] == 1730000001000
+    # What a task keeps from its submission is not read from a report; a time given as null is left out.
+    assert not {"action", "prompt", "state", "submitTime", "finishTime"} & cleaned.keys()
     chinese = upstream_text.clean_report(_plain_report(description="提交成功", failReason="任务超时"))
     assert (chinese["description"], chinese["failReason"]) == ("提交成功", "任务超时")
 
@@ -133,3 +132,23 @@ def test_what_the_cleaning_makes_of_hostile_values():
         clean(_plain_report(id="../../etc/passwd"))
     with pytest.raises(upstream_text.UpstreamTextError):
         clean(_plain_report(status="DONE"))
+
+
+@pytest.mark.parametrize("value", ["任务1", "１２３", "a/b", "", "x" * 65, "1 2", "1\n", True, None, 1.5, ["1"]],
+                         ids=["CJK", "full-width digits", "slash", "empty", "too long", "space", "newline",
+                              "boolean", "null", "fraction", "list"])
+def test_a_report_whose_id_is_not_a_task_id_is_refused(value):
+    with pytest.raises(upstream_text.UpstreamTextError):
+        upstream_text.clean_report(_plain_report(id=value))
+
+
+def test_ids_and_statuses_as_upstreams_send_them():
+    clean = upstream_text.clean_report
+    assert clean(_plain_report(id=1730000000123))["id"] == "1730000000123"
+    assert clean(_plain_report(id="job-1.a:b_c"))["id"] == "job-1.a:b_c"
+    assert clean(_plain_report(id="x" * 64))["id"] == "x" * 64
+    assert clean(_plain_report(status="success"))["status"] == "SUCCESS"
+    assert "status" not in clean(_plain_report(status=""))
+    for status in ("DONE", "SUCCES", 3, ["SUCCESS"], {"s": 1}):
+        with pytest.raises(upstream_text.UpstreamTextError, match="status"):
+            clean(_plain_report(status=status))
