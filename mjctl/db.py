@@ -18,6 +18,7 @@ import contextlib
 import logging
 import math
 import random
+import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -194,6 +195,13 @@ def pool_size(settings: Settings | None) -> int:
 def is_sqlite(db: peewee.Database | None = None) -> bool:
     target = db if db is not None else database.obj
     return isinstance(target, peewee.SqliteDatabase)
+
+
+def sqlite_json_reads() -> bool:
+    """Whether the store is SQLite with JSON built in (3.38 and later): a hot read of many rows can then be
+    one value, built in one step (see mjctl.reports), instead of a step per row, each of which lets Python's
+    interpreter lock go to another thread and waits to get it back."""
+    return is_sqlite() and sqlite3.sqlite_version_info >= (3, 38)
 
 
 def write_tx():

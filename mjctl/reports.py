@@ -38,7 +38,7 @@ import peewee
 
 from mjctl import accounts, jsontext, upstream_text
 from mjctl.crypto import same
-from mjctl.db import compiled, database, is_sqlite, write_tx
+from mjctl.db import compiled, database, is_sqlite, sqlite_json_reads, write_tx
 from mjctl.models import FINISHED_STATUSES, PendingSubmission, Task, User
 from mjctl.tasks import normalize_seconds
 
@@ -114,11 +114,6 @@ def _percent(progress: str | None) -> int | None:
         return None
 
 
-def _seconds(value: Any) -> int:
-    """An upstream time (a cleaned report's epoch milliseconds or seconds, or None) in seconds, 0 when unknown."""
-    return normalize_seconds(int(value)) if value else 0
-
-
 def _video_urls(value: Any) -> str:
     if not value:
         return ""
@@ -148,25 +143,27 @@ def compute_changes(task: TaskState, report: dict) -> tuple[dict, list[str]]:
     calls it for every unfinished task in every cycle.
     """
     notes: list[str] = []
-    old_status = task.status
-    reported_status = _reported_status(report) or old_status
-    status = old_status
-    if reported_status != old_status:
-        if _rank(reported_status) >= _rank(old_status):
-            status = reported_status
-        else:
-            notes.append(f"status {old_status}->{reported_status} refused")
+    get = report.get
+    old_status = status = task.status
+    reported = get("status")
+    if reported and reported != old_status:  # a cleaned report's status is upper-case already
+        reported = _reported_status(report)
+        if reported != old_status:
+            if _rank(reported) >= _rank(old_status):
+                status = reported
+            else:
+                notes.append(f"status {old_status}->{reported} refused")
     changes: dict[str, Any] = {}
     if status != old_status:
         changes["status"] = status
 
     old_progress = task.progress
-    new_progress = report.get("progress")
+    new_progress = get("progress")
     if status == "SUCCESS":
         progress = "100%"
     elif status in FINISHED_STATUSES:
         progress = "" if new_progress is None else str(new_progress)
-    elif new_progress is None or new_progress == "":
+    elif new_progress is None or new_progress == "" or new_progress == old_progress:
         progress = old_progress
     else:
         progress = str(new_progress)[:32]
@@ -178,7 +175,6 @@ def compute_changes(task: TaskState, report: dict) -> tuple[dict, list[str]]:
     if progress != old_progress:
         changes["progress"] = progress
 
-    get = report.get
     for name, key, index in _SIMPLE_FIELDS:
         value = get(key)
         if value is not None:
@@ -201,7 +197,7 @@ def compute_changes(task: TaskState, report: dict) -> tuple[dict, list[str]]:
     for name, key, index in _TIME_FIELDS:
         value = get(key)
         if value:
-            seconds = _seconds(value)
+            seconds = normalize_seconds(int(value))
             if seconds and seconds != task[index]:
                 changes[name] = seconds
     if status in FINISHED_STATUSES:
@@ -550,7 +546,7 @@ def _read_states_by_mj_id(channel_id: int, mj_ids: list[str]) -> list[TaskState]
     """The channel's tasks among mj_ids. The query names only mj_id, so every database seeks the mj_id
     index (with the channel in the WHERE clause SQLite prefers (channel_id, id) and scans the channel's
     every task, finished ones included); the rare same id on another channel is dropped here."""
-    if _json_reads():
+    if sqlite_json_reads():
         try:
             return _read_states_as_json(channel_id, mj_ids)
         except peewee.OperationalError as exc:  # a value JSON cannot hold (a BLOB put in by hand)
@@ -560,10 +556,6 @@ def _read_states_by_mj_id(channel_id: int, mj_ids: list[str]) -> list[TaskState]
                            list(mj_ids))
     rows = database.execute_sql(sql, params).fetchall()
     return [TaskState._make(r[:_CHANNEL]) for r in rows if r[_CHANNEL] == channel_id]
-
-
-def _json_reads() -> bool:
-    return is_sqlite() and sqlite3.sqlite_version_info >= (3, 38)  # JSON built in from 3.38
 
 
 #: The state columns that hold floats: JSON would render them with 15 digits, quote() with all of them.
@@ -601,7 +593,7 @@ def unremembered_states(channel_id: int) -> dict[str, TaskState] | None:
     """The channel's unfinished tasks whose memo does not hold, by mj_id: the rows a poll cycle will work out,
     read in one step (SQLite with JSON, as :func:`_read_states_as_json`); None where that read is not to be
     had (another database, an older SQLite, a value JSON cannot hold)."""
-    if not _json_reads():
+    if not sqlite_json_reads():
         return None
     key = ("json_unremembered", type(database.obj).__name__)
     sql = _sql_text_cache.get(key)

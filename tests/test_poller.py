@@ -285,8 +285,8 @@ def test_a_cycle_spaces_young_collections_out_and_restores_the_thresholds_even_a
 
 
 def test_on_sqlite_every_write_of_a_cycle_goes_through_one_connection(store, monkeypatch):
-    """Workers fetch in parallel; their answers are written by one store thread, each channel's before its
-    claim is released, and a write that fails is that channel's fault alone."""
+    """Workers fetch in parallel; their answers and their claims are written by one store thread, each
+    channel's answers before its claim is released, and a write that fails is that channel's fault alone."""
     from mjctl import accounts, reports
     from mjctl.claims import Claims
     from mjctl.poller import poll_once
@@ -296,7 +296,7 @@ def test_on_sqlite_every_write_of_a_cycle_goes_through_one_connection(store, mon
     tasks = {c.id: submit_charged(user.id, c.id, [f"{c.id}00{n}" for n in range(6)]) for c in channels}
     broken = channels[3].id
     events: list[tuple[str, int, int]] = []
-    apply_reports, release = reports.apply_reports, Claims.release
+    apply_reports, release, claim_next = reports.apply_reports, Claims.release, Claims.claim_next
 
     def recorded_apply(channel_id, answer, **kwargs):
         events.append(("write", channel_id, threading.get_ident()))
@@ -308,21 +308,26 @@ def test_on_sqlite_every_write_of_a_cycle_goes_through_one_connection(store, mon
         events.append(("release", channel_id, threading.get_ident()))
         return release(self, channel_id)
 
+    def recorded_claim(self, channel_ids):
+        channel_id = claim_next(self, channel_ids)
+        events.append(("claim", channel_id or 0, threading.get_ident()))
+        return channel_id
+
     monkeypatch.setattr(reports, "apply_reports", recorded_apply)
     monkeypatch.setattr(Claims, "release", recorded_release)
+    monkeypatch.setattr(Claims, "claim_next", recorded_claim)
     transport = httpx.MockTransport(lambda r: httpx.Response(200, json=[
         {"id": mj_id, "status": "IN_PROGRESS", "progress": "40%"} for mj_id in json.loads(r.content)["ids"]]))
     store.poller = replace(store.poller, concurrency=4, batch_size=2)
     summary = poll_once(store, transport=transport)
 
-    writers = {ident for kind, _, ident in events if kind == "write"}
-    releasers = {ident for kind, _, ident in events if kind == "release"}
-    assert len(writers) == 1 and not writers & (releasers | {threading.get_ident()})
+    writers = {ident for _, _, ident in events}  # answers, claims taken and claims given back
+    assert len(writers) == 1 and threading.get_ident() not in writers
     for channel in channels:
         mine = [kind for kind, cid, _ in events if cid == channel.id]
         # the broken channel stops at its first failed write, with at most the batches handed over by then
-        assert mine[-1] == "release" and (1 <= mine.count("write") <= 3 if channel.id == broken
-                                          else mine.count("write") == 3), mine
+        assert mine[0] == "claim" and mine[-1] == "release" and (
+            1 <= mine.count("write") <= 3 if channel.id == broken else mine.count("write") == 3), mine
     assert summary.faults["error_RuntimeError"] == 1 and summary.updated == 18
     for channel in channels:
         progress = {t.progress for t in _tasks(tasks[channel.id]).values()}

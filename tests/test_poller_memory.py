@@ -347,3 +347,32 @@ def test_the_memo_columns_and_trigger_come_with_migration_8(any_store):
     assert time.time() + 1 > Task.get_by_id(task.id).updated_at > time.time() - 60
     database.execute_sql(f"UPDATE task SET updated_at = 200 WHERE id = {task.id}")
     assert Task.get_by_id(task.id).updated_at == 200.0  # a writer that sets it is taken at its word
+
+
+def test_the_claim_time_read_is_the_same_in_one_step_as_row_by_row(store, monkeypatch):
+    """On SQLite with JSON a channel's unfinished tasks are read as one value: the same tasks, in id order,
+    with the same start of their timeout and the same memo (held only at the row's exact version)."""
+    from mjctl import poller
+    from mjctl.models import Task
+
+    version = 1_700_000_000.123456
+    rows = [  # (mj_id, submit_time, updated_at, memo_digest, memo_version, channel_id, unfinished)
+        ("held", 1_700_000_000, version, "d1", version, 1, 1),
+        ("moved since", 1_700_000_001, version, "d2", version - 0.000001, 1, 1),
+        ("no memo", 1_700_000_002, version, "", 0.0, 1, 1),
+        ("no submit time", 0, 1_700_000_123.9, "d3", 1_700_000_123.9, 1, 1),
+        ("", 1_700_000_003, version, "", 0.0, 1, 1),
+        ("finished", 1_700_000_004, version, "d4", version, 1, 0),
+        ("other channel", 1_700_000_005, version, "d5", version, 2, 1),
+    ]
+    for mj_id, submit_time, updated_at, digest, memo_version, channel_id, unfinished in reversed(rows):
+        Task.create(user_id=1, channel_id=channel_id, mj_id=mj_id, status="SUBMITTED", submit_time=submit_time,
+                    unfinished=unfinished, updated_at=updated_at, memo_digest=digest, memo_version=memo_version)
+    one_step = poller._unfinished_of(1)
+    monkeypatch.setattr(poller, "sqlite_json_reads", lambda: False)
+    row_by_row = poller._unfinished_of(1)
+    assert one_step == row_by_row
+    assert [(p.mj_id, p.since, p.memo) for p in one_step] == [
+        ("", 1_700_000_003, ""), ("no submit time", 1_700_000_123, "d3"), ("no memo", 1_700_000_002, ""),
+        ("moved since", 1_700_000_001, ""), ("held", 1_700_000_000, "d1")]
+    assert [p.id for p in one_step] == sorted(p.id for p in one_step)
