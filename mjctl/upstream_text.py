@@ -372,13 +372,14 @@ def _plain_properties(value: dict, texts: list[str]) -> dict[str, Any] | None:
     over their caps or over the budget, numbers a column cannot hold, empty keys."""
     if type(value) is not dict or len(value) > MAX_PROPERTY_ENTRIES:
         return None
-    out: dict[str, Any] = {}
+    out = value.copy()
+    for key in DROPPED_KEYS:
+        out.pop(key, None)
     used = 0
-    for key, item in value.items():
-        if key in DROPPED_KEYS:
-            continue
+    for key, item in out.items():
         if type(key) is not str or not 0 < len(key) <= MAX_PROPERTY_KEY_CHARS:
             return None
+        used += len(key)
         kind = type(item)
         if kind is str:
             if len(item) > MAX_PROMPT_CHARS:
@@ -390,9 +391,7 @@ def _plain_properties(value: dict, texts: list[str]) -> dict[str, Any] | None:
                 return None
         elif item is not None and kind is not bool:
             return None
-        used += len(key)
-        texts.append(key)
-        out[key] = item
+    texts.extend(out)
     return out if used < MAX_PROPERTIES_CHARS else None
 
 
