@@ -32,6 +32,7 @@ import sqlite3
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from itertools import chain
 from typing import Any, NamedTuple
 
 import peewee
@@ -372,7 +373,7 @@ def _write(planned: list[_Planned], reread: bool) -> ApplyStats:
         if row is None:
             stats.unknown += 1
             continue
-        if row != seen:
+        if row is not seen and row != seen:
             changes, whole = _changes_for(row, report, ApplyStats())
             digest = digest if whole else ""
         if not changes:
@@ -382,7 +383,8 @@ def _write(planned: list[_Planned], reread: bool) -> ApplyStats:
         if digest:  # the same report against the version written now changes nothing again
             changes["memo_digest"] = digest
             changes["memo_version"] = now
-        refund = _refund_of(row, changes) if changes.get("unfinished") == 0 else 0
+        finishing = changes.get("unfinished") == 0
+        refund = _refund_of(row, changes) if finishing else 0
         if refund:
             changes["quota"] = 0
             refunds.append((row, changes, refund))
@@ -391,7 +393,9 @@ def _write(planned: list[_Planned], reread: bool) -> ApplyStats:
         if params is None:
             params = groups[columns] = []
         params.append((*changes.values(), now, row.id, row.updated_at, row.status, row.progress, row.quota))
-        _count(stats, row, changes, refund)
+        stats.updated += 1
+        if finishing:
+            _count_finished(stats, row, changes, refund)
     for columns, params in groups.items():
         _update_rows(columns, params)
     for row, changes, refund in refunds:
@@ -403,10 +407,7 @@ def _write(planned: list[_Planned], reread: bool) -> ApplyStats:
     return stats
 
 
-def _count(stats: ApplyStats, row: TaskState, changes: dict, refund: int) -> None:
-    stats.updated += 1
-    if changes.get("unfinished") != 0:
-        return
+def _count_finished(stats: ApplyStats, row: TaskState, changes: dict, refund: int) -> None:
     stats.finished += 1
     status = changes.get("status", row.status)
     if status == "SUCCESS":
@@ -479,7 +480,7 @@ def _joined(sets: tuple[str, ...], where: tuple[str, ...], params: list[tuple], 
     cursor, updated = database.cursor(), 0
     for start in range(0, len(params), JOINED_ROWS):
         chunk = params[start:start + JOINED_ROWS]
-        cursor.execute(_joined_sql(sets, where, also, len(chunk)), [value for row in chunk for value in row])
+        cursor.execute(_joined_sql(sets, where, also, len(chunk)), list(chain.from_iterable(chunk)))
         updated += cursor.rowcount
     return updated
 
