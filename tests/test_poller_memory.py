@@ -376,3 +376,15 @@ def test_the_claim_time_read_is_the_same_in_one_step_as_row_by_row(store, monkey
         ("", 1_700_000_003, ""), ("no submit time", 1_700_000_123, "d3"), ("no memo", 1_700_000_002, ""),
         ("moved since", 1_700_000_001, ""), ("held", 1_700_000_000, "d1")]
     assert [p.id for p in one_step] == sorted(p.id for p in one_step)
+
+
+def test_a_row_json_cannot_hold_is_read_row_by_row(store):
+    """A value put in by hand that JSON cannot hold (a BLOB) sends the claim-time read back to row by row."""
+    from mjctl import poller
+    from mjctl.db import database
+    from mjctl.models import Task
+
+    task = Task.create(user_id=1, channel_id=1, mj_id="blob", status="SUBMITTED", submit_time=1_700_000_000)
+    database.execute_sql("UPDATE task SET memo_digest = x'00ff', memo_version = updated_at WHERE id = ?",
+                         [task.id])
+    assert [(p.id, p.mj_id, p.since) for p in poller._unfinished_of(1)] == [(task.id, "blob", 1_700_000_000)]
