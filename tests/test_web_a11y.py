@@ -99,7 +99,8 @@ def test_a_video_task_plays_in_the_lightbox(screen_page, site):
     expect(by(page, "lightbox-link")).to_have_attribute("href", site.video("video-2"))
     page.keyboard.press("Escape")
     expect(by(page, "lightbox")).to_be_hidden()
-    assert video.evaluate("v => v.getAttribute('src')") is None  # closing stops and unloads it
+    # Closing stops and unloads it, in the dialog's close event (dispatched just after the dialog is hidden).
+    wait_until(lambda: video.evaluate("v => v.getAttribute('src')") is None, message="the video unloaded")
     row(page, "video-3").get_by_test_id("thumbnail").click()  # a video without a still: a play button
     expect(video).to_be_visible()
     wait_until(lambda: video.evaluate("v => v.readyState") >= 1, message="the second video's metadata")
