@@ -29,6 +29,7 @@ from urllib.parse import urlparse
 import peewee
 from playhouse.pool import PooledMySQLDatabase
 
+from mjctl import jsontext
 from mjctl.config import DatabaseSettings, PollerSettings, ServerSettings, Settings, redact_url
 from mjctl.errors import ConfigError, DatabaseUnavailable, first_line
 from mjctl.migrations import MIGRATIONS as MIGRATIONS  # re-exported: the steps and their registration
@@ -202,6 +203,14 @@ def sqlite_json_reads() -> bool:
     one value, built in one step (see mjctl.reports), instead of a step per row, each of which lets Python's
     interpreter lock go to another thread and waits to get it back."""
     return is_sqlite() and sqlite3.sqlite_version_info >= (3, 38)
+
+
+def json_rows(sql: str, params: list) -> list:
+    """The rows of a one-step read (``SELECT json_group_array(json_array(…)) …``), parsed: a list of lists.
+    Raises peewee.OperationalError when a row holds what JSON cannot (a BLOB put in by hand); the callers
+    then read row by row."""
+    (text,), = database.execute_sql(sql, params).fetchall()
+    return jsontext.loads(text)
 
 
 def write_tx():

@@ -61,6 +61,7 @@ from mjctl.db import (
     database,
     end_unit_of_work,
     is_sqlite,
+    json_rows,
     retry_transaction,
     sqlite_json_reads,
 )
@@ -207,8 +208,7 @@ def _unfinished_as_json(channel_id: int) -> list[_Pending]:
            'CAST(COALESCE(NULLIF("submit_time", 0), "updated_at", 0) AS INTEGER), '
            'CASE WHEN "memo_version" = "updated_at" THEN COALESCE("memo_digest", \'\') ELSE \'\' END)) '
            f'FROM "{Task._meta.table_name}" WHERE "unfinished" = 1 AND "channel_id" = ?')
-    (text,), = database.execute_sql(sql, [channel_id]).fetchall()  # one step: the workers read side by side
-    rows = orjson.loads(text)
+    rows = json_rows(sql, [channel_id])  # one step: the workers read side by side
     rows.sort()  # by id, as the rows come in the (unfinished, channel_id) index's order anyway
     return [_Pending._make(row) for row in rows]
 

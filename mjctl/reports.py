@@ -39,7 +39,7 @@ import peewee
 
 from mjctl import accounts, jsontext, upstream_text
 from mjctl.crypto import same
-from mjctl.db import compiled, database, is_sqlite, sqlite_json_reads, write_tx
+from mjctl.db import compiled, database, is_sqlite, json_rows, sqlite_json_reads, write_tx
 from mjctl.models import FINISHED_STATUSES, PendingSubmission, Task, User
 from mjctl.tasks import normalize_seconds
 
@@ -579,15 +579,7 @@ def _read_states_as_json(channel_id: int, mj_ids: list[str]) -> list[TaskState]:
         sql = _sql_text_cache[key] = (
             f"SELECT json_group_array(json_array({values}, {_quoted('channel_id')})) FROM {table} "
             f"WHERE {_quoted('mj_id')} IN ({', '.join(['?'] * len(mj_ids))})")
-    (text,), = database.execute_sql(sql, mj_ids).fetchall()
-    rows = []
-    for row in jsontext.loads(text):
-        if row.pop() != channel_id:
-            continue
-        for i in _FLOAT_STATE:
-            row[i] = float(row[i])
-        rows.append(TaskState._make(row))
-    return rows
+    return [_state_of_json(row) for row in json_rows(sql, mj_ids) if row.pop() == channel_id]
 
 
 def unremembered_states(channel_id: int) -> dict[str, TaskState] | None:
@@ -607,17 +599,18 @@ def unremembered_states(channel_id: int) -> dict[str, TaskState] | None:
             f"WHERE {q('unfinished')} = 1 AND {q('channel_id')} = ? "
             f"AND NOT ({q('memo_version')} = {q('updated_at')} AND {q('memo_digest')} <> '')")
     try:
-        (text,), = database.execute_sql(sql, [channel_id]).fetchall()
+        rows = json_rows(sql, [channel_id])
     except peewee.OperationalError as exc:
         log.debug("channel %s: rows read batch by batch: %s", channel_id, exc)
         return None
-    states = {}
-    for row in jsontext.loads(text):
-        for i in _FLOAT_STATE:
-            row[i] = float(row[i])
-        state = TaskState._make(row)
-        states[state.mj_id] = state
-    return states
+    return {state.mj_id: state for state in map(_state_of_json, rows)}
+
+
+def _state_of_json(row: list) -> TaskState:
+    """A row of a one-step read as a TaskState: its floats back from quote()'s text, every digit kept."""
+    for i in _FLOAT_STATE:
+        row[i] = float(row[i])
+    return TaskState._make(row)
 
 
 def _read_states_by_id(ids: list[int], *, lock: bool,
