@@ -242,11 +242,16 @@ def _with_db_retries(what: str, fn: Callable[[], reports.ApplyStats], summary: C
     return retry_transaction(fn, attempts=DB_ATTEMPTS, what=what, on_conflict=count)
 
 
+_BLAKE2B_128 = hashlib.blake2b(digest_size=16)  # never updated: only copied
+
+
 def report_digest(report: dict) -> str:
     """The memo digest of a report as the upstream sent it (128 bits of BLAKE2b over its JSON; key order
     counts, so a reordered report is only a miss), or "" when it has no JSON form: never remembered."""
     try:
-        return hashlib.blake2b(orjson.dumps(report), digest_size=16).hexdigest()
+        digest = _BLAKE2B_128.copy()  # a copy of one made once: cheaper than passing the size each time
+        digest.update(orjson.dumps(report))
+        return digest.hexdigest()
     except TypeError:  # orjson.JSONEncodeError: nesting deeper than orjson writes, an integer beyond 64 bits
         return ""
 

@@ -87,7 +87,6 @@ class TaskState(NamedTuple):
     progress: str
     prompt_en: str
     description: str
-    state: str
     image_url: str
     video_url: str
     video_urls: str
@@ -217,8 +216,13 @@ LOCAL_PROPERTIES = ("notifyHook", "speedPrefix")
 
 def _merged_properties(stored: str, reported: dict) -> str | None:
     """The stored properties updated with the reported ones (mjctl's own keys kept); None when unchanged."""
+    if not stored:  # a task's first report: nothing of mjctl's own to keep
+        merged = reported.copy()
+        for key in LOCAL_PROPERTIES:
+            merged.pop(key, None)
+        return jsontext.dumps(merged) if merged else None
     try:
-        current = jsontext.loads(stored) if stored else {}
+        current = jsontext.loads(stored)
     except ValueError:
         current = {}
     if not isinstance(current, dict):
@@ -561,6 +565,8 @@ def _read_states_by_mj_id(channel_id: int, mj_ids: list[str]) -> list[TaskState]
 
 #: The state columns that hold floats: JSON would render them with 15 digits, quote() with all of them.
 _FLOAT_STATE = frozenset(i for i, c in enumerate(_STATE_COLUMNS) if isinstance(c, peewee.FloatField))
+_VERSION = TaskState._fields.index("updated_at")
+assert _FLOAT_STATE == {_VERSION}, "_state_of_json converts the row version only"
 
 
 def _read_states_as_json(channel_id: int, mj_ids: list[str]) -> list[TaskState]:
@@ -607,10 +613,13 @@ def unremembered_states(channel_id: int) -> dict[str, TaskState] | None:
 
 
 def _state_of_json(row: list) -> TaskState:
-    """A row of a one-step read as a TaskState: its floats back from quote()'s text, every digit kept."""
-    for i in _FLOAT_STATE:
-        row[i] = float(row[i])
-    return TaskState._make(row)
+    """A row of a one-step read as a TaskState: its float (the version) back from quote()'s text, every
+    digit kept."""
+    row[_VERSION] = float(row[_VERSION])
+    return _make_state(row)
+
+
+_make_state = TaskState._make
 
 
 def _read_states_by_id(ids: list[int], *, lock: bool,
@@ -678,7 +687,7 @@ def apply_reports(channel_id: int, reports: Iterable[dict], *, scope: PushScope 
         return [(found.get(mj_id), report) for mj_id, report in by_id.items()]
 
     first_read = None
-    if known and scope is None and all(mj_id in known for mj_id in by_id):
+    if known and scope is None and known.keys() >= by_id.keys():
         def first_read() -> list[tuple[TaskState | None, dict]]:  # rows read earlier: see known
             return [(known[mj_id], report) for mj_id, report in by_id.items()]
 
