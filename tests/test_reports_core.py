@@ -248,6 +248,20 @@ def test_reports_merge_properties_and_keep_mjctls_own(store):
     assert unchanged.updated == 0
 
 
+
+def test_a_first_report_never_brings_mjctls_own_properties(store):
+    """On a task with no properties yet, the upstream's echo of mjctl's own keys is not stored as the
+    task's: a report holding nothing else changes nothing."""
+    user, _ = accounts.create_user("alice", quota=1000)
+    task = charged_task(user)
+    assert Task.get_by_id(task.id).properties == ""
+    only_ours = reports.apply_report(1, {"id": task.mj_id, "properties": {
+        "notifyHook": "https://mjctl/mj/notify/1?sig=x", "speedPrefix": "/mj-relax"}})
+    assert only_ours.updated == 0 and Task.get_by_id(task.id).properties == ""
+    reports.apply_report(1, {"id": task.mj_id, "properties": {
+        "speedPrefix": "/mj-relax", "finalPrompt": "a cat --v 6", "flags": 0}})
+    assert Task.get_by_id(task.id).properties_dict() == {"finalPrompt": "a cat --v 6", "flags": 0}
+
 def test_json_text_takes_what_only_json_takes():
     """mjctl.jsontext uses orjson and falls back to json: NaN in stored text, integers beyond 64 bits."""
     import math
