@@ -19,7 +19,9 @@
    Also the CPU of cleaning the cycle's reports (`upstream_text.clean_report`) as it is, against the field
    by field cleaning that a report with anything unusual in it still takes.
 5. `mjctl poll --json` as a whole process over the same store, against `python -c "import httpx"`: the
-   process start-up, reported apart from the cycle.
+   process start-up, reported apart from the cycle. Then first cycles run by `mjctl poll` processes on
+   fresh stores: one, against two started together that split the channels through their claims (what
+   a machine with cores to spare gains by running two from cron).
 6. The idle cycle on a seeded store of --idle-tasks finished tasks (bench/seed.py): median of 200.
 7. Work sharing: one round of 1 and of 3 pollers started at once over the same unfinished tasks
    (`run_pollers`, also used by bench/scale.py): upstream requests, which must not grow with the pollers.
@@ -249,13 +251,8 @@ def run_pollers(n_pollers: int, *, tasks: int = 10_000, channels: int = 4, batch
 def process_start(settings, args, workdir: Path) -> dict:
     """`mjctl poll --json` as cron runs it (a whole process, best of 3) over the store just polled, and the
     floor of any Python process that talks HTTP, `python -c "import httpx"` (best of 3)."""
-    # Bytecode is cached as an installed package's is (PYTHONDONTWRITEBYTECODE would compile every module in
-    # every run); the best of 3 runs is kept.
-    env = {name: value for name, value in os.environ.items() if name != "PYTHONDONTWRITEBYTECODE"}
-    env |= {"MJCTL_DATABASE_URL": settings.database_url(), "MJCTL_SERVER_SECRET": "bench-secret",
-            "MJCTL_POLLER_BATCH_SIZE": str(args.batch_size), "MJCTL_POLLER_CONCURRENCY": str(args.channels),
-            "MJCTL_POLLER_TASK_TIMEOUT": "86400", "MJCTL_LOG_LEVEL": "warning",
-            "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    # The best of 3 runs is kept.
+    env = poll_env(settings, args, args.channels)
 
     def best(command: list[str]) -> tuple[float, str]:
         runs = []
@@ -272,6 +269,42 @@ def process_start(settings, args, workdir: Path) -> dict:
     bare, _ = best([sys.executable, "-c", "import httpx"])
     return {"process_ms": round(process * 1000, 1), "import_httpx_ms": round(bare * 1000, 1),
             "process_cycle_ms": summary["duration_ms"], "process_skipped": summary["skipped"]}
+
+
+def poll_env(settings, args, concurrency: int) -> dict:
+    """The environment of a `mjctl poll` process over settings' store, as cron would run it."""
+    # Bytecode is cached as an installed package's is (PYTHONDONTWRITEBYTECODE would compile every module in
+    # every run).
+    env = {name: value for name, value in os.environ.items() if name != "PYTHONDONTWRITEBYTECODE"}
+    return env | {"MJCTL_DATABASE_URL": settings.database_url(), "MJCTL_SERVER_SECRET": "bench-secret",
+                  "MJCTL_POLLER_BATCH_SIZE": str(args.batch_size), "MJCTL_POLLER_CONCURRENCY": str(concurrency),
+                  "MJCTL_POLLER_TASK_TIMEOUT": "86400", "MJCTL_LOG_LEVEL": "warning",
+                  "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+
+
+def first_in_processes(fresh_store, args, workdir: Path, rounds: int = 3) -> dict:
+    """First cycles run by `mjctl poll --json` processes, each on a fresh store: one process with
+    --channels workers, against two started together with half the workers each, which split the channels
+    through their claims (each process has its own interpreter lock). Alternated; a round's time runs from
+    the first cycle's start to the last one's end, by the processes' own summaries (start-up apart)."""
+    times: dict[int, list[float]] = {1: [], 2: []}
+    for k in range(rounds):
+        for n in (1, 2) if k % 2 == 0 else (2, 1):
+            settings = fresh_store(f"processes{k}-{n}")
+            env = poll_env(settings, args, max(1, args.channels // n))
+            procs = [subprocess.Popen([sys.executable, "-m", "mjctl", "poll", "--json"], env=env, cwd=workdir,
+                                      stdout=subprocess.PIPE, text=True) for _ in range(n)]
+            summaries = [json.loads(proc.communicate(timeout=120)[0]) for proc in procs]
+            assert sum(s["updated"] for s in summaries) == args.tasks, summaries
+            ran = [s for s in summaries if s["ran"]]
+            times[n].append(max(s["started_at"] + s["duration_ms"] / 1000 for s in ran)
+                            - min(s["started_at"] for s in ran))
+            from mjctl.db import unbind
+
+            unbind()
+    return {"first_one_process_ms": round(min(times[1]) * 1000, 1),
+            "first_two_processes_ms": round(min(times[2]) * 1000, 1),
+            "first_processes_rounds": rounds}
 
 
 def main() -> None:
@@ -373,6 +406,7 @@ def main() -> None:
         unbind()
         results.update(cleaning_cpu(url, ids_by_channel, args.batch_size))
         results.update(process_start(settings, args, workdir))
+        results.update(first_in_processes(fresh_store, args, workdir))
 
         # The idle cycle on a million finished tasks.
         from bench.seed import seed
@@ -406,6 +440,10 @@ def main() -> None:
           f"which its cycle {results['process_cycle_ms']:.0f} ms (by its summary; lazy imports and TLS set-up "
           f"included): start-up and exit {results['process_ms'] - results['process_cycle_ms']:.0f} ms, against "
           f"{results['import_httpx_ms']} ms for `python -c \"import httpx\"`")
+    print(f"first cycle as `mjctl poll` processes (best of {results['first_processes_rounds']}, alternated, from the "
+          f"first cycle's start to the last one's end): one with {results['channels']} workers "
+          f"{results['first_one_process_ms']} ms; two started together with half the workers each, splitting "
+          f"the channels through their claims, {results['first_two_processes_ms']} ms")
     print(f"CPU of this process per cycle, in order (less noisy than wall times on a busy machine): "
           f"{results['cycle_cpu_ms']} ms")
     print(f"cleaning the cycle's {results['clean_reports']} reports (CPU, best of 5): {results['clean_quick_ms']} ms; "
