@@ -287,6 +287,8 @@ def first_in_processes(fresh_store, args, workdir: Path, rounds: int = 3) -> dic
     --channels workers, against two started together with half the workers each, which split the channels
     through their claims (each process has its own interpreter lock). Alternated; a round's time runs from
     the first cycle's start to the last one's end, by the processes' own summaries (start-up apart)."""
+    from mjctl.db import unbind
+
     times: dict[int, list[float]] = {1: [], 2: []}
     for k in range(rounds):
         for n in (1, 2) if k % 2 == 0 else (2, 1):
@@ -299,8 +301,6 @@ def first_in_processes(fresh_store, args, workdir: Path, rounds: int = 3) -> dic
             ran = [s for s in summaries if s["ran"]]
             times[n].append(max(s["started_at"] + s["duration_ms"] / 1000 for s in ran)
                             - min(s["started_at"] for s in ran))
-            from mjctl.db import unbind
-
             unbind()
     return {"first_one_process_ms": round(min(times[1]) * 1000, 1),
             "first_two_processes_ms": round(min(times[2]) * 1000, 1),

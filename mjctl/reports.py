@@ -216,13 +216,8 @@ LOCAL_PROPERTIES = ("notifyHook", "speedPrefix")
 
 def _merged_properties(stored: str, reported: dict) -> str | None:
     """The stored properties updated with the reported ones (mjctl's own keys kept); None when unchanged."""
-    if not stored:  # a task's first report: nothing of mjctl's own to keep
-        merged = reported.copy()
-        for key in LOCAL_PROPERTIES:
-            merged.pop(key, None)
-        return jsontext.dumps(merged) if merged else None
     try:
-        current = jsontext.loads(stored)
+        current = jsontext.loads(stored) if stored else {}
     except ValueError:
         current = {}
     if not isinstance(current, dict):
@@ -616,10 +611,7 @@ def _state_of_json(row: list) -> TaskState:
     """A row of a one-step read as a TaskState: its float (the version) back from quote()'s text, every
     digit kept."""
     row[_VERSION] = float(row[_VERSION])
-    return _make_state(row)
-
-
-_make_state = TaskState._make
+    return TaskState._make(row)
 
 
 def _read_states_by_id(ids: list[int], *, lock: bool,

@@ -248,7 +248,6 @@ def test_reports_merge_properties_and_keep_mjctls_own(store):
     assert unchanged.updated == 0
 
 
-
 def test_a_first_report_never_brings_mjctls_own_properties(store):
     """On a task with no properties yet, the upstream's echo of mjctl's own keys is not stored as the
     task's: a report holding nothing else changes nothing."""
@@ -261,6 +260,7 @@ def test_a_first_report_never_brings_mjctls_own_properties(store):
     reports.apply_report(1, {"id": task.mj_id, "properties": {
         "speedPrefix": "/mj-relax", "finalPrompt": "a cat --v 6", "flags": 0}})
     assert Task.get_by_id(task.id).properties_dict() == {"finalPrompt": "a cat --v 6", "flags": 0}
+
 
 def test_json_text_takes_what_only_json_takes():
     """mjctl.jsontext uses orjson and falls back to json: NaN in stored text, integers beyond 64 bits."""
